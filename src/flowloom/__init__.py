@@ -1,0 +1,45 @@
+"""flowloom: distributed workflows as DAGs of plain Python tasks."""
+
+from .context import Context
+from .dag import Dag, Workflow
+from .errors import (
+    DefinitionError,
+    DuplicateRequest,
+    FlowloomError,
+    FlowNotFound,
+    InvalidRequest,
+    NotRunning,
+    RequestError,
+    RequestFailed,
+    RequestNotFound,
+    RequestStopped,
+    ResultTimeout,
+)
+from .service import FlowService
+from .types import ErrorInfo, Request, RequestState, Status, VertexState
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Context",
+    "Dag",
+    "DefinitionError",
+    "DuplicateRequest",
+    "ErrorInfo",
+    "FlowNotFound",
+    "FlowService",
+    "FlowloomError",
+    "InvalidRequest",
+    "NotRunning",
+    "Request",
+    "RequestError",
+    "RequestFailed",
+    "RequestNotFound",
+    "RequestState",
+    "RequestStopped",
+    "ResultTimeout",
+    "Status",
+    "VertexState",
+    "Workflow",
+    "__version__",
+]

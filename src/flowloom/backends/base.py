@@ -1,0 +1,124 @@
+"""The narrow interface between the worker/service and where requests live.
+
+A backend holds the task queue and every request's state. It applies each
+engine ``Transition`` atomically and idempotently: a step instance completes
+once, and a step becomes ready (is queued) once, however often a task is
+delivered. Two implementations: ``MemoryBackend`` (in-process, the default) and
+``RedisBackend`` (many processes on many machines).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..engine import Transition
+from ..types import ErrorInfo, RequestState, Status
+
+__all__ = ["HOOKS", "Backend", "RequestRecord", "Task"]
+
+HOOKS = "!hooks"  # the step id of the task that runs a flow's on_failure/finally hooks
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One step instance to run: ``inputs`` maps input slot -> data (None: ordering only)."""
+
+    request_id: str
+    flow: str
+    version: str
+    step: str
+    keys: tuple[str, ...]
+    inputs: Mapping[str, bytes | None]
+    attempt: int = 1
+    receipt: str = ""  # backend-specific handle for acknowledging the task
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    request_id: str
+    flow: str
+    version: str
+    body: bytes
+    query: Mapping[str, list[str]]
+    headers: Mapping[str, str] = field(default_factory=dict)
+    created: float = 0.0
+    has_hooks: bool = False
+
+
+class Backend(abc.ABC):
+    """Queue plus state. Every method is thread-safe and blocking."""
+
+    # -- requests --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def submit(self, record: RequestRecord, transition: Transition) -> None:
+        """Create the request and apply its first transition; ``DuplicateRequest`` if it exists."""
+
+    @abc.abstractmethod
+    def state(self, request_id: str) -> RequestState | None: ...
+
+    @abc.abstractmethod
+    def record(self, request_id: str) -> RequestRecord | None: ...
+
+    @abc.abstractmethod
+    def result(self, request_id: str) -> bytes | None:
+        """The result of a completed request, else None."""
+
+    @abc.abstractmethod
+    def wait(self, request_id: str, timeout: float | None) -> Status | None:
+        """Block until the request has finished or ``timeout`` passed; its status then."""
+
+    @abc.abstractmethod
+    def control(self, request_id: str, action: Status) -> Status:
+        """Pause (``PAUSED``), resume (``RUNNING``) or stop (``STOPPED``) a request.
+
+        Returns the new status; raises ``RequestNotFound`` or ``NotRunning``.
+        """
+
+    @abc.abstractmethod
+    def list_requests(
+        self, flow: str | None, status: Status | None, offset: int, limit: int
+    ) -> list[RequestState]:
+        """Requests, newest first, optionally of one flow and one status."""
+
+    # -- the per-request key/value store -----------------------------------------------------
+    @abc.abstractmethod
+    def context_get(self, request_id: str, key: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    def context_set(self, request_id: str, key: str, value: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def context_delete(self, request_id: str, key: str) -> None: ...
+
+    # -- the worker's side -------------------------------------------------------------------
+    @abc.abstractmethod
+    def claim(self, worker: str, timeout: float) -> Task | None:
+        """Take the next ready task, waiting up to ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    def begin(self, task: Task, instance: str, address: str) -> bool:
+        """Mark the task running. False if it must not run: its request has ended or is
+        paused (the task is then held until resumed), or the instance is done already."""
+
+    @abc.abstractmethod
+    def complete(
+        self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition
+    ) -> None:
+        """The task succeeded: record ``output`` and apply ``transition``, once."""
+
+    @abc.abstractmethod
+    def retry(self, task: Task, address: str, delay: float, error: ErrorInfo) -> None:
+        """The attempt failed; queue the next attempt after ``delay`` seconds."""
+
+    @abc.abstractmethod
+    def fail(self, task: Task, address: str, error: ErrorInfo) -> None:
+        """The task failed for good: the request fails with ``error``."""
+
+    @abc.abstractmethod
+    def ack(self, task: Task) -> None:
+        """Done with a task that changes no state (a hooks task)."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release connections and threads."""

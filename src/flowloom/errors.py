@@ -1,0 +1,99 @@
+"""The errors flowloom raises.
+
+    FlowloomError
+    ├── DefinitionError        a workflow definition is invalid (names the vertex)
+    ├── FlowNotFound           no flow is registered under that name
+    ├── RequestNotFound        no request with that id (or it has expired)
+    ├── InvalidRequest         a request id, flow name or body is not acceptable
+    ├── DuplicateRequest       a request with that id exists already
+    ├── NotRunning             control call on a request that has finished
+    └── RequestError           a request did not produce a result
+        ├── RequestFailed      a vertex failed; ``error`` holds what happened
+        ├── RequestStopped     the request was stopped
+        └── ResultTimeout      the request was not done in time
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .types import ErrorInfo
+
+__all__ = [
+    "DefinitionError",
+    "DuplicateRequest",
+    "FlowNotFound",
+    "FlowloomError",
+    "InvalidRequest",
+    "NotRunning",
+    "RequestError",
+    "RequestFailed",
+    "RequestNotFound",
+    "RequestStopped",
+    "ResultTimeout",
+]
+
+
+class FlowloomError(Exception):
+    """Base of every error flowloom raises."""
+
+
+class DefinitionError(FlowloomError):
+    """A workflow definition is invalid; ``vertex`` names the offending vertex."""
+
+    def __init__(self, message: str, vertex: str | None = None) -> None:
+        super().__init__(f"vertex {vertex!r}: {message}" if vertex else message)
+        self.vertex = vertex
+
+
+class FlowNotFound(FlowloomError):
+    """No flow is registered under that name."""
+
+
+class RequestNotFound(FlowloomError):
+    """No request with that id exists (or it has expired)."""
+
+
+class InvalidRequest(FlowloomError):
+    """A request id, flow name, query or body is not acceptable."""
+
+
+class DuplicateRequest(InvalidRequest):
+    """A request with that id exists already."""
+
+
+class NotRunning(FlowloomError):
+    """A control call (pause, resume, stop) on a request that can no longer take it."""
+
+
+class RequestError(FlowloomError):
+    """A request did not produce a result."""
+
+    def __init__(self, message: str, request_id: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class RequestFailed(RequestError):
+    """A vertex of the request failed for good; ``error`` tells which and why."""
+
+    def __init__(self, request_id: str, error: ErrorInfo | None) -> None:
+        detail = f"{error.vertex}: {error.type}: {error.message}" if error else "unknown error"
+        super().__init__(f"request {request_id} failed at {detail}", request_id)
+        self.error = error
+
+
+class RequestStopped(RequestError):
+    """The request was stopped before it finished."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id} was stopped", request_id)
+
+
+class ResultTimeout(RequestError):
+    """The request was not done within the wait timeout."""
+
+    def __init__(self, request_id: str, timeout: float) -> None:
+        super().__init__(f"request {request_id} not done within {timeout:g}s", request_id)
+        self.timeout = timeout

@@ -1,0 +1,269 @@
+"""``FlowService``: register flows, execute and control requests, run workers and the server."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from . import engine
+from .backends import Backend, MemoryBackend, RequestRecord
+from .errors import (
+    FlowloomError,
+    InvalidRequest,
+    RequestFailed,
+    RequestNotFound,
+    RequestStopped,
+    ResultTimeout,
+)
+from .plan import Plan
+from .registry import DefineWorkflow, Registry
+from .types import Options, Request, RequestState, Status
+from .worker import Worker
+
+__all__ = ["FlowService"]
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+class FlowService:
+    """Registers flows and runs their requests.
+
+    Without ``redis_url`` everything runs in this process (the embedded backend):
+    ``execute`` works at once, a worker of ``worker_concurrency`` threads starting
+    with the first request. With ``redis_url``, requests go to Redis and any number
+    of worker processes (``start_worker``) run them.
+
+        with FlowService() as fs:
+            fs.register("myflow", define_workflow)
+            print(fs.run("myflow", b"hallo"))
+    """
+
+    def __init__(
+        self,
+        port: int = 8080,
+        redis_url: str | None = None,
+        otlp_endpoint: str | None = None,
+        worker_concurrency: int = 5,
+        enable_monitoring: bool = False,
+        *,
+        host: str = "127.0.0.1",
+        retention: float = 86400.0,
+        backend: Backend | None = None,
+    ) -> None:
+        self.port = port
+        self.host = host
+        self.redis_url = redis_url
+        self.otlp_endpoint = otlp_endpoint
+        self.worker_concurrency = worker_concurrency
+        self.enable_monitoring = enable_monitoring
+        self.retention = retention
+        self.registry = Registry()
+        self.backend = backend or self._make_backend()
+        self.embedded = isinstance(self.backend, MemoryBackend)
+        self._worker: Worker | None = None
+        self._worker_lock = threading.Lock()
+        self._closed = False
+
+    def _make_backend(self) -> Backend:
+        if self.redis_url is None:
+            return MemoryBackend(retention=self.retention)
+        from .backends.redis import RedisBackend  # type: ignore[import-not-found,unused-ignore]
+
+        backend: Backend = RedisBackend(self.redis_url, retention=self.retention)
+        return backend
+
+    # -- flows -----------------------------------------------------------------------------
+    def register(self, name: str, define_workflow: DefineWorkflow) -> None:
+        """Register (or replace) the flow ``name``; raises ``DefinitionError`` naming the
+        vertex if its definition is invalid. Works before and after ``start``."""
+        self.registry.register(name, define_workflow)
+
+    def flows(self) -> list[str]:
+        return self.registry.names()
+
+    def definition(self, name: str) -> Mapping[str, object]:
+        """A JSON-able description of the flow ``name`` (``FlowNotFound`` if unknown)."""
+        return self.registry.latest(name).definition
+
+    # -- requests ----------------------------------------------------------------------------
+    def execute(self, name: str, request: Request | bytes | str | None = None) -> str:
+        """Queue a request of flow ``name``; returns its id (the caller's, if given)."""
+        plan = self.registry.latest(name)
+        request = _as_request(request)
+        request_id = request.request_id or uuid.uuid4().hex
+        if not REQUEST_ID.fullmatch(request_id):
+            raise InvalidRequest(
+                f"request id must be 1-128 letters, digits, '_', '.', ':' or '-', got {request_id!r}"
+            )
+        record = RequestRecord(
+            request_id=request_id,
+            flow=name,
+            version=plan.version,
+            body=request.body,
+            query=_options(request.query),
+            headers=dict(request.headers),
+            created=time.time(),
+            has_hooks=plan.has_hooks,
+        )
+        if self.embedded:
+            self._ensure_worker()
+        self.backend.submit(record, engine.start(plan, request.body))
+        return request_id
+
+    def state(self, name: str, request_id: str) -> RequestState:
+        """Status, timings and per-vertex states of a request (``RequestNotFound`` if none)."""
+        state = self.backend.state(request_id)
+        if state is None or state.flow != name:
+            raise RequestNotFound(f"no request {request_id!r} of flow {name!r}")
+        return state
+
+    def result(self, name: str, request_id: str, timeout: float | None = None) -> bytes:
+        """Wait for the request's result; raises ``RequestFailed``, ``RequestStopped`` or
+        ``ResultTimeout`` if it does not complete (``timeout=None`` waits for ever)."""
+        self.state(name, request_id)
+        status = self.backend.wait(request_id, timeout)
+        if status is Status.COMPLETED:
+            return self.backend.result(request_id) or b""
+        if status is Status.FAILED:
+            state = self.backend.state(request_id)
+            raise RequestFailed(request_id, state.error if state else None)
+        if status is Status.STOPPED:
+            raise RequestStopped(request_id)
+        if status is None:
+            raise RequestNotFound(f"request {request_id!r} has expired")
+        raise ResultTimeout(request_id, timeout if timeout is not None else 0.0)
+
+    def run(self, name: str, request: Request | bytes | str | None = None, timeout: float | None = None) -> bytes:
+        """Execute a request and wait for its result: ``execute`` then ``result``."""
+        return self.result(name, self.execute(name, request), timeout)
+
+    def pause(self, name: str, request_id: str) -> Status:
+        """Hold the request once its running tasks finish; ``resume`` continues it."""
+        self.state(name, request_id)
+        return self.backend.control(request_id, Status.PAUSED)
+
+    def resume(self, name: str, request_id: str) -> Status:
+        self.state(name, request_id)
+        return self.backend.control(request_id, Status.RUNNING)
+
+    def stop(self, name: str, request_id: str) -> Status:
+        """End the request: nothing more of it runs; its state records ``stopped``."""
+        self.state(name, request_id)
+        return self.backend.control(request_id, Status.STOPPED)
+
+    def requests(
+        self, name: str | None = None, status: Status | None = None, offset: int = 0, limit: int = 50
+    ) -> list[RequestState]:
+        """Requests, newest first, optionally of one flow and with one status."""
+        return self.backend.list_requests(name, status, offset, limit)
+
+    # -- async twins -------------------------------------------------------------------------
+    async def aexecute(self, name: str, request: Request | bytes | str | None = None) -> str:
+        return await asyncio.to_thread(self.execute, name, request)
+
+    async def aresult(self, name: str, request_id: str, timeout: float | None = None) -> bytes:
+        return await asyncio.to_thread(self.result, name, request_id, timeout)
+
+    async def astate(self, name: str, request_id: str) -> RequestState:
+        return await asyncio.to_thread(self.state, name, request_id)
+
+    # -- running -----------------------------------------------------------------------------
+    def _ensure_worker(self) -> Worker:
+        with self._worker_lock:
+            if self._closed:
+                raise FlowloomError("the flow service is closed")
+            if self._worker is None:
+                self._worker = Worker(self.backend, self.registry, self.worker_concurrency)
+                self._worker.start()
+            return self._worker
+
+    def start_worker(self) -> None:
+        """Run a worker until SIGINT or SIGTERM (blocking)."""
+        self._ensure_worker()
+        _wait_for_signal()
+        self.close()
+
+    def start_server(self) -> None:
+        """Serve the HTTP API on ``host:port`` until interrupted (blocking); no worker
+        runs here unless the backend is embedded."""
+        self._serve(with_worker=self.embedded)
+
+    def start(self) -> None:
+        """Serve the HTTP API and run a worker in this process (blocking)."""
+        self._serve(with_worker=True)
+
+    def _serve(self, with_worker: bool) -> None:
+        from .http import serve  # type: ignore[import-not-found,unused-ignore]
+
+        if with_worker:
+            self._ensure_worker()
+        try:
+            serve(self, host=self.host, port=self.port)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the worker (letting running tasks finish) and release the backend."""
+        with self._worker_lock:
+            if self._closed:
+                return
+            self._closed = True
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop()
+        self.backend.close()
+
+    def __enter__(self) -> FlowService:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def plan(self, name: str) -> Plan:
+        return self.registry.latest(name)
+
+
+def _as_request(request: Request | bytes | str | None) -> Request:
+    if request is None:
+        return Request()
+    if isinstance(request, Request):
+        if not isinstance(request.body, bytes):
+            raise InvalidRequest(f"request body must be bytes, got {type(request.body).__name__}")
+        return request
+    if isinstance(request, str):
+        return Request(body=request.encode())
+    if isinstance(request, bytes):
+        return Request(body=request)
+    raise InvalidRequest(f"expected a Request, bytes or str, got {type(request).__name__}")
+
+
+def _options(query: Mapping[str, Any]) -> Options:
+    options: Options = {}
+    for key, value in query.items():
+        if not isinstance(key, str):
+            raise InvalidRequest(f"query keys must be str, got {key!r}")
+        values = [value] if isinstance(value, str) else list(value)
+        if not all(isinstance(v, str) for v in values):
+            raise InvalidRequest(f"query values must be str or lists of str, got {value!r}")
+        options[key] = values
+    return options
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not done.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,175 @@
+"""The worker: threads that claim tasks, run their step, and report back to the backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+
+from . import context, engine
+from .backends import HOOKS, Backend, Task
+from .errors import FlowloomError
+from .execute import Caller, NodeFailed, Outcome, StepError, run_step, to_bytes
+from .plan import Plan, Step, StepKind
+from .registry import Registry
+from .types import ErrorInfo, Options, Status
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("flowloom.worker")
+
+
+class Worker:
+    """``concurrency`` threads, each running one task at a time.
+
+    Sync handlers run on the worker's threads (never on an event loop); ``async def``
+    handlers run on a loop kept per thread.
+    """
+
+    def __init__(self, backend: Backend, registry: Registry, concurrency: int = 5) -> None:
+        if concurrency < 1:
+            raise ValueError("worker concurrency must be >= 1")
+        self.backend = backend
+        self.registry = registry
+        self.concurrency = concurrency
+        self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._call = Caller()
+        self._queries: dict[str, Options] = {}  # request id -> handler options, recent ones
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        for i in range(self.concurrency):
+            thread = threading.Thread(target=self._loop, name=f"flowloom-worker-{i}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop claiming; let running tasks finish (up to ``timeout`` seconds)."""
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                task = self.backend.claim(self.name, 0.2)
+                if task is not None:
+                    self.execute(task)
+        finally:
+            self._call.close()
+
+    def execute(self, task: Task) -> None:
+        """Run one task; whatever user code does, report it and keep going."""
+        try:
+            plan = self.registry.version(task.flow, task.version)
+            if task.step == HOOKS:
+                self._run_hooks(plan, task)
+                return
+            if plan is None:
+                self._fail_unknown_plan(task)
+                return
+            self._run(plan, plan.steps[task.step], task)
+        except Exception:
+            log.exception("flowloom: internal error running %s of %s", task.step, task.request_id)
+
+    def _run(self, plan: Plan, step: Step, task: Task) -> None:
+        instance, address = step.instance(task.keys), step.address(task.keys)
+        if not self.backend.begin(task, instance, address):
+            return
+        record_options = self._options(task)
+        token = context.enter(context.RequestScope(task.request_id, task.flow, record_options, self.backend))
+        try:
+            try:
+                outcome = run_step(step, task.inputs, record_options, self._call)
+            except Exception as exc:
+                outcome = self._recover(step, task, address, exc)
+                if outcome is None:
+                    return
+            if outcome.branches is not None:
+                transition = engine.after_split(plan, step, task.keys, outcome.output, outcome.branches)
+                self.backend.complete(task, instance, address, None, transition)
+            else:
+                transition = engine.after_output(plan, step, task.keys, outcome.output)
+                self.backend.complete(task, instance, address, outcome.output, transition)
+        finally:
+            context.leave(token)
+
+    def _recover(self, step: Step, task: Task, address: str, exc: Exception) -> Outcome | None:
+        """After a failed attempt: retry, fall back to the node's failure handler, or fail."""
+        data = b""
+        if isinstance(exc, NodeFailed) and isinstance(exc.__cause__, Exception):
+            data, exc = exc.data, exc.__cause__
+        error = _error_info(address, exc)
+        if step.kind is StepKind.RUN and task.attempt <= step.retries:
+            delay = engine.retry_delay(task.attempt, step.backoff)
+            self.backend.retry(task, address, delay, error)
+            return None
+        if step.on_failure is not None:
+            try:
+                return Outcome(to_bytes(self._call(step.on_failure, exc, data), "on_failure"))
+            except Exception as fallback_exc:
+                error = _error_info(address, fallback_exc)
+        self.backend.fail(task, address, error)
+        return None
+
+    def _options(self, task: Task) -> Options:
+        options = self._queries.get(task.request_id)
+        if options is None:
+            record = self.backend.record(task.request_id)
+            options = {k: list(v) for k, v in record.query.items()} if record else {}
+            if len(self._queries) >= 4096:
+                self._queries.pop(next(iter(self._queries)), None)
+            self._queries[task.request_id] = options
+        return options
+
+    def _run_hooks(self, plan: Plan | None, task: Task) -> None:
+        try:
+            if plan is None:
+                return
+            status = Status(task.inputs["status"].decode() if task.inputs.get("status") else "completed")
+            state = self.backend.state(task.request_id)
+            scope = context.RequestScope(task.request_id, task.flow, self._options(task), self.backend)
+            token = context.enter(scope)
+            try:
+                if status is Status.FAILED and state is not None and state.error is not None:
+                    for failure_hook in plan.failure_hooks:
+                        self._hook(failure_hook, state.error)
+                for finally_hook in plan.finally_hooks:
+                    self._hook(finally_hook, status)
+            finally:
+                context.leave(token)
+        finally:
+            self.backend.ack(task)
+
+    def _hook(self, hook: object, arg: object) -> None:
+        try:
+            self._call(hook, arg)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("flowloom: a workflow hook raised")
+
+    def _fail_unknown_plan(self, task: Task) -> None:
+        latest = None
+        try:
+            latest = self.registry.latest(task.flow)
+        except FlowloomError:
+            pass
+        why = (
+            f"flow {task.flow!r} was re-registered with another definition while the request ran"
+            if latest is not None
+            else f"flow {task.flow!r} is not registered on worker"
+        )
+        self.backend.fail(task, task.step, ErrorInfo(task.step, "FlowNotFound", why))
+
+
+def _error_info(address: str, exc: BaseException) -> ErrorInfo:
+    kind = "StepError" if isinstance(exc, StepError) else type(exc).__name__
+    return ErrorInfo(address, kind, str(exc) or repr(exc))

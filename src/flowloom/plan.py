@@ -286,8 +286,6 @@ def _check_graph(dag: Dag, where: str) -> list[str]:
         successors[edge.source].append(edge.target)
         indegree[edge.target] += 1
         data_in[edge.target] += not edge.ordering_only
-    for name, spec in dag.vertices.items():
-        _check_inputs(name, spec, data_in[name])
     order = [name for name, degree in indegree.items() if degree == 0]
     remaining = dict(indegree)
     for name in order:
@@ -298,6 +296,8 @@ def _check_graph(dag: Dag, where: str) -> list[str]:
     if len(order) < len(dag.vertices):
         stuck = [n for n in dag.vertices if remaining[n] > 0]
         raise DefinitionError(f"cycle among {', '.join(map(repr, stuck))} in {where}", stuck[0])
+    for name, spec in dag.vertices.items():
+        _check_inputs(name, spec, data_in[name])
     sinks = [name for name in order if not successors[name]]
     if len(sinks) > 1:
         raise DefinitionError(

@@ -21,6 +21,7 @@ class Registry:
         self._lock = threading.Lock()
         self._latest: dict[str, Plan] = {}
         self._versions: dict[tuple[str, str], Plan] = {}
+        self.definitions: dict[str, DefineWorkflow] = {}
 
     def register(self, name: str, define_workflow: DefineWorkflow) -> Plan:
         """Define, check and compile a flow; ``DefinitionError`` if anything is wrong."""
@@ -39,6 +40,7 @@ class Registry:
         plan = compile_workflow(workflow)
         with self._lock:
             self._latest[name] = plan
+            self.definitions[name] = define_workflow
             self._versions[(name, plan.version)] = plan
         return plan
 

@@ -1,0 +1,213 @@
+"""The ``flowloom`` command: run, draw, serve and work flows from a Python file or module."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+import traceback
+from pathlib import Path
+from types import ModuleType
+
+import click
+
+from .errors import FlowloomError
+from .graph import to_dot, to_mermaid
+from .service import FlowService
+from .types import Request
+
+__all__ = ["load_service", "main"]
+
+
+class AppError(click.ClickException):
+    exit_code = 2
+
+
+def _import(app: str) -> ModuleType:
+    path = Path(app)
+    if app.endswith(".py") or path.exists():
+        if not path.is_file():
+            raise AppError(f"no such file: {app}")
+        spec = importlib.util.spec_from_file_location(f"flowloom_app_{path.stem}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(path.resolve().parent))
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(app)
+
+
+def load_service(app: str) -> FlowService:
+    """Load ``PATH.py`` or ``package.module``, optionally ``:attribute``, and find its
+    ``FlowService`` (or a ``flows`` dict of name -> define_workflow, registered on a new one)."""
+    target, _, attribute = app.partition(":") if not Path(app).exists() else (app, "", "")
+    try:
+        module = _import(target)
+    except AppError:
+        raise
+    except FlowloomError as exc:
+        raise AppError(f"{target}: {exc}") from exc
+    except Exception as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = next((f"{f.filename}:{f.lineno}" for f in reversed(frames) if target in f.filename), "")
+        if isinstance(exc, SyntaxError):
+            where = f"{exc.filename}:{exc.lineno}"
+        raise AppError(f"could not load {target}{' at ' + where if where else ''}: "
+                       f"{type(exc).__name__}: {exc}") from exc
+    if attribute:
+        found = getattr(module, attribute, None)
+        if not isinstance(found, FlowService):
+            raise AppError(f"{target}:{attribute} is not a FlowService")
+        return found
+    services = [v for v in vars(module).values() if isinstance(v, FlowService)]
+    if len(services) == 1:
+        return services[0]
+    if len(services) > 1:
+        raise AppError(f"{target} holds several FlowService objects: name one as {target}:NAME")
+    flows = getattr(module, "flows", None)
+    if isinstance(flows, dict) and flows:
+        service = FlowService()
+        for name, define in flows.items():
+            _register(service, name, define)
+        return service
+    raise AppError(f"{target} defines no FlowService and no `flows` dict")
+
+
+def _register(service: FlowService, name: str, define: object) -> None:
+    try:
+        service.register(name, define)  # type: ignore[arg-type]
+    except FlowloomError as exc:
+        raise AppError(str(exc)) from exc
+
+
+def _configured(app: str, redis_url: str | None, concurrency: int | None, port: int | None,
+                host: str | None) -> FlowService:
+    service = load_service(app)
+    if redis_url is None and concurrency is None:
+        if port is not None:
+            service.port = port
+        if host is not None:
+            service.host = host
+        return service
+    fresh = FlowService(
+        port=port or service.port,
+        host=host or service.host,
+        redis_url=redis_url or service.redis_url,
+        worker_concurrency=concurrency or service.worker_concurrency,
+        retention=service.retention,
+    )
+    for name, define in service.registry.definitions.items():
+        _register(fresh, name, define)
+    service.close()
+    return fresh
+
+
+def _flow(service: FlowService, flow: str) -> None:
+    if flow not in service.flows():
+        known = ", ".join(service.flows()) or "none"
+        raise AppError(f"no flow {flow!r} (flows: {known})")
+
+
+@click.group()
+@click.version_option(package_name="flowloom")
+def main() -> None:
+    """flowloom: run workflows written as DAGs of Python functions."""
+
+
+@main.command()
+@click.argument("app")
+@click.argument("flow")
+@click.option("--data", "-d", default="", help="The request body (text).")
+@click.option("--data-file", type=click.File("rb"), help="Read the request body from a file ('-': stdin).")
+@click.option("--query", "-q", multiple=True, metavar="KEY=VALUE", help="A handler option; repeatable.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")
+@click.option("--timings", is_flag=True, help="Also print each vertex's status and timings.")
+def run(app: str, flow: str, data: str, data_file: click.utils.LazyFile | None,
+        query: tuple[str, ...], timeout: float, timings: bool) -> None:
+    """Run one request of FLOW from APP on the embedded backend and print its result."""
+    service = load_service(app)
+    _flow(service, flow)
+    body = data_file.read() if data_file is not None else data.encode()
+    options: dict[str, list[str]] = {}
+    for item in query:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--query")
+        options.setdefault(key, []).append(value)
+    with service:
+        request_id = service.execute(flow, Request(body=body, query=options))
+        try:
+            result = service.result(flow, request_id, timeout=timeout)
+        except FlowloomError as exc:
+            if timings:
+                _print_timings(service, flow, request_id)
+            raise AppError(str(exc)) from exc
+        click.echo(result.decode(errors="replace"))
+        if timings:
+            _print_timings(service, flow, request_id)
+
+
+def _print_timings(service: FlowService, flow: str, request_id: str) -> None:
+    state = service.state(flow, request_id)
+    click.echo(f"request {request_id}: {state.status.value}", err=True)
+    origin = state.created
+    for vertex in sorted(state.vertices.values(), key=lambda v: (v.started or 0, v.address)):
+        start = f"{((vertex.started or origin) - origin) * 1000:8.2f}ms"
+        took = f"{((vertex.ended or vertex.started or 0) - (vertex.started or 0)) * 1000:8.2f}ms"
+        error = f"  {vertex.error.type}: {vertex.error.message}" if vertex.error else ""
+        click.echo(f"  {vertex.status.value:9} start {start} took {took}  {vertex.address}{error}", err=True)
+
+
+@main.command()
+@click.argument("app")
+@click.argument("flow")
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot", "json"]), default="mermaid",
+              show_default=True)
+def graph(app: str, flow: str, fmt: str) -> None:
+    """Print FLOW's definition as Mermaid, Graphviz DOT or JSON."""
+    service = load_service(app)
+    _flow(service, flow)
+    definition = service.definition(flow)
+    if fmt == "json":
+        click.echo(json.dumps(definition, indent=2))
+    else:
+        click.echo(to_mermaid(definition) if fmt == "mermaid" else to_dot(definition), nl=False)
+    service.close()
+
+
+@main.command()
+@click.argument("app")
+def flows(app: str) -> None:
+    """List the flows APP registers."""
+    service = load_service(app)
+    for name in service.flows():
+        click.echo(name)
+    service.close()
+
+
+@main.command()
+@click.argument("app")
+@click.option("--host", default=None, help="Interface to bind (default: the service's, 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default: the service's, 8080).")
+@click.option("--redis-url", default=None, help="Use this Redis instead of the app's backend.")
+@click.option("--worker/--no-worker", default=True, show_default=True,
+              help="Also run a worker in this process.")
+def serve(app: str, host: str | None, port: int | None, redis_url: str | None, worker: bool) -> None:
+    """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
+    service = _configured(app, redis_url, None, port, host)
+    if worker:
+        service.start()
+    else:
+        service.start_server()
+
+
+@main.command()
+@click.argument("app")
+@click.option("--concurrency", "-c", type=int, default=None, help="Tasks run at once per process.")
+@click.option("--redis-url", default=None, help="Use this Redis instead of the app's backend.")
+def worker(app: str, concurrency: int | None, redis_url: str | None) -> None:
+    """Run a worker for APP's flows until SIGINT/SIGTERM."""
+    service = _configured(app, redis_url, concurrency, None, None)
+    service.start_worker()

@@ -56,6 +56,8 @@ class FlowService:
         host: str = "127.0.0.1",
         retention: float = 86400.0,
         backend: Backend | None = None,
+        token: str | None = None,
+        hmac_secret: str | None = None,
     ) -> None:
         self.port = port
         self.host = host
@@ -64,6 +66,8 @@ class FlowService:
         self.worker_concurrency = worker_concurrency
         self.enable_monitoring = enable_monitoring
         self.retention = retention
+        self.token = token  # HTTP bearer token (else FLOWLOOM_TOKEN); see docs/http.md
+        self.hmac_secret = hmac_secret  # HTTP X-Hub-Signature secret (else FLOWLOOM_HMAC_SECRET)
         self.registry = Registry()
         self.backend = backend or self._make_backend()
         self.embedded = isinstance(self.backend, MemoryBackend)

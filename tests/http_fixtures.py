@@ -1,0 +1,160 @@
+"""Flows, services and helpers shared by the HTTP tests (test_http*.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import queue
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from flowloom import FlowService
+
+REDIS_URL = os.environ.get("FLOWLOOM_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+class Gate:
+    """A handler that blocks until opened."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def __call__(self, data: bytes, options: dict[str, list[str]]) -> bytes:
+        self.entered.release()
+        assert self.opened.wait(20), "gate never opened"
+        return data + b"|gate"
+
+
+def do_something(data: bytes, options: dict[str, list[str]]) -> bytes:
+    return b'you said "%s"' % data
+
+
+def show_options(data: bytes, options: dict[str, list[str]]) -> bytes:
+    return json.dumps(options, sort_keys=True).encode()
+
+
+def boom(data: bytes, options: dict[str, list[str]]) -> bytes:
+    raise ValueError("boom: " + data.decode(errors="replace"))
+
+
+def register_flows(fs: FlowService, gate: Gate) -> None:
+    """``myflow`` (GoFlow's first flow), ``options``, ``boom`` and ``gated`` (a chain
+    whose first node waits for ``gate``)."""
+    fs.register("myflow", lambda wf, ctx: wf.dag.node("test", do_something))
+    fs.register("options", lambda wf, ctx: wf.dag.node("show", show_options))
+    fs.register("boom", lambda wf, ctx: wf.dag.node("explode", boom))
+
+    def gated(wf, ctx):  # type: ignore[no-untyped-def]
+        wf.dag.node("wait", gate).node("after", lambda d, o: d + b"|after")
+        wf.dag.edge("wait", "after")
+
+    fs.register("gated", gated)
+
+
+def redis_available() -> bool:
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_timeout=1).ping()
+    except Exception:
+        return False
+    try:
+        import flowloom.backends.redis  # noqa: F401
+    except Exception:  # not there yet, or half-written
+        return False
+    return True
+
+
+BACKENDS = [
+    "embedded",
+    pytest.param(
+        "redis",
+        marks=[
+            pytest.mark.redis,
+            pytest.mark.skipif(not redis_available(), reason="no Redis backend or server"),
+        ],
+    ),
+]
+
+
+@contextlib.contextmanager
+def make_service(kind: str, **options: object) -> Iterator[FlowService]:
+    """A FlowService on ``kind`` ("embedded" or "redis", with a unique key prefix and a
+    worker in this process)."""
+    if kind == "embedded":
+        with FlowService(worker_concurrency=4, **options) as fs:  # type: ignore[arg-type]
+            yield fs
+        return
+    from flowloom.backends.redis import RedisBackend
+
+    prefix = f"flowloom-test-http-{uuid.uuid4().hex[:8]}"
+    backend = RedisBackend(REDIS_URL, prefix=prefix)
+    try:
+        with FlowService(redis_url=REDIS_URL, backend=backend, **options) as fs:  # type: ignore[arg-type]
+            fs._ensure_worker()
+            yield fs
+    finally:
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Delivery:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Receiver:
+    """A small HTTP server on loopback that records the POSTs it gets (callbacks)."""
+
+    def __init__(self, answer: int = 200) -> None:
+        self.received: queue.Queue[Delivery] = queue.Queue()
+        received, code = self.received, answer
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", "0"))
+                body = self.rfile.read(length)
+                received.put(
+                    Delivery(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                )
+                self.send_response(code)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)

@@ -39,12 +39,23 @@ def test_single_node_gets_body_and_query(fs):
         seen.update(options)
         return b'you said "%s"' % data
 
-    assert run(fs, lambda wf, ctx: wf.dag.node("test", handler), b"hallo", query={"a": ["1", "2"], "b": "x"}) == b'you said "hallo"'
+    assert (
+        run(
+            fs,
+            lambda wf, ctx: wf.dag.node("test", handler),
+            b"hallo",
+            query={"a": ["1", "2"], "b": "x"},
+        )
+        == b'you said "hallo"'
+    )
     assert seen == {"a": ["1", "2"], "b": ["x"]}
 
 
 def test_piped_handlers_run_in_order(fs):
-    assert run(fs, lambda wf, ctx: wf.dag.node("n", tag("1"), tag("2"), tag("3")), b"in") == b"in|1|2|3"
+    assert (
+        run(fs, lambda wf, ctx: wf.dag.node("n", tag("1"), tag("2"), tag("3")), b"in")
+        == b"in|1|2|3"
+    )
 
 
 def test_async_and_sync_handlers_mix(fs):
@@ -61,7 +72,9 @@ def test_async_and_sync_handlers_mix(fs):
 
 def test_str_and_none_results(fs):
     def define(wf, ctx):
-        wf.dag.node("a", lambda d, o: "héllo").node("b", lambda d, o: None).node("c", lambda d, o: d + b"!")
+        wf.dag.node("a", lambda d, o: "héllo").node("b", lambda d, o: None).node(
+            "c", lambda d, o: d + b"!"
+        )
         wf.dag.edge("a", "b").edge("b", "c")
 
     assert run(fs, define) == b"!"
@@ -82,7 +95,11 @@ def test_aggregator_sees_each_parent_by_name(fs):
     def define(wf, ctx):
         dag = wf.dag
         dag.node("src", tag("src")).node("left", tag("L")).node("right", tag("R"))
-        dag.node("join", tag("J"), aggregator=lambda r: json.dumps({k: v.decode() for k, v in r.items()}, sort_keys=True))
+        dag.node(
+            "join",
+            tag("J"),
+            aggregator=lambda r: json.dumps({k: v.decode() for k, v in r.items()}, sort_keys=True),
+        )
         dag.edge("src", "left").edge("src", "right").edge("left", "join").edge("right", "join")
 
     out = run(fs, define, b"x")
@@ -101,8 +118,12 @@ def test_ordering_edge_waits_but_passes_no_data(fs):
 
     def define(wf, ctx):
         dag = wf.dag
-        dag.node("a", record("a")).node("slow", lambda d, o: (order.append("slow"), b"S")[1]).node("b", record("b"))
-        dag.edge("a", "slow", ordering_only=True).edge("slow", "b").edge("a", "b", ordering_only=True)
+        dag.node("a", record("a")).node("slow", lambda d, o: (order.append("slow"), b"S")[1]).node(
+            "b", record("b")
+        )
+        dag.edge("a", "slow", ordering_only=True).edge("slow", "b").edge(
+            "a", "b", ordering_only=True
+        )
 
     assert run(fs, define, b"in") == b"Sb"
     assert order == ["a", "slow", "b"]
@@ -142,12 +163,21 @@ def test_subdag_instance_or_factory(fs):
     fs.register("flow", define)
     rid = fs.execute("flow", b"img")
     assert fs.result("flow", rid, timeout=10) == b"img|get|verify|detect|verify|detect|mark"
-    assert set(addresses(fs, rid)) == {"get", "check/verify", "check/detect", "again/verify", "again/detect", "mark"}
+    assert set(addresses(fs, rid)) == {
+        "get",
+        "check/verify",
+        "check/detect",
+        "again/verify",
+        "again/detect",
+        "mark",
+    }
 
 
 def test_subdag_with_two_entry_vertices_feeds_both(fs):
     sub = Dag()
-    sub.node("x", tag("x")).node("y", tag("y")).node("z", tag("z"), aggregator=lambda r: r["x"] + b"&" + r["y"])
+    sub.node("x", tag("x")).node("y", tag("y")).node(
+        "z", tag("z"), aggregator=lambda r: r["x"] + b"&" + r["y"]
+    )
     sub.edge("x", "z").edge("y", "z")
 
     def define(wf, ctx):
@@ -193,7 +223,9 @@ def test_conditional_picks_several_with_aggregator(fs):
 
 def test_conditional_aggregator_sees_empty_mapping(fs):
     def define(wf, ctx):
-        branches = wf.dag.conditional_branch("cond", ["a"], lambda d: [], aggregator=lambda r: repr(r))
+        branches = wf.dag.conditional_branch(
+            "cond", ["a"], lambda d: [], aggregator=lambda r: repr(r)
+        )
         branches["a"].node("n", tag("a"))
 
     assert run(fs, define) == b"{}"
@@ -237,7 +269,9 @@ def test_foreach_without_aggregator_passes_its_input_on(fs):
 
     def define(wf, ctx):
         dag = wf.dag
-        dag.foreach_branch("each", lambda d: {"a": b"1", "b": b"2"}).node("n", lambda d, o: seen.append(d))
+        dag.foreach_branch("each", lambda d: {"a": b"1", "b": b"2"}).node(
+            "n", lambda d, o: seen.append(d)
+        )
         dag.node("after", tag("after"))
         dag.edge("each", "after")
 
@@ -247,7 +281,11 @@ def test_foreach_without_aggregator_passes_its_input_on(fs):
 
 def test_foreach_item_keys_are_escaped_in_addresses(fs):
     def define(wf, ctx):
-        wf.dag.foreach_branch("each", lambda d: {"a/b": b"1", "[x]": b"2", "": b"3"}, aggregator=lambda r: ",".join(sorted(r))).node("n", tag("n"))
+        wf.dag.foreach_branch(
+            "each",
+            lambda d: {"a/b": b"1", "[x]": b"2", "": b"3"},
+            aggregator=lambda r: ",".join(sorted(r)),
+        ).node("n", tag("n"))
 
     fs.register("flow", define)
     rid = fs.execute("flow", b"")
@@ -259,8 +297,14 @@ def test_foreach_inside_conditional_inside_subdag(fs):
     def inner() -> Dag:
         dag = Dag()
         dag.node("start", tag("start"))
-        branches = dag.conditional_branch("cond", ["many", "one"], lambda d: ["many"] if b"m" in d else ["one"])
-        each = branches["many"].foreach_branch("each", lambda d: {c: c.encode() for c in "xyz"}, aggregator=lambda r: b"".join(v for _, v in sorted(r.items())))
+        branches = dag.conditional_branch(
+            "cond", ["many", "one"], lambda d: ["many"] if b"m" in d else ["one"]
+        )
+        each = branches["many"].foreach_branch(
+            "each",
+            lambda d: {c: c.encode() for c in "xyz"},
+            aggregator=lambda r: b"".join(v for _, v in sorted(r.items())),
+        )
         each.node("up", lambda d, o: d.upper())
         branches["one"].node("single", tag("single"))
         dag.edge("start", "cond")
@@ -284,8 +328,14 @@ def test_subdag_inside_conditional_inside_foreach(fs):
 
     def define(wf, ctx):
         dag = wf.dag
-        each = dag.foreach_branch("users", lambda d: {u: u.encode() for u in d.decode().split(",")}, aggregator=lambda r: b";".join(v for _, v in sorted(r.items())))
-        branches = each.conditional_branch("check", ["vip"], lambda d: ["vip"] if d.startswith(b"v") else [])
+        each = dag.foreach_branch(
+            "users",
+            lambda d: {u: u.encode() for u in d.decode().split(",")},
+            aggregator=lambda r: b";".join(v for _, v in sorted(r.items())),
+        )
+        branches = each.conditional_branch(
+            "check", ["vip"], lambda d: ["vip"] if d.startswith(b"v") else []
+        )
         branches["vip"].subdag("verify", sub)
 
     fs.register("flow", define)
@@ -299,8 +349,16 @@ def test_subdag_inside_conditional_inside_foreach(fs):
 
 def test_foreach_inside_foreach(fs):
     def define(wf, ctx):
-        outer = wf.dag.foreach_branch("rows", lambda d: {str(i): b"%d" % i for i in range(3)}, aggregator=lambda r: b"/".join(v for _, v in sorted(r.items())))
-        inner = outer.foreach_branch("cols", lambda d: {str(j): d + b"%d" % j for j in range(2)}, aggregator=lambda r: b",".join(v for _, v in sorted(r.items())))
+        outer = wf.dag.foreach_branch(
+            "rows",
+            lambda d: {str(i): b"%d" % i for i in range(3)},
+            aggregator=lambda r: b"/".join(v for _, v in sorted(r.items())),
+        )
+        inner = outer.foreach_branch(
+            "cols",
+            lambda d: {str(j): d + b"%d" % j for j in range(2)},
+            aggregator=lambda r: b",".join(v for _, v in sorted(r.items())),
+        )
         inner.node("cell", lambda d, o: d)
 
     fs.register("flow", define)

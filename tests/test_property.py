@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowloom import Dag, FlowService
-from flowloom.backends import MemoryBackend
+from flowloom import Dag, FlowService, engine
+from flowloom.backends import MemoryBackend, RequestRecord
 from flowloom.registry import Registry
 from flowloom.worker import Worker
-from flowloom import engine
-from flowloom.backends import RequestRecord
 
 
 def handler(name):
@@ -29,7 +27,9 @@ def handler(name):
 
 
 def aggregate(responses):
-    return b"(" + b"+".join(k.encode() + b"=" + v[-20:] for k, v in sorted(responses.items())) + b")"
+    return (
+        b"(" + b"+".join(k.encode() + b"=" + v[-20:] for k, v in sorted(responses.items())) + b")"
+    )
 
 
 def forward(data):
@@ -48,7 +48,7 @@ def foreach(data):
 class V:
     name: str
     kind: str  # node | subdag | cond | each
-    children: list["G"] = field(default_factory=list)
+    children: list[G] = field(default_factory=list)
 
 
 @dataclass
@@ -130,7 +130,9 @@ def evaluate(g: G, data: bytes) -> bytes:
     for j, v in enumerate(g.vertices):
         incoming = [e for e in g.edges if e.target == j]
         inputs = {
-            g.vertices[e.source].name: forward(outputs[e.source]) if e.forwarder else outputs[e.source]
+            g.vertices[e.source].name: forward(outputs[e.source])
+            if e.forwarder
+            else outputs[e.source]
             for e in incoming
             if not e.ordering
         }
@@ -146,7 +148,9 @@ def evaluate(g: G, data: bytes) -> bytes:
             outputs.append(evaluate(v.children[0], x))
         elif v.kind == "each":
             items = foreach(x)
-            outputs.append(aggregate({k: evaluate(v.children[0], item) for k, item in items.items()}))
+            outputs.append(
+                aggregate({k: evaluate(v.children[0], item) for k, item in items.items()})
+            )
         else:
             keys = condition(x)
             branches = dict(zip(["a", "b"], v.children, strict=True))

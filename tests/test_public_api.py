@@ -28,5 +28,10 @@ def test_every_module_declares_all():
 def test_status_is_a_str_enum():
     assert flowloom.Status.COMPLETED == "completed"
     assert [s.value for s in flowloom.Status] == [
-        "queued", "running", "paused", "completed", "failed", "stopped"
+        "queued",
+        "running",
+        "paused",
+        "completed",
+        "failed",
+        "stopped",
     ]

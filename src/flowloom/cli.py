@@ -30,7 +30,8 @@ def _import(app: str) -> ModuleType:
         if not path.is_file():
             raise AppError(f"no such file: {app}")
         spec = importlib.util.spec_from_file_location(f"flowloom_app_{path.stem}", path)
-        assert spec is not None and spec.loader is not None
+        if spec is None or spec.loader is None:
+            raise AppError(f"cannot load {app} as Python")
         module = importlib.util.module_from_spec(spec)
         sys.path.insert(0, str(path.resolve().parent))
         sys.modules[spec.name] = module
@@ -51,11 +52,14 @@ def load_service(app: str) -> FlowService:
         raise AppError(f"{target}: {exc}") from exc
     except Exception as exc:
         frames = traceback.extract_tb(exc.__traceback__)
-        where = next((f"{f.filename}:{f.lineno}" for f in reversed(frames) if target in f.filename), "")
+        where = next(
+            (f"{f.filename}:{f.lineno}" for f in reversed(frames) if target in f.filename), ""
+        )
         if isinstance(exc, SyntaxError):
             where = f"{exc.filename}:{exc.lineno}"
-        raise AppError(f"could not load {target}{' at ' + where if where else ''}: "
-                       f"{type(exc).__name__}: {exc}") from exc
+        raise AppError(
+            f"could not load {target}{' at ' + where if where else ''}: {type(exc).__name__}: {exc}"
+        ) from exc
     if attribute:
         found = getattr(module, attribute, None)
         if not isinstance(found, FlowService):
@@ -82,8 +86,9 @@ def _register(service: FlowService, name: str, define: object) -> None:
         raise AppError(str(exc)) from exc
 
 
-def _configured(app: str, redis_url: str | None, concurrency: int | None, port: int | None,
-                host: str | None) -> FlowService:
+def _configured(
+    app: str, redis_url: str | None, concurrency: int | None, port: int | None, host: str | None
+) -> FlowService:
     service = load_service(app)
     if redis_url is None and concurrency is None:
         if port is not None:
@@ -120,12 +125,23 @@ def main() -> None:
 @click.argument("app")
 @click.argument("flow")
 @click.option("--data", "-d", default="", help="The request body (text).")
-@click.option("--data-file", type=click.File("rb"), help="Read the request body from a file ('-': stdin).")
-@click.option("--query", "-q", multiple=True, metavar="KEY=VALUE", help="A handler option; repeatable.")
+@click.option(
+    "--data-file", type=click.File("rb"), help="Read the request body from a file ('-': stdin)."
+)
+@click.option(
+    "--query", "-q", multiple=True, metavar="KEY=VALUE", help="A handler option; repeatable."
+)
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")
 @click.option("--timings", is_flag=True, help="Also print each vertex's status and timings.")
-def run(app: str, flow: str, data: str, data_file: click.utils.LazyFile | None,
-        query: tuple[str, ...], timeout: float, timings: bool) -> None:
+def run(
+    app: str,
+    flow: str,
+    data: str,
+    data_file: click.utils.LazyFile | None,
+    query: tuple[str, ...],
+    timeout: float,
+    timings: bool,
+) -> None:
     """Run one request of FLOW from APP on the embedded backend and print its result."""
     service = load_service(app)
     _flow(service, flow)
@@ -157,14 +173,22 @@ def _print_timings(service: FlowService, flow: str, request_id: str) -> None:
         start = f"{((vertex.started or origin) - origin) * 1000:8.2f}ms"
         took = f"{((vertex.ended or vertex.started or 0) - (vertex.started or 0)) * 1000:8.2f}ms"
         error = f"  {vertex.error.type}: {vertex.error.message}" if vertex.error else ""
-        click.echo(f"  {vertex.status.value:9} start {start} took {took}  {vertex.address}{error}", err=True)
+        click.echo(
+            f"  {vertex.status.value:9} start {start} took {took}  {vertex.address}{error}",
+            err=True,
+        )
 
 
 @main.command()
 @click.argument("app")
 @click.argument("flow")
-@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot", "json"]), default="mermaid",
-              show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["mermaid", "dot", "json"]),
+    default="mermaid",
+    show_default=True,
+)
 def graph(app: str, flow: str, fmt: str) -> None:
     """Print FLOW's definition as Mermaid, Graphviz DOT or JSON."""
     service = load_service(app)
@@ -192,9 +216,15 @@ def flows(app: str) -> None:
 @click.option("--host", default=None, help="Interface to bind (default: the service's, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: the service's, 8080).")
 @click.option("--redis-url", default=None, help="Use this Redis instead of the app's backend.")
-@click.option("--worker/--no-worker", default=True, show_default=True,
-              help="Also run a worker in this process.")
-def serve(app: str, host: str | None, port: int | None, redis_url: str | None, worker: bool) -> None:
+@click.option(
+    "--worker/--no-worker",
+    default=True,
+    show_default=True,
+    help="Also run a worker in this process.",
+)
+def serve(
+    app: str, host: str | None, port: int | None, redis_url: str | None, worker: bool
+) -> None:
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
     service = _configured(app, redis_url, None, port, host)
     if worker:

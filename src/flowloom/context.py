@@ -71,7 +71,9 @@ class Context:
             try:
                 encoded = b"j" + json.dumps(value).encode()
             except TypeError as exc:
-                raise FlowloomError(f"context value for {key!r} is not bytes nor JSON: {exc}") from exc
+                raise FlowloomError(
+                    f"context value for {key!r} is not bytes nor JSON: {exc}"
+                ) from exc
         scope.backend.context_set(scope.request_id, key, encoded)
 
     def get(self, key: str, default: Any = None) -> Any:

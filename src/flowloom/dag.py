@@ -107,7 +107,9 @@ class Dag:
     def _add(self, spec: VertexSpec) -> None:
         check_name(spec.name, "vertex")
         if spec.name in self.vertices:
-            raise DefinitionError("duplicate vertex: a vertex of that name exists already", spec.name)
+            raise DefinitionError(
+                "duplicate vertex: a vertex of that name exists already", spec.name
+            )
         self.vertices[spec.name] = spec
 
     def node(
@@ -144,7 +146,9 @@ class Dag:
             raise DefinitionError(f"backoff must be a number >= 0, got {backoff!r}", name)
         if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
             raise DefinitionError(f"timeout must be a number > 0, got {timeout!r}", name)
-        self._add(NodeSpec(name, handlers, aggregator, retries, float(backoff), timeout, on_failure))
+        self._add(
+            NodeSpec(name, handlers, aggregator, retries, float(backoff), timeout, on_failure)
+        )
         return self
 
     def edge(
@@ -251,7 +255,9 @@ def resolve_subdag(spec: SubDagSpec) -> Dag:
     try:
         dag = source()
     except Exception as exc:
-        raise DefinitionError(f"sub-DAG factory raised {type(exc).__name__}: {exc}", spec.name) from exc
+        raise DefinitionError(
+            f"sub-DAG factory raised {type(exc).__name__}: {exc}", spec.name
+        ) from exc
     if not isinstance(dag, Dag):
         raise DefinitionError(
             f"sub-DAG factory must return a Dag, got {type(dag).__name__}", spec.name

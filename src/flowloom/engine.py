@@ -14,8 +14,16 @@ from urllib.parse import quote, unquote
 
 from .plan import END, PASSTHROUGH, SCOPE_INPUT, Plan, Step
 
-__all__ = ["Delivery", "Transition", "after_output", "after_split", "escape_key", "retry_delay",
-           "start", "unescape_key"]
+__all__ = [
+    "Delivery",
+    "Transition",
+    "after_output",
+    "after_split",
+    "escape_key",
+    "retry_delay",
+    "start",
+    "unescape_key",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +67,7 @@ def start(plan: Plan, body: bytes) -> Transition:
 
 def after_output(plan: Plan, step: Step, keys: tuple[str, ...], output: bytes) -> Transition:
     """A node or a join produced ``output``: hand it to the step's successors."""
-    deliveries = []
+    deliveries: list[Delivery] = []
     for target in step.targets:
         if target.step == END:
             return Transition(tuple(deliveries), finished=True, result=output)

@@ -1,16 +1,16 @@
 """The errors flowloom raises.
 
-    FlowloomError
-    ├── DefinitionError        a workflow definition is invalid (names the vertex)
-    ├── FlowNotFound           no flow is registered under that name
-    ├── RequestNotFound        no request with that id (or it has expired)
-    ├── InvalidRequest         a request id, flow name or body is not acceptable
-    ├── DuplicateRequest       a request with that id exists already
-    ├── NotRunning             control call on a request that has finished
-    └── RequestError           a request did not produce a result
-        ├── RequestFailed      a vertex failed; ``error`` holds what happened
-        ├── RequestStopped     the request was stopped
-        └── ResultTimeout      the request was not done in time
+FlowloomError
+├── DefinitionError        a workflow definition is invalid (names the vertex)
+├── FlowNotFound           no flow is registered under that name
+├── RequestNotFound        no request with that id (or it has expired)
+├── InvalidRequest         a request id, flow name or body is not acceptable
+├── DuplicateRequest       a request with that id exists already
+├── NotRunning             control call on a request that has finished
+└── RequestError           a request did not produce a result
+    ├── RequestFailed      a vertex failed; ``error`` holds what happened
+    ├── RequestStopped     the request was stopped
+    └── ResultTimeout      the request was not done in time
 """
 
 from __future__ import annotations

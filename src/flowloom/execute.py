@@ -80,7 +80,9 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
-def run_step(step: Step, inputs: Mapping[str, bytes | None], options: Options, call: Caller) -> Outcome:
+def run_step(
+    step: Step, inputs: Mapping[str, bytes | None], options: Options, call: Caller
+) -> Outcome:
     if step.kind is StepKind.JOIN:
         return Outcome(_join(step, inputs, call))
     data = _input(step, inputs, call)
@@ -89,7 +91,7 @@ def run_step(step: Step, inputs: Mapping[str, bytes | None], options: Options, c
     try:
         if step.timeout is None:
             return Outcome(_pipe(step, data, options, call))
-        return Outcome(_with_timeout(lambda: _pipe(step, data, options, Caller()), step.timeout))
+        return Outcome(_with_timeout(lambda: _pipe_alone(step, data, options), step.timeout))
     except Exception as exc:
         raise NodeFailed(data) from exc
 
@@ -113,8 +115,18 @@ def _input(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> byte
 
 def _pipe(step: Step, data: bytes, options: Options, call: Caller) -> bytes:
     for handler in step.handlers:
-        data = to_bytes(call(handler, data, options), f"handler {getattr(handler, '__name__', handler)!r}")
+        data = to_bytes(
+            call(handler, data, options), f"handler {getattr(handler, '__name__', handler)!r}"
+        )
     return data
+
+
+def _pipe_alone(step: Step, data: bytes, options: Options) -> bytes:
+    call = Caller()
+    try:
+        return _pipe(step, data, options, call)
+    finally:
+        call.close()
 
 
 def _split(step: Step, data: bytes, call: Caller) -> tuple[tuple[str, bytes], ...]:
@@ -136,20 +148,26 @@ def _split(step: Step, data: bytes, call: Caller) -> tuple[tuple[str, bytes], ..
     branches = []
     for key, value in items.items():
         if not isinstance(key, str):
-            raise StepError(f"foreach returned key {key!r} of type {type(key).__name__}, expected str")
+            raise StepError(
+                f"foreach returned key {key!r} of type {type(key).__name__}, expected str"
+            )
         branches.append((key, to_bytes(value, f"foreach item {key!r}")))
     return tuple(branches)
 
 
 def _join(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> bytes:
     passthrough = inputs.get(PASSTHROUGH) or b""
-    outputs = {unescape_key(slot): data or b"" for slot, data in inputs.items() if slot != PASSTHROUGH}
+    outputs = {
+        unescape_key(slot): data or b"" for slot, data in inputs.items() if slot != PASSTHROUGH
+    }
     if step.aggregator is not None:
         return to_bytes(call(step.aggregator, outputs), "aggregator")
     if step.branch == "foreach":
         return passthrough
     if len(outputs) > 1:
-        raise StepError(f"picked several branches ({', '.join(map(repr, outputs))}) but has no aggregator")
+        raise StepError(
+            f"picked several branches ({', '.join(map(repr, outputs))}) but has no aggregator"
+        )
     return next(iter(outputs.values())) if outputs else passthrough
 
 

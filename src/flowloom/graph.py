@@ -13,7 +13,12 @@ _KIND_LABEL = {"subdag": "sub-DAG", "conditional": "conditional", "foreach": "fo
 
 
 def _ident(path: str) -> str:
-    return "v_" + re.sub(r"[^A-Za-z0-9_]", "_", path) + "_" + format(zlib.crc32(path.encode()) % 10**6, "06d")
+    return (
+        "v_"
+        + re.sub(r"[^A-Za-z0-9_]", "_", path)
+        + "_"
+        + format(zlib.crc32(path.encode()) % 10**6, "06d")
+    )
 
 
 def _inner(vertex: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -52,7 +57,7 @@ def _mermaid_dag(dag: Mapping[str, Any], path: str, lines: list[str], pad: str) 
         if not inner:
             lines.append(f'{pad}{_ident(vpath)}["{vertex["name"]}"]')
             continue
-        label = f'{vertex["name"]} ({_KIND_LABEL[vertex["kind"]]})'
+        label = f"{vertex['name']} ({_KIND_LABEL[vertex['kind']]})"
         lines.append(f'{pad}subgraph {_ident(vpath)} ["{label}"]')
         for suffix, sub in inner:
             if vertex["kind"] == "conditional":
@@ -77,7 +82,9 @@ def to_dot(definition: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _dot_dag(dag: Mapping[str, Any], path: str, lines: list[str], pad: str) -> dict[str, tuple[list[str], str]]:
+def _dot_dag(
+    dag: Mapping[str, Any], path: str, lines: list[str], pad: str
+) -> dict[str, tuple[list[str], str]]:
     ends: dict[str, tuple[list[str], str]] = {}
     for vertex in dag["vertices"]:
         vpath = path + vertex["name"]
@@ -86,7 +93,7 @@ def _dot_dag(dag: Mapping[str, Any], path: str, lines: list[str], pad: str) -> d
             lines.append(f'{pad}{_ident(vpath)} [label="{vertex["name"]}"];')
             ends[vertex["name"]] = ([_ident(vpath)], _ident(vpath))
             continue
-        label = f'{vertex["name"]} ({_KIND_LABEL[vertex["kind"]]})'
+        label = f"{vertex['name']} ({_KIND_LABEL[vertex['kind']]})"
         lines.append(f"{pad}subgraph cluster_{_ident(vpath)} {{")
         lines.append(f'{pad}  label="{label}";')
         firsts: list[str] = []

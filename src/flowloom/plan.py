@@ -37,7 +37,16 @@ from .types import (
     Handler,
 )
 
-__all__ = ["END", "PASSTHROUGH", "SCOPE_INPUT", "Plan", "Step", "StepKind", "Target", "compile_workflow"]
+__all__ = [
+    "END",
+    "PASSTHROUGH",
+    "SCOPE_INPUT",
+    "Plan",
+    "Step",
+    "StepKind",
+    "Target",
+    "compile_workflow",
+]
 
 END = "!end"  # the pseudo-step that receives the flow's result
 SCOPE_INPUT = ""  # the input slot of a DAG's first vertices
@@ -178,9 +187,7 @@ class _Compiler:
         if not dag.vertices:
             raise DefinitionError(f"{where} is empty: it needs at least one vertex", where)
         order = _check_graph(dag, where)
-        vertices = {
-            name: self.vertex(dag, name, path, template, depth, stack) for name in order
-        }
+        vertices = {name: self.vertex(dag, name, path, template, depth, stack) for name in order}
         entries: list[str] = []
         for name in order:
             incoming = [e for e in dag.edges if e.target == name]
@@ -219,7 +226,9 @@ class _Compiler:
             return _Vertex([sid], sid)
         if isinstance(spec, SubDagSpec):
             sub = resolve_subdag(spec)
-            scope = self.scope(sub, vpath + "/", vtemplate + "/", depth, stack, f"sub-DAG {vpath!r}")
+            scope = self.scope(
+                sub, vpath + "/", vtemplate + "/", depth, stack, f"sub-DAG {vpath!r}"
+            )
             return _Vertex(scope.entries, scope.exit)
         join = self.add(
             f"{vpath}:join",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -101,10 +103,11 @@ class FlowService:
         """Queue a request of flow ``name``; returns its id (the caller's, if given)."""
         plan = self.registry.latest(name)
         request = _as_request(request)
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = uuid.uuid4().hex if request.request_id is None else request.request_id
         if not REQUEST_ID.fullmatch(request_id):
             raise InvalidRequest(
-                f"request id must be 1-128 letters, digits, '_', '.', ':' or '-', got {request_id!r}"
+                "request id must be 1-128 letters, digits, '_', '.', ':' or '-', "
+                f"got {request_id!r}"
             )
         record = RequestRecord(
             request_id=request_id,
@@ -144,7 +147,9 @@ class FlowService:
             raise RequestNotFound(f"request {request_id!r} has expired")
         raise ResultTimeout(request_id, timeout if timeout is not None else 0.0)
 
-    def run(self, name: str, request: Request | bytes | str | None = None, timeout: float | None = None) -> bytes:
+    def run(
+        self, name: str, request: Request | bytes | str | None = None, timeout: float | None = None
+    ) -> bytes:
         """Execute a request and wait for its result: ``execute`` then ``result``."""
         return self.result(name, self.execute(name, request), timeout)
 
@@ -163,7 +168,11 @@ class FlowService:
         return self.backend.control(request_id, Status.STOPPED)
 
     def requests(
-        self, name: str | None = None, status: Status | None = None, offset: int = 0, limit: int = 50
+        self,
+        name: str | None = None,
+        status: Status | None = None,
+        offset: int = 0,
+        limit: int = 50,
     ) -> list[RequestState]:
         """Requests, newest first, optionally of one flow and with one status."""
         return self.backend.list_requests(name, status, offset, limit)
@@ -186,7 +195,24 @@ class FlowService:
             if self._worker is None:
                 self._worker = Worker(self.backend, self.registry, self.worker_concurrency)
                 self._worker.start()
+                self.backend.register_worker(self._worker.name, self._describe_worker)
             return self._worker
+
+    def _describe_worker(self) -> dict[str, object]:
+        worker = self._worker
+        return {
+            "name": worker.name if worker else "",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "flows": self.registry.names(),
+            "versions": {name: self.registry.latest(name).version for name in self.flows()},
+            "concurrency": self.worker_concurrency,
+        }
+
+    def workers(self) -> list[dict[str, object]]:
+        """Live workers (of every process sharing the backend): each a dict with ``name``,
+        ``host``, ``pid``, ``flows`` (and their ``versions``), ``concurrency``, ``last_seen``."""
+        return self.backend.workers()
 
     def start_worker(self) -> None:
         """Run a worker until SIGINT or SIGTERM (blocking)."""
@@ -222,13 +248,17 @@ class FlowService:
             worker, self._worker = self._worker, None
         if worker is not None:
             worker.stop()
+            self.backend.unregister_worker(worker.name)
         self.backend.close()
 
     def __enter__(self) -> FlowService:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -264,7 +294,9 @@ def _options(query: Mapping[str, Any]) -> Options:
 
 def _wait_for_signal() -> None:
     done = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         while not done.wait(0.5):
             pass

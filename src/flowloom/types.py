@@ -14,7 +14,9 @@ Aggregator: TypeAlias = Callable[[dict[str, bytes]], HandlerResult | Awaitable[H
 Condition: TypeAlias = Callable[[bytes], list[str] | Awaitable[list[str]]]
 ForEach: TypeAlias = Callable[[bytes], dict[str, bytes] | Awaitable[dict[str, bytes]]]
 Forwarder: TypeAlias = Callable[[bytes], HandlerResult | Awaitable[HandlerResult]]
-FailureHandler: TypeAlias = Callable[[BaseException, bytes], HandlerResult | Awaitable[HandlerResult]]
+FailureHandler: TypeAlias = Callable[
+    [BaseException, bytes], HandlerResult | Awaitable[HandlerResult]
+]
 FailureHook: TypeAlias = Callable[["ErrorInfo"], Any]
 FinallyHook: TypeAlias = Callable[["Status"], Any]
 
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """Where a request, or one vertex instance of it, stands."""
 
     QUEUED = "queued"
@@ -50,9 +52,6 @@ class Status(str, enum.Enum):
     @property
     def finished(self) -> bool:
         return self in (Status.COMPLETED, Status.FAILED, Status.STOPPED)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -10,7 +11,6 @@ import uuid
 
 from . import context, engine
 from .backends import HOOKS, Backend, Task
-from .errors import FlowloomError
 from .execute import Caller, NodeFailed, Outcome, StepError, run_step, to_bytes
 from .plan import Plan, Step, StepKind
 from .registry import Registry
@@ -86,16 +86,21 @@ class Worker:
         if not self.backend.begin(task, instance, address):
             return
         record_options = self._options(task)
-        token = context.enter(context.RequestScope(task.request_id, task.flow, record_options, self.backend))
+        token = context.enter(
+            context.RequestScope(task.request_id, task.flow, record_options, self.backend)
+        )
         try:
+            outcome: Outcome | None
             try:
                 outcome = run_step(step, task.inputs, record_options, self._call)
             except Exception as exc:
                 outcome = self._recover(step, task, address, exc)
-                if outcome is None:
-                    return
+            if outcome is None:
+                return
             if outcome.branches is not None:
-                transition = engine.after_split(plan, step, task.keys, outcome.output, outcome.branches)
+                transition = engine.after_split(
+                    plan, step, task.keys, outcome.output, outcome.branches
+                )
                 self.backend.complete(task, instance, address, None, transition)
             else:
                 transition = engine.after_output(plan, step, task.keys, outcome.output)
@@ -127,7 +132,8 @@ class Worker:
             record = self.backend.record(task.request_id)
             options = {k: list(v) for k, v in record.query.items()} if record else {}
             if len(self._queries) >= 4096:
-                self._queries.pop(next(iter(self._queries)), None)
+                with contextlib.suppress(RuntimeError, StopIteration):  # another thread trimmed
+                    self._queries.pop(next(iter(self._queries)), None)
             self._queries[task.request_id] = options
         return options
 
@@ -135,9 +141,11 @@ class Worker:
         try:
             if plan is None:
                 return
-            status = Status(task.inputs["status"].decode() if task.inputs.get("status") else "completed")
+            status = Status((task.inputs.get("status") or b"completed").decode())
             state = self.backend.state(task.request_id)
-            scope = context.RequestScope(task.request_id, task.flow, self._options(task), self.backend)
+            scope = context.RequestScope(
+                task.request_id, task.flow, self._options(task), self.backend
+            )
             token = context.enter(scope)
             try:
                 if status is Status.FAILED and state is not None and state.error is not None:
@@ -157,14 +165,9 @@ class Worker:
             log.exception("flowloom: a workflow hook raised")
 
     def _fail_unknown_plan(self, task: Task) -> None:
-        latest = None
-        try:
-            latest = self.registry.latest(task.flow)
-        except FlowloomError:
-            pass
         why = (
             f"flow {task.flow!r} was re-registered with another definition while the request ran"
-            if latest is not None
+            if task.flow in self.registry.names()
             else f"flow {task.flow!r} is not registered on worker"
         )
         self.backend.fail(task, task.step, ErrorInfo(task.step, "FlowNotFound", why))

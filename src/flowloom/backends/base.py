@@ -10,7 +10,7 @@ delivered. Two implementations: ``MemoryBackend`` (in-process, the default) and
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..engine import Transition
@@ -119,6 +119,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def ack(self, task: Task) -> None:
         """Done with a task that changes no state (a hooks task)."""
+
+    # -- live workers (optional) -------------------------------------------------------------
+    def register_worker(  # noqa: B027 - optional
+        self, name: str, describe: Callable[[], Mapping[str, object]]
+    ) -> None:
+        """Announce a running worker until ``unregister_worker``; ``describe()`` says what
+        it is (name, host, pid, flows, concurrency)."""
+
+    def unregister_worker(self, name: str) -> None:  # noqa: B027 - optional
+        """The worker ``name`` has stopped."""
+
+    def workers(self) -> list[dict[str, object]]:
+        """Live workers, each ``describe()`` plus ``last_seen`` (epoch seconds)."""
+        return []
 
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections and threads."""

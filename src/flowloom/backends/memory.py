@@ -7,6 +7,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from ..engine import Transition
@@ -62,6 +63,7 @@ class MemoryBackend(Backend):
         self._seq = itertools.count()
         self._requests: dict[str, _Request] = {}
         self._expiry: deque[tuple[float, str]] = deque()
+        self._workers: dict[str, Callable[[], Mapping[str, object]]] = {}
 
     # -- requests --------------------------------------------------------------------------
     def submit(self, record: RequestRecord, transition: Transition) -> None:
@@ -124,7 +126,8 @@ class MemoryBackend(Backend):
             chosen = [
                 r
                 for r in reversed(self._requests.values())
-                if (flow is None or r.record.flow == flow) and (status is None or r.status is status)
+                if (flow is None or r.record.flow == flow)
+                and (status is None or r.status is status)
             ]
             return [self._snapshot(r) for r in chosen[offset : offset + limit]]
 
@@ -197,7 +200,9 @@ class MemoryBackend(Backend):
             vertex = request.vertex(address)
             vertex.status, vertex.error = Status.QUEUED, error
             due = time.monotonic() + delay
-            heapq.heappush(self._delayed, (due, next(self._seq), replace(task, attempt=task.attempt + 1)))
+            heapq.heappush(
+                self._delayed, (due, next(self._seq), replace(task, attempt=task.attempt + 1))
+            )
             self._ready.notify()
 
     def fail(self, task: Task, address: str, error: ErrorInfo) -> None:
@@ -211,6 +216,19 @@ class MemoryBackend(Backend):
 
     def ack(self, task: Task) -> None:
         return None
+
+    def register_worker(self, name: str, describe: Callable[[], Mapping[str, object]]) -> None:
+        with self._lock:
+            self._workers[name] = describe
+
+    def unregister_worker(self, name: str) -> None:
+        with self._lock:
+            self._workers.pop(name, None)
+
+    def workers(self) -> list[dict[str, object]]:
+        with self._lock:
+            describers = list(self._workers.values())
+        return [{**describe(), "last_seen": time.time()} for describe in describers]
 
     # -- internals (lock held) ---------------------------------------------------------------
     def _request(self, request_id: str) -> _Request:
@@ -260,8 +278,14 @@ class MemoryBackend(Backend):
         self._expiry.append((time.monotonic() + self.retention, request.record.request_id))
         record = request.record
         if record.has_hooks:
-            hooks = Task(record.request_id, record.flow, record.version, HOOKS, (),
-                         {"status": status.value.encode()})
+            hooks = Task(
+                record.request_id,
+                record.flow,
+                record.version,
+                HOOKS,
+                (),
+                {"status": status.value.encode()},
+            )
             self._queue.append(hooks)
             self._ready.notify()
         request.finished.set()

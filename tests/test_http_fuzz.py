@@ -1,0 +1,61 @@
+"""Fuzz the HTTP API with schemathesis against the spec it serves: no input, valid or not,
+gets a server error, and every answer matches the spec. Bounded in examples and time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from starlette.applications import Starlette
+
+from flowloom import FlowService
+from flowloom.http import create_app
+from http_fixtures import Gate, register_flows
+
+TOKEN = "fuzz-token"
+
+
+@pytest.fixture(scope="module", params=["open", "token"])
+def app(request: pytest.FixtureRequest) -> Iterator[Starlette]:
+    gate = Gate()
+    gate.opened.set()  # "gated" runs straight through here
+    with FlowService(worker_concurrency=4) as fs:
+        register_flows(fs, gate)
+        fs.execute("myflow", b"seed")
+        # callbacks off: generated URLs must not make the server call out
+        yield create_app(
+            fs,
+            token=TOKEN if request.param == "token" else None,
+            max_body=4096,
+            wait_timeout=0.5,
+            callbacks=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def api_schema(app: Starlette) -> Any:
+    return schemathesis.openapi.from_asgi("/openapi.json", app, headers=auth_headers(app))
+
+
+def auth_headers(app: Starlette) -> dict[str, str]:
+    spec = app.state.flowloom
+    return {"Authorization": f"Bearer {TOKEN}"} if spec.settings.token else {}
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@pytest.mark.timeout(120)
+def test_no_server_errors_and_answers_match_the_spec(case: Any, app: Starlette) -> None:
+    response = case.call(headers=auth_headers(app))
+    assert response.status_code < 500, (case.method, case.path, response.text)
+    case.validate_response(response)

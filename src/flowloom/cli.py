@@ -241,3 +241,7 @@ def worker(app: str, concurrency: int | None, redis_url: str | None) -> None:
     """Run a worker for APP's flows until SIGINT/SIGTERM."""
     service = _configured(app, redis_url, concurrency, None, None)
     service.start_worker()
+
+
+if __name__ == "__main__":
+    main()

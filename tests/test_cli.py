@@ -1,0 +1,156 @@
+"""The flowloom command, run through click's runner and as a real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from flowloom.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+APP = """
+from flowloom import FlowService, Dag
+
+fs = FlowService()
+
+def define(wf, ctx):
+    dag = wf.dag
+    dag.node("greet", lambda d, o: b"hi " + d + b" " + ",".join(o.get("lang", [])).encode())
+    each = dag.foreach_branch("each", lambda d: {"a": d, "b/c": d}, aggregator=lambda r: b"+".join(sorted(r.values())))
+    each.node("upper", lambda d, o: d.upper())
+    dag.edge("greet", "each", forwarder=lambda d: d)
+
+def broken(wf, ctx):
+    wf.dag.node("x", lambda d, o: 1 / 0)
+
+fs.register("hello", define)
+fs.register("broken", broken)
+"""
+
+
+@pytest.fixture
+def app(tmp_path):
+    path = tmp_path / "app.py"
+    path.write_text(textwrap.dedent(APP))
+    return str(path)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_run_prints_result(app):
+    result = invoke("run", app, "hello", "--data", "bob", "-q", "lang=en", "-q", "lang=fr")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "HI BOB EN,FR+HI BOB EN,FR\n"
+
+
+def test_run_with_timings_lists_every_vertex(app):
+    result = invoke("run", app, "hello", "--data", "x", "--timings")
+    assert result.exit_code == 0, result.output
+    for address in ["greet", "each", "each[a]/upper", "each[b%2Fc]/upper"]:
+        assert f" {address}\n" in result.stderr
+    assert "completed" in result.stderr
+
+
+def test_run_reads_body_from_file(app, tmp_path):
+    body = tmp_path / "body.txt"
+    body.write_bytes(b"file")
+    result = invoke("run", app, "hello", "--data-file", str(body))
+    assert result.stdout.startswith("HI FILE")
+
+
+def test_failed_request_is_reported(app):
+    result = invoke("run", app, "broken", "--timings")
+    assert result.exit_code == 2
+    assert "ZeroDivisionError" in result.stderr
+    assert "failed" in result.stderr
+
+
+def test_unknown_flow(app):
+    result = invoke("run", app, "nope")
+    assert result.exit_code == 2
+    assert "no flow 'nope' (flows: broken, hello)" in result.stderr
+
+
+def test_flows_lists_names(app):
+    assert invoke("flows", app).stdout == "broken\nhello\n"
+
+
+def test_graph_formats(app):
+    mermaid = invoke("graph", app, "hello").stdout
+    assert mermaid.startswith("flowchart TD\n")
+    assert '["each (foreach)"]' in mermaid
+    assert '["upper"]' in mermaid
+    dot = invoke("graph", app, "hello", "--format", "dot").stdout
+    assert dot.startswith('digraph "hello" {')
+    assert 'label="each (foreach)"' in dot
+    assert "->" in dot
+    assert '"kind": "foreach"' in invoke("graph", app, "hello", "--format", "json").stdout
+
+
+@pytest.mark.parametrize(
+    ("source", "words"),
+    [
+        ("def broken(:\n", ["SyntaxError", "app.py:1"]),
+        ("import no_such_module_here\n", ["ModuleNotFoundError", "no_such_module_here"]),
+        (
+            "from flowloom import FlowService\nfs = FlowService()\n"
+            "fs.register('f', lambda wf, ctx: wf.dag.node('a', print).edge('a', 'b'))\n",
+            ["unknown vertex"],
+        ),
+        ("x = 1\n", ["defines no FlowService"]),
+    ],
+)
+def test_errors_in_user_file_are_readable(tmp_path, source, words):
+    path = tmp_path / "app.py"
+    path.write_text(source)
+    result = invoke("run", str(path), "f")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in result.stderr
+
+
+def test_flows_dict_and_module_attribute(tmp_path, monkeypatch):
+    (tmp_path / "flowsmod.py").write_text(
+        "flows = {'echo': lambda wf, ctx: wf.dag.node('n', lambda d, o: d)}\n"
+        "from flowloom import FlowService\n"
+        "a = FlowService()\nb = FlowService()\n"
+        "b.register('other', lambda wf, ctx: wf.dag.node('n', lambda d, o: b'B'))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "several FlowService" in invoke("flows", "flowsmod").stderr
+    assert invoke("run", "flowsmod:b", "other").stdout == "B\n"
+
+
+def test_missing_file():
+    result = invoke("run", "nowhere/app.py", "f")
+    assert result.exit_code == 2
+    assert "no such file" in result.stderr
+
+
+def test_console_script_runs_the_readme_example():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowloom.cli",
+            "run",
+            str(ROOT / "examples/myflow.py"),
+            "myflow",
+            "--data",
+            "hallo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout == 'you said "hallo"\n'

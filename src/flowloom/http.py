@@ -134,6 +134,7 @@ def create_app(
     spec = openapi.spec(
         auth=token is not None,
         hmac=settings.hmac_secret is not None,
+        callbacks=callbacks,
         max_body=max_body,
         wait_timeout=settings.wait_timeout,
     )
@@ -553,14 +554,11 @@ def _optional_request_id(value: str | None) -> str | None:
 
 
 def _flag(value: str | None, header: str) -> bool:
-    if value is None:
+    if value is None or value in ("false", "0"):
         return False
-    flag = value.strip().lower()
-    if flag in ("true", "1", "yes"):
+    if value in ("true", "1"):
         return True
-    if flag in ("false", "0", "no", ""):
-        return False
-    raise _BadInput(400, f"{header} must be true or false, got {value!r}")
+    raise _BadInput(400, f"{header} must be true, false, 1 or 0, got {value!r}")
 
 
 def _seconds(value: str | None, header: str, limit: float, default: float | None = None) -> float:

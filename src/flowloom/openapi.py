@@ -56,6 +56,7 @@ ID_PARAM = {
     "required": True,
     "description": "The request's id.",
     "schema": {"type": "string", "pattern": f"^{REQUEST_ID.pattern}$"},
+    "example": "order-1001",
 }
 
 
@@ -65,7 +66,7 @@ def _wait_header(limit: float, default: str) -> dict[str, Any]:
         "in": "header",
         "required": False,
         "description": f"Seconds to wait for the result (0 to {limit:g}; default {default}).",
-        "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+        "schema": {"type": "number", "minimum": 0, "maximum": limit},
     }
 
 
@@ -110,7 +111,9 @@ def _control(verb: str, what: str) -> dict[str, Any]:
     }
 
 
-def spec(*, auth: bool, hmac: bool, max_body: int, wait_timeout: float) -> dict[str, Any]:
+def spec(
+    *, auth: bool, hmac: bool, callbacks: bool, max_body: int, wait_timeout: float
+) -> dict[str, Any]:
     """The OpenAPI document of an app with these settings."""
     from . import __version__
 
@@ -121,7 +124,7 @@ def spec(*, auth: bool, hmac: bool, max_body: int, wait_timeout: float) -> dict[
             "in": "header",
             "required": False,
             "description": "`true`: answer 202 with the request id at once.",
-            "schema": {"type": "string", "enum": ["true", "false"]},
+            "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
         },
         {
             "name": "X-Request-Id",
@@ -131,14 +134,17 @@ def spec(*, auth: bool, hmac: bool, max_body: int, wait_timeout: float) -> dict[
             "schema": {"type": "string", "pattern": f"^{REQUEST_ID.pattern}$"},
         },
         _wait_header(wait_timeout, f"{wait_timeout:g}"),
-        {
-            "name": "X-Callback-Url",
-            "in": "header",
-            "required": False,
-            "description": "An http(s) URL to POST the final answer to when the request ends.",
-            "schema": {"type": "string", "format": "uri"},
-        },
     ]
+    if callbacks:
+        execute_params.append(
+            {
+                "name": "X-Callback-Url",
+                "in": "header",
+                "required": False,
+                "description": "An http(s) URL to POST the final answer to when it ends.",
+                "schema": {"type": "string", "format": "uri", "pattern": "^https?://"},
+            }
+        )
     if hmac:
         execute_params.append(
             {
@@ -176,7 +182,15 @@ def spec(*, auth: bool, hmac: bool, max_body: int, wait_timeout: float) -> dict[
                     "parameters": execute_params,
                     "requestBody": {
                         "required": False,
-                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+                        "content": {
+                            "*/*": {
+                                "schema": {
+                                    "type": "string",
+                                    "format": "binary",
+                                    "maxLength": max_body,
+                                }
+                            }
+                        },
                     },
                     "responses": execute_responses,
                 }

@@ -7,7 +7,8 @@ Validate a user's KYC (know-your-customer) image and mark their profile:
     kyc-subdag           the validation steps as a reusable sub-DAG, ``kyc_image_validation_dag``
     kyc-conditional      face-match only when face-detect passes (one conditional branch)
     kyc-pass-fail        face-match on "pass", create-user on "fail" (two branches)
-    kyc-listed-users     foreach listed user: verify the image with the sub-DAG, mark the profile
+    kyc-listed-users     foreach listed user: verify the image (the pass/fail sub-DAG), mark
+                         the profile: a conditional inside a sub-DAG inside a foreach
 
 The body of a request is a user id (``u42``); for ``kyc-listed-users`` it is the
 name of a watch list (``fraud-watch``). The handlers are stand-ins: they look the
@@ -255,11 +256,16 @@ def summarize(marks: dict[str, bytes]) -> bytes:
 
 
 def define_kyc_listed_users(workflow: Workflow, context: Context) -> None:
-    """Foreach branching: verify every user of a watch list, each in its own branch."""
+    """Foreach branching: verify every user of a watch list, each in its own branch.
+
+    Each item runs the pass/fail validation sub-DAG (the last version of GoFlow's
+    ``KycImageValidationDag``), so its vertices have addresses such as
+    ``for-each-user-verify[u42]/verify-image/handle-face-detect-response[pass]/face-match``.
+    """
     dag = workflow.dag
     dag.node("get-users", get_listed_users)
     verify_dag = dag.foreach_branch("for-each-user-verify", each_user, aggregator=summarize)
-    verify_dag.subdag("verify-image", kyc_image_validation_dag)
+    verify_dag.subdag("verify-image", kyc_pass_fail_validation_dag)
     verify_dag.node("mark-profile", mark_profile_based_on_status)
     verify_dag.edge("verify-image", "mark-profile")
     dag.edge("get-users", "for-each-user-verify")

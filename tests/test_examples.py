@@ -125,6 +125,8 @@ def test_myflow(myflow: ModuleType) -> None:
 REJECTED_U7 = b"u7: rejected (face-detect: fail)"
 VERIFIED = b"u42: verified (face-detect: pass, face-match: pass)"
 NO_MATCH = b"u13: rejected (face-detect: pass, face-match: fail)"
+REVIEW_U7 = b"u7: rejected (face-detect: fail, create-user: review case RC-u7)"
+LISTED = b"\n".join([NO_MATCH, VERIFIED, REVIEW_U7])  # one line per user, in user id order
 KYC_RESULTS = {
     ("kyc", "u42"): b"u42: verified (face-detect: pass)",
     ("kyc", "u7"): b"u7: rejected (face-detect: fail)",
@@ -139,7 +141,7 @@ KYC_RESULTS = {
     ("kyc-conditional", "u7"): b"u7: rejected (face-detect: fail)",
     ("kyc-conditional", "u13"): NO_MATCH,
     ("kyc-pass-fail", "u42"): VERIFIED,
-    ("kyc-pass-fail", "u7"): b"u7: rejected (face-detect: fail, create-user: review case RC-u7)",
+    ("kyc-pass-fail", "u7"): REVIEW_U7,
     ("kyc-pass-fail", "u13"): NO_MATCH,
 }
 
@@ -233,22 +235,25 @@ def test_kyc_pass_fail_runs_exactly_one_branch(kyc: ModuleType) -> None:
 def test_kyc_listed_users_verifies_each_user_in_its_own_branch(kyc: ModuleType) -> None:
     fs = kyc.fs
     request_id = fs.execute("kyc-listed-users", b"fraud-watch")
-    assert fs.result("kyc-listed-users", request_id, timeout=WAIT) == b"\n".join(
-        [
-            NO_MATCH,
-            VERIFIED,
-            b"u7: rejected (face-detect: fail, face-match: fail)",
-        ]
-    )
+    assert fs.result("kyc-listed-users", request_id, timeout=WAIT) == LISTED
     vertices = statuses(fs, "kyc-listed-users", request_id)
-    per_user = ["verify-url", "face-detect", "face-match", "generate-result"]
     expected = {"get-users": Status.COMPLETED, "for-each-user-verify": Status.COMPLETED}
-    for user in ("u42", "u7", "u13"):
-        item = f"for-each-user-verify[{user}]"
-        expected.update({f"{item}/verify-image/{step}": Status.COMPLETED for step in per_user})
-        expected[f"{item}/mark-profile"] = Status.COMPLETED
+    branch_taken = {
+        "u42": "[pass]/face-match",
+        "u13": "[pass]/face-match",
+        "u7": "[fail]/create-user",
+    }
+    for user, taken in branch_taken.items():
+        item = f"for-each-user-verify[{user}]/verify-image"
+        for step in ("verify-url", "face-detect", "handle-face-detect-response", "generate-result"):
+            expected[f"{item}/{step}"] = Status.COMPLETED
+        expected[f"{item}/handle-face-detect-response{taken}"] = Status.COMPLETED
+        expected[f"for-each-user-verify[{user}]/mark-profile"] = Status.COMPLETED
+    # one instance per user, each with its own address; face-match ran for u42 and u13 only
     assert vertices == expected
-    assert "for-each-user-verify[u42]/verify-image/face-detect" in vertices
+    assert vertices["for-each-user-verify[u42]/verify-image/face-detect"] is Status.COMPLETED
+    assert sum(a.endswith("/mark-profile") for a in vertices) == 3
+    assert sum(a.endswith("/face-match") for a in vertices) == 2
 
 
 def test_kyc_listed_users_with_an_empty_list_runs_no_iteration(kyc: ModuleType) -> None:
@@ -414,9 +419,7 @@ SCRIPT_OUTPUT = {
     ]
     + [
         "kyc-listed-users fraud-watch ->",
-        NO_MATCH.decode(),
-        VERIFIED.decode(),
-        "u7: rejected (face-detect: fail, face-match: fail)",
+        *LISTED.decode().splitlines(),
     ],
     "publish": [
         "published <p>Flowloom runs workflows. It runs them on workers.</p>",
@@ -463,7 +466,7 @@ CLI_RUNS = [
     ("myflow", "myflow", "hallo", 'you said "hallo"'),
     ("kyc", "kyc", "u7", "u7: rejected (face-detect: fail)"),
     ("kyc", "kyc-subdag", "u42", VERIFIED.decode()),
-    ("kyc", "kyc-listed-users", "fraud-watch", "\n".join(SCRIPT_OUTPUT["kyc"][-3:])),
+    ("kyc", "kyc-listed-users", "fraud-watch", LISTED.decode()),
     ("publish", "publish", "flowloom  runs", "published <p>Flowloom runs</p>"),
     ("checkout", "checkout", "order-1001: 3 x widget", confirmed(1001).decode()),
 ]

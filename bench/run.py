@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,12 @@ class Row:
     timing: Timing
 
     @property
+    def where(self) -> str:
+        if self.workers is None:
+            return self.label
+        return f"{self.label} ({self.workers} worker{'s' if self.workers != 1 else ''})"
+
+    @property
     def label(self) -> str:
         return {
             "embedded": "flowloom embedded",
@@ -81,27 +87,13 @@ class Config:
     redis_url: str
     celery_url: str
     logs: Path
+    interleave: bool
 
     def size(self, workload: str) -> int:
         return int(getattr(self.sizes, workload))
 
 
-# -- running the workloads on one system ---------------------------------------------------
-def measure_all(system: str, workers: int | None, runner: Runner, config: Config) -> list[Row]:
-    rows = []
-    for workload in config.workloads:
-        size = config.size(workload)
-        timing = workloads.measure(
-            workload, size, lambda w=workload, s=size: runner(w, s), config.runs
-        )
-        row = Row(system, workers, timing)
-        median, _, _ = timing.figures()
-        where = f" ({workers} worker{'s' if workers != 1 else ''})" if workers else ""
-        print(f"  {row.label}{where} {workload}: {median:,.4g} {timing.unit}", flush=True)
-        rows.append(row)
-    return rows
-
-
+# -- the systems: each a context manager that yields a Runner -------------------------------
 def flowloom_runner(fs: object, config: Config) -> Runner:
     from flowloom import FlowService
 
@@ -118,16 +110,18 @@ def flowloom_runner(fs: object, config: Config) -> Runner:
     return run
 
 
-def run_embedded(config: Config) -> list[Row]:
+@contextmanager
+def embedded(config: Config) -> Iterator[Runner]:
     from flowloom import FlowService
 
     options = {} if config.threads is None else {"worker_concurrency": config.threads}
     with FlowService(**options) as fs:  # type: ignore[arg-type]
         workloads.register(fs, config.sizes)
-        return measure_all("embedded", None, flowloom_runner(fs, config), config)
+        yield flowloom_runner(fs, config)
 
 
-def run_redis(workers: int, config: Config) -> list[Row]:
+@contextmanager
+def redis_workers(workers: int, config: Config) -> Iterator[Runner]:
     from flowloom import FlowService
 
     flush(config.redis_url)
@@ -142,17 +136,17 @@ def run_redis(workers: int, config: Config) -> list[Row]:
     ]
     if config.threads is not None:
         command += ["--threads", str(config.threads)]
-    commands = [command] * workers
-    with processes(commands, config.logs / f"redis-{workers}", {}):
+    with processes([command] * workers, config.logs / f"redis-{workers}", {}):
         fs = FlowService(redis_url=config.redis_url)
         try:
             workloads.register(fs, config.sizes)
-            return measure_all("redis", workers, flowloom_runner(fs, config), config)
+            yield flowloom_runner(fs, config)
         finally:
             fs.close()
 
 
-def run_celery(workers: int, config: Config) -> list[Row]:
+@contextmanager
+def celery_worker(workers: int, config: Config) -> Iterator[Runner]:
     os.environ["FLOWLOOM_BENCH_CELERY_URL"] = config.celery_url
     from . import celery_peer
 
@@ -183,7 +177,58 @@ def run_celery(workers: int, config: Config) -> list[Row]:
     with processes([command], config.logs / f"celery-{workers}", env):
         if not celery_peer.ping(60.0):
             raise RuntimeError("the Celery worker did not answer within 60 s")
-        return measure_all("celery", workers, run, config)
+        yield run
+
+
+System = tuple[str, int | None]  # ("embedded" | "redis" | "celery", worker processes)
+
+
+def session(system: System, config: Config) -> AbstractContextManager[Runner]:
+    name, workers = system
+    if name == "embedded":
+        return embedded(config)
+    assert workers is not None
+    return redis_workers(workers, config) if name == "redis" else celery_worker(workers, config)
+
+
+# -- measuring -------------------------------------------------------------------------------------
+def measure_group(systems: list[System], config: Config) -> list[Row]:
+    """Measure ``systems``: one after another, or, with ``config.interleave``, all
+    started together and taking turns run by run, so that a change in the machine's
+    load hits all of them alike."""
+    rows: list[Row] = []
+    if not config.interleave:
+        for system in systems:
+            with session(system, config) as runner:
+                for workload in config.workloads:
+                    rows.append(measure_one(system, runner, workload, config))
+        return rows
+    with ExitStack() as stack:
+        runners = [(system, stack.enter_context(session(system, config))) for system in systems]
+        for workload in config.workloads:
+            size = config.size(workload)
+            timings = []
+            for _, runner in runners:
+                runner(workload, size)  # warm-up
+                timings.append(Timing(workload, size))
+            for _ in range(config.runs):
+                for (_, runner), timing in zip(runners, timings, strict=True):
+                    timing.walls.append(runner(workload, size))
+            for (system, _), timing in zip(runners, timings, strict=True):
+                rows.append(report(Row(*system, timing)))
+    return rows
+
+
+def measure_one(system: System, runner: Runner, workload: str, config: Config) -> Row:
+    size = config.size(workload)
+    timing = workloads.measure(workload, size, lambda: runner(workload, size), config.runs)
+    return report(Row(*system, timing))
+
+
+def report(row: Row) -> Row:
+    median, _, _ = row.timing.figures()
+    print(f"  {row.where}  {row.timing.workload}: {median:,.4g} {row.timing.unit}", flush=True)
+    return row
 
 
 # -- processes and Redis ------------------------------------------------------------------------
@@ -284,7 +329,11 @@ def table(rows: list[Row]) -> str:
         "target",
     )
     lines = [header]
-    for row in rows:
+    order = {"embedded": 0, "redis": 1, "celery": 2}
+    for row in sorted(
+        rows,
+        key=lambda r: (WORKLOADS.index(r.timing.workload), r.workers or 0, order[r.system]),
+    ):
         median, worst, best = row.timing.figures()
         ratio = ratio_for(row, rows)
         lines.append(
@@ -312,6 +361,10 @@ def table(rows: list[Row]) -> str:
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _number(value: float) -> str:
@@ -377,6 +430,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--json", type=Path, default=None, help="also write the figures to this file"
     )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="measure one system after another instead of taking turns run by run",
+    )
     args = parser.parse_args(argv)
     if args.runs < 3:
         parser.error("--runs must be at least 3")
@@ -400,38 +458,37 @@ def main(argv: list[str] | None = None) -> int:
         redis_url=args.redis_url,
         celery_url=args.celery_url,
         logs=Path(tempfile.mkdtemp(prefix="flowloom-bench-")),
+        interleave=not args.sequential,
     )
-    systems = ("embedded", "redis", "celery") if args.backend == "all" else (args.backend,)
+    names = ["embedded", "redis", "celery"] if args.backend == "all" else [args.backend]
+    skipped: list[str] = []
+    if "redis" in names and not redis_backend_exists():
+        if args.backend == "redis":
+            raise SystemExit("flowloom.backends.redis does not exist yet")
+        names.remove("redis")
+        skipped.append("redis (flowloom.backends.redis does not exist yet)")
     command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
     sizes = config.sizes
+    mode = "interleaved run by run" if config.interleave else "one system after another"
     print(
         f"{command}\nfanout N={sizes.fanout}, chain N={sizes.chain}, dags M={sizes.dags}; "
-        f"1 warm-up + {config.runs} timed runs each; worker logs in {config.logs}",
+        f"1 warm-up + {config.runs} timed runs each, {mode}; load average {_load()}; "
+        f"worker logs in {config.logs}",
         flush=True,
     )
     rows: list[Row] = []
-    skipped: list[str] = []
-    if "embedded" in systems:
-        rows += run_embedded(config)
-    if "redis" in systems:
-        if redis_backend_exists():
-            for workers in worker_counts:
-                rows += run_redis(workers, config)
-        elif args.backend == "redis":
-            raise SystemExit("flowloom.backends.redis does not exist yet")
-        else:
-            skipped.append("redis (flowloom.backends.redis does not exist yet)")
-    if "celery" in systems:
-        for workers in worker_counts:
-            rows += run_celery(workers, config)
+    for i, workers in enumerate(worker_counts):
+        group: list[System] = [("embedded", None)] if "embedded" in names and i == 0 else []
+        group += [(name, workers) for name in names if name != "embedded"]
+        rows += measure_group(group, config)
     print()
     print(table(rows))
     dags = [r for r in rows if r.timing.workload == "dags"]
     for row in dags:
-        where = "" if row.workers is None else f" ({row.workers} workers)"
-        print(f"dags on {row.label}{where}: {row.timing.requests_per_s():,.0f} requests/s")
+        print(f"dags on {row.where}: {row.timing.requests_per_s():,.0f} requests/s")
     for what in skipped:
         print(f"skipped: {what}")
+    print(f"load average at the end: {_load()}")
     if args.json is not None:
         args.json.write_text(json.dumps(to_json(rows, config, command), indent=2) + "\n")
     return 0

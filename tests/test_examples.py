@@ -500,7 +500,7 @@ def test_cli_reports_a_failed_request() -> None:
 
 # -- core bugs found while writing the examples -------------------------------------------
 # An async handler with a timeout leaked an event loop per attempt (a fresh Caller was never
-# closed); the first test guards the fix. The second is a strict xfail until fixed.
+# closed), and close() dropped the queued hooks of finished requests; these guard the fixes.
 
 
 def test_async_handler_with_a_timeout_closes_its_event_loop(
@@ -521,10 +521,6 @@ def test_async_handler_with_a_timeout_closes_its_event_loop(
     assert [repr(u.exc_value) for u in unraisable] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: close() drops the queued hooks of a request that has already completed",
-)
 def test_close_runs_the_hooks_of_a_completed_request() -> None:
     ran: list[Status] = []
     fs = FlowService(worker_concurrency=1)

@@ -248,6 +248,10 @@ class FlowService:
             worker, self._worker = self._worker, None
         if worker is not None:
             worker.stop()
+            if isinstance(self.backend, MemoryBackend):
+                # hooks of finished requests would die with the process: run them now
+                for task in self.backend.take_hooks():
+                    worker.execute(task)
             self.backend.unregister_worker(worker.name)
         self.backend.close()
 

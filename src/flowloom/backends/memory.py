@@ -217,6 +217,13 @@ class MemoryBackend(Backend):
     def ack(self, task: Task) -> None:
         return None
 
+    def take_hooks(self) -> list[Task]:
+        """Remove and return the queued hooks tasks (to run them before the process ends)."""
+        with self._lock:
+            hooks = [t for t in self._queue if t.step == HOOKS]
+            self._queue = deque(t for t in self._queue if t.step != HOOKS)
+            return hooks
+
     def register_worker(self, name: str, describe: Callable[[], Mapping[str, object]]) -> None:
         with self._lock:
             self._workers[name] = describe

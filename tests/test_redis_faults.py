@@ -420,3 +420,23 @@ def test_workers_of_other_processes_are_listed(fs: FlowService, workers: Workers
         assert time.time() - float(worker["last_seen"]) < 5  # type: ignore[arg-type]
     procs[0].send_signal(signal.SIGKILL)
     assert [w["pid"] for w in live_workers(fs, 1)] == [procs[1].pid]
+
+
+def test_several_worker_processes_from_one_command(fs: FlowService, workers: Workers) -> None:
+    parent = workers.start(processes=2, concurrency=2)
+    first = {w["pid"] for w in live_workers(fs, 2)}
+    assert parent.pid not in first
+    ids = {fs.execute("diamond", f"r{n}"): f"r{n}".encode() for n in range(50)}
+    for request_id, body in ids.items():
+        assert fs.result("diamond", request_id, timeout=30) == b"b:" + body + b"|c:" + body
+    killed = first.pop()
+    os.kill(int(killed), signal.SIGKILL)  # type: ignore[call-overload]
+
+    def replaced() -> bool:
+        pids = {w["pid"] for w in fs.workers()}
+        return len(pids) == 2 and killed not in pids and first <= pids
+
+    eventually(replaced, 20, "a new process replaced the killed one")
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(30) == 0
+    eventually(lambda: fs.workers() == [], 10, "every worker process stopped")

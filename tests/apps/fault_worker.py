@@ -2,8 +2,9 @@
 
 Configured by environment variables (the tests set them):
 ``FLOWLOOM_TEST_REDIS_URL``, ``FLOWLOOM_TEST_PREFIX``, ``FLOWLOOM_TEST_CONCURRENCY``,
-``FLOWLOOM_TEST_VISIBILITY`` (seconds) and ``FLOWLOOM_TEST_VARIANT`` (which definition
-of the flow ``versioned`` to register). Handlers count their runs in Redis under
+``FLOWLOOM_TEST_VISIBILITY`` (seconds), ``FLOWLOOM_TEST_SLEEP`` (seconds each item or
+branch handler sleeps), ``FLOWLOOM_TEST_PROCESSES`` (forked worker processes) and
+``FLOWLOOM_TEST_VARIANT`` (which definition of the flow ``versioned`` to register). Handlers count their runs in Redis under
 ``PREFIX:test:...`` so that the tests can check what ran, and how often.
 """
 
@@ -131,4 +132,10 @@ def service() -> FlowService:
 
 
 if __name__ == "__main__":
-    service().start_worker()
+    processes = int(os.environ.get("FLOWLOOM_TEST_PROCESSES", "1"))
+    if processes == 1:
+        service().start_worker()
+    else:
+        from flowloom.processes import run_worker_processes
+
+        run_worker_processes(service(), processes)

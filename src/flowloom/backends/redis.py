@@ -220,7 +220,7 @@ class RedisBackend(Backend):
         self._group_ready = False
         # the worker side: tasks read but not yet run, and every task this process holds
         self._cond = threading.Condition()
-        self._buffer: deque[Task] = deque()
+        self._buffer: deque[tuple[float, Task]] = deque()  # (read at, task), oldest first
         self._held: dict[str, Task] = {}  # receipt -> task (buffered or running)
         self._consumer: str | None = None
         self._closing = threading.Event()
@@ -421,7 +421,7 @@ class RedisBackend(Backend):
                 self._cond.wait_for(lambda: self._buffer or self._closing.is_set(), timeout)
             if not self._buffer:
                 return None
-            task = self._buffer.popleft()
+            _, task = self._buffer.popleft()
             if len(self._buffer) < self.prefetch:
                 self._cond.notify_all()
             return task
@@ -540,7 +540,8 @@ class RedisBackend(Backend):
             with self._cond:
                 for task in tasks:
                     self._held[task.receipt] = task
-                self._buffer.extend(tasks)
+                now = time.monotonic()
+                self._buffer.extend((now, task) for task in tasks)
                 self._cond.notify_all()
 
     def _release(self, task: Task) -> None:
@@ -632,6 +633,10 @@ class RedisBackend(Backend):
     def _keepalive_loop(self) -> None:
         interval = self.visibility_timeout / 3
         while not self._closing.wait(interval):
+            try:
+                self._hand_back_stale(interval)
+            except Exception:
+                log.exception("flowloom: handing back waiting tasks failed")
             with self._cond:
                 receipts = list(self._held)
             if not receipts:
@@ -643,6 +648,20 @@ class RedisBackend(Backend):
                     log.warning("flowloom: %d task(s) were taken over by other workers", len(lost))
             except Exception:
                 log.exception("flowloom: keeping tasks alive failed")
+
+    def _hand_back_stale(self, patience: float) -> None:
+        """Tasks read ahead that waited ``patience`` seconds for a free thread here go
+        back on the stream, for workers that have threads to spare."""
+        limit = time.monotonic() - patience
+        with self._cond:
+            if not self._buffer or self._buffer[0][0] > limit:
+                return
+            stale = []
+            while self._buffer and self._buffer[0][0] <= limit:
+                stale.append(self._buffer.popleft()[1].receipt)
+            for receipt in stale:
+                self._held.pop(receipt, None)
+        self._run("handback", [self.tasks_key], [GROUP, *stale])
 
     def close(self) -> None:
         """Stop fetching, hand back the tasks this process holds, release connections."""

@@ -1,0 +1,104 @@
+"""Several worker processes on one machine: ``flowloom worker APP --processes K``.
+
+The parent loads the app once, forks ``K`` children that each run
+``FlowService.start_worker()``, restarts a child that dies, and on SIGTERM or SIGINT
+passes SIGTERM on and waits for every child to finish its running tasks. POSIX only
+(it forks); the backend must be shared (``redis_url``): embedded workers in separate
+processes would not see each other's requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from types import FrameType
+from typing import Any
+
+from .errors import FlowloomError
+from .service import FlowService
+
+__all__ = ["run_worker_processes"]
+
+log = logging.getLogger("flowloom.processes")
+
+
+def run_worker_processes(service: FlowService, processes: int, *, restart: bool = True) -> None:
+    """Run ``processes`` worker processes of ``service`` until SIGTERM or SIGINT (blocking).
+
+    Call it before the service has started anything (no worker, no request): the
+    children are forked from this process. A child that exits on its own is started
+    again after a second when ``restart`` is true.
+    """
+    if processes < 1:
+        raise ValueError("processes must be >= 1")
+    if service.embedded:
+        raise FlowloomError("several worker processes need a shared backend: give a redis_url")
+    if processes == 1:
+        service.start_worker()
+        return
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    children: dict[int, int] = {}  # pid -> slot
+    try:
+        for slot in range(processes):
+            children[_fork(service, previous)] = slot
+        _supervise(service, children, stopping, restart, previous)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _fork(service: FlowService, handlers: Mapping[signal.Signals, Any]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        service.start_worker()
+    except BaseException:
+        log.exception("flowloom: worker process failed")
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _supervise(
+    service: FlowService,
+    children: dict[int, int],
+    stopping: threading.Event,
+    restart: bool,
+    handlers: Mapping[signal.Signals, Any],
+) -> None:
+    signalled = False
+    while children:
+        if stopping.is_set() and not signalled:
+            signalled = True
+            for pid in children:
+                _signal(pid, signal.SIGTERM)
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            stopping.wait(0.2)
+            continue
+        slot = children.pop(pid, None)
+        if slot is None or stopping.is_set() or not restart:
+            continue
+        log.warning("flowloom: worker process %d ended (status %d); starting another", pid, status)
+        time.sleep(1.0)
+        if not stopping.is_set():
+            children[_fork(service, handlers)] = slot
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)

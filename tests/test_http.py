@@ -5,12 +5,15 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import httpx
@@ -570,3 +573,99 @@ def test_real_server_serves_and_returns_on_signal(sig: signal.Signals) -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+# -- the curl examples of docs/http.md --------------------------------------------------------
+DOCS = Path(__file__).parent.parent / "docs" / "http.md"
+DOC_SERVERS = {  # the port a docs example uses -> the app and environment it serves
+    "8080": ("examples/myflow.py", {}),
+    "8081": ("examples/checkout.py", {}),
+    "8082": ("examples/myflow.py", {"FLOWLOOM_TOKEN": "s3cret", "FLOWLOOM_HMAC_SECRET": "shared"}),
+}
+VOLATILE = ("/pause", "/resume", "/stop", "order-7/result")  # timing-dependent answers
+
+
+def console_blocks(text: str) -> list[list[tuple[str, list[str]]]]:
+    """Each ```console block as (command, expected output lines) pairs."""
+    blocks = []
+    for block in re.findall(r"```console\n(.*?)```", text, re.S):
+        steps: list[tuple[str, list[str]]] = []
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            elif steps:
+                steps[-1][1].append(line)
+        blocks.append(steps)
+    return blocks
+
+
+def same_output(expected: list[str], actual: list[str]) -> bool:
+    expected = [e for e in expected if not e.startswith("date:")]
+    actual = [a for a in actual if not a.startswith("date:")]
+    if len(expected) != len(actual):
+        return False
+    for want, got in zip(expected, actual, strict=True):
+        if want.startswith("{"):
+            if set(json.loads(want)) != set(json.loads(got)):
+                return False
+        elif want != got:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def doc_servers() -> Iterator[dict[str, str]]:
+    ports: dict[str, str] = {}
+    processes = []
+    try:
+        for doc_port, (app, extra) in DOC_SERVERS.items():
+            port = str(free_port())
+            env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWLOOM_")}
+            process = subprocess.Popen(
+                ["flowloom", "serve", app, "--port", port],
+                cwd=DOCS.parent.parent,
+                env={**env, **extra},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            processes.append(process)
+            wait_until_up(f"http://127.0.0.1:{port}", process)
+            ports[doc_port] = port
+        yield ports
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
+def test_docs_curl_examples_work(doc_servers: dict[str, str]) -> None:
+    blocks = console_blocks(DOCS.read_text())
+    assert sum(len(b) for b in blocks) > 15
+    separator = "@@@ next command @@@"
+    for steps in blocks:
+        steps = [(c, out) for c, out in steps if "flowloom serve" not in c]
+        if not steps:
+            continue
+        script = ""
+        for command, _ in steps:
+            for doc_port, port in doc_servers.items():
+                command = command.replace(f"localhost:{doc_port}", f"127.0.0.1:{port}")
+            script += f"{command}\necho; echo '{separator}'\n"
+        run = subprocess.run(
+            ["bash", "-e", "-c", script], capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 0, (script, run.stderr)
+        outputs = run.stdout.split(separator + "\n")
+        for (command, expected), output in zip(steps, outputs, strict=False):
+            actual = output.replace("\r\n", "\n").rstrip("\n").split("\n")
+            actual = [] if actual == [""] else actual
+            if any(v in command for v in VOLATILE):
+                continue
+            assert same_output(expected, actual), (command, expected, actual)

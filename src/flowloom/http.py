@@ -281,20 +281,31 @@ class _Waiter:
     def _blocking(self) -> bool:
         return self.limiter.available_tokens >= 1
 
-    async def execute(self, name: str, request: Request, timeout: float) -> tuple[str, Status]:
-        """Execute, and wait for the request up to ``timeout``; the id and its status then."""
+    async def execute(
+        self, name: str, request: Request, timeout: float
+    ) -> tuple[str, Status, bytes | None]:
+        """Execute, and wait for the request up to ``timeout``: its id, its status then,
+        and its result if it completed within the first slice (one thread hop for a
+        quick flow: execute, wait and read the result together)."""
         if timeout > 0 and self._blocking():
             first = min(timeout, self.slice)
-            request_id, status = await anyio.to_thread.run_sync(
+            request_id, status, result = await anyio.to_thread.run_sync(
                 self._execute_and_wait, name, request, first, limiter=self.limiter
             )
-            return request_id, await self.wait(request_id, timeout - first, status)
+            if result is not None:
+                return request_id, status, result
+            return request_id, await self.wait(request_id, timeout - first, status), None
         request_id = await anyio.to_thread.run_sync(self.service.execute, name, request)
-        return request_id, await self.wait(request_id, timeout, Status.QUEUED)
+        return request_id, await self.wait(request_id, timeout, Status.QUEUED), None
 
-    def _execute_and_wait(self, name: str, request: Request, timeout: float) -> tuple[str, Status]:
+    def _execute_and_wait(
+        self, name: str, request: Request, timeout: float
+    ) -> tuple[str, Status, bytes | None]:
+        backend = self.service.backend
         request_id = self.service.execute(name, request)
-        return request_id, self.service.backend.wait(request_id, timeout) or Status.QUEUED
+        status = backend.wait(request_id, timeout) or Status.QUEUED
+        result = backend.result(request_id) if status is Status.COMPLETED else None
+        return request_id, status, result
 
     async def wait(
         self, request_id: str, timeout: float | None, status: Status = Status.QUEUED
@@ -360,14 +371,17 @@ class _Api:
             query=query,
             headers={k: v for k, v in headers.items() if k not in PRIVATE_HEADERS},
         )
+        result: bytes | None = None
         if run_async or wait == 0:
             request_id = await _call(self.service.execute, name, flow_request)
             status = Status.QUEUED
         else:
             with _http_errors():
-                request_id, status = await self.waiter.execute(name, flow_request, wait)
+                request_id, status, result = await self.waiter.execute(name, flow_request, wait)
         if callback is not None:
             self._start_callback(name, request_id, callback)
+        if result is not None:
+            return _result(request_id, result)
         if run_async:
             return _accepted(name, request_id, status)
         return await self._answer(name, request_id, status)
@@ -476,11 +490,7 @@ class _Api:
             return _json(body, code=409, request_id=request_id, status=Status.STOPPED)
         except ResultTimeout:
             return _accepted(name, request_id, status)
-        return Response(
-            result,
-            media_type="application/octet-stream",
-            headers=_request_headers(request_id, Status.COMPLETED),
-        )
+        return _result(request_id, result)
 
     def _callback_url(self, value: str | None) -> str | None:
         if value is None:
@@ -655,6 +665,11 @@ def _json(
     if request_id is not None and status is not None:
         extra.update(_request_headers(request_id, status))
     return JSONResponse(body, status_code=code, headers=extra)
+
+
+def _result(request_id: str, result: bytes) -> Response:
+    headers = _request_headers(request_id, Status.COMPLETED)
+    return Response(result, media_type="application/octet-stream", headers=headers)
 
 
 def _accepted(name: str, request_id: str, status: Status) -> Response:

@@ -348,6 +348,11 @@ def test_sigterm_finishes_running_tasks_and_hands_back_the_rest(
     assert first.wait(20) == 0
     assert fs.state("slow", ids[0]).status is Status.COMPLETED  # it finished what it ran
     eventually(lambda: fs.workers() == [], 5, "the stopped worker is unlisted")
+    raw = redis.Redis.from_url(redis_url)
+    try:  # and it left the consumer group, holding nothing
+        assert raw.xinfo_consumers(f"{redis_prefix}:tasks", "workers") == []
+    finally:
+        raw.close()
     # what it had read but not begun went back on the stream: no visibility timeout to wait
     workers.start(concurrency=6, visibility=60)
     started = time.monotonic()

@@ -592,6 +592,7 @@ class RedisBackend(Backend):
                     next_reclaim = now + min(5.0, self.visibility_timeout / 4)
                 if now >= next_sweep:
                     self.sweep()
+                    self._forget_consumers(consumer)
                     next_sweep = now + 30.0
                 want = self._room()
                 if want == 0:
@@ -629,6 +630,13 @@ class RedisBackend(Backend):
         if entries:
             log.warning("flowloom: took over %d stalled task(s)", len(entries))
             self._take(entries)
+
+    def _forget_consumers(self, me: str, idle: float = 3600.0) -> None:
+        """Drop consumers (workers long gone) that hold no task from the group."""
+        for info in self._redis.xinfo_consumers(self.tasks_key, GROUP):
+            name = info["name"].decode()
+            if name != me and info["pending"] == 0 and info["idle"] > idle * 1000:
+                self._redis.xgroup_delconsumer(self.tasks_key, GROUP, name)
 
     def _keepalive_loop(self) -> None:
         interval = self.visibility_timeout / 3
@@ -679,6 +687,8 @@ class RedisBackend(Backend):
         try:
             if receipts:
                 self._run("handback", [self.tasks_key], [GROUP, *receipts])
+            if self._consumer is not None:
+                self._redis.xgroup_delconsumer(self.tasks_key, GROUP, self._consumer)
             for name in list(self._workers):
                 self.unregister_worker(name)
         except redis.RedisError:

@@ -223,6 +223,7 @@ class RedisBackend(Backend):
         self._buffer: deque[tuple[float, Task]] = deque()  # (read at, task), oldest first
         self._held: dict[str, Task] = {}  # receipt -> task (buffered or running)
         self._consumer: str | None = None
+        self._reclaim_from = "0-0"  # where the next XAUTOCLAIM scan of pending tasks starts
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers: dict[str, Callable[[], Mapping[str, object]]] = {}
@@ -623,10 +624,12 @@ class RedisBackend(Backend):
         room = self._room()
         if room == 0:
             return
-        reply = self._redis.xautoclaim(
-            self.tasks_key, GROUP, consumer, int(self.visibility_timeout * 1000), "0-0", count=room
-        )
-        entries = cast(Any, reply)[1]
+        idle_ms = int(self.visibility_timeout * 1000)
+        reply = cast(Any, self._redis.xautoclaim(
+            self.tasks_key, GROUP, consumer, idle_ms, self._reclaim_from, count=room
+        ))  # fmt: skip
+        self._reclaim_from = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        entries = reply[1]
         if entries:
             log.warning("flowloom: took over %d stalled task(s)", len(entries))
             self._take(entries)

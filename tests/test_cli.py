@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from flowloom.cli import main
+from flowloom.cli import load_service, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,3 +155,38 @@ def test_console_script_runs_the_readme_example():
         check=True,
     )
     assert out.stdout == 'you said "hallo"\n'
+
+
+def test_worker_processes_from_the_command_line(tmp_path, redis_url, redis_prefix, monkeypatch):
+    import os
+    import signal
+
+    app = tmp_path / "wapp.py"
+    app.write_text(
+        "import os\nfrom flowloom import FlowService\n"
+        "fs = FlowService(redis_url=os.environ['APP_REDIS'], redis_prefix=os.environ['APP_PREFIX'])\n"
+        "fs.register('pid', lambda wf, ctx: wf.dag.foreach_branch('each', lambda d: {str(i): d for i in range(40)},"
+        " aggregator=lambda r: ','.join(sorted(set(v.decode() for v in r.values())))).node('n', lambda d, o: str(os.getpid())))\n"
+    )
+    env = {**os.environ, "APP_REDIS": redis_url, "APP_PREFIX": redis_prefix}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowloom.cli", "worker", str(app), "--processes", "2", "-c", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        monkeypatch.setenv("APP_REDIS", redis_url)
+        monkeypatch.setenv("APP_PREFIX", redis_prefix)
+        with load_service(str(app)) as client:  # the same definitions as the workers'
+            deadline = time.monotonic() + 30
+            while len(client.workers()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(client.workers()) == 2
+            pids = client.run("pid", b"", timeout=30).decode().split(",")
+            assert len(pids) >= 1
+            assert all(int(p) != proc.pid for p in pids)  # the items ran in the forked children
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out.decode()

@@ -14,6 +14,7 @@ import click
 
 from .errors import FlowloomError
 from .graph import to_dot, to_mermaid
+from .processes import run_worker_processes
 from .service import FlowService
 from .types import Request
 
@@ -102,6 +103,9 @@ def _configured(
         redis_url=redis_url or service.redis_url,
         worker_concurrency=concurrency or service.worker_concurrency,
         retention=service.retention,
+        redis_prefix=service.redis_prefix,
+        token=service.token,
+        hmac_secret=service.hmac_secret,
     )
     for name, define in service.registry.definitions.items():
         _register(fresh, name, define)
@@ -236,11 +240,25 @@ def serve(
 @main.command()
 @click.argument("app")
 @click.option("--concurrency", "-c", type=int, default=None, help="Tasks run at once per process.")
+@click.option(
+    "--processes",
+    "-p",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes to fork (needs Redis); each runs --concurrency tasks.",
+)
 @click.option("--redis-url", default=None, help="Use this Redis instead of the app's backend.")
-def worker(app: str, concurrency: int | None, redis_url: str | None) -> None:
+def worker(app: str, concurrency: int | None, processes: int, redis_url: str | None) -> None:
     """Run a worker for APP's flows until SIGINT/SIGTERM."""
     service = _configured(app, redis_url, concurrency, None, None)
-    service.start_worker()
+    if processes == 1:
+        service.start_worker()
+        return
+    try:
+        run_worker_processes(service, processes)
+    except FlowloomError as exc:
+        raise AppError(str(exc)) from exc
 
 
 if __name__ == "__main__":

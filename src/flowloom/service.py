@@ -57,6 +57,7 @@ class FlowService:
         *,
         host: str = "127.0.0.1",
         retention: float = 86400.0,
+        redis_prefix: str = "flowloom",
         backend: Backend | None = None,
         token: str | None = None,
         hmac_secret: str | None = None,
@@ -68,6 +69,7 @@ class FlowService:
         self.worker_concurrency = worker_concurrency
         self.enable_monitoring = enable_monitoring
         self.retention = retention
+        self.redis_prefix = redis_prefix
         self.token = token  # HTTP bearer token (else FLOWLOOM_TOKEN); see docs/http.md
         self.hmac_secret = hmac_secret  # HTTP X-Hub-Signature secret (else FLOWLOOM_HMAC_SECRET)
         self.registry = Registry()
@@ -80,10 +82,9 @@ class FlowService:
     def _make_backend(self) -> Backend:
         if self.redis_url is None:
             return MemoryBackend(retention=self.retention)
-        from .backends.redis import RedisBackend  # type: ignore[import-not-found,unused-ignore]
+        from .backends.redis import RedisBackend
 
-        backend: Backend = RedisBackend(self.redis_url, retention=self.retention)
-        return backend
+        return RedisBackend(self.redis_url, prefix=self.redis_prefix, retention=self.retention)
 
     # -- flows -----------------------------------------------------------------------------
     def register(self, name: str, define_workflow: DefineWorkflow) -> None:

@@ -25,7 +25,7 @@ from flowloom import (
     Status,
     engine,
 )
-from flowloom.backends import HOOKS, Backend, RequestRecord, Task
+from flowloom.backends import HOOKS, Backend, RequestRecord, Summary, Task
 from flowloom.plan import Plan
 from flowloom.registry import Registry
 from flowloom.types import ErrorInfo
@@ -577,3 +577,23 @@ def test_workers_are_listed(service: FlowService) -> None:
     assert worker["concurrency"] == 4
     assert "listed" in worker["flows"]
     assert {"name", "host", "pid", "last_seen"} <= set(worker)
+
+
+def test_summary_gives_flow_status_result_and_error(backend: Backend) -> None:
+    assert backend.summary("r1") is None
+    plan = plan_of(linear)
+    submit(backend, plan)
+    assert backend.summary("r1") == Summary("flow", Status.QUEUED, None, None)
+    run(backend, plan, claim(backend), b"A")
+    running = backend.summary("r1")
+    assert running is not None
+    assert (running.status, running.result) == (Status.RUNNING, None)
+    run(backend, plan, claim(backend), b"B")
+    assert backend.summary("r1") == Summary("flow", Status.COMPLETED, b"B", None)
+
+    submit(backend, plan, request_id="r2")
+    task = claim(backend)
+    assert begin(backend, plan, task)
+    error = ErrorInfo("a", "KeyError", "'x'")
+    backend.fail(task, "a", error)
+    assert backend.summary("r2") == Summary("flow", Status.FAILED, None, error)

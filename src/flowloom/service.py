@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any
 
 from . import engine
-from .backends import Backend, MemoryBackend, RequestRecord
+from .backends import Backend, MemoryBackend, RequestRecord, Summary
 from .errors import (
     FlowloomError,
     InvalidRequest,
@@ -135,18 +135,23 @@ class FlowService:
     def result(self, name: str, request_id: str, timeout: float | None = None) -> bytes:
         """Wait for the request's result; raises ``RequestFailed``, ``RequestStopped`` or
         ``ResultTimeout`` if it does not complete (``timeout=None`` waits for ever)."""
-        self.state(name, request_id)
-        status = self.backend.wait(request_id, timeout)
-        if status is Status.COMPLETED:
-            return self.backend.result(request_id) or b""
-        if status is Status.FAILED:
-            state = self.backend.state(request_id)
-            raise RequestFailed(request_id, state.error if state else None)
-        if status is Status.STOPPED:
+        summary = self._summary(name, request_id)
+        if not summary.status.finished:
+            self.backend.wait(request_id, timeout)
+            summary = self._summary(name, request_id)
+        if summary.status is Status.COMPLETED:
+            return summary.result or b""
+        if summary.status is Status.FAILED:
+            raise RequestFailed(request_id, summary.error)
+        if summary.status is Status.STOPPED:
             raise RequestStopped(request_id)
-        if status is None:
-            raise RequestNotFound(f"request {request_id!r} has expired")
         raise ResultTimeout(request_id, timeout if timeout is not None else 0.0)
+
+    def _summary(self, name: str, request_id: str) -> Summary:
+        summary = self.backend.summary(request_id)
+        if summary is None or summary.flow != name:
+            raise RequestNotFound(f"no request {request_id!r} of flow {name!r}")
+        return summary
 
     def run(
         self, name: str, request: Request | bytes | str | None = None, timeout: float | None = None
@@ -156,16 +161,16 @@ class FlowService:
 
     def pause(self, name: str, request_id: str) -> Status:
         """Hold the request once its running tasks finish; ``resume`` continues it."""
-        self.state(name, request_id)
+        self._summary(name, request_id)
         return self.backend.control(request_id, Status.PAUSED)
 
     def resume(self, name: str, request_id: str) -> Status:
-        self.state(name, request_id)
+        self._summary(name, request_id)
         return self.backend.control(request_id, Status.RUNNING)
 
     def stop(self, name: str, request_id: str) -> Status:
         """End the request: nothing more of it runs; its state records ``stopped``."""
-        self.state(name, request_id)
+        self._summary(name, request_id)
         return self.backend.control(request_id, Status.STOPPED)
 
     def requests(

@@ -1,6 +1,6 @@
 """Backends: where tasks queue and request state lives."""
 
-from .base import HOOKS, Backend, RequestRecord, Task
+from .base import HOOKS, Backend, RequestRecord, Summary, Task
 from .memory import MemoryBackend
 
-__all__ = ["HOOKS", "Backend", "MemoryBackend", "RequestRecord", "Task"]
+__all__ = ["HOOKS", "Backend", "MemoryBackend", "RequestRecord", "Summary", "Task"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ..engine import Transition
 from ..types import ErrorInfo, RequestState, Status
 
-__all__ = ["HOOKS", "Backend", "RequestRecord", "Task"]
+__all__ = ["HOOKS", "Backend", "RequestRecord", "Summary", "Task"]
 
 HOOKS = "!hooks"  # the step id of the task that runs a flow's on_failure/finally hooks
 
@@ -47,6 +47,16 @@ class RequestRecord:
     has_hooks: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What a caller waiting for a request needs: whose it is, where it stands, its end."""
+
+    flow: str
+    status: Status
+    result: bytes | None = None
+    error: ErrorInfo | None = None
+
+
 class Backend(abc.ABC):
     """Queue plus state. Every method is thread-safe and blocking."""
 
@@ -60,6 +70,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def record(self, request_id: str) -> RequestRecord | None: ...
+
+    def summary(self, request_id: str) -> Summary | None:
+        """Flow, status, result and error of a request, without its vertices."""
+        state = self.state(request_id)
+        if state is None:
+            return None
+        return Summary(state.flow, state.status, self.result(request_id), state.error)
 
     @abc.abstractmethod
     def result(self, request_id: str) -> bytes | None:

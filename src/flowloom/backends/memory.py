@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from ..engine import Transition
 from ..errors import DuplicateRequest, NotRunning, RequestNotFound
 from ..types import ErrorInfo, RequestState, Status, VertexState
-from .base import HOOKS, Backend, RequestRecord, Task
+from .base import HOOKS, Backend, RequestRecord, Summary, Task
 
 __all__ = ["MemoryBackend"]
 
@@ -83,6 +83,11 @@ class MemoryBackend(Backend):
         with self._lock:
             request = self._requests.get(request_id)
             return None if request is None else request.record
+
+    def summary(self, request_id: str) -> Summary | None:
+        with self._lock:
+            r = self._requests.get(request_id)
+            return None if r is None else Summary(r.record.flow, r.status, r.result, r.error)
 
     def result(self, request_id: str) -> bytes | None:
         with self._lock:

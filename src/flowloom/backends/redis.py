@@ -66,7 +66,7 @@ from redis.retry import Retry
 from ..engine import Delivery, Transition
 from ..errors import DuplicateRequest, NotRunning, RequestNotFound
 from ..types import ErrorInfo, RequestState, Status, VertexState
-from .base import Backend, RequestRecord, Task
+from .base import Backend, RequestRecord, Summary, Task
 
 __all__ = ["RedisBackend"]
 
@@ -315,6 +315,18 @@ class RedisBackend(Backend):
             headers=json.loads(headers or b"{}"),
             created=float(created or 0.0),
             has_hooks=hooks == b"1",
+        )
+
+    def summary(self, request_id: str) -> Summary | None:
+        flow, status, result, error = cast(
+            list[bytes | None],
+            self._redis.hmget(self._keys(request_id)[0], "flow", "status", "result", "error"),
+        )
+        if flow is None or status is None:
+            return None
+        done = Status(status.decode())
+        return Summary(
+            flow.decode(), done, result if done is Status.COMPLETED else None, _error_from(error)
         )
 
     def result(self, request_id: str) -> bytes | None:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import workloads
@@ -52,6 +52,8 @@ TARGETS = {
     "embedded": {"fanout": 20.0, "chain": 1 / 16, "dags": 20.0},
     "redis": {"fanout": 5.0, "chain": 1 / 5, "dags": 5.0},
 }
+
+STALL_RETRIES = 5  # runs in a row Celery's get() may stall before giving up
 
 Runner = Callable[[str, int], float]  # (workload, size) -> wall seconds of one checked run
 
@@ -88,6 +90,7 @@ class Config:
     celery_url: str
     logs: Path
     interleave: bool
+    stalls: list[str] = field(default_factory=list)
 
     def size(self, workload: str) -> int:
         return int(getattr(self.sizes, workload))
@@ -172,7 +175,14 @@ def celery_worker(workers: int, config: Config) -> Iterator[Runner]:
     }
 
     def run(workload: str, size: int) -> float:
-        return functions[workload](size, config.timeout)
+        for _ in range(STALL_RETRIES):
+            try:
+                return functions[workload](size, config.timeout)
+            except celery_peer.Stalled as exc:
+                config.stalls.append(f"celery {workers} worker(s) {workload}: {exc}")
+                print(f"  celery: {exc}; run discarded and repeated", flush=True)
+                celery_peer.release()
+        raise RuntimeError(f"Celery's get() stalled {STALL_RETRIES} times in a row")
 
     with processes([command], config.logs / f"celery-{workers}", env):
         if not celery_peer.ping(60.0):
@@ -378,6 +388,7 @@ def to_json(rows: list[Row], config: Config, command: str) -> dict[str, object]:
         "command": command,
         "sizes": {w: config.size(w) for w in WORKLOADS},
         "runs": config.runs,
+        "celery_stalls": config.stalls,
         "rows": [
             {
                 "system": row.system,
@@ -486,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     dags = [r for r in rows if r.timing.workload == "dags"]
     for row in dags:
         print(f"dags on {row.where}: {row.timing.requests_per_s():,.0f} requests/s")
+    if config.stalls:
+        print(
+            f"Celery's AsyncResult.get() missed a finished result {len(config.stalls)} time(s): "
+            "those runs were discarded and repeated (see bench/celery_peer.py, Stalled)"
+        )
     for what in skipped:
         print(f"skipped: {what}")
     print(f"load average at the end: {_load()}")

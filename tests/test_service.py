@@ -273,3 +273,20 @@ def test_close_is_idempotent_and_context_manager_closes():
 
     with pytest.raises(FlowloomError, match="closed"):
         fs.execute("flow", b"")
+
+
+def test_kept_finished_requests_are_capped_oldest_first():
+    from flowloom.backends import MemoryBackend
+
+    with FlowService(backend=MemoryBackend(max_finished=3)) as fs:
+        fs.register("flow", lambda wf, ctx: wf.dag.node("n", lambda d, o: d))
+        ids = [fs.execute("flow", b"%d" % i) for i in range(5)]
+        for rid in ids:
+            fs.result("flow", rid, timeout=10)
+        fs.execute("flow", b"")  # the cap is applied as requests come in
+        kept = {s.request_id for s in fs.requests("flow")}
+        assert set(ids[2:]) <= kept
+        for rid in ids[:2]:
+            with pytest.raises(RequestNotFound):
+                fs.state("flow", rid)
+        assert fs.state("flow", ids[4]).vertices["n"].status is Status.COMPLETED

@@ -18,7 +18,7 @@ from .base import HOOKS, Backend, RequestRecord, Summary, Task
 __all__ = ["MemoryBackend"]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Vertex:
     status: Status = Status.QUEUED
     started: float | None = None
@@ -27,37 +27,75 @@ class _Vertex:
     error: ErrorInfo | None = None
 
 
-@dataclass
-class _Request:
-    record: RequestRecord
-    status: Status = Status.QUEUED
-    ended: float | None = None
-    result: bytes | None = None
-    error: ErrorInfo | None = None
+@dataclass(slots=True)
+class _Run:
+    """What a request needs only while it runs."""
+
     vertices: dict[str, _Vertex] = field(default_factory=dict)
     slots: dict[str, dict[str, bytes | None]] = field(default_factory=dict)
     needed: dict[str, int] = field(default_factory=dict)
     fired: set[str] = field(default_factory=set)
     done: set[str] = field(default_factory=set)
     held: list[Task] = field(default_factory=list)
+
+
+# A finished vertex: (address, status, started, ended, attempts, (vertex, type, message) | None).
+# Tuples of plain values are not tracked by the garbage collector, so thousands of kept
+# requests do not make every full collection longer.
+_Frozen = tuple[str, str, float | None, float | None, int, tuple[str, str, str] | None]
+
+
+@dataclass(slots=True)
+class _Request:
+    record: RequestRecord
+    status: Status = Status.QUEUED
+    ended: float | None = None
+    result: bytes | None = None
+    error: ErrorInfo | None = None
     context: dict[str, bytes] = field(default_factory=dict)
-    finished: threading.Event = field(default_factory=threading.Event)
+    run: _Run | None = field(default_factory=_Run)
+    frozen: tuple[_Frozen, ...] = ()
 
     def vertex(self, address: str) -> _Vertex:
-        vertex = self.vertices.get(address)
+        assert self.run is not None
+        vertex = self.run.vertices.get(address)
         if vertex is None:
-            vertex = self.vertices[address] = _Vertex()
+            vertex = self.run.vertices[address] = _Vertex()
         return vertex
+
+    def freeze(self) -> None:
+        if self.run is None:
+            return
+        self.frozen = tuple(
+            (a, v.status.value, v.started, v.ended, v.attempts,
+             (v.error.vertex, v.error.type, v.error.message) if v.error else None)
+            for a, v in self.run.vertices.items()
+        )  # fmt: skip
+        self.run = None
+
+    def vertex_states(self) -> dict[str, VertexState]:
+        if self.run is not None:
+            return {
+                a: VertexState(a, v.status, v.started, v.ended, v.attempts, v.error)
+                for a, v in self.run.vertices.items()
+            }
+        return {
+            a: VertexState(a, Status(s), b, e, n, ErrorInfo(*x) if x else None)
+            for a, s, b, e, n, x in self.frozen
+        }
 
 
 class MemoryBackend(Backend):
-    """Everything in dictionaries; finished requests are dropped ``retention`` seconds
-    after they end."""
+    """Everything in dictionaries. Finished requests are dropped ``retention`` seconds
+    after they end, or sooner, oldest first, when more than ``max_finished`` are kept
+    (the process's memory is the limit here, not a database's)."""
 
-    def __init__(self, retention: float = 86400.0) -> None:
+    def __init__(self, retention: float = 86400.0, max_finished: int = 100_000) -> None:
         self.retention = retention
+        self.max_finished = max_finished
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
+        self._ended = threading.Condition(self._lock)
         self._queue: deque[Task] = deque()
         self._delayed: list[tuple[float, int, Task]] = []
         self._seq = itertools.count()
@@ -95,12 +133,12 @@ class MemoryBackend(Backend):
             return None if request is None else request.result
 
     def wait(self, request_id: str, timeout: float | None) -> Status | None:
-        with self._lock:
+        with self._ended:
             request = self._requests.get(request_id)
-        if request is None:
-            return None
-        request.finished.wait(timeout)
-        return request.status
+            if request is None:
+                return None
+            self._ended.wait_for(lambda: request.status.finished, timeout)
+            return request.status
 
     def control(self, request_id: str, action: Status) -> Status:
         with self._lock:
@@ -109,13 +147,14 @@ class MemoryBackend(Backend):
                 raise RequestNotFound(f"no request {request_id!r}")
             if request.status.finished:
                 raise NotRunning(f"request {request_id!r} has ended: {request.status.value}")
+            assert request.run is not None
             if action is Status.PAUSED:
                 request.status = Status.PAUSED
             elif action is Status.RUNNING:
                 if request.status is Status.PAUSED:
                     request.status = Status.RUNNING
-                    self._queue.extend(request.held)
-                    request.held.clear()
+                    self._queue.extend(request.run.held)
+                    request.run.held.clear()
                     self._ready.notify_all()
             elif action is Status.STOPPED:
                 self._finish(request, Status.STOPPED)
@@ -167,10 +206,10 @@ class MemoryBackend(Backend):
     def begin(self, task: Task, instance: str, address: str) -> bool:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None or request.status.finished or instance in request.done:
+            if request is None or request.run is None or instance in request.run.done:
                 return False
             if request.status is Status.PAUSED:
-                request.held.append(task)
+                request.run.held.append(task)
                 return False
             request.status = Status.RUNNING
             vertex = request.vertex(address)
@@ -185,9 +224,9 @@ class MemoryBackend(Backend):
     ) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None or request.status.finished or instance in request.done:
+            if request is None or request.run is None or instance in request.run.done:
                 return
-            request.done.add(instance)
+            request.run.done.add(instance)
             if output is not None:
                 vertex = request.vertex(address)
                 vertex.status = Status.COMPLETED
@@ -250,27 +289,28 @@ class MemoryBackend(Backend):
         return request
 
     def _apply(self, request: _Request, transition: Transition) -> None:
-        record = request.record
+        record, run = request.record, request.run
+        assert run is not None
         for d in transition.deliveries:
-            if d.instance in request.fired:
+            if d.instance in run.fired:
                 continue
-            slots = request.slots.get(d.instance)
+            slots = run.slots.get(d.instance)
             if slots is None:
-                slots = request.slots[d.instance] = {}
+                slots = run.slots[d.instance] = {}
             elif d.slot in slots:
                 continue
             slots[d.slot] = d.data
-            needed = d.needed if d.needed >= 0 else request.needed.get(d.instance, -1)
+            needed = d.needed if d.needed >= 0 else run.needed.get(d.instance, -1)
             if needed < 0 or len(slots) < needed:
                 if d.needed >= 0:
-                    request.needed[d.instance] = needed
+                    run.needed[d.instance] = needed
             else:
-                request.fired.add(d.instance)
-                del request.slots[d.instance]
-                request.needed.pop(d.instance, None)
+                run.fired.add(d.instance)
+                del run.slots[d.instance]
+                run.needed.pop(d.instance, None)
                 task = Task(record.request_id, record.flow, record.version, d.step, d.keys, slots)
                 if request.status is Status.PAUSED:
-                    request.held.append(task)
+                    run.held.append(task)
                 else:
                     self._queue.append(task)
                     self._ready.notify()
@@ -284,9 +324,7 @@ class MemoryBackend(Backend):
     ) -> None:
         request.status, request.result, request.error = status, result, error
         request.ended = time.time()
-        request.slots.clear()
-        request.needed.clear()
-        request.held.clear()
+        request.freeze()
         self._expiry.append((time.monotonic() + self.retention, request.record.request_id))
         record = request.record
         if record.has_hooks:
@@ -300,12 +338,13 @@ class MemoryBackend(Backend):
             )
             self._queue.append(hooks)
             self._ready.notify()
-        request.finished.set()
+        self._ended.notify_all()
 
     def _expire(self) -> None:
         now = time.monotonic()
-        while self._expiry and self._expiry[0][0] <= now:
-            self._requests.pop(self._expiry.popleft()[1], None)
+        expiry = self._expiry
+        while expiry and (expiry[0][0] <= now or len(expiry) > self.max_finished):
+            self._requests.pop(expiry.popleft()[1], None)
 
     @staticmethod
     def _snapshot(request: _Request) -> RequestState:
@@ -316,8 +355,5 @@ class MemoryBackend(Backend):
             created=request.record.created,
             ended=request.ended,
             error=request.error,
-            vertices={
-                address: VertexState(address, v.status, v.started, v.ended, v.attempts, v.error)
-                for address, v in request.vertices.items()
-            },
+            vertices=request.vertex_states(),
         )

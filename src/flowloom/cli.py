@@ -9,6 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 from types import ModuleType
+from typing import IO
 
 import click
 
@@ -141,7 +142,7 @@ def run(
     app: str,
     flow: str,
     data: str,
-    data_file: click.utils.LazyFile | None,
+    data_file: IO[bytes] | None,
     query: tuple[str, ...],
     timeout: float,
     timings: bool,

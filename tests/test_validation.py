@@ -233,3 +233,42 @@ def test_rejected_registration_keeps_the_previous_definition():
         with pytest.raises(DefinitionError):
             fs.register("flow", lambda wf, ctx: None)
         assert fs.run("flow", b"", timeout=5) == b"v1"
+
+
+@pytest.mark.parametrize(
+    ("build", "vertex", "words"),
+    [
+        (lambda d: d.node("a", lambda data: data), "a", "must accept (data, options)"),
+        (lambda d: d.node("a", lambda d, o: d, aggregator=lambda: b""), "a", "aggregator"),
+        (lambda d: d.node("a", lambda d, o: d, on_failure=lambda e: b""), "a", "(error, data)"),
+        (lambda d: d.edge("a", "b", forwarder=lambda d, o: d), "b", "forwarder"),
+        (lambda d: d.conditional_branch("c", ["k"], lambda: ["k"]), "c", "condition"),
+        (lambda d: d.foreach_branch("f", lambda a, b: {}), "f", "foreach"),
+        (lambda d: d.subdag("s", lambda x: Dag()), "s", "sub-DAG"),
+    ],
+)
+def test_callables_with_the_wrong_arguments_are_rejected_at_definition(build, vertex, words):
+    with pytest.raises(DefinitionError) as info:
+        build(Dag())
+    assert info.value.vertex == vertex
+    assert words in str(info.value)
+
+
+def test_callables_that_accept_more_are_fine():
+    class Handler:
+        def __call__(self, data, options, extra=None):
+            return data
+
+    dag = Dag()
+    dag.node("a", Handler(), lambda *args: args[0], print)
+    dag.node("b", lambda d, o, **kw: d)
+    dag.edge("a", "b", forwarder=lambda d, *rest: d)
+
+
+def test_hooks_with_the_wrong_arguments():
+    def define(wf, ctx):
+        wf.dag.node("a", ok)
+        wf.on_failure(lambda: None)
+
+    with pytest.raises(DefinitionError, match="on_failure hook"):
+        register(define)

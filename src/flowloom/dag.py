@@ -6,6 +6,7 @@ and turns it into the immutable plan the engine runs.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,9 +39,20 @@ def check_name(name: object, what: str) -> str:
     return name
 
 
-def _check_callable(fn: object, what: str, vertex: str) -> None:
+def _check_callable(fn: object, what: str, vertex: str, params: tuple[str, ...] = ()) -> None:
+    """``fn`` must be callable with the positional arguments ``params``, if it says."""
     if not callable(fn):
         raise DefinitionError(f"{what} must be callable, got {type(fn).__name__}", vertex)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins do not tell
+        return
+    try:
+        signature.bind(*params)
+    except TypeError as exc:
+        raise DefinitionError(
+            f"{what} {callable_name(fn)!r} must accept ({', '.join(params)}): {exc}", vertex
+        ) from None
 
 
 def callable_name(fn: object) -> str:
@@ -135,11 +147,11 @@ class Dag:
         if not handlers:
             raise DefinitionError("a node needs at least one handler", name)
         for handler in handlers:
-            _check_callable(handler, "handler", name)
+            _check_callable(handler, "handler", name, ("data", "options"))
         if aggregator is not None:
-            _check_callable(aggregator, "aggregator", name)
+            _check_callable(aggregator, "aggregator", name, ("responses",))
         if on_failure is not None:
-            _check_callable(on_failure, "on_failure", name)
+            _check_callable(on_failure, "on_failure", name, ("error", "data"))
         if not isinstance(retries, int) or retries < 0:
             raise DefinitionError(f"retries must be an int >= 0, got {retries!r}", name)
         if not isinstance(backoff, int | float) or backoff < 0:
@@ -172,7 +184,7 @@ class Dag:
                 target,
             )
         if forwarder is not None:
-            _check_callable(forwarder, "forwarder", target)
+            _check_callable(forwarder, "forwarder", target, ("data",))
         if any(e.source == source and e.target == target for e in self.edges):
             raise DefinitionError(f"duplicate edge {source!r} -> {target!r}", target)
         self.edges.append(EdgeSpec(source, target, ordering_only, forwarder))
@@ -185,7 +197,7 @@ class Dag:
         output of the sub-DAG's last vertex.
         """
         if not isinstance(dag, Dag):
-            _check_callable(dag, "sub-DAG", name)
+            _check_callable(dag, "sub-DAG", name, ())
         self._add(SubDagSpec(name, dag))
         return self
 
@@ -202,9 +214,9 @@ class Dag:
         on unchanged; picking one passes that branch's output on; picking several needs
         ``aggregator(outputs_by_key)``.
         """
-        _check_callable(condition, "condition", name)
+        _check_callable(condition, "condition", name, ("data",))
         if aggregator is not None:
-            _check_callable(aggregator, "aggregator", name)
+            _check_callable(aggregator, "aggregator", name, ("responses",))
         if isinstance(conditions, str) or not conditions:
             raise DefinitionError("a conditional branch needs a non-empty list of keys", name)
         branches: dict[str, Dag] = {}
@@ -225,9 +237,9 @@ class Dag:
         its own addresses (``name[key]/...``). ``aggregator(outputs_by_key)`` merges their
         outputs; without one the vertex passes its input on unchanged.
         """
-        _check_callable(foreach, "foreach", name)
+        _check_callable(foreach, "foreach", name, ("data",))
         if aggregator is not None:
-            _check_callable(aggregator, "aggregator", name)
+            _check_callable(aggregator, "aggregator", name, ("responses",))
         branch = Dag()
         self._add(ForEachSpec(name, foreach, branch, aggregator))
         return branch
@@ -310,13 +322,13 @@ class Workflow:
 
     def on_failure(self, hook: FailureHook) -> FailureHook:
         """Call ``hook(error: ErrorInfo)`` when a request of this flow fails."""
-        _check_callable(hook, "on_failure hook", self.name)
+        _check_callable(hook, "on_failure hook", self.name, ("error",))
         self.failure_hooks.append(hook)
         return hook
 
     def finally_(self, hook: FinallyHook) -> FinallyHook:
         """Call ``hook(status: Status)`` when a request ends: completed, failed or stopped."""
-        _check_callable(hook, "finally hook", self.name)
+        _check_callable(hook, "finally hook", self.name, ("status",))
         self.finally_hooks.append(hook)
         return hook
 

@@ -43,7 +43,7 @@ class DefinitionError(FlowloomError):
     """A workflow definition is invalid; ``vertex`` names the offending vertex."""
 
     def __init__(self, message: str, vertex: str | None = None) -> None:
-        named = vertex is None or repr(vertex) in message or message.startswith(vertex + " ")
+        named = vertex is None or message.startswith(vertex + " ")
         super().__init__(message if named else f"vertex {vertex!r}: {message}")
         self.vertex = vertex
 

@@ -666,7 +666,9 @@ class RedisBackend(Backend):
                 continue
             try:
                 mine = self._run("keepalive", [self.tasks_key], [GROUP, self._consumer, *receipts])
-                lost = set(receipts) - {r.decode() for r in mine}
+                kept = {r.decode() for r in mine}
+                with self._cond:  # a task acked meanwhile is done, not lost
+                    lost = [r for r in receipts if r not in kept and r in self._held]
                 if lost:
                     log.warning("flowloom: %d task(s) were taken over by other workers", len(lost))
             except Exception:

@@ -44,8 +44,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import openapi
-from .dag import NAME
+from . import httpinput, openapi
 from .errors import (
     DuplicateRequest,
     FlowNotFound,
@@ -56,7 +55,6 @@ from .errors import (
     RequestStopped,
     ResultTimeout,
 )
-from .service import REQUEST_ID
 from .types import Request, RequestState, Status
 
 if TYPE_CHECKING:
@@ -77,13 +75,6 @@ PUBLIC_PATHS = frozenset({"/health"})
 PRIVATE_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "x-hub-signature", "x-hub-signature-256"}
 )
-
-
-class _BadInput(Exception):
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.headers = dict(headers or {})
 
 
 @dataclass(frozen=True)
@@ -161,7 +152,7 @@ def create_app(
         routes=routes,
         middleware=middleware,
         exception_handlers={
-            _BadInput: _bad_input,
+            httpinput.BadInput: _bad_input,
             HTTPException: _http_exception,
             Exception: _server_error,
         },
@@ -355,16 +346,16 @@ class _Api:
 
     # -- endpoints -------------------------------------------------------------------------
     async def execute(self, request: HTTPRequest) -> Response:
-        name = _flow_name(request)
+        name = httpinput.flow_name(request)
         headers = request.headers
-        request_id = _optional_request_id(headers.get("x-request-id"))
-        run_async = _flag(headers.get("x-async"), "X-Async")
-        wait = _seconds(headers.get("x-wait"), "X-Wait", self.settings.wait_timeout)
+        request_id = httpinput.optional_request_id(headers.get("x-request-id"))
+        run_async = httpinput.flag(headers.get("x-async"), "X-Async")
+        wait = httpinput.seconds(headers.get("x-wait"), "X-Wait", self.settings.wait_timeout)
         callback = self._callback_url(headers.get("x-callback-url"))
-        query = _query(request.scope.get("query_string", b""))
-        body = await _read_body(request, self.settings.max_body)
+        query = httpinput.query_options(request.scope.get("query_string", b""))
+        body = await httpinput.read_body(request, self.settings.max_body)
         if self.settings.hmac_secret is not None:
-            _check_signature(headers, body, self.settings.hmac_secret)
+            httpinput.check_signature(headers, body, self.settings.hmac_secret)
         flow_request = Request(
             body=body,
             request_id=request_id,
@@ -387,15 +378,17 @@ class _Api:
         return await self._answer(name, request_id, status)
 
     async def result(self, request: HTTPRequest) -> Response:
-        name, request_id = _flow_name(request), _request_id(request)
-        wait = _seconds(request.headers.get("x-wait"), "X-Wait", self.settings.wait_timeout, 0)
+        name, request_id = httpinput.flow_name(request), httpinput.request_id(request)
+        wait = httpinput.seconds(
+            request.headers.get("x-wait"), "X-Wait", self.settings.wait_timeout, 0
+        )
         state = await _call(self.service.state, name, request_id)
         with _http_errors():
             status = await self.waiter.wait(request_id, wait, state.status)
         return await self._answer(name, request_id, status)
 
     async def state(self, request: HTTPRequest) -> Response:
-        name, request_id = _flow_name(request), _request_id(request)
+        name, request_id = httpinput.flow_name(request), httpinput.request_id(request)
         state = await _call(self.service.state, name, request_id)
         return _json(state.to_json(), request_id=request_id, status=state.status)
 
@@ -409,14 +402,16 @@ class _Api:
         return await self._control(request, self.service.stop)
 
     async def requests(self, request: HTTPRequest) -> Response:
-        name = _flow_name(request)
+        name = httpinput.flow_name(request)
         params = request.query_params
         unknown = set(params) - {"status", "offset", "limit"}
         if unknown:
-            raise _BadInput(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}")
-        status = _status(params.get("status"))
-        offset = _integer(params.get("offset"), "offset", 0, 0, 10**9)
-        limit = _integer(params.get("limit"), "limit", 50, 1, MAX_LIMIT)
+            raise httpinput.BadInput(
+                400, f"unknown query parameter(s): {', '.join(sorted(unknown))}"
+            )
+        status = httpinput.status_filter(params.get("status"))
+        offset = httpinput.integer(params.get("offset"), "offset", 0, 0, 10**9)
+        limit = httpinput.integer(params.get("limit"), "limit", 50, 1, MAX_LIMIT)
         await _call(self.service.definition, name)
         found = await _call(self.service.requests, name, status, offset, limit)
         return _json(
@@ -434,7 +429,7 @@ class _Api:
         return _json({"flows": await _call(self.service.flows)})
 
     async def definition(self, request: HTTPRequest) -> Response:
-        name = _flow_name(request)
+        name = httpinput.flow_name(request)
         return _json(dict(await _call(self.service.definition, name)))
 
     async def workers(self, request: HTTPRequest) -> Response:
@@ -457,7 +452,7 @@ class _Api:
     async def _control(
         self, request: HTTPRequest, action: Callable[[str, str], Status]
     ) -> Response:
-        name, request_id = _flow_name(request), _request_id(request)
+        name, request_id = httpinput.flow_name(request), httpinput.request_id(request)
         try:
             status = await _call(action, name, request_id)
         except NotRunning as exc:
@@ -496,14 +491,14 @@ class _Api:
         if value is None:
             return None
         if not self.settings.callbacks:
-            raise _BadInput(400, "X-Callback-Url: callbacks are disabled on this server")
+            raise httpinput.BadInput(400, "X-Callback-Url: callbacks are disabled on this server")
         url = urllib.parse.urlsplit(value.strip())
         if url.scheme not in ("http", "https") or not url.hostname or len(value) > 2048:
-            raise _BadInput(400, "X-Callback-Url must be an absolute http(s) URL")
+            raise httpinput.BadInput(400, "X-Callback-Url must be an absolute http(s) URL")
         try:
             url.port  # noqa: B018 - raises on a malformed port
         except ValueError as exc:
-            raise _BadInput(400, f"X-Callback-Url: {exc}") from exc
+            raise httpinput.BadInput(400, f"X-Callback-Url: {exc}") from exc
         return value.strip()
 
     def _start_callback(self, name: str, request_id: str, url: str) -> None:
@@ -530,7 +525,9 @@ class _Api:
                 digest = hmac.new(self.settings.hmac_secret, answer.body, hashlib.sha256)
                 headers["X-Hub-Signature-256"] = "sha256=" + digest.hexdigest()
             for attempt in range(3):
-                if await anyio.to_thread.run_sync(_post, url, bytes(answer.body), headers):
+                if await anyio.to_thread.run_sync(
+                    httpinput.post_callback, url, bytes(answer.body), headers
+                ):
                     return
                 await asyncio.sleep(0.5 * 2**attempt)
             log.warning("callback for request %s to %s failed 3 times", request_id, url)
@@ -538,114 +535,6 @@ class _Api:
             raise
         except Exception:
             log.exception("callback for request %s to %s failed", request_id, url)
-
-
-# -- input ------------------------------------------------------------------------------------
-def _flow_name(request: HTTPRequest) -> str:
-    name: str = request.path_params["name"]
-    if not NAME.fullmatch(name):
-        raise _BadInput(400, f"invalid flow name {name!r}")
-    return name
-
-
-def _request_id(request: HTTPRequest) -> str:
-    request_id: str = request.path_params["request_id"]
-    if not REQUEST_ID.fullmatch(request_id):
-        raise _BadInput(400, f"invalid request id {request_id!r}")
-    return request_id
-
-
-def _optional_request_id(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if not REQUEST_ID.fullmatch(value):
-        raise _BadInput(400, "X-Request-Id must be 1-128 letters, digits, '_', '.', ':' or '-'")
-    return value
-
-
-def _flag(value: str | None, header: str) -> bool:
-    if value is None or value in ("false", "0"):
-        return False
-    if value in ("true", "1"):
-        return True
-    raise _BadInput(400, f"{header} must be true, false, 1 or 0, got {value!r}")
-
-
-def _seconds(value: str | None, header: str, limit: float, default: float | None = None) -> float:
-    if value is None:
-        return limit if default is None else min(default, limit)
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not 0 <= seconds <= limit:
-        raise _BadInput(400, f"{header} must be a number of seconds from 0 to {limit:g}")
-    return seconds
-
-
-def _integer(value: str | None, what: str, default: int, low: int, high: int) -> int:
-    if value is None:
-        return default
-    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
-        raise _BadInput(400, f"{what} must be an integer from {low} to {high}")
-    return int(value)
-
-
-def _status(value: str | None) -> Status | None:
-    if value is None:
-        return None
-    try:
-        return Status(value)
-    except ValueError:
-        choices = ", ".join(s.value for s in Status)
-        raise _BadInput(400, f"status must be one of {choices}") from None
-
-
-def _query(raw: bytes) -> dict[str, list[str]]:
-    """The query string as handler options; 400 if it is not valid UTF-8 or too long."""
-    try:
-        pairs = urllib.parse.parse_qsl(
-            raw.decode("ascii"),
-            keep_blank_values=True,
-            errors="strict",
-            max_num_fields=MAX_QUERY_FIELDS,
-        )
-    except UnicodeDecodeError as exc:
-        raise _BadInput(400, "the query string is not valid UTF-8") from exc
-    except ValueError as exc:
-        raise _BadInput(400, f"at most {MAX_QUERY_FIELDS} query fields") from exc
-    options: dict[str, list[str]] = {}
-    for key, value in pairs:
-        options.setdefault(key, []).append(value)
-    return options
-
-
-async def _read_body(request: HTTPRequest, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _BadInput(413, f"the body is over the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _BadInput(413, f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _check_signature(headers: Headers, body: bytes, secret: bytes) -> None:
-    """GoFlow's ``X-Hub-Signature: sha1=<hex>`` (or ``sha256=``, or the
-    ``X-Hub-Signature-256`` header GitHub sends): an HMAC of the body with the secret."""
-    given = headers.get("x-hub-signature-256") or headers.get("x-hub-signature")
-    if not given:
-        raise _BadInput(401, "X-Hub-Signature is required")
-    algorithm, _, signature = given.strip().partition("=")
-    if algorithm not in ("sha1", "sha256"):
-        raise _BadInput(400, "X-Hub-Signature must be sha1=<hex> or sha256=<hex>")
-    expected = hmac.new(secret, body, algorithm).hexdigest()
-    if not hmac.compare_digest(signature.strip().lower().encode("latin-1"), expected.encode()):
-        raise _BadInput(401, "X-Hub-Signature does not match the body")
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -710,15 +599,15 @@ def _http_errors() -> Iterator[None]:
     try:
         yield
     except (FlowNotFound, RequestNotFound) as exc:
-        raise _BadInput(404, str(exc)) from exc
+        raise httpinput.BadInput(404, str(exc)) from exc
     except DuplicateRequest as exc:
-        raise _BadInput(409, str(exc)) from exc
+        raise httpinput.BadInput(409, str(exc)) from exc
     except InvalidRequest as exc:
-        raise _BadInput(400, str(exc)) from exc
+        raise httpinput.BadInput(400, str(exc)) from exc
 
 
 async def _bad_input(request: HTTPRequest, exc: Exception) -> Response:
-    assert isinstance(exc, _BadInput)
+    assert isinstance(exc, httpinput.BadInput)
     return _error(exc.status, str(exc), exc.headers)
 
 
@@ -739,26 +628,3 @@ def _unavailable(exc: BaseException) -> bool:
     from redis.exceptions import ConnectionError, TimeoutError
 
     return isinstance(exc, ConnectionError | TimeoutError | OSError)
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirects)
-
-
-def _post(url: str, body: bytes, headers: Mapping[str, str]) -> bool:
-    """POST a callback (blocking, 10 s timeout); True once the receiver took it (2xx)."""
-    request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")
-    try:
-        with _opener.open(request, timeout=10) as response:
-            code: int = response.status
-            return 200 <= code < 300
-    except urllib.error.HTTPError as exc:
-        log.warning("callback to %s answered %s", url, exc.code)
-        return exc.code < 500 and exc.code != 429  # a 4xx will not get better
-    except (OSError, ValueError) as exc:
-        log.warning("callback to %s failed: %s", url, exc)
-        return False

@@ -63,9 +63,10 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from ..engine import Delivery, Transition
+from ..engine import Transition
 from ..errors import DuplicateRequest, NotRunning, RequestNotFound
 from ..types import ErrorInfo, RequestState, Status, VertexState
+from . import redis_codec as codec
 from .base import Backend, RequestRecord, Summary, Task
 
 __all__ = ["RedisBackend"]
@@ -91,86 +92,6 @@ def _load_scripts() -> dict[str, str]:
 
 
 _SCRIPTS = _load_scripts()
-
-
-# -- the task blob: netstrings, see redis.lua ------------------------------------------------
-def _ns(data: bytes) -> bytes:
-    return b"%d:%s" % (len(data), data)
-
-
-def encode_keys(keys: Sequence[str]) -> bytes:
-    return "".join(key + "\0" for key in keys).encode()
-
-
-def encode_task(task: Task) -> bytes:
-    parts = [
-        _ns(task.request_id.encode()),
-        _ns(task.flow.encode()),
-        _ns(task.version.encode()),
-        _ns(task.step.encode()),
-        _ns(encode_keys(task.keys)),
-        _ns(b"%d" % task.attempt),
-    ]
-    for slot, data in task.inputs.items():
-        parts.append(_ns(slot.encode()))
-        parts.append(_ns(b"n" if data is None else b"d" + data))
-    return b"".join(parts)
-
-
-def decode_task(blob: bytes, receipt: str) -> Task:
-    fields: list[bytes] = []
-    pos, end = 0, len(blob)
-    while pos < end:
-        colon = blob.index(b":", pos)
-        start = colon + 1
-        pos = start + int(blob[pos:colon])
-        fields.append(blob[start:pos])
-    keys = fields[4].decode().split("\0")[:-1]
-    inputs: dict[str, bytes | None] = {}
-    for i in range(6, len(fields), 2):
-        value = fields[i + 1]
-        inputs[fields[i].decode()] = None if value == b"n" else value[1:]
-    return Task(
-        request_id=fields[0].decode(),
-        flow=fields[1].decode(),
-        version=fields[2].decode(),
-        step=fields[3].decode(),
-        keys=tuple(keys),
-        inputs=inputs,
-        attempt=int(fields[5]),
-        receipt=receipt,
-    )
-
-
-def _delivery_args(deliveries: Sequence[Delivery]) -> list[bytes | str | int]:
-    args: list[bytes | str | int] = [len(deliveries)]
-    for d in deliveries:
-        value = b"n" if d.data is None else b"d" + d.data
-        args += [d.instance, d.step, encode_keys(d.keys), d.slot, value, d.needed]
-    return args
-
-
-def _error_json(error: ErrorInfo) -> str:
-    return json.dumps(error.to_json())
-
-
-def _error_from(raw: bytes | None) -> ErrorInfo | None:
-    if not raw:
-        return None
-    data = json.loads(raw)
-    return ErrorInfo(data["vertex"], data["type"], data["message"])
-
-
-def _float(raw: bytes | None) -> float | None:
-    return None if raw is None else float(raw)
-
-
-def _began(item: tuple[str, dict[str, bytes]]) -> tuple[float, str]:
-    return (_float(item[1].get("b")) or 0.0, item[0])
-
-
-def _names(raw: Any) -> list[str]:
-    return [n.decode() for n in raw]
 
 
 class RedisBackend(Backend):
@@ -255,7 +176,7 @@ class RedisBackend(Backend):
             json.dumps(dict(record.headers)),
             repr(record.created),
             "1" if record.has_hooks else "0",
-            *_delivery_args(transition.deliveries),
+            *codec.delivery_args(transition.deliveries),
         ]
         if not self._run("submit", keys, args):
             raise DuplicateRequest(f"request {record.request_id!r} exists already")
@@ -283,20 +204,20 @@ class RedisBackend(Backend):
             address: VertexState(
                 address=address,
                 status=Status(p.get("s", b"queued").decode()),
-                started=_float(p.get("b")),
-                ended=_float(p.get("e")),
+                started=codec.to_float(p.get("b")),
+                ended=codec.to_float(p.get("e")),
                 attempts=int(p.get("a", b"0")),
-                error=_error_from(p.get("x")),
+                error=codec.error_from(p.get("x")),
             )
-            for address, p in sorted(parts.items(), key=_began)
+            for address, p in sorted(parts.items(), key=codec.began)
         }
         return RequestState(
             request_id=request_id,
             flow=flow.decode(),
             status=Status(status.decode()),
             created=float(created or 0.0),
-            ended=_float(ended),
-            error=_error_from(error),
+            ended=codec.to_float(ended),
+            error=codec.error_from(error),
             vertices=vertices,
         )
 
@@ -326,7 +247,10 @@ class RedisBackend(Backend):
             return None
         done = Status(status.decode())
         return Summary(
-            flow.decode(), done, result if done is Status.COMPLETED else None, _error_from(error)
+            flow.decode(),
+            done,
+            result if done is Status.COMPLETED else None,
+            codec.error_from(error),
         )
 
     def result(self, request_id: str) -> bytes | None:
@@ -374,7 +298,7 @@ class RedisBackend(Backend):
         chosen: list[RequestState] = []
         skip, start, chunk = offset, 0, max(50, limit + offset if status is None else 200)
         while len(chosen) < limit:
-            ids = _names(self._redis.zrevrange(index, start, start + chunk - 1))
+            ids = codec.names(self._redis.zrevrange(index, start, start + chunk - 1))
             if not ids:
                 break
             start += len(ids)
@@ -454,7 +378,7 @@ class RedisBackend(Backend):
             task.request_id, GROUP, task.receipt, instance, address,
             "0" if output is None else "1", "1" if transition.finished else "0",
             transition.result, self._retention_ms(), self._consumer or "", want,
-            *_delivery_args(transition.deliveries),
+            *codec.delivery_args(transition.deliveries),
         ]  # fmt: skip
         claimed = self._run("complete", self._keys(task.request_id), args)
         self._release(task)
@@ -462,14 +386,14 @@ class RedisBackend(Backend):
             self._take(claimed[0][1])
 
     def retry(self, task: Task, address: str, delay: float, error: ErrorInfo) -> None:
-        blob = encode_task(replace(task, attempt=task.attempt + 1, receipt=""))
-        error_json = _error_json(error)
+        blob = codec.encode_task(replace(task, attempt=task.attempt + 1, receipt=""))
+        error_json = codec.error_json(error)
         args = [task.request_id, GROUP, task.receipt, address, int(delay * 1000), error_json, blob]
         self._run("retry", self._keys(task.request_id), args)
         self._release(task)
 
     def fail(self, task: Task, address: str, error: ErrorInfo) -> None:
-        error_json = _error_json(error)
+        error_json = codec.error_json(error)
         args = [task.request_id, GROUP, task.receipt, address, error_json, self._retention_ms()]
         self._run("fail", self._keys(task.request_id), args)
         self._release(task)
@@ -500,7 +424,7 @@ class RedisBackend(Backend):
         pipe.execute()
 
     def workers(self) -> list[dict[str, object]]:
-        names = _names(self._redis.zrange(self.workers_key, 0, -1))
+        names = codec.names(self._redis.zrange(self.workers_key, 0, -1))
         if not names:
             return []
         keys = [f"{self.prefix}:worker:{n}" for n in names]
@@ -548,7 +472,7 @@ class RedisBackend(Backend):
             if not fields:
                 continue  # deleted meanwhile (its request ended and it was acked)
             blob = fields[b"t"] if isinstance(fields, dict) else fields[1]
-            tasks.append(decode_task(blob, receipt.decode()))
+            tasks.append(codec.decode_task(blob, receipt.decode()))
         if tasks:
             with self._cond:
                 for task in tasks:

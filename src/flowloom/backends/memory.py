@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import marshal
 import threading
 import time
 from collections import deque
@@ -40,8 +41,6 @@ class _Run:
 
 
 # A finished vertex: (address, status, started, ended, attempts, (vertex, type, message) | None).
-# Tuples of plain values are not tracked by the garbage collector, so thousands of kept
-# requests do not make every full collection longer.
 _Frozen = tuple[str, str, float | None, float | None, int, tuple[str, str, str] | None]
 
 
@@ -63,15 +62,32 @@ class _Request:
             vertex = self.run.vertices[address] = _Vertex()
         return vertex
 
-    def freeze(self) -> None:
-        if self.run is None:
-            return
-        self.frozen = tuple(
+    def pack(self) -> tuple[str, str, bytes]:
+        """The finished request as (flow, status, blob): plain values only, which the
+        garbage collector does not track, so thousands of kept requests cost no GC time."""
+        r = self.record
+        vertices = self.frozen if self.run is None else tuple(
             (a, v.status.value, v.started, v.ended, v.attempts,
              (v.error.vertex, v.error.type, v.error.message) if v.error else None)
             for a, v in self.run.vertices.items()
         )  # fmt: skip
-        self.run = None
+        error = (self.error.vertex, self.error.type, self.error.message) if self.error else None
+        blob = marshal.dumps((
+            r.request_id, r.flow, r.version, r.body, dict(r.query), dict(r.headers), r.created,
+            r.has_hooks, self.status.value, self.ended, self.result, error, vertices,
+            self.context,
+        ))  # fmt: skip
+        return r.flow, self.status.value, blob
+
+    @classmethod
+    def unpack(cls, blob: bytes) -> _Request:
+        (rid, flow, version, body, query, headers, created, hooks, status, ended, result,
+         error, vertices, context) = marshal.loads(blob)  # fmt: skip
+        record = RequestRecord(rid, flow, version, body, query, headers, created, hooks)
+        return cls(
+            record, Status(status), ended, result, ErrorInfo(*error) if error else None,
+            context, None, vertices,
+        )  # fmt: skip
 
     def vertex_states(self) -> dict[str, VertexState]:
         if self.run is not None:
@@ -99,7 +115,9 @@ class MemoryBackend(Backend):
         self._queue: deque[Task] = deque()
         self._delayed: list[tuple[float, int, Task]] = []
         self._seq = itertools.count()
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, _Request] = {}  # running, paused or queued
+        self._done: dict[str, tuple[str, str, bytes]] = {}  # finished: (flow, status, blob)
+        self._order: dict[str, None] = {}  # every request id, oldest first
         self._expiry: deque[tuple[float, str]] = deque()
         self._workers: dict[str, Callable[[], Mapping[str, object]]] = {}
 
@@ -107,46 +125,51 @@ class MemoryBackend(Backend):
     def submit(self, record: RequestRecord, transition: Transition) -> None:
         with self._lock:
             self._expire()
-            if record.request_id in self._requests:
+            if record.request_id in self._order:
                 raise DuplicateRequest(f"request {record.request_id!r} exists already")
             request = self._requests[record.request_id] = _Request(record)
+            self._order[record.request_id] = None
             self._apply(request, transition)
 
     def state(self, request_id: str) -> RequestState | None:
         with self._lock:
-            request = self._requests.get(request_id)
+            request = self._get(request_id)
             return None if request is None else self._snapshot(request)
 
     def record(self, request_id: str) -> RequestRecord | None:
         with self._lock:
-            request = self._requests.get(request_id)
+            request = self._get(request_id)
             return None if request is None else request.record
 
     def summary(self, request_id: str) -> Summary | None:
         with self._lock:
-            r = self._requests.get(request_id)
+            r = self._get(request_id)
             return None if r is None else Summary(r.record.flow, r.status, r.result, r.error)
 
     def result(self, request_id: str) -> bytes | None:
         with self._lock:
-            request = self._requests.get(request_id)
+            request = self._get(request_id)
             return None if request is None else request.result
 
     def wait(self, request_id: str, timeout: float | None) -> Status | None:
         with self._ended:
-            request = self._requests.get(request_id)
-            if request is None:
+            if request_id not in self._order:
                 return None
-            self._ended.wait_for(lambda: request.status.finished, timeout)
-            return request.status
+            self._ended.wait_for(lambda: request_id not in self._requests, timeout)
+            running = self._requests.get(request_id)
+            if running is not None:
+                return running.status
+            done = self._done.get(request_id)
+            return None if done is None else Status(done[1])
 
     def control(self, request_id: str, action: Status) -> Status:
         with self._lock:
             request = self._requests.get(request_id)
             if request is None:
-                raise RequestNotFound(f"no request {request_id!r}")
-            if request.status.finished:
-                raise NotRunning(f"request {request_id!r} has ended: {request.status.value}")
+                done = self._done.get(request_id)
+                if done is None:
+                    raise RequestNotFound(f"no request {request_id!r}")
+                raise NotRunning(f"request {request_id!r} has ended: {done[1]}")
             assert request.run is not None
             if action is Status.PAUSED:
                 request.status = Status.PAUSED
@@ -167,26 +190,35 @@ class MemoryBackend(Backend):
     ) -> list[RequestState]:
         with self._lock:
             self._expire()
-            chosen = [
-                r
-                for r in reversed(self._requests.values())
-                if (flow is None or r.record.flow == flow)
-                and (status is None or r.status is status)
-            ]
-            return [self._snapshot(r) for r in chosen[offset : offset + limit]]
+            chosen: list[str] = []
+            for request_id in reversed(self._order):
+                running = self._requests.get(request_id)
+                if running is not None:
+                    flow_of, status_of = running.record.flow, running.status.value
+                else:
+                    flow_of, status_of, _ = self._done[request_id]
+                if (flow is None or flow_of == flow) and (status is None or status_of == status):
+                    chosen.append(request_id)
+                    if len(chosen) >= offset + limit:
+                        break
+            return [self._snapshot(self._must(r)) for r in chosen[offset:]]
 
     # -- context -----------------------------------------------------------------------------
     def context_get(self, request_id: str, key: str) -> bytes | None:
         with self._lock:
-            return self._request(request_id).context.get(key)
+            return self._must(request_id).context.get(key)
 
     def context_set(self, request_id: str, key: str, value: bytes) -> None:
         with self._lock:
-            self._request(request_id).context[key] = value
+            request = self._must(request_id)
+            request.context[key] = value
+            self._repack(request)
 
     def context_delete(self, request_id: str, key: str) -> None:
         with self._lock:
-            self._request(request_id).context.pop(key, None)
+            request = self._must(request_id)
+            request.context.pop(key, None)
+            self._repack(request)
 
     # -- worker side -------------------------------------------------------------------------
     def claim(self, worker: str, timeout: float) -> Task | None:
@@ -239,7 +271,7 @@ class MemoryBackend(Backend):
     def retry(self, task: Task, address: str, delay: float, error: ErrorInfo) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None or request.status.finished:
+            if request is None:
                 return
             vertex = request.vertex(address)
             vertex.status, vertex.error = Status.QUEUED, error
@@ -252,7 +284,7 @@ class MemoryBackend(Backend):
     def fail(self, task: Task, address: str, error: ErrorInfo) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None or request.status.finished:
+            if request is None:
                 return
             vertex = request.vertex(address)
             vertex.status, vertex.error, vertex.ended = Status.FAILED, error, time.time()
@@ -282,11 +314,25 @@ class MemoryBackend(Backend):
         return [{**describe(), "last_seen": time.time()} for describe in describers]
 
     # -- internals (lock held) ---------------------------------------------------------------
-    def _request(self, request_id: str) -> _Request:
+    def _get(self, request_id: str) -> _Request | None:
         request = self._requests.get(request_id)
+        if request is None:
+            done = self._done.get(request_id)
+            if done is not None:
+                request = _Request.unpack(done[2])
+        return request
+
+    def _must(self, request_id: str) -> _Request:
+        request = self._get(request_id)
         if request is None:
             raise RequestNotFound(f"no request {request_id!r}")
         return request
+
+    def _repack(self, request: _Request) -> None:
+        """Store a change to a finished request (its context, from a hook)."""
+        if request.run is None:
+            rid = request.record.request_id
+            self._done[rid] = request.pack()
 
     def _apply(self, request: _Request, transition: Transition) -> None:
         record, run = request.record, request.run
@@ -324,8 +370,10 @@ class MemoryBackend(Backend):
     ) -> None:
         request.status, request.result, request.error = status, result, error
         request.ended = time.time()
-        request.freeze()
-        self._expiry.append((time.monotonic() + self.retention, request.record.request_id))
+        rid = request.record.request_id
+        self._done[rid] = request.pack()
+        del self._requests[rid]
+        self._expiry.append((time.monotonic() + self.retention, rid))
         record = request.record
         if record.has_hooks:
             hooks = Task(
@@ -344,7 +392,9 @@ class MemoryBackend(Backend):
         now = time.monotonic()
         expiry = self._expiry
         while expiry and (expiry[0][0] <= now or len(expiry) > self.max_finished):
-            self._requests.pop(expiry.popleft()[1], None)
+            request_id = expiry.popleft()[1]
+            self._done.pop(request_id, None)
+            self._order.pop(request_id, None)
 
     @staticmethod
     def _snapshot(request: _Request) -> RequestState:

@@ -24,7 +24,6 @@ from .errors import (
     RequestStopped,
     ResultTimeout,
 )
-from .plan import Plan
 from .registry import DefineWorkflow, Registry
 from .types import Options, Request, RequestState, Status
 from .worker import Worker
@@ -45,6 +44,12 @@ class FlowService:
         with FlowService() as fs:
             fs.register("myflow", define_workflow)
             print(fs.run("myflow", b"hallo"))
+
+    ``port``/``host``: where ``start``/``start_server`` serve HTTP. ``retention``:
+    seconds a finished request is kept. ``redis_prefix``: the prefix of every Redis
+    key. ``token``/``hmac_secret``: see the HTTP API. ``otlp_endpoint`` and
+    ``enable_monitoring`` are accepted (GoFlow's names) but not used yet: tracing
+    and metrics are not built.
     """
 
     def __init__(
@@ -236,7 +241,7 @@ class FlowService:
         self._serve(with_worker=True)
 
     def _serve(self, with_worker: bool) -> None:
-        from .http import serve  # type: ignore[import-not-found,unused-ignore]
+        from .http import serve
 
         if with_worker:
             self._ensure_worker()
@@ -271,9 +276,6 @@ class FlowService:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def plan(self, name: str) -> Plan:
-        return self.registry.latest(name)
 
 
 def _as_request(request: Request | bytes | str | None) -> Request:

@@ -597,3 +597,26 @@ def test_summary_gives_flow_status_result_and_error(backend: Backend) -> None:
     error = ErrorInfo("a", "KeyError", "'x'")
     backend.fail(task, "a", error)
     assert backend.summary("r2") == Summary("flow", Status.FAILED, None, error)
+
+
+def test_a_completion_is_seen_by_its_thread_at_once_and_by_others_after_flush(
+    backend: Backend,
+) -> None:
+    plan = plan_of(linear)
+    submit(backend, plan)
+    task = claim(backend)
+    assert begin(backend, plan, task)
+    complete(backend, plan, task, b"A")
+    state = backend.state("r1")  # the same thread reads its own write
+    assert state is not None
+    assert state.vertices["a"].status is Status.COMPLETED
+
+    task = claim(backend)
+    assert begin(backend, plan, task)
+    complete(backend, plan, task, b"B")
+    backend.flush()
+    seen: list[Status | None] = []
+    reader = threading.Thread(target=lambda: seen.append(backend.wait("r1", 5)))
+    reader.start()
+    reader.join(10)
+    assert seen == [Status.COMPLETED]

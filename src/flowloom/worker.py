@@ -65,6 +65,10 @@ class Worker:
                 if task is not None:
                     self.execute(task)
         finally:
+            try:
+                self.backend.flush()
+            except Exception:
+                log.exception("flowloom: sending the last completion failed")
             self._call.close()
 
     def execute(self, task: Task) -> None:

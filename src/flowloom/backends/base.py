@@ -151,5 +151,10 @@ class Backend(abc.ABC):
         """Live workers, each ``describe()`` plus ``last_seen`` (epoch seconds)."""
         return []
 
+    def flush(self) -> None:  # noqa: B027 - optional
+        """Send what this thread has left to send. A backend may defer a completion until
+        the same thread's next call (to send it with that call); every other method of
+        the backend flushes first, and a worker thread calls this before it ends."""
+
     def close(self) -> None:  # noqa: B027 - optional
         """Release connections and threads."""

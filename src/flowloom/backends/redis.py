@@ -55,12 +55,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from importlib import resources
 from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from ..engine import Transition
@@ -92,6 +94,10 @@ def _load_scripts() -> dict[str, str]:
 
 
 _SCRIPTS = _load_scripts()
+
+
+# a deferred script call: name, keys, args, and what to do with its result
+_Deferred = tuple[str, list[str], list[Any], Callable[[Any], None]]
 
 
 class RedisBackend(Backend):
@@ -148,6 +154,7 @@ class RedisBackend(Backend):
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers: dict[str, Callable[[], Mapping[str, object]]] = {}
+        self._deferred = threading.local()  # .call: a completion not sent yet (_Deferred)
 
     # -- keys ----------------------------------------------------------------------------------
     def _keys(self, request_id: str) -> list[str]:
@@ -159,7 +166,41 @@ class RedisBackend(Backend):
         return f"{self.prefix}:flow:{{{flow}}}"
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        self.flush()
         return self._scripts[name](keys=list(keys), args=list(args))
+
+    def flush(self) -> None:
+        """Send this thread's deferred completion, if any (see ``complete``)."""
+        pending: _Deferred | None = self._deferred.__dict__.pop("call", None)
+        if pending is not None:
+            name, keys, args, then = pending
+            then(self._scripts[name](keys=keys, args=args))
+
+    def _with_deferred(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a script, sending this thread's deferred completion first in the same
+        round trip (one pipeline); returns the script's result."""
+        pending: _Deferred | None = self._deferred.__dict__.pop("call", None)
+        if pending is None:
+            return self._scripts[name](keys=keys, args=args)
+        calls = [pending[:3], (name, keys, args)]
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for script, script_keys, script_args in calls:
+                sha = self._scripts[script].sha
+                pipe.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", sha, len(script_keys), *script_keys, *script_args
+                )
+            results = pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                for script, _, _ in calls:  # Redis restarted and lost its scripts
+                    self._redis.script_load(_SCRIPTS[script])
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            pending[3](results[0])
+            return results[1]
+        raise AssertionError("unreachable")
 
     def _retention_ms(self) -> int:
         return max(1, int(self.retention * 1000))
@@ -182,6 +223,7 @@ class RedisBackend(Backend):
             raise DuplicateRequest(f"request {record.request_id!r} exists already")
 
     def state(self, request_id: str) -> RequestState | None:
+        self.flush()
         keys = self._keys(request_id)
         pipe = self._redis.pipeline(transaction=False)
         pipe.hmget(keys[0], "flow", "status", "created", "ended", "error")
@@ -222,6 +264,7 @@ class RedisBackend(Backend):
         )
 
     def record(self, request_id: str) -> RequestRecord | None:
+        self.flush()
         names = ("flow", "version", "body", "query", "headers", "created", "hooks")
         raw = cast(list[bytes | None], self._redis.hmget(self._keys(request_id)[0], names))
         if raw[0] is None:
@@ -239,6 +282,7 @@ class RedisBackend(Backend):
         )
 
     def summary(self, request_id: str) -> Summary | None:
+        self.flush()
         flow, status, result, error = cast(
             list[bytes | None],
             self._redis.hmget(self._keys(request_id)[0], "flow", "status", "result", "error"),
@@ -254,6 +298,7 @@ class RedisBackend(Backend):
         )
 
     def result(self, request_id: str) -> bytes | None:
+        self.flush()
         status, result = cast(
             list[bytes | None], self._redis.hmget(self._keys(request_id)[0], "status", "result")
         )
@@ -262,6 +307,7 @@ class RedisBackend(Backend):
     def wait(self, request_id: str, timeout: float | None) -> Status | None:
         """Block on the request's end-notification list (BLMOVE onto itself, so that every
         waiter sees it), re-reading the status after each wake-up."""
+        self.flush()
         keys = self._keys(request_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -293,6 +339,7 @@ class RedisBackend(Backend):
     def list_requests(
         self, flow: str | None, status: Status | None, offset: int, limit: int
     ) -> list[RequestState]:
+        self.flush()
         self.sweep()
         index = self.requests_key if flow is None else self._flow_key(flow)
         chosen: list[RequestState] = []
@@ -327,6 +374,7 @@ class RedisBackend(Backend):
 
     # -- context ---------------------------------------------------------------------------------
     def context_get(self, request_id: str, key: str) -> bytes | None:
+        self.flush()
         keys = self._keys(request_id)
         pipe = self._redis.pipeline(transaction=False)
         pipe.exists(keys[0])
@@ -341,6 +389,7 @@ class RedisBackend(Backend):
             raise RequestNotFound(f"no request {request_id!r}")
 
     def context_delete(self, request_id: str, key: str) -> None:
+        self.flush()
         keys = self._keys(request_id)
         pipe = self._redis.pipeline(transaction=False)
         pipe.exists(keys[0])
@@ -352,6 +401,8 @@ class RedisBackend(Backend):
     # -- the worker's side ---------------------------------------------------------------------
     def claim(self, worker: str, timeout: float) -> Task | None:
         self._start_fetcher(worker)
+        if not self._buffer:
+            self.flush()  # nothing to pair it with: send the deferred completion now
         with self._cond:
             if not self._buffer:
                 self._cond.notify_all()  # wake the fetcher: someone waits for work
@@ -365,7 +416,7 @@ class RedisBackend(Backend):
 
     def begin(self, task: Task, instance: str, address: str) -> bool:
         args = [task.request_id, GROUP, task.receipt, instance, address, task.attempt]
-        began = bool(self._run("begin", self._keys(task.request_id), args))
+        began = bool(self._with_deferred("begin", self._keys(task.request_id), args))
         if not began:
             self._release(task)
         return began
@@ -373,14 +424,21 @@ class RedisBackend(Backend):
     def complete(
         self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition
     ) -> None:
+        self.flush()
         want = self._want_more()
-        args = [
+        args: list[Any] = [
             task.request_id, GROUP, task.receipt, instance, address,
             "0" if output is None else "1", "1" if transition.finished else "0",
             transition.result, self._retention_ms(), self._consumer or "", want,
             *codec.delivery_args(transition.deliveries),
         ]  # fmt: skip
-        claimed = self._run("complete", self._keys(task.request_id), args)
+        # Sent with this thread's next call: a worker thread's next call is nearly always
+        # ``begin`` of its next task, so both go in one round trip. A thread about to
+        # wait for work sends it first (``claim``), and so does any other call.
+        keys = self._keys(task.request_id)
+        self._deferred.call = ("complete", keys, args, partial(self._completed, task))
+
+    def _completed(self, task: Task, claimed: Any) -> None:
         self._release(task)
         if claimed:
             self._take(claimed[0][1])
@@ -399,6 +457,7 @@ class RedisBackend(Backend):
         self._release(task)
 
     def ack(self, task: Task) -> None:
+        self.flush()
         if task.receipt:
             pipe = self._redis.pipeline(transaction=True)
             pipe.xack(self.tasks_key, GROUP, task.receipt)
@@ -614,6 +673,7 @@ class RedisBackend(Backend):
 
     def close(self) -> None:
         """Stop fetching, hand back the tasks this process holds, release connections."""
+        self.flush()
         if self._closing.is_set():
             return
         self._closing.set()

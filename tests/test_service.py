@@ -280,9 +280,10 @@ def test_kept_finished_requests_are_capped_oldest_first():
 
     with FlowService(backend=MemoryBackend(max_finished=3)) as fs:
         fs.register("flow", lambda wf, ctx: wf.dag.node("n", lambda d, o: d))
-        ids = [fs.execute("flow", b"%d" % i) for i in range(5)]
-        for rid in ids:
-            fs.result("flow", rid, timeout=10)
+        ids = []
+        for i in range(5):
+            ids.append(fs.execute("flow", b"%d" % i))
+            fs.result("flow", ids[-1], timeout=10)
         fs.execute("flow", b"")  # the cap is applied as requests come in
         kept = {s.request_id for s in fs.requests("flow")}
         assert set(ids[2:]) <= kept

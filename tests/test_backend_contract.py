@@ -18,6 +18,7 @@ from flowloom import (
     Dag,
     DuplicateRequest,
     FlowService,
+    NoOutput,
     NotRunning,
     Request,
     RequestFailed,
@@ -620,3 +621,38 @@ def test_a_completion_is_seen_by_its_thread_at_once_and_by_others_after_flush(
     reader.start()
     reader.join(10)
     assert seen == [Status.COMPLETED]
+
+
+def test_each_completed_instance_keeps_its_output(backend: Backend) -> None:
+    plan = plan_of(linear)
+    submit(backend, plan)
+    run(backend, plan, claim(backend), b"A")
+    backend.flush()
+    assert backend.output("r1", "a") == b"A"
+    assert backend.output("r1", "b") is None  # not run yet
+    run(backend, plan, claim(backend), b"")  # an empty output is an output
+    assert backend.wait("r1", 5) is Status.COMPLETED
+    assert (backend.output("r1", "a"), backend.output("r1", "b")) == (b"A", b"")
+    assert backend.output("r1", "nope") is None
+    assert backend.output("no-such-request", "a") is None
+
+
+def test_outputs_of_foreach_items_through_the_service(service: FlowService) -> None:
+    def define(workflow: Any, context: Any) -> None:
+        each = workflow.dag.foreach_branch(
+            "each",
+            lambda data: {k: k.encode() for k in ("x", "y/z")},
+            aggregator=lambda r: b",".join(sorted(r.values())),
+        )
+        each.node("up", lambda data, options: data.upper())
+
+    service.register("flow", define)
+    request_id = service.execute("flow", b"")
+    assert service.result("flow", request_id, timeout=10) == b"X,Y/Z"
+    assert service.output("flow", request_id, "each[x]/up") == b"X"
+    assert service.output("flow", request_id, "each[y%2Fz]/up") == b"Y/Z"
+    assert service.output("flow", request_id, "each") == b"X,Y/Z"
+    with pytest.raises(NoOutput):
+        service.output("flow", request_id, "each[q]/up")
+    with pytest.raises(RequestNotFound):
+        service.output("other", request_id, "each")

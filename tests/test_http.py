@@ -20,7 +20,7 @@ import httpx
 import pytest
 from starlette.routing import Route
 
-from flowloom import FlowService, Request, RequestFailed, RequestStopped, Status
+from flowloom import FlowService, Request, RequestFailed, RequestStopped, Status, Workflow
 from flowloom.http import create_app
 from http_fixtures import BACKENDS, Gate, Receiver, free_port, make_service, register_flows
 
@@ -669,3 +669,30 @@ def test_docs_curl_examples_work(doc_servers: dict[str, str]) -> None:
             if any(v in command for v in VOLATILE):
                 continue
             assert same_output(expected, actual), (command, expected, actual)
+
+
+async def test_output_of_one_vertex_instance(fs: FlowService) -> None:
+    def define(workflow: object, context: object) -> None:
+        assert isinstance(workflow, Workflow)
+        each = workflow.dag.foreach_branch(
+            "each",
+            lambda data: {"a/b": b"1", "c": b"2"},
+            aggregator=lambda r: b"+".join(sorted(r.values())),
+        )
+        each.node("double", lambda data, options: data * 2)
+
+    fs.register("outputs", define)
+    async with client_for(fs) as http:
+        answer = await http.post("/flow/outputs", content=b"")
+        assert answer.status_code == 200
+        request_id = answer.headers["x-request-id"]
+        base = f"/flow/outputs/requests/{request_id}/output"
+        got = await http.get(base, params={"vertex": "each[a%2Fb]/double"})
+        assert (got.status_code, got.content) == (200, b"11")
+        got = await http.get(base, params={"vertex": "each"})
+        assert (got.status_code, got.content) == (200, b"11+22")
+        assert (await http.get(base, params={"vertex": "each[zz]/double"})).status_code == 404
+        assert (await http.get(base)).status_code == 400
+        assert (await http.get(base, params={"vertex": "each", "x": "1"})).status_code == 400
+        missing = "/flow/outputs/requests/nope/output"
+        assert (await http.get(missing, params={"vertex": "each"})).status_code == 404

@@ -7,6 +7,7 @@ FlowloomError
 ├── InvalidRequest         a request id, flow name or body is not acceptable
 ├── DuplicateRequest       a request with that id exists already
 ├── NotRunning             control call on a request that has finished
+├── NoOutput               no output for that vertex (unknown, or not completed)
 └── RequestError           a request did not produce a result
     ├── RequestFailed      a vertex failed; ``error`` holds what happened
     ├── RequestStopped     the request was stopped
@@ -26,6 +27,7 @@ __all__ = [
     "FlowNotFound",
     "FlowloomError",
     "InvalidRequest",
+    "NoOutput",
     "NotRunning",
     "RequestError",
     "RequestFailed",
@@ -66,6 +68,10 @@ class DuplicateRequest(InvalidRequest):
 
 class NotRunning(FlowloomError):
     """A control call (pause, resume, stop) on a request that can no longer take it."""
+
+
+class NoOutput(FlowloomError):
+    """A vertex instance has no output: no such address, or it has not completed."""
 
 
 class RequestError(FlowloomError):

@@ -6,6 +6,7 @@
     GET  /flow/{name}/requests                       its requests, newest first (paged)
     GET  /flow/{name}/requests/{id}                  one request's state
     GET  /flow/{name}/requests/{id}/result           its result
+    GET  /flow/{name}/requests/{id}/output?vertex=A  one vertex instance's output
     POST /flow/{name}/requests/{id}/pause|resume|stop
     GET  /workers, /health, /openapi.json
 
@@ -49,6 +50,7 @@ from .errors import (
     DuplicateRequest,
     FlowNotFound,
     InvalidRequest,
+    NoOutput,
     NotRunning,
     RequestFailed,
     RequestNotFound,
@@ -140,6 +142,7 @@ def create_app(
         Route("/flow/{name}/requests", api.requests, methods=["GET"]),
         Route("/flow/{name}/requests/{request_id}", api.state, methods=["GET"]),
         Route("/flow/{name}/requests/{request_id}/result", api.result, methods=["GET"]),
+        Route("/flow/{name}/requests/{request_id}/output", api.output, methods=["GET"]),
         Route("/flow/{name}/requests/{request_id}/pause", api.pause, methods=["POST"]),
         Route("/flow/{name}/requests/{request_id}/resume", api.resume, methods=["POST"]),
         Route("/flow/{name}/requests/{request_id}/stop", api.stop, methods=["POST"]),
@@ -387,6 +390,16 @@ class _Api:
             status = await self.waiter.wait(request_id, wait, state.status)
         return await self._answer(name, request_id, status)
 
+    async def output(self, request: HTTPRequest) -> Response:
+        name, request_id = httpinput.flow_name(request), httpinput.request_id(request)
+        params = request.query_params
+        unknown = set(params) - {"vertex"}
+        if unknown or not params.get("vertex"):
+            raise httpinput.BadInput(400, "give the vertex address as ?vertex=ADDRESS, only")
+        address = params["vertex"]
+        output = await _call(self.service.output, name, request_id, address)
+        return Response(output, media_type="application/octet-stream")
+
     async def state(self, request: HTTPRequest) -> Response:
         name, request_id = httpinput.flow_name(request), httpinput.request_id(request)
         state = await _call(self.service.state, name, request_id)
@@ -598,7 +611,7 @@ async def _call(fn: Callable[..., T], *args: Any) -> T:
 def _http_errors() -> Iterator[None]:
     try:
         yield
-    except (FlowNotFound, RequestNotFound) as exc:
+    except (FlowNotFound, RequestNotFound, NoOutput) as exc:
         raise httpinput.BadInput(404, str(exc)) from exc
     except DuplicateRequest as exc:
         raise httpinput.BadInput(409, str(exc)) from exc

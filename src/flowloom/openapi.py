@@ -266,6 +266,31 @@ def spec(
                     "responses": result_responses,
                 }
             },
+            "/flow/{name}/requests/{request_id}/output": {
+                "get": {
+                    "operationId": "output",
+                    "summary": "The output of one completed vertex instance of the request.",
+                    "parameters": [
+                        NAME_PARAM,
+                        ID_PARAM,
+                        {
+                            "name": "vertex",
+                            "in": "query",
+                            "required": True,
+                            "description": "The vertex instance's address, as in the state.",
+                            "schema": {"type": "string", "minLength": 1},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The output's bytes.",
+                            "content": {BYTES: {"schema": {"type": "string", "format": "binary"}}},
+                        },
+                        "400": _error("Malformed flow name, request id or query."),
+                        "404": _error("No such flow, request, or output of that vertex."),
+                    },
+                }
+            },
             "/flow/{name}/requests/{request_id}/pause": _control(
                 "pause", "Hold the request once its running tasks finish."
             ),

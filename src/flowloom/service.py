@@ -19,6 +19,7 @@ from .backends import Backend, MemoryBackend, RequestRecord, Summary
 from .errors import (
     FlowloomError,
     InvalidRequest,
+    NoOutput,
     RequestFailed,
     RequestNotFound,
     RequestStopped,
@@ -151,6 +152,16 @@ class FlowService:
         if summary.status is Status.STOPPED:
             raise RequestStopped(request_id)
         raise ResultTimeout(request_id, timeout if timeout is not None else 0.0)
+
+    def output(self, name: str, request_id: str, address: str) -> bytes:
+        """The output of one vertex instance of a request, by its address (as in
+        ``state(...).vertices``): ``NoOutput`` if it has not completed. A conditional or
+        foreach vertex's output is its aggregator's; a sub-DAG's is its last vertex's."""
+        self._summary(name, request_id)
+        output = self.backend.output(request_id, address)
+        if output is None:
+            raise NoOutput(f"request {request_id!r} has no output for vertex {address!r}")
+        return output
 
     def _summary(self, name: str, request_id: str) -> Summary:
         summary = self.backend.summary(request_id)

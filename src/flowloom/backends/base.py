@@ -79,6 +79,10 @@ class Backend(abc.ABC):
         return Summary(state.flow, state.status, self.result(request_id), state.error)
 
     @abc.abstractmethod
+    def output(self, request_id: str, address: str) -> bytes | None:
+        """The output of one completed vertex instance (by address), else None."""
+
+    @abc.abstractmethod
     def result(self, request_id: str) -> bytes | None:
         """The result of a completed request, else None."""
 

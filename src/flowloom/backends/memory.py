@@ -26,6 +26,7 @@ class _Vertex:
     ended: float | None = None
     attempts: int = 0
     error: ErrorInfo | None = None
+    output: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -40,8 +41,11 @@ class _Run:
     held: list[Task] = field(default_factory=list)
 
 
-# A finished vertex: (address, status, started, ended, attempts, (vertex, type, message) | None).
-_Frozen = tuple[str, str, float | None, float | None, int, tuple[str, str, str] | None]
+# A finished vertex: (address, status, started, ended, attempts, (vertex, type, message) | None,
+# output | None).
+_Frozen = tuple[
+    str, str, float | None, float | None, int, tuple[str, str, str] | None, bytes | None
+]
 
 
 @dataclass(slots=True)
@@ -68,7 +72,7 @@ class _Request:
         r = self.record
         vertices = self.frozen if self.run is None else tuple(
             (a, v.status.value, v.started, v.ended, v.attempts,
-             (v.error.vertex, v.error.type, v.error.message) if v.error else None)
+             (v.error.vertex, v.error.type, v.error.message) if v.error else None, v.output)
             for a, v in self.run.vertices.items()
         )  # fmt: skip
         error = (self.error.vertex, self.error.type, self.error.message) if self.error else None
@@ -97,8 +101,14 @@ class _Request:
             }
         return {
             a: VertexState(a, Status(s), b, e, n, ErrorInfo(*x) if x else None)
-            for a, s, b, e, n, x in self.frozen
+            for a, s, b, e, n, x, _ in self.frozen
         }
+
+    def output(self, address: str) -> bytes | None:
+        if self.run is not None:
+            vertex = self.run.vertices.get(address)
+            return None if vertex is None else vertex.output
+        return next((out for a, *_, out in self.frozen if a == address), None)
 
 
 class MemoryBackend(Backend):
@@ -145,6 +155,11 @@ class MemoryBackend(Backend):
         with self._lock:
             r = self._get(request_id)
             return None if r is None else Summary(r.record.flow, r.status, r.result, r.error)
+
+    def output(self, request_id: str, address: str) -> bytes | None:
+        with self._lock:
+            request = self._get(request_id)
+            return None if request is None else request.output(address)
 
     def result(self, request_id: str) -> bytes | None:
         with self._lock:
@@ -264,6 +279,7 @@ class MemoryBackend(Backend):
                 vertex.status = Status.COMPLETED
                 vertex.ended = time.time()
                 vertex.error = None
+                vertex.output = output
             self._apply(request, transition)
             if transition.finished:
                 self._finish(request, Status.COMPLETED, result=transition.result)

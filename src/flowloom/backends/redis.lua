@@ -8,6 +8,7 @@
 --   KEYS[3] i  instance marks    KEYS[7] e  end notification list
 --   KEYS[4] s  waiting inputs    KEYS[8] tasks stream
 --   KEYS[9] expiries (zset)      KEYS[10] delayed tasks (zset)
+--   KEYS[11] o  vertex outputs
 -- A task is one binary-safe blob of netstrings ("<len>:<bytes>"): request id, flow,
 -- version, step, keys (each followed by "\0"), attempt, then (slot, value) pairs where
 -- a value is "d" .. data or "n" (an ordering-only input).
@@ -140,8 +141,8 @@ local function finish(req, status, retention_ms, result, err)
   end
   redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
   redis.call('RPUSH', KEYS[7], status)
-  for k = 1, 7 do
-    if k ~= 3 and k ~= 4 and k ~= 5 then
+  for k = 1, 11 do
+    if k <= 2 or k == 6 or k == 7 or k == 11 then
       redis.call('PEXPIRE', KEYS[k], retention_ms)
     end
   end
@@ -154,7 +155,7 @@ local function finish(req, status, retention_ms, result, err)
 end
 
 -- @script submit
--- KEYS[11] all requests index, KEYS[12] the flow's request index
+-- KEYS[12] all requests index, KEYS[13] the flow's request index
 -- ARGV: id, flow, version, body, query, headers, created, hooks, ndeliveries, deliveries...
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
@@ -162,8 +163,8 @@ end
 redis.call('HSET', KEYS[1], 'flow', ARGV[2], 'version', ARGV[3], 'body', ARGV[4], 'query', ARGV[5],
   'headers', ARGV[6], 'created', ARGV[7], 'hooks', ARGV[8], 'status', 'queued')
 local score = tonumber(ARGV[7])
-redis.call('ZADD', KEYS[11], score, ARGV[1])
 redis.call('ZADD', KEYS[12], score, ARGV[1])
+redis.call('ZADD', KEYS[13], score, ARGV[1])
 local req = { status = 'queued', flow = ARGV[2], version = ARGV[3], hooks = ARGV[8], id = ARGV[1] }
 apply(req, 10, tonumber(ARGV[9]))
 return 1
@@ -192,15 +193,17 @@ redis.call('HSETNX', KEYS[2], 'b|' .. address, fmt(now()))
 return 1
 
 -- @script complete
--- ARGV: id, group, receipt, instance, address, has_output, finished, result, retention_ms,
+-- ARGV: id, group, receipt, instance, address, output ('' or 'd' .. bytes), finished, result,
+--       retention_ms,
 --       consumer, claim (how many new tasks to read for this consumer), ndeliveries, deliveries...
 local req = request()
 if req and not FINISHED[req.status] and redis.call('HEXISTS', KEYS[3], 'd|' .. ARGV[4]) == 0 then
   redis.call('HSET', KEYS[3], 'd|' .. ARGV[4], '1')
   local address = ARGV[5]
-  if ARGV[6] == '1' then
+  if ARGV[6] ~= '' then
     redis.call('HSET', KEYS[2], 's|' .. address, 'completed', 'e|' .. address, fmt(now()))
     redis.call('HDEL', KEYS[2], 'x|' .. address)
+    redis.call('HSET', KEYS[11], address, string.sub(ARGV[6], 2))
   end
   apply(req, 13, tonumber(ARGV[12]))
   if ARGV[7] == '1' then

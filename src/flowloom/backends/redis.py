@@ -25,11 +25,12 @@ Key layout (``P`` is the prefix, ``flowloom`` by default; ``{id}`` a request id)
     P:r:{id}:h           list      tasks held while the request is paused
     P:r:{id}:c           hash      the request's context store
     P:r:{id}:e           list      gets the final status when the request ends (wait)
+    P:r:{id}:o           hash      each completed vertex instance's output: ADDR -> bytes
     P:worker:{name}      string    a live worker's description (JSON), with a TTL
     P:workers            zset      worker names -> last heartbeat (s)
 
-When a request ends its ``i``, ``s`` and ``h`` keys are deleted and ``r``, ``v``, ``c``
-and ``e`` get a TTL of ``retention`` seconds; ``P:expiries`` lets a sweep drop it from
+When a request ends its ``i``, ``s`` and ``h`` keys are deleted and ``r``, ``v``, ``c``,
+``e`` and ``o`` get a TTL of ``retention`` seconds; ``P:expiries`` lets a sweep drop it from
 the listings then. Request ids cannot hold ``{`` or ``}``, so no two requests' keys meet.
 
 Delivery: a worker reads tasks with XREADGROUP (a few at a time, ``prefetch``) and acks
@@ -160,7 +161,7 @@ class RedisBackend(Backend):
     def _keys(self, request_id: str) -> list[str]:
         r = f"{self.prefix}:r:{{{request_id}}}"
         return [r, r + ":v", r + ":i", r + ":s", r + ":h", r + ":c", r + ":e",
-                self.tasks_key, self.expiries_key, self.delayed_key]  # fmt: skip
+                self.tasks_key, self.expiries_key, self.delayed_key, r + ":o"]  # fmt: skip
 
     def _flow_key(self, flow: str) -> str:
         return f"{self.prefix}:flow:{{{flow}}}"
@@ -297,6 +298,10 @@ class RedisBackend(Backend):
             codec.error_from(error),
         )
 
+    def output(self, request_id: str, address: str) -> bytes | None:
+        self.flush()
+        return cast(bytes | None, self._redis.hget(self._keys(request_id)[10], address))
+
     def result(self, request_id: str) -> bytes | None:
         self.flush()
         status, result = cast(
@@ -428,7 +433,7 @@ class RedisBackend(Backend):
         want = self._want_more()
         args: list[Any] = [
             task.request_id, GROUP, task.receipt, instance, address,
-            "0" if output is None else "1", "1" if transition.finished else "0",
+            b"" if output is None else b"d" + output, "1" if transition.finished else "0",
             transition.result, self._retention_ms(), self._consumer or "", want,
             *codec.delivery_args(transition.deliveries),
         ]  # fmt: skip

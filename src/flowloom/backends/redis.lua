@@ -59,12 +59,40 @@ local function ack(group, receipt)
   end
 end
 
-local function queue(req, blob)
+-- a ready task: on the stream (with its instance, so that it can be begun on claim),
+-- or aside while the request is paused
+local function queue(req, blob, inst)
   if req.status == 'paused' then
     redis.call('RPUSH', KEYS[5], blob)
   else
-    redis.call('XADD', KEYS[8], '*', 't', blob)
+    redis.call('XADD', KEYS[8], '*', 't', blob, 'i', inst)
   end
+end
+
+-- mark a claimed task running, unless it must not run: its request ended or the
+-- instance is done (acked: dropped), or the request is paused (acked: held).
+-- `r` is the request's hash key; the others are derived from it. 1 if begun.
+local function begin_task(r, group, receipt, blob, inst, attempt)
+  local f = redis.call('HMGET', r, 'status')
+  local status = f[1]
+  if not status or FINISHED[status] or redis.call('HEXISTS', r .. ':i', 'd|' .. inst) == 1 then
+    ack(group, receipt)
+    return 0
+  end
+  if status == 'paused' then
+    if blob ~= '' then
+      redis.call('RPUSH', r .. ':h', blob)
+    end
+    ack(group, receipt)
+    return 0
+  end
+  if status ~= 'running' then
+    redis.call('HSET', r, 'status', 'running')
+  end
+  local address = string.gsub(inst, ':[a-z]+$', '')
+  redis.call('HSET', r .. ':v', 's|' .. address, 'running', 'a|' .. address, attempt)
+  redis.call('HSETNX', r .. ':v', 'b|' .. address, fmt(now()))
+  return 1
 end
 
 local function glob_escape(s)
@@ -94,9 +122,9 @@ local function gather(inst)
   return table.concat(parts)
 end
 
-local function fire(req, step, keys, inputs)
+local function fire(req, inst, step, keys, inputs)
   local blob = ns(req.id) .. ns(req.flow) .. ns(req.version) .. ns(step) .. ns(keys) .. ns('1')
-  queue(req, blob .. inputs)
+  queue(req, blob .. inputs, inst)
 end
 
 -- apply `count` deliveries found in ARGV from index `first` on, six values each:
@@ -110,7 +138,7 @@ local function apply(req, first, count)
     if redis.call('HEXISTS', KEYS[3], 'f|' .. inst) == 0 then
       if needed == 1 then
         redis.call('HSET', KEYS[3], 'f|' .. inst, '1')
-        fire(req, step, keys, ns(slot) .. ns(value))
+        fire(req, inst, step, keys, ns(slot) .. ns(value))
       elseif redis.call('HSETNX', KEYS[4], inst .. '\0' .. slot, value) == 1 then
         if needed < 0 then
           needed = tonumber(redis.call('HGET', KEYS[3], 'n|' .. inst)) or -1
@@ -121,7 +149,7 @@ local function apply(req, first, count)
         if needed >= 0 and have >= needed then
           redis.call('HDEL', KEYS[3], 'n|' .. inst, 'c|' .. inst)
           redis.call('HSET', KEYS[3], 'f|' .. inst, '1')
-          fire(req, step, keys, gather(inst))
+          fire(req, inst, step, keys, gather(inst))
         end
       end
     end
@@ -171,26 +199,14 @@ return 1
 
 -- @script begin
 -- ARGV: id, group, receipt, instance, address, attempt
-local req = request()
-if not req or FINISHED[req.status] or redis.call('HEXISTS', KEYS[3], 'd|' .. ARGV[4]) == 1 then
-  ack(ARGV[2], ARGV[3])
-  return 0
-end
-if req.status == 'paused' then
+local blob = ''
+if redis.call('HGET', KEYS[1], 'status') == 'paused' then
   local entry = redis.call('XRANGE', KEYS[8], ARGV[3], ARGV[3])
   if entry[1] then
-    redis.call('RPUSH', KEYS[5], entry[1][2][2])
+    blob = entry[1][2][2]
   end
-  ack(ARGV[2], ARGV[3])
-  return 0
 end
-if req.status ~= 'running' then
-  redis.call('HSET', KEYS[1], 'status', 'running')
-end
-local address = ARGV[5]
-redis.call('HSET', KEYS[2], 's|' .. address, 'running', 'a|' .. address, ARGV[6])
-redis.call('HSETNX', KEYS[2], 'b|' .. address, fmt(now()))
-return 1
+return begin_task(KEYS[1], ARGV[2], ARGV[3], blob, ARGV[4], ARGV[6])
 
 -- @script complete
 -- ARGV: id, group, receipt, instance, address, output ('' or 'd' .. bytes), finished, result,
@@ -211,9 +227,27 @@ if req and not FINISHED[req.status] and redis.call('HEXISTS', KEYS[3], 'd|' .. A
   end
 end
 ack(ARGV[2], ARGV[3])
+-- read up to `claim` new tasks for this consumer, and begin those that say their
+-- instance (any request's: their keys are derived from this request's key prefix)
 local claim = tonumber(ARGV[11])
 if claim > 0 then
-  return redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[10], 'COUNT', claim, 'STREAMS', KEYS[8], '>')
+  local res = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[10], 'COUNT', claim, 'STREAMS', KEYS[8], '>')
+  if not res then
+    return false
+  end
+  local entries, began = res[1][2], {}
+  local base = string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[1] - 1)
+  for j, entry in ipairs(entries) do
+    local fields = entry[2]
+    began[j] = -1
+    if fields and fields[3] == 'i' then
+      local blob = fields[2]
+      local colon = string.find(blob, ':', 1, true)
+      local rid = string.sub(blob, colon + 1, colon + tonumber(string.sub(blob, 1, colon - 1)))
+      began[j] = begin_task(base .. rid .. '}', ARGV[2], entry[1], blob, fields[4], '1')
+    end
+  end
+  return { entries, began }
 end
 return false
 

@@ -7,7 +7,8 @@ and becomes ready once, however often its task is delivered.
 
 Key layout (``P`` is the prefix, ``flowloom`` by default; ``{id}`` a request id)::
 
-    P:tasks              stream    ready tasks; field ``t`` holds the task blob
+    P:tasks              stream    ready tasks; field ``t`` holds the task blob, ``i``
+                                   its instance (so that a completion can begin it)
                                    (consumer group ``workers``; a pending entry is a
                                    task some worker has claimed and not acked yet)
     P:delayed            zset      retries waiting for their time: blob -> due (ms)
@@ -156,6 +157,7 @@ class RedisBackend(Backend):
         self._threads: list[threading.Thread] = []
         self._workers: dict[str, Callable[[], Mapping[str, object]]] = {}
         self._deferred = threading.local()  # .call: a completion not sent yet (_Deferred)
+        self._begun: set[str] = set()  # receipts of tasks marked running when claimed
 
     # -- keys ----------------------------------------------------------------------------------
     def _keys(self, request_id: str) -> list[str]:
@@ -420,6 +422,15 @@ class RedisBackend(Backend):
             return task
 
     def begin(self, task: Task, instance: str, address: str) -> bool:
+        with self._cond:
+            if task.receipt in self._begun:  # begun when it was claimed (``complete``)
+                self._begun.discard(task.receipt)
+                begun_already = True
+            else:
+                begun_already = False
+        if begun_already:
+            self.flush()
+            return True
         args = [task.request_id, GROUP, task.receipt, instance, address, task.attempt]
         began = bool(self._with_deferred("begin", self._keys(task.request_id), args))
         if not began:
@@ -446,7 +457,15 @@ class RedisBackend(Backend):
     def _completed(self, task: Task, claimed: Any) -> None:
         self._release(task)
         if claimed:
-            self._take(claimed[0][1])
+            entries, began = claimed
+            kept = [entry for entry, flag in zip(entries, began, strict=True) if flag != 0]
+            with self._cond:
+                self._begun.update(
+                    entry[0].decode()
+                    for entry, flag in zip(entries, began, strict=True)
+                    if flag == 1
+                )
+            self._take(kept)
 
     def retry(self, task: Task, address: str, delay: float, error: ErrorInfo) -> None:
         blob = codec.encode_task(replace(task, attempt=task.attempt + 1, receipt=""))
@@ -548,6 +567,7 @@ class RedisBackend(Backend):
     def _release(self, task: Task) -> None:
         with self._cond:
             self._held.pop(task.receipt, None)
+            self._begun.discard(task.receipt)
 
     def _start_fetcher(self, consumer: str) -> None:
         if self._consumer is not None:
@@ -674,6 +694,7 @@ class RedisBackend(Backend):
                 stale.append(self._buffer.popleft()[1].receipt)
             for receipt in stale:
                 self._held.pop(receipt, None)
+                self._begun.discard(receipt)
         self._run("handback", [self.tasks_key], [GROUP, *stale])
 
     def close(self) -> None:
@@ -690,6 +711,7 @@ class RedisBackend(Backend):
             receipts = list(self._held)
             self._held.clear()
             self._buffer.clear()
+            self._begun.clear()
         try:
             if receipts:
                 self._run("handback", [self.tasks_key], [GROUP, *receipts])

@@ -1,0 +1,38 @@
+"""Redis-only behaviour of the backend: what the contract suite cannot see."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from flowloom import Status
+from flowloom.backends import Backend
+from test_backend_contract import claim, complete, ids, linear, plan_of, submit
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_completion_reads_and_begins_the_next_task(
+    make_redis_backend: Callable[..., Any],
+) -> None:
+    backend: Backend = make_redis_backend()
+    plan = plan_of(linear)
+    submit(backend, plan)
+    first = claim(backend)
+    assert backend.begin(first, *ids(plan, first))
+    complete(backend, plan, first, b"A")
+    backend.flush()
+    # the script that completed "a" also read "b" for this process and marked it
+    # running: one round trip per hop of a chain
+    state = backend.state("r1")
+    assert state is not None
+    assert state.vertices["b"].status is Status.RUNNING
+    assert state.vertices["b"].started is not None
+    second = claim(backend)
+    assert second.step == "b"
+    assert backend.begin(second, *ids(plan, second))
+    complete(backend, plan, second, b"B")
+    assert backend.wait("r1", 5) is Status.COMPLETED
+    assert backend.result("r1") == b"B"

@@ -96,8 +96,14 @@ class Step:
 
     def instance(self, keys: tuple[str, ...]) -> str:
         """A unique id of one run of this step: its address, plus ``:split``/``:join``."""
+        return self.names(keys)[0]
+
+    def names(self, keys: tuple[str, ...]) -> tuple[str, str]:
+        """The instance id and the address of one run of this step, formatted once."""
         address = self.template.format(*keys) if keys else self.template
-        return address if self.kind is StepKind.RUN else f"{address}:{self.kind.value}"
+        if self.kind is StepKind.RUN:
+            return address, address
+        return f"{address}:{self.kind.value}", address
 
 
 @dataclass(frozen=True, eq=False)

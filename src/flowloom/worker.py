@@ -86,7 +86,7 @@ class Worker:
             log.exception("flowloom: internal error running %s of %s", task.step, task.request_id)
 
     def _run(self, plan: Plan, step: Step, task: Task) -> None:
-        instance, address = step.instance(task.keys), step.address(task.keys)
+        instance, address = step.names(task.keys)
         if not self.backend.begin(task, instance, address):
             return
         record_options = self._options(task)

@@ -3,6 +3,7 @@
 from .context import Context
 from .dag import Dag, Workflow
 from .errors import (
+    BackendUnavailable,
     DefinitionError,
     DuplicateRequest,
     FlowloomError,
@@ -15,6 +16,7 @@ from .errors import (
     RequestNotFound,
     RequestStopped,
     ResultTimeout,
+    StepError,
 )
 from .service import FlowService
 from .types import ErrorInfo, Request, RequestState, Status, VertexState
@@ -22,6 +24,7 @@ from .types import ErrorInfo, Request, RequestState, Status, VertexState
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BackendUnavailable",
     "Context",
     "Dag",
     "DefinitionError",
@@ -41,6 +44,7 @@ __all__ = [
     "RequestStopped",
     "ResultTimeout",
     "Status",
+    "StepError",
     "VertexState",
     "Workflow",
     "__version__",

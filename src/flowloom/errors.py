@@ -8,6 +8,8 @@ FlowloomError
 ├── DuplicateRequest       a request with that id exists already
 ├── NotRunning             control call on a request that has finished
 ├── NoOutput               no output for that vertex (unknown, or not completed)
+├── BackendUnavailable     the backend cannot be reached or fails (after a bounded wait)
+├── StepError              user code broke a rule (a bad return value, an unknown key...)
 └── RequestError           a request did not produce a result
     ├── RequestFailed      a vertex failed; ``error`` holds what happened
     ├── RequestStopped     the request was stopped
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from .types import ErrorInfo
 
 __all__ = [
+    "BackendUnavailable",
     "DefinitionError",
     "DuplicateRequest",
     "FlowNotFound",
@@ -34,6 +37,7 @@ __all__ = [
     "RequestNotFound",
     "RequestStopped",
     "ResultTimeout",
+    "StepError",
 ]
 
 
@@ -72,6 +76,17 @@ class NotRunning(FlowloomError):
 
 class NoOutput(FlowloomError):
     """A vertex instance has no output: no such address, or it has not completed."""
+
+
+class BackendUnavailable(FlowloomError):
+    """The backend cannot be reached or fails; raised after a bounded wait.
+
+    The message names the backend (its URL without any password) and the cause.
+    """
+
+
+class StepError(FlowloomError):
+    """User code broke a rule flowloom enforces (a bad return value, an unknown key...)."""
 
 
 class RequestError(FlowloomError):

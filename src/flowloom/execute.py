@@ -17,14 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import unescape_key
+from .errors import StepError
 from .plan import PASSTHROUGH, Step, StepKind
 from .types import Options
 
 __all__ = ["Caller", "NodeFailed", "Outcome", "StepError", "run_step", "to_bytes"]
-
-
-class StepError(Exception):
-    """User code broke a rule flowloom enforces (a bad return value, an unknown key...)."""
 
 
 class NodeFailed(Exception):

@@ -450,12 +450,8 @@ class _Api:
         return _json({"workers": [_jsonable(w) for w in found]})
 
     async def health(self, request: HTTPRequest) -> Response:
-        backend = self.service.backend
-        probe: Callable[[], object] = getattr(backend, "ping", None) or (
-            lambda: backend.state("flowloom-health-probe")
-        )
         try:
-            await _call(probe)
+            await _call(self.service.backend.ping)
         except Exception as exc:
             log.warning("health check failed: %s: %s", type(exc).__name__, exc)
             return _json({"status": "unavailable", "error": str(exc)}, code=503)

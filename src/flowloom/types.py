@@ -67,14 +67,21 @@ class Request:
 
 @dataclass(frozen=True)
 class ErrorInfo:
-    """What went wrong, where: the vertex instance address, exception type and message."""
+    """What went wrong, where: the vertex instance address, exception type and message,
+    and the formatted traceback of the user code that raised (empty for rule errors)."""
 
     vertex: str
     type: str
     message: str
+    traceback: str = ""
 
     def to_json(self) -> dict[str, str]:
-        return {"vertex": self.vertex, "type": self.type, "message": self.message}
+        return {
+            "vertex": self.vertex,
+            "type": self.type,
+            "message": self.message,
+            "traceback": self.traceback,
+        }
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class RequestState:
     ended: float | None = None
     error: ErrorInfo | None = None
     vertices: Mapping[str, VertexState] = field(default_factory=dict)
+    trace_id: str | None = None  # the request's OpenTelemetry trace id (hex), when traced
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,4 +128,5 @@ class RequestState:
             "ended": self.ended,
             "error": self.error.to_json() if self.error else None,
             "vertices": {a: v.to_json() for a, v in self.vertices.items()},
+            "trace_id": self.trace_id,
         }

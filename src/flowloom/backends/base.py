@@ -155,6 +155,10 @@ class Backend(abc.ABC):
         """Live workers, each ``describe()`` plus ``last_seen`` (epoch seconds)."""
         return []
 
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Check that the backend answers; ``BackendUnavailable`` (bounded wait) if not."""
+
     def flush(self) -> None:  # noqa: B027 - optional
         """Send what this thread has left to send. A backend may defer a completion until
         the same thread's next call (to send it with that call); every other method of

@@ -324,6 +324,9 @@ class MemoryBackend(Backend):
         with self._lock:
             self._workers.pop(name, None)
 
+    def ping(self) -> None:
+        """Always answers: the embedded backend lives in this process."""
+
     def workers(self) -> list[dict[str, object]]:
         with self._lock:
             describers = list(self._workers.values())

@@ -697,6 +697,9 @@ class RedisBackend(Backend):
                 self._begun.discard(receipt)
         self._run("handback", [self.tasks_key], [GROUP, *stale])
 
+    def ping(self) -> None:
+        self._redis.ping()
+
     def close(self) -> None:
         """Stop fetching, hand back the tasks this process holds, release connections."""
         self.flush()

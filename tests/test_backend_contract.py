@@ -227,7 +227,7 @@ def test_retry_queues_the_next_attempt_after_the_delay(backend: Backend) -> None
     task = claim(backend)
     assert begin(backend, plan, task)
     error = ErrorInfo("a", "ValueError", "boom")
-    backend.retry(task, "a", 0.3, error)
+    backend.retry(task, "a", "a", 0.3, error)
     state = backend.state("r1")
     assert state is not None
     assert state.vertices["a"].status is Status.QUEUED
@@ -253,7 +253,7 @@ def test_fail_ends_the_request_with_the_error(backend: Backend) -> None:
     b, c = sorted(claim_all(backend, 2), key=lambda t: t.step)
     assert begin(backend, plan, b)
     error = ErrorInfo("b", "ValueError", "boom")
-    backend.fail(b, "b", error)
+    backend.fail(b, "b", "b", error)
     assert backend.wait("r1", 5) is Status.FAILED
     state = backend.state("r1")
     assert state is not None
@@ -264,7 +264,7 @@ def test_fail_ends_the_request_with_the_error(backend: Backend) -> None:
     # what was still on its way does not run, nor change anything
     assert not begin(backend, plan, c)
     complete(backend, plan, c, b"C")
-    backend.fail(c, "c", ErrorInfo("c", "X", "later"))
+    backend.fail(c, "c", "c", ErrorInfo("c", "X", "later"))
     after = backend.state("r1")
     assert after is not None
     assert after.error == error
@@ -596,7 +596,7 @@ def test_summary_gives_flow_status_result_and_error(backend: Backend) -> None:
     task = claim(backend)
     assert begin(backend, plan, task)
     error = ErrorInfo("a", "KeyError", "'x'")
-    backend.fail(task, "a", error)
+    backend.fail(task, "a", "a", error)
     assert backend.summary("r2") == Summary("flow", Status.FAILED, None, error)
 
 

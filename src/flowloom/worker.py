@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 
 from . import context, engine
@@ -39,6 +40,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._call = Caller()
         self._queries: dict[str, Options] = {}  # request id -> handler options, recent ones
+        self._outage = _Outage()
 
     @property
     def running(self) -> bool:
@@ -59,9 +61,20 @@ class Worker:
             thread.join(timeout)
 
     def _loop(self) -> None:
+        """Claim and run tasks until stopped. A failing backend never ends the thread: it
+        is logged once per outage, and the loop backs off and carries on."""
+        backoff = 0.0
         try:
             while not self._stopping.is_set():
-                task = self.backend.claim(self.name, 0.2)
+                try:
+                    task = self.backend.claim(self.name, 0.2)
+                except Exception as exc:
+                    self._outage.failed(exc)
+                    backoff = min(2.0, max(0.05, backoff * 2))
+                    self._stopping.wait(backoff)
+                    continue
+                backoff = 0.0
+                self._outage.succeeded()
                 if task is not None:
                     self.execute(task)
         finally:
@@ -98,7 +111,7 @@ class Worker:
             try:
                 outcome = run_step(step, task.inputs, record_options, self._call)
             except Exception as exc:
-                outcome = self._recover(step, task, address, exc)
+                outcome = self._recover(step, task, instance, address, exc)
             if outcome is None:
                 return
             if outcome.branches is not None:
@@ -112,7 +125,9 @@ class Worker:
         finally:
             context.leave(token)
 
-    def _recover(self, step: Step, task: Task, address: str, exc: Exception) -> Outcome | None:
+    def _recover(
+        self, step: Step, task: Task, instance: str, address: str, exc: Exception
+    ) -> Outcome | None:
         """After a failed attempt: retry, fall back to the node's failure handler, or fail."""
         data = b""
         if isinstance(exc, NodeFailed) and isinstance(exc.__cause__, Exception):
@@ -120,14 +135,14 @@ class Worker:
         error = _error_info(address, exc)
         if step.kind is StepKind.RUN and task.attempt <= step.retries:
             delay = engine.retry_delay(task.attempt, step.backoff)
-            self.backend.retry(task, address, delay, error)
+            self.backend.retry(task, instance, address, delay, error)
             return None
         if step.on_failure is not None:
             try:
                 return Outcome(to_bytes(self._call(step.on_failure, exc, data), "on_failure"))
             except Exception as fallback_exc:
                 error = _error_info(address, fallback_exc)
-        self.backend.fail(task, address, error)
+        self.backend.fail(task, instance, address, error)
         return None
 
     def _options(self, task: Task) -> Options:
@@ -174,7 +189,33 @@ class Worker:
             if task.flow in self.registry.names()
             else f"flow {task.flow!r} is not registered on worker"
         )
-        self.backend.fail(task, task.step, ErrorInfo(task.step, "FlowNotFound", why))
+        self.backend.fail(task, "", task.step, ErrorInfo(task.step, "FlowNotFound", why))
+
+
+class _Outage:
+    """The worker's view of its backend: a WARNING when claiming starts to fail, an INFO
+    when it works again; nothing in between, however many threads retry."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None
+
+    def failed(self, exc: Exception) -> None:
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        log.warning(
+            "flowloom: worker cannot claim tasks (%s: %s); backing off", type(exc).__name__, exc
+        )
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        with self._lock:
+            since, self._since = self._since, None
+        if since is not None:
+            log.info("flowloom: worker reconnected after %.1fs", time.monotonic() - since)
 
 
 def _error_info(address: str, exc: BaseException) -> ErrorInfo:

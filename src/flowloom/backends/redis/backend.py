@@ -181,7 +181,7 @@ class RedisBackend(Backend):
 
     # -- the worker's side ---------------------------------------------------------------------
     def claim(self, worker: str, timeout: float) -> Task | None:
-        return self._guard(lambda: self._consumer.claim(worker, timeout))
+        return self._guard(lambda: self._consumer.claim(worker, timeout), contacts=False)
 
     def begin(self, task: Task, instance: str, address: str) -> bool:
         return self._guard(lambda: self._consumer.begin(task, instance, address))
@@ -189,7 +189,10 @@ class RedisBackend(Backend):
     def complete(
         self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition
     ) -> None:
-        self._guard(lambda: self._consumer.complete(task, instance, address, output, transition))
+        self._guard(
+            lambda: self._consumer.complete(task, instance, address, output, transition),
+            contacts=False,
+        )
 
     def retry(
         self, task: Task, instance: str, address: str, delay: float, error: ErrorInfo

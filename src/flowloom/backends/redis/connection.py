@@ -114,7 +114,9 @@ class Guard:
         self.retry_for = retry_for
         self.on_nogroup = on_nogroup
 
-    def __call__(self, call: Callable[[], T]) -> T:
+    def __call__(self, call: Callable[[], T], *, contacts: bool = True) -> T:
+        """``call()``; ``contacts``: whether its success shows that Redis answers (a call
+        that may not talk to Redis at all does not end an outage)."""
         give_up: float | None = None
         delay = 0.01
         regroup = False
@@ -144,7 +146,8 @@ class Guard:
             except redis.RedisError as exc:
                 self.health.failed(exc)
                 raise self.unavailable(exc) from exc
-            self.health.succeeded()
+            if contacts:
+                self.health.succeeded()
             return result
 
     def unavailable(self, exc: BaseException) -> BackendUnavailable:

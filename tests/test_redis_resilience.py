@@ -411,6 +411,16 @@ def test_a_reused_id_stays_listed(make_redis_backend: Callable[..., RedisBackend
         fs.backend.sweep()  # drops the old request's expiry entry, not the new request
         assert [s.request_id for s in fs.requests("slow")] == ["again"]
         assert [s.request_id for s in fs.requests()] == ["again"]
+        # reused by another flow: listed there, and no longer under the old one
+        fs.register("diamond", APP.diamond)
+        fs.execute("slow", Request(body=b"0", request_id="moved"))
+        fs.stop("slow", "moved")
+        time.sleep(0.6)
+        fs.execute("diamond", Request(body=b"x", request_id="moved"))
+        fs.backend.sweep()
+        assert [s.request_id for s in fs.requests("diamond")] == ["moved"]
+        assert [s.request_id for s in fs.requests("slow")] == ["again"]
+        assert {s.request_id for s in fs.requests()} == {"again", "moved"}
 
 
 def test_consumers_long_gone_are_dropped_from_the_group(

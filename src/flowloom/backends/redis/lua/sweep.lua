@@ -9,11 +9,15 @@ local gone = redis.call('ZRANGEBYSCORE', expiries_key, '-inf', t, 'LIMIT', 0, li
 for _, member in ipairs(gone) do
   local sep = string.find(member, '\0', 1, true)
   local flow, id = string.sub(member, 1, sep - 1), string.sub(member, sep + 1)
-  local live = redis.call('HGET', request_prefix .. '{' .. id .. '}', 'flow')
-  if not live then
+  -- the id names another request now if its key exists, of another flow or not ended
+  -- (no TTL); else it is this one (its key may outlive its entry here by a millisecond)
+  local key = request_prefix .. '{' .. id .. '}'
+  local live = redis.call('HGET', key, 'flow')
+  local reused = live and (live ~= flow or redis.call('PTTL', key) == -1)
+  if not reused then
     redis.call('ZREM', requests_key, id)
   end
-  if live ~= flow then
+  if not (reused and live == flow) then
     redis.call('ZREM', flow_index_prefix .. '{' .. flow .. '}', id)
   end
 end

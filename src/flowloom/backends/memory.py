@@ -9,7 +9,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 
 from ..engine import Transition
 from ..errors import DuplicateRequest, NotRunning, RequestNotFound
@@ -72,10 +72,10 @@ class _Request:
         r = self.record
         vertices = self.frozen if self.run is None else tuple(
             (a, v.status.value, v.started, v.ended, v.attempts,
-             (v.error.vertex, v.error.type, v.error.message) if v.error else None, v.output)
+             astuple(v.error) if v.error else None, v.output)
             for a, v in self.run.vertices.items()
         )  # fmt: skip
-        error = (self.error.vertex, self.error.type, self.error.message) if self.error else None
+        error = astuple(self.error) if self.error else None
         blob = marshal.dumps((
             r.request_id, r.flow, r.version, r.body, dict(r.query), dict(r.headers), r.created,
             r.has_hooks, self.status.value, self.ended, self.result, error, vertices,

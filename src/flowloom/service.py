@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from . import engine
+from . import engine, logs
 from .backends import Backend, MemoryBackend, RequestRecord, Summary
 from .errors import (
     FlowloomError,
@@ -236,6 +236,7 @@ class FlowService:
 
     def start_worker(self) -> None:
         """Run a worker until SIGINT or SIGTERM (blocking)."""
+        logs.configure()
         self._ensure_worker()
         _wait_for_signal()
         self.close()
@@ -252,6 +253,7 @@ class FlowService:
     def _serve(self, with_worker: bool) -> None:
         from .http import serve
 
+        logs.configure()
         if with_worker:
             self._ensure_worker()
         try:

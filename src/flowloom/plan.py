@@ -179,6 +179,9 @@ def _plain(value: Any) -> Any:
 
 
 def _code_name(fn: object) -> str:
+    """A function's qualified name, without its module: one app file is ``__main__`` in the
+    process that runs it as a script and has its own name where it is imported, and both
+    must agree on the version."""
     if isinstance(fn, functools.partial):
         return (
             f"functools.partial({_code_name(fn.func)}, {len(fn.args)} args, {sorted(fn.keywords)})"
@@ -187,9 +190,9 @@ def _code_name(fn: object) -> str:
         fn = fn.__func__
     qualname = getattr(fn, "__qualname__", None)
     if isinstance(qualname, str):
-        return f"{getattr(fn, '__module__', None)}.{qualname}"
+        return qualname
     kind = type(fn)  # a callable object: its class
-    return f"{kind.__module__}.{kind.__qualname__}()"
+    return f"{kind.__qualname__}()"
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import threading
@@ -14,7 +13,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from . import engine
+from . import engine, logs
 from .backends import Backend, MemoryBackend, RequestRecord, Summary, deadline
 from .errors import (
     FlowloomError,
@@ -25,13 +24,12 @@ from .errors import (
     RequestStopped,
     ResultTimeout,
 )
+from .names import REQUEST_ID
 from .registry import DefineWorkflow, Registry
 from .types import Options, Request, RequestState, Status
 from .worker import Worker
 
 __all__ = ["FlowService"]
-
-REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
 class FlowService:
@@ -256,6 +254,7 @@ class FlowService:
 
     def start_worker(self) -> None:
         """Run a worker until SIGINT or SIGTERM (blocking)."""
+        logs.configure()
         self._ensure_worker()
         _wait_for_signal()
         self.close()
@@ -272,6 +271,7 @@ class FlowService:
     def _serve(self, with_worker: bool) -> None:
         from .http import serve
 
+        logs.configure()
         if with_worker:
             self._ensure_worker()
         try:

@@ -225,12 +225,10 @@ class RedisBackend(Backend):
 
     def ping(self) -> None:
         """``BackendUnavailable`` unless Redis answers within about a second."""
-        try:
+        try:  # a probe: its failure is the caller's to report, not logged here
             self._quick.ping()
         except redis.RedisError as exc:
-            self.health.failed(exc)
             raise self._guard.unavailable(exc) from exc
-        self.health.succeeded()
 
     def close(self) -> None:
         """Stop fetching, hand back the tasks this process holds, release connections."""

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from . import engine, logs
-from .backends import Backend, MemoryBackend, RequestRecord, Summary
+from .backends import Backend, MemoryBackend, RequestRecord, Summary, deadline
 from .errors import (
     FlowloomError,
     InvalidRequest,
@@ -46,7 +46,11 @@ class FlowService:
 
     ``port``/``host``: where ``start``/``start_server`` serve HTTP. ``retention``:
     seconds a finished request is kept. ``redis_prefix``: the prefix of every Redis
-    key. ``token``/``hmac_secret``: see the HTTP API. ``otlp_endpoint`` and
+    key. ``token``/``hmac_secret``: see the HTTP API. ``max_deliveries`` (Redis): a
+    task delivered that many times, its worker dying each time, fails its request.
+    A backend that cannot be reached raises ``BackendUnavailable`` after a bounded
+    wait; ``result(timeout=)`` and ``run(timeout=)`` return by their deadline
+    (give or take well under a second) whatever the backend does. ``otlp_endpoint`` and
     ``enable_monitoring`` are accepted (GoFlow's names) but not used yet: tracing
     and metrics are not built.
     """
@@ -65,6 +69,7 @@ class FlowService:
         backend: Backend | None = None,
         token: str | None = None,
         hmac_secret: str | None = None,
+        max_deliveries: int = 5,
     ) -> None:
         self.port = port
         self.host = host
@@ -76,6 +81,7 @@ class FlowService:
         self.redis_prefix = redis_prefix
         self.token = token  # HTTP bearer token (else FLOWLOOM_TOKEN); see docs/http.md
         self.hmac_secret = hmac_secret  # HTTP X-Hub-Signature secret (else FLOWLOOM_HMAC_SECRET)
+        self.max_deliveries = max_deliveries  # Redis: deliveries of a task that kills its worker
         self.registry = Registry()
         self.backend = backend or self._make_backend()
         self.embedded = isinstance(self.backend, MemoryBackend)
@@ -88,7 +94,12 @@ class FlowService:
             return MemoryBackend(retention=self.retention)
         from .backends.redis import RedisBackend
 
-        return RedisBackend(self.redis_url, prefix=self.redis_prefix, retention=self.retention)
+        return RedisBackend(
+            self.redis_url,
+            prefix=self.redis_prefix,
+            retention=self.retention,
+            max_deliveries=self.max_deliveries,
+        )
 
     # -- flows -----------------------------------------------------------------------------
     def register(self, name: str, define_workflow: DefineWorkflow) -> None:
@@ -139,10 +150,11 @@ class FlowService:
     def result(self, name: str, request_id: str, timeout: float | None = None) -> bytes:
         """Wait for the request's result; raises ``RequestFailed``, ``RequestStopped`` or
         ``ResultTimeout`` if it does not complete (``timeout=None`` waits for ever)."""
-        summary = self._summary(name, request_id)
-        if not summary.status.finished:
-            self.backend.wait(request_id, timeout)
+        with deadline(timeout):  # a backend that cannot be reached gives up by then
             summary = self._summary(name, request_id)
+            if not summary.status.finished:
+                self.backend.wait(request_id, timeout)
+                summary = self._summary(name, request_id)
         if summary.status is Status.COMPLETED:
             return summary.result or b""
         if summary.status is Status.FAILED:
@@ -170,8 +182,14 @@ class FlowService:
     def run(
         self, name: str, request: Request | bytes | str | None = None, timeout: float | None = None
     ) -> bytes:
-        """Execute a request and wait for its result: ``execute`` then ``result``."""
-        return self.result(name, self.execute(name, request), timeout)
+        """Execute a request and wait for its result: ``execute`` then ``result``, the two
+        within ``timeout`` seconds."""
+        if timeout is None:
+            return self.result(name, self.execute(name, request))
+        until = time.monotonic() + timeout
+        with deadline(timeout):
+            request_id = self.execute(name, request)
+            return self.result(name, request_id, max(0.0, until - time.monotonic()))
 
     def pause(self, name: str, request_id: str) -> Status:
         """Hold the request once its running tasks finish; ``resume`` continues it."""

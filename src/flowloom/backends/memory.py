@@ -288,10 +288,12 @@ class MemoryBackend(Backend):
             if transition.finished:
                 self._finish(request, Status.COMPLETED, result=transition.result)
 
-    def retry(self, task: Task, address: str, delay: float, error: ErrorInfo) -> None:
+    def retry(
+        self, task: Task, instance: str, address: str, delay: float, error: ErrorInfo
+    ) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None:
+            if request is None or request.run is None or instance in request.run.done:
                 return
             vertex = request.vertex(address)
             vertex.status, vertex.error = Status.QUEUED, error
@@ -301,10 +303,10 @@ class MemoryBackend(Backend):
             )
             self._ready.notify()
 
-    def fail(self, task: Task, address: str, error: ErrorInfo) -> None:
+    def fail(self, task: Task, instance: str, address: str, error: ErrorInfo) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None:
+            if request is None or request.run is None or instance in request.run.done:
                 return
             vertex = request.vertex(address)
             vertex.status, vertex.error, vertex.ended = Status.FAILED, error, time.time()

@@ -13,7 +13,7 @@ import uuid
 
 from . import context, engine
 from .backends import HOOKS, Backend, MemoryBackend, Task
-from .execute import Caller, NodeFailed, Outcome, StepError, run_step, to_bytes, user_traceback
+from .execute import Caller, NodeFailed, Outcome, error_info, run_step, to_bytes
 from .plan import Plan, Step, StepKind
 from .registry import Registry
 from .types import ErrorInfo, Options, Status
@@ -144,7 +144,7 @@ class Worker:
         data = b""
         if isinstance(exc, NodeFailed) and isinstance(exc.__cause__, Exception):
             data, exc = exc.data, exc.__cause__
-        error = _error_info(address, exc)
+        error = error_info(address, exc)
         if step.kind is StepKind.RUN and task.attempt <= step.retries:
             delay = engine.retry_delay(task.attempt, step.backoff)
             _log_failure(task, step, error, f"retrying in {delay:g}s", logging.WARNING)
@@ -155,7 +155,7 @@ class Worker:
             try:
                 return Outcome(to_bytes(self._call(step.on_failure, exc, data), "on_failure"))
             except Exception as fallback_exc:
-                error = _error_info(address, fallback_exc)
+                error = error_info(address, fallback_exc)
                 _log_failure(
                     task, step, error, "on_failure raised: the request fails", logging.ERROR
                 )
@@ -210,11 +210,6 @@ class Worker:
         )
         log.error("request %s: %s", task.request_id, why)
         self.backend.fail(task, task.step, ErrorInfo(task.step, "FlowNotFound", why))
-
-
-def _error_info(address: str, exc: BaseException) -> ErrorInfo:
-    kind = "StepError" if isinstance(exc, StepError) else type(exc).__name__
-    return ErrorInfo(address, kind, str(exc) or repr(exc), user_traceback(exc))
 
 
 def _log_failure(task: Task, step: Step, error: ErrorInfo, then: str, level: int) -> None:

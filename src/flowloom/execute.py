@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -253,23 +253,15 @@ class _TimedAttempt:
         self.thread.start()
         return future
 
-    def _stack(self, task: asyncio.Future[bytes]) -> str:
+    def _stack(self, task: asyncio.Task[bytes]) -> str:
         """The user code's frames of the running handler, formatted, with the error line."""
-        frames: list[FrameType] = []
-        thread = self.thread
-        top = sys._current_frames().get(thread.ident or -1) if thread is not None else None
-        if thread is not None and thread.is_alive() and top is not None:
+        thread, top = self.thread, None
+        if thread is not None and thread.is_alive() and thread.ident is not None:
+            top = sys._current_frames().get(thread.ident)
+        if top is not None:  # a sync handler, on its thread
             frames = [frame for frame, _ in traceback.walk_stack(top)][::-1]
-        else:
-            awaited: Any = getattr(task, "get_coro", lambda: None)()
-            while awaited is not None:
-                frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
-                if frame is None:
-                    break
-                frames.append(frame)
-                awaited = getattr(awaited, "cr_await", None) or getattr(
-                    awaited, "gi_yieldfrom", None
-                )
+        else:  # async handlers, suspended
+            frames = list(_awaiting(task.get_coro()))
         summary = _from_user_code(traceback.StackSummary.extract((f, f.f_lineno) for f in frames))
         if not summary:
             return ""
@@ -278,6 +270,16 @@ class _TimedAttempt:
             + "".join(summary.format())
             + f"TimeoutError: timed out after {self.timeout:g}s\n"
         )
+
+
+def _awaiting(awaitable: object) -> Iterator[FrameType]:
+    """The frames of a suspended coroutine and of the ones it awaits, outermost first."""
+    while True:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+        if frame is None:
+            return
+        yield frame
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -307,7 +309,7 @@ def user_traceback(exc: BaseException) -> str:
 
     flowloom's own frames that lead to the user's code are left out (as are asyncio's and
     threading's); what the user's code called stays in. An error raised outside user
-    code (a ``StepError``, a timeout) has no user frames, and so no traceback.
+    code (a ``StepError``) has no user frames, and so no traceback.
     Tracebacks longer than ``TRACEBACK_LIMIT`` characters keep their start and their end.
     """
     if isinstance(exc, StepError):

@@ -27,7 +27,6 @@ from .types import ErrorInfo, Options
 __all__ = [
     "CANCEL_GRACE",
     "Caller",
-    "HandlerTimeout",
     "NodeFailed",
     "Outcome",
     "StepError",
@@ -42,11 +41,13 @@ TRACEBACK_LIMIT = 16_000  # characters of a traceback kept in a request's state
 
 
 class NodeFailed(Exception):
-    """A node's handlers failed on ``data`` (the node's input); ``__cause__`` says why."""
+    """A node's handlers failed on ``data`` (the node's input); ``__cause__`` says why.
+    ``stack``: where the handler was when its time ran out (a timeout), else ""."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, stack: str = "") -> None:
         super().__init__("node failed")
         self.data = data
+        self.stack = stack
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +107,13 @@ def run_step(
     data = _input(step, inputs, call)
     if step.kind is StepKind.SPLIT:
         return Outcome(data, _split(step, data, call))
+    attempt = None if step.timeout is None else _TimedAttempt(step.timeout)
     try:
-        if step.timeout is None:
+        if attempt is None:
             return Outcome(_pipe(step, data, options, call))
-        return Outcome(call.run(_TimedAttempt(step.timeout).run(step, data, options)))
+        return Outcome(call.run(attempt.run(step, data, options)))
     except Exception as exc:
-        raise NodeFailed(data) from exc
+        raise NodeFailed(data, attempt.stack if attempt else "") from exc
 
 
 def _input(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> bytes:
@@ -181,14 +183,6 @@ def _join(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> bytes
     return next(iter(outputs.values())) if outputs else passthrough
 
 
-class HandlerTimeout(TimeoutError):
-    """A node's attempt ran out of time; ``stack`` is where its handler was then."""
-
-    def __init__(self, timeout: float, stack: str) -> None:
-        super().__init__(f"timed out after {timeout:g}s")
-        self.stack = stack
-
-
 class _TimedAttempt:
     """One attempt of a node with a timeout, run as a coroutine on the worker thread's loop.
 
@@ -200,17 +194,18 @@ class _TimedAttempt:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.thread: threading.Thread | None = None  # the sync handler's thread, if running
+        self.stack = ""  # where the handler was when the time ran out
 
     async def run(self, step: Step, data: bytes, options: Options) -> bytes:
         task = asyncio.ensure_future(self._pipe(step, data, options))
         done, _ = await asyncio.wait({task}, timeout=self.timeout)
         if done:
             return task.result()
-        stack = self._stack(task)
+        self.stack = self._stack(task)
         task.cancel()
         task.add_done_callback(_retrieve)
         await asyncio.wait({task}, timeout=CANCEL_GRACE)  # its finally blocks run
-        raise HandlerTimeout(self.timeout, stack)
+        raise TimeoutError(f"timed out after {self.timeout:g}s")
 
     async def _pipe(self, step: Step, data: bytes, options: Options) -> bytes:
         for handler in step.handlers:
@@ -295,13 +290,12 @@ _OWN_CODE = (  # where the frames that lead to user code live: flowloom, asyncio
 )
 
 
-def error_info(address: str, exc: BaseException) -> ErrorInfo:
+def error_info(address: str, exc: BaseException, stack: str = "") -> ErrorInfo:
     """What a failed attempt at ``address`` records: where, which error, and the user
-    code's traceback (for a timeout: where the handler was when its time ran out)."""
-    if isinstance(exc, HandlerTimeout):
-        return ErrorInfo(address, "TimeoutError", str(exc), _capped(exc.stack))
+    code's traceback (``stack`` instead, for a timeout: where the handler was then)."""
     kind = "StepError" if isinstance(exc, StepError) else type(exc).__name__
-    return ErrorInfo(address, kind, str(exc) or repr(exc), user_traceback(exc))
+    trace = _capped(stack) if stack else user_traceback(exc)
+    return ErrorInfo(address, kind, str(exc) or repr(exc), trace)
 
 
 def user_traceback(exc: BaseException) -> str:

@@ -141,10 +141,10 @@ class Worker:
 
     def _recover(self, step: Step, task: Task, address: str, exc: Exception) -> Outcome | None:
         """After a failed attempt: retry, fall back to the node's failure handler, or fail."""
-        data = b""
+        data, stack = b"", ""
         if isinstance(exc, NodeFailed) and isinstance(exc.__cause__, Exception):
-            data, exc = exc.data, exc.__cause__
-        error = error_info(address, exc)
+            data, stack, exc = exc.data, exc.stack, exc.__cause__
+        error = error_info(address, exc, stack)
         if step.kind is StepKind.RUN and task.attempt <= step.retries:
             delay = engine.retry_delay(task.attempt, step.backoff)
             _log_failure(task, step, error, f"retrying in {delay:g}s", logging.WARNING)

@@ -184,7 +184,10 @@ def run(
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--query")
         options.setdefault(key, []).append(value)
     with service:
-        request_id = service.execute(flow, Request(body=body, query=options))
+        try:
+            request_id = service.execute(flow, Request(body=body, query=options))
+        except FlowloomError as exc:  # a bad request, an unreachable backend
+            raise AppError(str(exc)) from exc
         try:
             result = service.result(flow, request_id, timeout=timeout)
         except FlowloomError as exc:

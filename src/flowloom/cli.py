@@ -15,6 +15,7 @@ import click
 
 from .errors import FlowloomError
 from .graph import to_dot, to_mermaid
+from .http.server import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LIMIT_CONCURRENCY
 from .processes import run_worker_processes
 from .service import FlowService
 from .types import Request
@@ -107,6 +108,9 @@ def _configured(
         redis_prefix=service.redis_prefix,
         token=service.token,
         hmac_secret=service.hmac_secret,
+        callback_allow=service.callback_allow,
+        max_bytes=service.max_bytes,
+        max_queued=service.max_queued,
     )
     for name, define in service.registry.definitions.items():
         _register(fresh, name, define)
@@ -227,15 +231,55 @@ def flows(app: str) -> None:
     show_default=True,
     help="Also run a worker in this process.",
 )
+@click.option(
+    "--limit-concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_LIMIT_CONCURRENCY,
+    show_default=True,
+    help="Open connections (or running calls) past which calls get 503.",
+)
+@click.option(
+    "--keep-alive",
+    type=click.IntRange(min=1),
+    default=DEFAULT_KEEP_ALIVE,
+    show_default=True,
+    help="Seconds an idle connection stays open.",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_HEADER_TIMEOUT,
+    show_default=True,
+    help="Seconds a client has to send a request's head before its connection is closed.",
+)
+@click.option(
+    "--forwarded-allow-ips",
+    default="",
+    help="Comma-separated proxy addresses whose X-Forwarded-For is trusted (default: none).",
+)
 def serve(
-    app: str, host: str | None, port: int | None, redis_url: str | None, worker: bool
+    app: str,
+    host: str | None,
+    port: int | None,
+    redis_url: str | None,
+    worker: bool,
+    limit_concurrency: int,
+    keep_alive: int,
+    header_timeout: float,
+    forwarded_allow_ips: str,
 ) -> None:
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
     service = _configured(app, redis_url, None, port, host)
+    options = {
+        "limit_concurrency": limit_concurrency,
+        "keep_alive": keep_alive,
+        "header_timeout": header_timeout,
+        "forwarded_allow_ips": [ip.strip() for ip in forwarded_allow_ips.split(",") if ip.strip()],
+    }
     if worker:
-        service.start()
+        service.start(**options)
     else:
-        service.start_server()
+        service.start_server(**options)
 
 
 @main.command()

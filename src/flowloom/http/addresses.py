@@ -53,8 +53,8 @@ def refusal(address: Address, allow: Sequence[Network] = ()) -> str | None:
         ("loopback", address.is_loopback),
         ("link-local", address.is_link_local),
         ("multicast", address.is_multicast),
-        ("private", address.is_private),
         ("reserved", address.is_reserved),
+        ("private", address.is_private),
     )
     for kind, found in kinds:
         if found:

@@ -6,7 +6,7 @@ Bounded on every side, so that no receiver, however slow, holds up anything else
   execute answers 429 before running anything);
 - they wait without threads: the backend tells when a request ends (``Backend.listen``),
   or, on a backend that cannot, one task checks every waiting request once a ``sweep``;
-- at most ``in_flight`` POSTs are sent at once, on one async httpx client, each attempt
+- at most ``in_flight`` POSTs are sent at once, on one async connection pool, each attempt
   within a total ``deadline`` (connect, headers and body together);
 - at most ``attempts`` attempts, ``backoff`` doubling between them; a 4xx other than
   408 and 429 is final;
@@ -20,6 +20,7 @@ The URL's credentials go to the receiver (as basic auth) but never into a log.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
+import httpcore
 import httpx
 
 from ..backends import Backend
@@ -47,6 +49,7 @@ log = logging.getLogger("flowloom.http")
 
 MAX_URL = 2048
 FINAL = "final"  # the receiver refused for good
+SEND_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError)
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ class Callbacks:
         self._in_flight = in_flight
         self._watcher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpcore.AsyncConnectionPool | None = None
         self._unlisten: Callable[[], None] | None = None
         self._listening = False
 
@@ -260,14 +263,17 @@ class Callbacks:
                         self.api.settings.callback_allow,
                         self.resolver,
                     )
-                    response = await self._post(target, address, body, headers)
+                    code = await self._post(target, address, body, headers)
             except TimeoutError:
                 return f"no answer within {self.deadline:g} s"
             except ValueError as exc:
                 return str(exc)
-            except httpx.HTTPError as exc:
+            except (
+                httpcore.TimeoutException,
+                httpcore.NetworkError,
+                httpcore.ProtocolError,
+            ) as exc:
                 return type(exc).__name__
-        code = response.status_code
         if 200 <= code < 300:
             return None
         if 400 <= code < 500 and code not in (408, 429):
@@ -277,31 +283,34 @@ class Callbacks:
 
     async def _post(
         self, target: Target, address: addresses.Address, body: bytes, headers: dict[str, str]
-    ) -> httpx.Response:
+    ) -> int:
         """POST to ``address``, the checked one, with the URL's host in ``Host`` (and as
-        the TLS server name)."""
+        the TLS server name); the answer's status code (its body is not read). httpcore,
+        not httpx: httpx logs every URL it calls, query included."""
         url = target.url
-        pinned = url.copy_with(host=str(address), username=None, password=None)
-        host = url.host if url.port is None else f"{url.host}:{url.port}"
-        auth = httpx.BasicAuth(url.username, url.password) if url.username else None
-        response = await self._http().post(
-            pinned,
+        sent = {**headers, "Host": url.netloc.decode("ascii").rpartition("@")[2]}
+        if url.username:
+            userinfo = f"{url.username}:{url.password}".encode()
+            sent["Authorization"] = "Basic " + base64.b64encode(userinfo).decode()
+        timeout = dict.fromkeys(("connect", "read", "write", "pool"), self.deadline)
+        async with self._http().stream(
+            "POST",
+            httpcore.URL(
+                scheme=url.raw_scheme,
+                host=str(address).encode(),
+                port=target.port,
+                target=url.raw_path,
+            ),
+            headers=list(sent.items()),
             content=body,
-            headers={**headers, "Host": host},
-            auth=auth or httpx.USE_CLIENT_DEFAULT,
-            extensions={"sni_hostname": url.host},
-        )
-        await response.aclose()
-        return response
+            extensions={"timeout": timeout, "sni_hostname": url.host},
+        ) as response:
+            return response.status
 
-    def _http(self) -> httpx.AsyncClient:
+    def _http(self) -> httpcore.AsyncConnectionPool:
         if self._client is None:
-            limits = httpx.Limits(max_connections=self._in_flight, max_keepalive_connections=4)
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.deadline),
-                limits=limits,
-                follow_redirects=False,
-                trust_env=False,  # no proxy from the environment: the address was checked
+            self._client = httpcore.AsyncConnectionPool(
+                max_connections=self._in_flight, max_keepalive_connections=4
             )
         return self._client
 

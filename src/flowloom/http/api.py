@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
+import redis
 from starlette.applications import Starlette
 from starlette.responses import Response
 
 from ..errors import (
+    BackendUnavailable,
     DuplicateRequest,
     FlowNotFound,
     InvalidRequest,
@@ -36,13 +38,15 @@ from .waiting import Waiter
 if TYPE_CHECKING:
     from ..service import FlowService
 
-__all__ = ["Api", "call", "http_errors"]
+__all__ = ["UNAVAILABLE", "Api", "call", "http_errors"]
 
 T = TypeVar("T")
 
 log = logging.getLogger("flowloom.http")
 
 HEALTH_TIMEOUT = 1.0
+# what a backend that cannot be reached raises (the Redis client's own errors included)
+UNAVAILABLE = (BackendUnavailable, redis.ConnectionError, redis.TimeoutError)
 
 
 class Api:
@@ -119,3 +123,6 @@ def http_errors() -> Iterator[None]:
         raise BadInput(400, str(exc)) from exc
     except Overloaded as exc:
         raise BadInput(429, str(exc), {"Retry-After": "1"}) from exc
+    except UNAVAILABLE as exc:
+        log.warning("backend unavailable: %s: %s", type(exc).__name__, exc)
+        raise BadInput(503, "the backend is unavailable", {"Retry-After": "1"}) from exc

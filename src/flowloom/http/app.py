@@ -14,10 +14,9 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..errors import BackendUnavailable
 from . import inputs, responses, routes, spec
 from .accesslog import RequestIdLog
-from .api import Api
+from .api import UNAVAILABLE, Api
 from .auth import BearerAuth
 from .endpoints import ENDPOINTS, Endpoint
 from .inputs import BadInput
@@ -118,14 +117,7 @@ async def _http_exception(request: HTTPRequest, exc: Exception) -> Response:
 
 
 async def _server_error(request: HTTPRequest, exc: Exception) -> Response:
-    if _unavailable(exc):
-        log.warning("backend unavailable: %s: %s", type(exc).__name__, exc)
+    """A bug: a 500 (Starlette then raises ``exc`` again for the server to log)."""
+    if isinstance(exc, UNAVAILABLE):  # from a call outside ``api.call``
         return responses.error(503, "the backend is unavailable", {"Retry-After": "1"})
-    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
     return responses.error(500, "internal server error")
-
-
-def _unavailable(exc: BaseException) -> bool:
-    from redis.exceptions import ConnectionError, TimeoutError
-
-    return isinstance(exc, BackendUnavailable | ConnectionError | TimeoutError | OSError)

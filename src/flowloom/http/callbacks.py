@@ -182,7 +182,11 @@ class Callbacks:
             if full:
                 last_sweep = time.monotonic()
             if ids:
-                found = await anyio.to_thread.run_sync(_statuses, backend, ids)
+                try:
+                    found = await anyio.to_thread.run_sync(_statuses, backend, ids)
+                except Exception as exc:  # the backend is down: check again next sweep
+                    log.warning("callbacks: cannot read request statuses: %s", exc)
+                    found = {}
                 for request_id, status in found.items():
                     if status is None or status.finished:
                         self._ended(request_id, status)

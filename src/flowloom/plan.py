@@ -147,9 +147,10 @@ def version_of(plan: Plan) -> str:
     """A digest of everything in ``plan`` that decides how it runs.
 
     Every field of every step goes in (names, edges, retries, backoff, timeouts, ...),
-    and every function by its qualified name (``module.qualname``), as do the hooks: the
-    same definition gives the same version in every process, and changing anything but
-    the body of a function gives a new one.
+    and every function by its qualified name, as do the hooks: the same definition gives
+    the same version in every process, and changing anything but the body of a function
+    gives a new one. Not the module's name: one app file is ``__main__`` in one process,
+    ``flowloom_app_NAME`` under the CLI and ``NAME`` when imported.
     """
     described = {
         "name": plan.name,
@@ -179,9 +180,6 @@ def _plain(value: Any) -> Any:
 
 
 def _code_name(fn: object) -> str:
-    """A function's qualified name, without its module: one app file is ``__main__`` in the
-    process that runs it as a script and has its own name where it is imported, and both
-    must agree on the version."""
     if isinstance(fn, functools.partial):
         return (
             f"functools.partial({_code_name(fn.func)}, {len(fn.args)} args, {sorted(fn.keywords)})"
@@ -191,8 +189,7 @@ def _code_name(fn: object) -> str:
     qualname = getattr(fn, "__qualname__", None)
     if isinstance(qualname, str):
         return qualname
-    kind = type(fn)  # a callable object: its class
-    return f"{kind.__qualname__}()"
+    return f"{type(fn).__qualname__}()"  # a callable object: its class
 
 
 @dataclass

@@ -13,7 +13,7 @@ import uuid
 
 from . import context, engine
 from .backends import HOOKS, Backend, MemoryBackend, Task
-from .execute import Caller, NodeFailed, Outcome, StepError, run_step, to_bytes, user_traceback
+from .execute import Caller, NodeFailed, Outcome, error_info, run_step, to_bytes
 from .plan import Plan, Step, StepKind
 from .registry import Registry
 from .types import ErrorInfo, Options, Status
@@ -155,10 +155,10 @@ class Worker:
         self, step: Step, task: Task, instance: str, address: str, exc: Exception
     ) -> Outcome | None:
         """After a failed attempt: retry, fall back to the node's failure handler, or fail."""
-        data = b""
+        data, stack = b"", ""
         if isinstance(exc, NodeFailed) and isinstance(exc.__cause__, Exception):
-            data, exc = exc.data, exc.__cause__
-        error = _error_info(address, exc)
+            data, stack, exc = exc.data, exc.stack, exc.__cause__
+        error = error_info(address, exc, stack)
         if step.kind is StepKind.RUN and task.attempt <= step.retries:
             delay = engine.retry_delay(task.attempt, step.backoff)
             _log_failure(task, step, error, f"retrying in {delay:g}s", logging.WARNING)
@@ -169,7 +169,7 @@ class Worker:
             try:
                 return Outcome(to_bytes(self._call(step.on_failure, exc, data), "on_failure"))
             except Exception as fallback_exc:
-                error = _error_info(address, fallback_exc)
+                error = error_info(address, fallback_exc)
                 _log_failure(
                     task, step, error, "on_failure raised: the request fails", logging.ERROR
                 )
@@ -250,11 +250,6 @@ class _Outage:
             since, self._since = self._since, None
         if since is not None:
             log.info("flowloom: worker reconnected after %.1fs", time.monotonic() - since)
-
-
-def _error_info(address: str, exc: BaseException) -> ErrorInfo:
-    kind = "StepError" if isinstance(exc, StepError) else type(exc).__name__
-    return ErrorInfo(address, kind, str(exc) or repr(exc), user_traceback(exc))
 
 
 def _log_failure(task: Task, step: Step, error: ErrorInfo, then: str, level: int) -> None:

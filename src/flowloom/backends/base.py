@@ -199,6 +199,13 @@ class Backend(abc.ABC):
         """Live workers, each ``describe()`` plus ``last_seen`` (epoch seconds)."""
         return []
 
+    def listen(self, listener: Callable[[str, Status], None]) -> Callable[[], None] | None:
+        """Call ``listener(request_id, status)`` when a request ends, from the thread that
+        ends it (so it must be quick and must not call the backend). Returns a function
+        that stops the calls, or None if this backend cannot tell (callers then check
+        the status themselves)."""
+        return None
+
     @abc.abstractmethod
     def ping(self) -> None:
         """Check that the backend answers; ``BackendUnavailable`` (bounded wait) if not."""

@@ -224,8 +224,9 @@ class RedisBackend(Backend):
         return self._call(self._heartbeats.workers)
 
     def ping(self) -> None:
-        """``BackendUnavailable`` unless Redis answers within about a second."""
-        try:  # a probe: its failure is the caller's to report, not logged here
+        """``BackendUnavailable`` unless Redis answers within about a second. A probe: the
+        caller reports the answer, so a failure is not logged here."""
+        try:
             self._quick.ping()
         except redis.RedisError as exc:
             raise self._guard.unavailable(exc) from exc

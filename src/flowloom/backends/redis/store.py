@@ -54,8 +54,16 @@ class RequestStore:
             "1" if record.has_hooks else "0",
             *codec.delivery_args(transition.deliveries),
         ]
-        if not self._scripts("submit", keys, args):
+        if not self._scripts("submit", keys, args) and not self._is_ours(record):
             raise DuplicateRequest(f"request {record.request_id!r} exists already")
+
+    def _is_ours(self, record: RequestRecord) -> bool:
+        """Whether the request that exists is ``record`` itself: a submit sent again after
+        its reply was lost (a timeout) must not report its own request as a duplicate."""
+        flow, created = self._redis.hmget(
+            self.keys.request(record.request_id).request, "flow", "created"
+        )
+        return flow == record.flow.encode() and created == repr(record.created).encode()
 
     def state(self, request_id: str) -> RequestState | None:
         keys = self.keys.request(request_id)

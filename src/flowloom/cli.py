@@ -135,9 +135,10 @@ def _check_backend(service: FlowService) -> None:
         raise AppError(f"the backend at {where} did not answer within {STARTUP_CHECK:g}s")
     error = answer[0]
     if isinstance(error, FlowloomError):
-        raise AppError(str(error))
+        raise AppError(" ".join(str(error).split()))  # one line, whatever the cause says
     if error is not None:
-        raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {error}")
+        cause = " ".join(str(error).split())
+        raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {cause}")
 
 
 def _flow(service: FlowService, flow: str) -> None:

@@ -226,25 +226,3 @@ def test_one_app_file_gives_one_version_under_any_module_name(tmp_path):
         versions.add(module.fs.registry.latest("f").version)
         module.fs.close()
     assert len(versions) == 1
-
-
-def test_one_app_file_has_one_version_under_any_module_name() -> None:
-    """A worker runs an app file as ``__main__``; a client imports it by name: same version."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent / "apps" / "fault_worker.py"
-    from flowloom.registry import Registry
-
-    versions = []
-    for module_name in ("__flowloom_app_one__", "__flowloom_app_two__"):
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        registry = Registry()
-        for name, define in module.FLOWS.items():
-            registry.register(name, define)
-        versions.append({name: registry.latest(name).version for name in module.FLOWS})
-    assert versions[0] == versions[1]

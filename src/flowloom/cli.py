@@ -17,6 +17,7 @@ import click
 from . import logs
 from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
+from .http.server import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LIMIT_CONCURRENCY
 from .processes import run_worker_processes
 from .service import FlowService
 from .types import Request
@@ -260,6 +261,32 @@ def flows(app: str) -> None:
     help="Also run a worker in this process.",
 )
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@click.option(
+    "--limit-concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_LIMIT_CONCURRENCY,
+    show_default=True,
+    help="Open connections (or running calls) past which calls get 503.",
+)
+@click.option(
+    "--keep-alive",
+    type=click.IntRange(min=1),
+    default=DEFAULT_KEEP_ALIVE,
+    show_default=True,
+    help="Seconds an idle connection stays open.",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_HEADER_TIMEOUT,
+    show_default=True,
+    help="Seconds a client has to send a request's head before its connection is closed.",
+)
+@click.option(
+    "--forwarded-allow-ips",
+    default="",
+    help="Comma-separated proxy addresses whose X-Forwarded-For is trusted (default: none).",
+)
 def serve(
     app: str,
     host: str | None,
@@ -267,16 +294,26 @@ def serve(
     redis_url: str | None,
     worker: bool,
     log_level: str,
+    limit_concurrency: int,
+    keep_alive: int,
+    header_timeout: float,
+    forwarded_allow_ips: str,
 ) -> None:
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
     logs.configure(log_level.upper())
     service = _configured(app, redis_url, None, port, host)
     _check_backend(service)
+    options = {
+        "limit_concurrency": limit_concurrency,
+        "keep_alive": keep_alive,
+        "header_timeout": header_timeout,
+        "forwarded_allow_ips": [ip.strip() for ip in forwarded_allow_ips.split(",") if ip.strip()],
+    }
     try:
         if worker:
-            service.start()
+            service.start(**options)
         else:
-            service.start_server()
+            service.start_server(**options)
     except FlowloomError as exc:
         raise AppError(str(exc)) from exc
 

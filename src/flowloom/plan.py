@@ -180,9 +180,6 @@ def _plain(value: Any) -> Any:
 
 
 def _code_name(fn: object) -> str:
-    """A function's qualified name, without its module: one app file is ``__main__`` in the
-    process that runs it as a script and has its own name where it is imported, and both
-    must agree on the version."""
     if isinstance(fn, functools.partial):
         return (
             f"functools.partial({_code_name(fn.func)}, {len(fn.args)} args, {sorted(fn.keywords)})"

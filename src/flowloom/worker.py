@@ -41,6 +41,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._call = Caller()
         self._queries: dict[str, Options] = {}  # request id -> handler options, recent ones
+        self._outage = _Outage()
 
     def start(self) -> None:
         if self._threads:
@@ -83,9 +84,20 @@ class Worker:
             log.info("worker %s stopped", self.name)
 
     def _loop(self) -> None:
+        """Claim and run tasks until stopped. A failing backend never ends the thread: it
+        is logged once per outage, and the loop backs off and carries on."""
+        backoff = 0.0
         try:
             while not self._stopping.is_set():
-                task = self.backend.claim(self.name, 0.2)
+                try:
+                    task = self.backend.claim(self.name, 0.2)
+                except Exception as exc:
+                    self._outage.failed(exc)
+                    backoff = min(2.0, max(0.05, backoff * 2))
+                    self._stopping.wait(backoff)
+                    continue
+                backoff = 0.0
+                self._outage.succeeded()
                 if task is not None:
                     self.execute(task)
         finally:
@@ -125,7 +137,7 @@ class Worker:
             except Exception as exc:
                 failure = exc
             if failure is not None:  # outside the except: an on_failure error is not chained
-                outcome = self._recover(step, task, address, failure)
+                outcome = self._recover(step, task, instance, address, failure)
             if outcome is None:
                 return
             if outcome.branches is not None:
@@ -139,7 +151,9 @@ class Worker:
         finally:
             context.leave(token)
 
-    def _recover(self, step: Step, task: Task, address: str, exc: Exception) -> Outcome | None:
+    def _recover(
+        self, step: Step, task: Task, instance: str, address: str, exc: Exception
+    ) -> Outcome | None:
         """After a failed attempt: retry, fall back to the node's failure handler, or fail."""
         data, stack = b"", ""
         if isinstance(exc, NodeFailed) and isinstance(exc.__cause__, Exception):
@@ -148,7 +162,7 @@ class Worker:
         if step.kind is StepKind.RUN and task.attempt <= step.retries:
             delay = engine.retry_delay(task.attempt, step.backoff)
             _log_failure(task, step, error, f"retrying in {delay:g}s", logging.WARNING)
-            self.backend.retry(task, address, delay, error)
+            self.backend.retry(task, instance, address, delay, error)
             return None
         if step.on_failure is not None:
             _log_failure(task, step, error, "running its on_failure handler", logging.WARNING)
@@ -161,7 +175,7 @@ class Worker:
                 )
         else:
             _log_failure(task, step, error, "the request fails", logging.ERROR)
-        self.backend.fail(task, address, error)
+        self.backend.fail(task, instance, address, error)
         return None
 
     def _options(self, task: Task) -> Options:
@@ -209,7 +223,33 @@ class Worker:
             else f"flow {task.flow!r} is not registered on worker"
         )
         log.error("request %s: %s", task.request_id, why)
-        self.backend.fail(task, task.step, ErrorInfo(task.step, "FlowNotFound", why))
+        self.backend.fail(task, "", task.step, ErrorInfo(task.step, "FlowNotFound", why))
+
+
+class _Outage:
+    """The worker's view of its backend: a WARNING when claiming starts to fail, an INFO
+    when it works again; nothing in between, however many threads retry."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None
+
+    def failed(self, exc: Exception) -> None:
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        log.warning(
+            "flowloom: worker cannot claim tasks (%s: %s); backing off", type(exc).__name__, exc
+        )
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        with self._lock:
+            since, self._since = self._since, None
+        if since is not None:
+            log.info("flowloom: worker reconnected after %.1fs", time.monotonic() - since)
 
 
 def _log_failure(task: Task, step: Step, error: ErrorInfo, then: str, level: int) -> None:

@@ -130,7 +130,7 @@ def test_an_unreachable_backend_is_one_line_and_status_2(tmp_path: Path, command
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("Error: ")
     assert url.rsplit("/", 1)[0] in lines[0]
-    assert took < STARTUP_CHECK + 5
+    assert took < STARTUP_CHECK  # the backend gave up on its own, before the backstop
 
 
 def test_worker_refuses_an_app_without_redis_url(tmp_path: Path):

@@ -300,9 +300,9 @@ def serve(
     forwarded_allow_ips: str,
 ) -> None:
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
-    logs.configure(log_level.upper())
     service = _configured(app, redis_url, None, port, host)
     _check_backend(service)
+    logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     options = {
         "limit_concurrency": limit_concurrency,
         "keep_alive": keep_alive,
@@ -342,7 +342,6 @@ def worker(
 ) -> None:
     """Run a worker for APP's flows until SIGINT/SIGTERM (SIGTERM lets running tasks
     finish, for 10 s at most)."""
-    logs.configure(log_level.upper())
     service = _configured(app, redis_url, concurrency, None, None)
     if service.embedded:
         service.close()
@@ -352,6 +351,7 @@ def worker(
             "pass --redis-url (or run `flowloom serve`, which runs a worker beside the server)"
         )
     _check_backend(service)
+    logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     try:
         run_worker_processes(service, processes)
     except FlowloomError as exc:

@@ -131,15 +131,16 @@ def _check_backend(service: FlowService) -> None:
     thread = threading.Thread(target=ping, name="flowloom-startup-check", daemon=True)
     thread.start()
     thread.join(STARTUP_CHECK)
+    if answer == [None]:
+        return
     where = backend_name(service.backend)
     if not answer:
         raise AppError(f"the backend at {where} did not answer within {STARTUP_CHECK:g}s")
     error = answer[0]
     if isinstance(error, FlowloomError):
         raise AppError(" ".join(str(error).split()))  # one line, whatever the cause says
-    if error is not None:
-        cause = " ".join(str(error).split())
-        raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {cause}")
+    cause = " ".join(str(error).split())
+    raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {cause}")
 
 
 def _flow(service: FlowService, flow: str) -> None:

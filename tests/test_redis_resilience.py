@@ -232,7 +232,7 @@ def test_redis_refusing_writes_for_a_while_loses_no_task_and_no_thread(
             admin.config_set("maxmemory", 0)
             for request_id, body in ids.items():
                 assert fs.result("diamond", request_id, timeout=60) == b"b:" + body + b"|c:" + body
-            assert worker.running
+            assert all(thread.is_alive() for thread in worker._threads)
             eventually(lambda: backend._consumer.held() == 0, 10, "no task held")
     finally:
         admin.close()

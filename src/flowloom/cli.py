@@ -131,14 +131,16 @@ def _check_backend(service: FlowService) -> None:
     thread = threading.Thread(target=ping, name="flowloom-startup-check", daemon=True)
     thread.start()
     thread.join(STARTUP_CHECK)
+    if answer == [None]:
+        return
     where = backend_name(service.backend)
     if not answer:
         raise AppError(f"the backend at {where} did not answer within {STARTUP_CHECK:g}s")
     error = answer[0]
     if isinstance(error, FlowloomError):
-        raise AppError(str(error))
-    if error is not None:
-        raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {error}")
+        raise AppError(" ".join(str(error).split()))  # one line, whatever the cause says
+    cause = " ".join(str(error).split())
+    raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {cause}")
 
 
 def _flow(service: FlowService, flow: str) -> None:
@@ -299,9 +301,9 @@ def serve(
     forwarded_allow_ips: str,
 ) -> None:
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
-    logs.configure(log_level.upper())
     service = _configured(app, redis_url, None, port, host)
     _check_backend(service)
+    logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     options = {
         "limit_concurrency": limit_concurrency,
         "keep_alive": keep_alive,
@@ -341,7 +343,6 @@ def worker(
 ) -> None:
     """Run a worker for APP's flows until SIGINT/SIGTERM (SIGTERM lets running tasks
     finish, for 10 s at most)."""
-    logs.configure(log_level.upper())
     service = _configured(app, redis_url, concurrency, None, None)
     if service.embedded:
         service.close()
@@ -351,6 +352,7 @@ def worker(
             "pass --redis-url (or run `flowloom serve`, which runs a worker beside the server)"
         )
     _check_backend(service)
+    logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     try:
         run_worker_processes(service, processes)
     except FlowloomError as exc:

@@ -78,10 +78,10 @@ class _Request:
         r = self.record
         vertices = self.frozen if self.run is None else tuple(
             (a, v.status.value, v.started, v.ended, v.attempts,
-             (v.error.vertex, v.error.type, v.error.message) if v.error else None, v.output)
+             _plain(v.error), v.output)
             for a, v in self.run.vertices.items()
         )  # fmt: skip
-        error = (self.error.vertex, self.error.type, self.error.message) if self.error else None
+        error = _plain(self.error)
         blob = marshal.dumps((
             r.request_id, r.flow, r.version, r.body, dict(r.query), dict(r.headers), r.created,
             r.has_hooks, self.status.value, self.ended, self.result, error, vertices,
@@ -115,6 +115,10 @@ class _Request:
             vertex = self.run.vertices.get(address)
             return None if vertex is None else vertex.output
         return next((out for a, *_, out in self.frozen if a == address), None)
+
+
+def _plain(error: ErrorInfo | None) -> tuple[str, str, str, str] | None:
+    return None if error is None else (error.vertex, error.type, error.message, error.traceback)
 
 
 class MemoryBackend(Backend):
@@ -318,10 +322,12 @@ class MemoryBackend(Backend):
             if transition.finished:
                 self._finish(request, Status.COMPLETED, result=transition.result)
 
-    def retry(self, task: Task, address: str, delay: float, error: ErrorInfo) -> None:
+    def retry(
+        self, task: Task, instance: str, address: str, delay: float, error: ErrorInfo
+    ) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None:
+            if request is None or request.run is None or instance in request.run.done:
                 return
             vertex = request.vertex(address)
             vertex.status, vertex.error = Status.QUEUED, error
@@ -331,10 +337,10 @@ class MemoryBackend(Backend):
             )
             self._ready.notify()
 
-    def fail(self, task: Task, address: str, error: ErrorInfo) -> None:
+    def fail(self, task: Task, instance: str, address: str, error: ErrorInfo) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None:
+            if request is None or request.run is None or instance in request.run.done:
                 return
             vertex = request.vertex(address)
             vertex.status, vertex.error, vertex.ended = Status.FAILED, error, time.time()

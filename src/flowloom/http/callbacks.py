@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ __all__ = ["Callbacks", "Target", "parse_url"]
 log = logging.getLogger("flowloom.http")
 
 MAX_URL = 2048
+HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 FINAL = "final"  # the receiver refused for good
 SEND_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError)
 
@@ -78,6 +80,8 @@ def parse_url(value: str) -> Target:
         raise ValueError(str(exc) or "malformed URL") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError("must be an absolute http(s) URL")
+    if not (HOSTNAME.fullmatch(url.raw_host.decode("ascii")) or ":" in url.host):
+        raise ValueError(f"{url.host!r} is not a host name or address")
     if url.port is not None and not 0 < url.port < 65536:
         raise ValueError("the port must be from 1 to 65535")
     return Target(url)

@@ -18,6 +18,7 @@ from typing import Any
 
 from .engine import unescape_key
 from .errors import StepError
+from .observe import CallSpan
 from .plan import PASSTHROUGH, Step, StepKind
 from .types import Options
 
@@ -53,12 +54,19 @@ def to_bytes(value: object, what: str) -> bytes:
 
 class Caller:
     """Calls user functions from a worker thread; ``async def`` ones run on a loop kept
-    per thread."""
+    per thread. ``around(kind, fn)``, when given, wraps each call (a tracing span)."""
 
-    def __init__(self) -> None:
+    def __init__(self, around: CallSpan | None = None) -> None:
         self._local = threading.local()
+        self.around = around
 
-    def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def __call__(self, fn: Callable[..., Any], *args: Any, kind: str = "call") -> Any:
+        if self.around is None:
+            return self._call(fn, args)
+        with self.around(kind, fn):
+            return self._call(fn, args)
+
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         result = fn(*args)
         if inspect.isawaitable(result):
             runner = getattr(self._local, "runner", None)
@@ -88,7 +96,9 @@ def run_step(
     try:
         if step.timeout is None:
             return Outcome(_pipe(step, data, options, call))
-        return Outcome(_with_timeout(lambda: _pipe_alone(step, data, options), step.timeout))
+        return Outcome(
+            _with_timeout(lambda: _pipe_alone(step, data, options, call.around), step.timeout)
+        )
     except Exception as exc:
         raise NodeFailed(data) from exc
 
@@ -101,10 +111,10 @@ def _input(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> byte
             raise StepError(f"input {slot!r} is missing")
         forwarder = step.forwarders.get(slot)
         if forwarder is not None:
-            data = to_bytes(call(forwarder, data), f"forwarder of edge {slot!r}")
+            data = to_bytes(call(forwarder, data, kind="forwarder"), f"forwarder of edge {slot!r}")
         received[slot] = data
     if step.aggregator is not None:
-        return to_bytes(call(step.aggregator, received), "aggregator")
+        return to_bytes(call(step.aggregator, received, kind="aggregator"), "aggregator")
     if len(received) == 1:
         return next(iter(received.values()))
     return b""
@@ -113,13 +123,14 @@ def _input(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> byte
 def _pipe(step: Step, data: bytes, options: Options, call: Caller) -> bytes:
     for handler in step.handlers:
         data = to_bytes(
-            call(handler, data, options), f"handler {getattr(handler, '__name__', handler)!r}"
+            call(handler, data, options, kind="handler"),
+            f"handler {getattr(handler, '__name__', handler)!r}",
         )
     return data
 
 
-def _pipe_alone(step: Step, data: bytes, options: Options) -> bytes:
-    call = Caller()
+def _pipe_alone(step: Step, data: bytes, options: Options, around: CallSpan | None) -> bytes:
+    call = Caller(around)
     try:
         return _pipe(step, data, options, call)
     finally:
@@ -128,7 +139,7 @@ def _pipe_alone(step: Step, data: bytes, options: Options) -> bytes:
 
 def _split(step: Step, data: bytes, call: Caller) -> tuple[tuple[str, bytes], ...]:
     if step.condition is not None:
-        keys = call(step.condition, data)
+        keys = call(step.condition, data, kind="condition")
         if isinstance(keys, str) or not isinstance(keys, list | tuple | set | frozenset):
             raise StepError(f"condition returned {type(keys).__name__}, expected a list of keys")
         chosen: dict[str, bytes] = {}
@@ -139,7 +150,7 @@ def _split(step: Step, data: bytes, call: Caller) -> tuple[tuple[str, bytes], ..
             chosen[key] = data
         return tuple(chosen.items())
     assert step.foreach is not None
-    items = call(step.foreach, data)
+    items = call(step.foreach, data, kind="foreach")
     if not isinstance(items, Mapping):
         raise StepError(f"foreach returned {type(items).__name__}, expected a dict of key -> bytes")
     branches = []
@@ -158,7 +169,7 @@ def _join(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> bytes
         unescape_key(slot): data or b"" for slot, data in inputs.items() if slot != PASSTHROUGH
     }
     if step.aggregator is not None:
-        return to_bytes(call(step.aggregator, outputs), "aggregator")
+        return to_bytes(call(step.aggregator, outputs, kind="aggregator"), "aggregator")
     if step.branch == "foreach":
         return passthrough
     if len(outputs) > 1:

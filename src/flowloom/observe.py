@@ -1,0 +1,159 @@
+"""The named points where tracing and metrics hook into flowloom.
+
+An ``Observer`` has a no-op method per point; ``tracing.Tracing`` and
+``metrics.Metrics`` override the ones they need. The worker, the service and the
+HTTP app call them through ``Observers``, which runs each observer inside
+``try``/``except``: an observability failure is logged, never a task's or a
+request's failure. With no observer (tracing and monitoring off) every call is a
+loop over an empty tuple.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backends import RequestRecord, Task
+from .traceparent import TraceContext
+from .types import ErrorInfo, Status
+
+__all__ = ["Attempt", "CallSpan", "Observer", "Observers", "RequestInfo"]
+
+log = logging.getLogger("flowloom.observe")
+
+# Wraps one call of user code (``kind`` is "handler", "aggregator", ...; ``fn`` the callee).
+CallSpan = Callable[[str, Callable[..., Any]], AbstractContextManager[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What an observer needs to know of a request: whose it is, when it began, its trace."""
+
+    request_id: str
+    flow: str
+    created: float
+    trace: TraceContext | None
+
+    @classmethod
+    def of(cls, record: RequestRecord) -> RequestInfo:
+        return cls(
+            record.request_id, record.flow, record.created, TraceContext.decode(record.trace)
+        )
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One attempt at one task, from ``attempt_started`` to ``attempt_ended``.
+
+    ``vertex`` is the vertex path without item keys (a bounded metric label);
+    ``address`` the instance's address. The worker sets ``outcome`` ("completed",
+    "failed" or "retried") and ``error`` before ``attempt_ended``; ``span`` and
+    ``scope`` belong to the tracing observer.
+    """
+
+    task: Task
+    request: RequestInfo
+    kind: str  # "run", "split" or "join"
+    vertex: str
+    address: str
+    worker: str
+    outcome: str = "failed"
+    error: BaseException | None = None
+    started: float = field(default_factory=time.perf_counter)
+    span: Any = None
+    scope: Any = None
+
+
+class Observer:
+    """No-op hooks; override the ones you need. Each is called inside try/except."""
+
+    def request_started(self, record: RequestRecord) -> None:
+        """``execute`` has queued the request (in the process that called it)."""
+
+    def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
+        """The request ended (in the process that ended it: the worker that ran its last
+        or failing task, or the one that stopped it)."""
+
+    def attempt_started(self, attempt: Attempt) -> None:
+        """A worker thread is about to run the user code of a task (same thread as
+        ``attempt_ended``)."""
+
+    def attempt_ended(self, attempt: Attempt) -> None: ...
+
+    def task_redelivered(self, task: Task, vertex: str) -> None:
+        """A task was taken over from a worker that did not finish it."""
+
+    def callback_sent(self, outcome: str) -> None:
+        """An ``X-Callback-Url`` call ended: "delivered" or "failed"."""
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None: ...
+
+    def call_span(self) -> CallSpan | None:
+        """A wrapper for each call of user code (to trace it), or None."""
+        return None
+
+    def close(self) -> None:
+        """Flush and release what the observer holds (exporters, threads)."""
+
+
+class Observers:
+    """Every configured observer, each called inside try/except."""
+
+    def __init__(self, observers: Sequence[Observer] = ()) -> None:
+        self.all = tuple(observers)
+        self.call_span = next((s for o in self.all if (s := o.call_span()) is not None), None)
+
+    def __bool__(self) -> bool:
+        return bool(self.all)
+
+    def request_started(self, record: RequestRecord) -> None:
+        for observer in self.all:
+            with _guard(observer, "request_started"):
+                observer.request_started(record)
+
+    def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
+        for observer in self.all:
+            with _guard(observer, "request_ended"):
+                observer.request_ended(request, status, error)
+
+    def attempt_started(self, attempt: Attempt) -> None:
+        for observer in self.all:
+            with _guard(observer, "attempt_started"):
+                observer.attempt_started(attempt)
+
+    def attempt_ended(self, attempt: Attempt) -> None:
+        for observer in reversed(self.all):
+            with _guard(observer, "attempt_ended"):
+                observer.attempt_ended(attempt)
+
+    def task_redelivered(self, task: Task, vertex: str) -> None:
+        for observer in self.all:
+            with _guard(observer, "task_redelivered"):
+                observer.task_redelivered(task, vertex)
+
+    def callback_sent(self, outcome: str) -> None:
+        for observer in self.all:
+            with _guard(observer, "callback_sent"):
+                observer.callback_sent(outcome)
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        for observer in self.all:
+            with _guard(observer, "http_request"):
+                observer.http_request(route, method, status, seconds)
+
+    def close(self) -> None:
+        for observer in self.all:
+            with _guard(observer, "close"):
+                observer.close()
+
+
+@contextmanager
+def _guard(observer: Observer, point: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        log.exception("flowloom: %s.%s failed (ignored)", type(observer).__name__, point)

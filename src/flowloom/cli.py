@@ -89,6 +89,23 @@ def _register(service: FlowService, name: str, define: object) -> None:
 
 
 def _configured(
+    app: str,
+    redis_url: str | None,
+    concurrency: int | None,
+    port: int | None,
+    host: str | None,
+    monitoring: bool | None = None,
+    metrics_port: int | None = None,
+) -> FlowService:
+    service = _configured_backend(app, redis_url, concurrency, port, host)
+    if monitoring is not None:
+        service.enable_monitoring = monitoring
+    if metrics_port is not None:
+        service.metrics_port = metrics_port
+    return service
+
+
+def _configured_backend(
     app: str, redis_url: str | None, concurrency: int | None, port: int | None, host: str | None
 ) -> FlowService:
     service = load_service(app)
@@ -107,6 +124,9 @@ def _configured(
         redis_prefix=service.redis_prefix,
         token=service.token,
         hmac_secret=service.hmac_secret,
+        otlp_endpoint=service.otlp_endpoint,
+        enable_monitoring=service.enable_monitoring,
+        metrics_port=service.metrics_port,
     )
     for name, define in service.registry.definitions.items():
         _register(fresh, name, define)
@@ -118,6 +138,20 @@ def _flow(service: FlowService, flow: str) -> None:
     if flow not in service.flows():
         known = ", ".join(service.flows()) or "none"
         raise AppError(f"no flow {flow!r} (flows: {known})")
+
+
+_MONITORING = click.option(
+    "--monitoring/--no-monitoring",
+    default=True,
+    show_default=True,
+    help="Keep Prometheus metrics (needs the otel extra).",
+)
+_METRICS_PORT = click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve the metrics on this port too, without token (K processes: PORT..PORT+K-1).",
+)
 
 
 @click.group()
@@ -227,11 +261,19 @@ def flows(app: str) -> None:
     show_default=True,
     help="Also run a worker in this process.",
 )
+@_MONITORING
+@_METRICS_PORT
 def serve(
-    app: str, host: str | None, port: int | None, redis_url: str | None, worker: bool
+    app: str,
+    host: str | None,
+    port: int | None,
+    redis_url: str | None,
+    worker: bool,
+    monitoring: bool,
+    metrics_port: int | None,
 ) -> None:
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
-    service = _configured(app, redis_url, None, port, host)
+    service = _configured(app, redis_url, None, port, host, monitoring, metrics_port)
     if worker:
         service.start()
     else:
@@ -250,9 +292,18 @@ def serve(
     help="Worker processes to fork (needs Redis); each runs --concurrency tasks.",
 )
 @click.option("--redis-url", default=None, help="Use this Redis instead of the app's backend.")
-def worker(app: str, concurrency: int | None, processes: int, redis_url: str | None) -> None:
+@_MONITORING
+@_METRICS_PORT
+def worker(
+    app: str,
+    concurrency: int | None,
+    processes: int,
+    redis_url: str | None,
+    monitoring: bool,
+    metrics_port: int | None,
+) -> None:
     """Run a worker for APP's flows until SIGINT/SIGTERM."""
-    service = _configured(app, redis_url, concurrency, None, None)
+    service = _configured(app, redis_url, concurrency, None, None, monitoring, metrics_port)
     if processes == 1:
         service.start_worker()
         return

@@ -51,7 +51,7 @@ class Attempt:
 
     ``vertex`` is the vertex path without item keys (a bounded metric label);
     ``address`` the instance's address. The worker sets ``outcome`` ("completed",
-    "failed" or "retried") and ``error`` before ``attempt_ended``; ``span`` and
+    "failed" or "retried"), ``error`` and ``ended`` before ``attempt_ended``; ``span`` and
     ``scope`` belong to the tracing observer.
     """
 
@@ -64,6 +64,7 @@ class Attempt:
     outcome: str = "failed"
     error: BaseException | None = None
     started: float = field(default_factory=time.perf_counter)
+    ended: tuple[Status, ErrorInfo | None] | None = None  # the request ended with this attempt
     span: Any = None
     scope: Any = None
 

@@ -87,7 +87,10 @@ class Tracing(Observer):
         named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
             "OTEL_RESOURCE_ATTRIBUTES", ""
         )
-        resource = Resource.create({} if named else {"service.name": "flowloom"})
+        attributes: dict[str, str | int] = {"process.pid": os.getpid()}
+        if not named:
+            attributes["service.name"] = "flowloom"
+        resource = Resource.create(attributes)
         self._ids = _Ids()
         self.provider = TracerProvider(resource=resource, id_generator=self._ids)
         self.provider.add_span_processor(BatchSpanProcessor(exporter))

@@ -127,11 +127,13 @@ class Worker:
             if attempt is not None:
                 attempt.outcome = "completed"
                 if transition.finished:
-                    self.observers.request_ended(request, Status.COMPLETED, None)
+                    attempt.ended = (Status.COMPLETED, None)
         finally:
             context.leave(token)
             if attempt is not None:
                 self.observers.attempt_ended(attempt)
+                if attempt.ended is not None:
+                    self.observers.request_ended(request, *attempt.ended)
 
     def _recover(
         self, step: Step, task: Task, address: str, exc: Exception, attempt: Attempt | None
@@ -157,7 +159,7 @@ class Worker:
                 error = _error_info(address, fallback_exc)
         self.backend.fail(task, address, error)
         if attempt is not None:
-            self.observers.request_ended(attempt.request, Status.FAILED, error)
+            attempt.ended = (Status.FAILED, error)
         return None
 
     def _options(self, task: Task) -> Options:

@@ -3,9 +3,10 @@
 Each process counts what happens in it, in a registry of its own: the HTTP server
 counts the requests it starts and the HTTP calls it answers, each worker process
 the tasks it runs and the requests it ends. Prometheus scrapes every process and
-sums (``sum by (flow) (...)``). Label values are bounded: flow names, vertex paths
-without item keys (``users[]/verify``), outcomes, route templates; never a request
-id or a foreach item key. Every metric is listed in docs/observability.md.
+sums (``sum by (flow) (...)``). Label values are bounded: flow names, step ids
+(vertex paths without item keys: ``users[]/verify``, ``users:split``), outcomes,
+route templates; never a request id or a foreach item key. Every metric is listed
+in docs/observability.md.
 """
 
 from __future__ import annotations
@@ -122,14 +123,14 @@ class Metrics(Observer):
 
     def attempt_ended(self, attempt: Attempt) -> None:
         self.tasks_running.dec()
-        flow = attempt.task.flow
-        self.task_attempts.labels(flow, attempt.vertex, attempt.outcome).inc()
-        self.task_seconds.labels(flow, attempt.vertex).observe(
+        task = attempt.task
+        self.task_attempts.labels(task.flow, task.step, attempt.outcome).inc()
+        self.task_seconds.labels(task.flow, task.step).observe(
             time.perf_counter() - attempt.started
         )
 
-    def task_redelivered(self, task: Task, vertex: str) -> None:
-        self.task_attempts.labels(task.flow, vertex, "redelivered").inc()
+    def task_redelivered(self, task: Task) -> None:
+        self.task_attempts.labels(task.flow, task.step, "redelivered").inc()
 
     def callback_sent(self, outcome: str) -> None:
         self.callbacks.labels(outcome).inc()

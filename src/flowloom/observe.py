@@ -49,16 +49,16 @@ class RequestInfo:
 class Attempt:
     """One attempt at one task, from ``attempt_started`` to ``attempt_ended``.
 
-    ``vertex`` is the vertex path without item keys (a bounded metric label);
-    ``address`` the instance's address. The worker sets ``outcome`` ("completed",
-    "failed" or "retried"), ``error`` and ``ended`` before ``attempt_ended``; ``span`` and
-    ``scope`` belong to the tracing observer.
+    ``task.step`` names the step without item keys (``each[]/double``, ``each:split``:
+    a bounded metric label); ``address`` the vertex instance's (``each[k1]/double``).
+    The worker sets ``outcome`` ("completed", "failed" or "retried"), ``error`` and
+    ``ended`` before ``attempt_ended``; ``span`` and ``scope`` belong to the tracing
+    observer.
     """
 
     task: Task
     request: RequestInfo
     kind: str  # "run", "split" or "join"
-    vertex: str
     address: str
     worker: str
     outcome: str = "failed"
@@ -85,7 +85,7 @@ class Observer:
 
     def attempt_ended(self, attempt: Attempt) -> None: ...
 
-    def task_redelivered(self, task: Task, vertex: str) -> None:
+    def task_redelivered(self, task: Task) -> None:
         """A task was taken over from a worker that did not finish it."""
 
     def callback_sent(self, outcome: str) -> None:
@@ -131,10 +131,10 @@ class Observers:
             with _guard(observer, "attempt_ended"):
                 observer.attempt_ended(attempt)
 
-    def task_redelivered(self, task: Task, vertex: str) -> None:
+    def task_redelivered(self, task: Task) -> None:
         for observer in self.all:
             with _guard(observer, "task_redelivered"):
-                observer.task_redelivered(task, vertex)
+                observer.task_redelivered(task)
 
     def callback_sent(self, outcome: str) -> None:
         for observer in self.all:

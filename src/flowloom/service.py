@@ -92,7 +92,7 @@ class FlowService:
         self.token = token  # HTTP bearer token (else FLOWLOOM_TOKEN); see docs/http.md
         self.hmac_secret = hmac_secret  # HTTP X-Hub-Signature secret (else FLOWLOOM_HMAC_SECRET)
         self.metrics_port = metrics_port
-        self.metrics: Metrics | None = None  # set once observers are made, if monitoring is on
+        self._metrics: Metrics | None = None
         self._observers: Observers | None = None
         self._observers_lock = threading.Lock()
         self.registry = Registry()
@@ -284,6 +284,12 @@ class FlowService:
                 observers = self._observers
         return observers
 
+    @property
+    def metrics(self) -> Metrics | None:
+        """This process's Prometheus metrics (``metrics.exposition()`` is the text format),
+        or None when ``enable_monitoring`` is off or the otel extra is missing."""
+        return self._metrics if self.observers else None
+
     def _make_observers(self) -> list[Observer]:
         made: list[Observer] = []
         if self.enable_monitoring:
@@ -292,8 +298,8 @@ class FlowService:
             except ImportError as exc:
                 log.warning(_MISSING, "enable_monitoring (Prometheus metrics)", exc.name)
             else:
-                self.metrics = Metrics(self.backend)
-                made.append(self.metrics)
+                self._metrics = Metrics(self.backend)
+                made.append(self._metrics)
         if tracing_configured(self.otlp_endpoint):
             try:
                 from .tracing import Tracing
@@ -307,8 +313,8 @@ class FlowService:
         """At start-up: make the observers (saying what is missing) and serve the metrics
         on ``metrics_port`` if asked."""
         observers = self.observers  # made now, so that a missing extra is told at start-up
-        if observers and self.metrics_port is not None and self.metrics is not None:
-            self.metrics.serve(self.host, self.metrics_port)
+        if observers and self.metrics_port is not None and self._metrics is not None:
+            self._metrics.serve(self.host, self.metrics_port)
             log.info("flowloom: metrics on http://%s:%d/metrics", self.host, self.metrics_port)
 
     def start_worker(self) -> None:

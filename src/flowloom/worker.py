@@ -97,13 +97,13 @@ class Worker:
     def _run(self, plan: Plan, step: Step, task: Task) -> None:
         instance, address = step.names(task.keys)
         if task.redelivered:
-            self.observers.task_redelivered(task, step.vertex)
+            self.observers.task_redelivered(task)
         if not self.backend.begin(task, instance, address):
             return
         options, request = self._request(task)
         attempt = None
         if self.observers:
-            attempt = Attempt(task, request, step.kind.value, step.vertex, address, self.name)
+            attempt = Attempt(task, request, step.kind.value, address, self.name)
             self.observers.attempt_started(attempt)
         token = context.enter(
             context.RequestScope(task.request_id, task.flow, options, self.backend)

@@ -126,12 +126,9 @@ def test_diamond_is_one_trace_with_correct_parents(traced, receiver):
             "vertex b",
             "vertex c",
             "vertex d",
-            "handler upper",
+            "handler upper",  # a node of two handlers: a span for each
             "handler exclaim",
-            "handler left",
-            "handler right",
             "aggregator join",
-            "handler exclaim",
             "user-work",
         ]
     )
@@ -155,12 +152,9 @@ def test_diamond_is_one_trace_with_correct_parents(traced, receiver):
         assert root.start_ns <= span.start_ns <= span.end_ns <= root.end_ns
     vertex_a = one(spans, "vertex a")
     assert one(spans, "handler upper").parent_id == vertex_a.span_id
-    vertex_d = one(spans, "vertex d")
-    exclaims = {s.parent_id for s in spans if s.name == "handler exclaim"}
-    assert exclaims == {vertex_a.span_id, vertex_d.span_id}
-    assert one(spans, "aggregator join").parent_id == vertex_d.span_id
-    user = one(spans, "user-work")
-    assert user.parent_id == one(spans, "handler left").span_id
+    assert one(spans, "aggregator join").parent_id == one(spans, "vertex d").span_id
+    user = one(spans, "user-work")  # made by `left`, the one handler of node b
+    assert user.parent_id == one(spans, "vertex b").span_id
     assert user.attributes == {"app.size": 3}
     assert user.scope == "observed-app"
     assert len({s.span_id for s in spans}) == len(spans)
@@ -222,9 +216,6 @@ def test_failing_vertex_span_carries_the_exception(traced, receiver):
     assert attributes["exception.type"] == "ValueError"
     assert attributes["exception.message"] == "explode: bad input"
     assert ", in explode\n" in attributes["exception.stacktrace"]
-    handler = one(spans, "handler explode")
-    assert handler.status == 2
-    assert handler.parent_id == vertex.span_id
     root = one(spans, "flow broken")
     assert root.status == 2
     assert root.attributes["flowloom.status"] == "failed"
@@ -361,7 +352,7 @@ def test_with_the_environment_variable_tracing_is_on(receiver):
     assert thread == "True"
     spans = receiver.trace(trace_id)
     assert one(spans, "flow diamond").service == "shop"
-    assert len(spans) == 12
+    assert len(spans) == 9
 
 
 def test_missing_extra_is_said_at_start_up():

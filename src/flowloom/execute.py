@@ -60,8 +60,9 @@ class Caller:
         self._local = threading.local()
         self.around = around
 
-    def __call__(self, fn: Callable[..., Any], *args: Any, kind: str = "call") -> Any:
-        if self.around is None:
+    def __call__(self, fn: Callable[..., Any], *args: Any, kind: str = "") -> Any:
+        """Call ``fn(*args)``; ``kind`` names the call for ``around`` ("": not wrapped)."""
+        if self.around is None or not kind:
             return self._call(fn, args)
         with self.around(kind, fn):
             return self._call(fn, args)
@@ -121,9 +122,10 @@ def _input(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> byte
 
 
 def _pipe(step: Step, data: bytes, options: Options, call: Caller) -> bytes:
+    kind = "handler" if len(step.handlers) > 1 else ""  # one handler: the vertex's span is its
     for handler in step.handlers:
         data = to_bytes(
-            call(handler, data, options, kind="handler"),
+            call(handler, data, options, kind=kind),
             f"handler {getattr(handler, '__name__', handler)!r}",
         )
     return data

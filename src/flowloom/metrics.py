@@ -11,7 +11,10 @@ in docs/observability.md.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from wsgiref.simple_server import WSGIServer
@@ -20,14 +23,18 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from .backends import Backend, RequestRecord, Task
 from .observe import Attempt, Observer, RequestInfo
@@ -66,22 +73,8 @@ class Metrics(Observer):
             buckets=_REQUEST_BUCKETS,
             registry=registry,
         )
-        self.task_attempts = Counter(
-            "flowloom_task_attempts",
-            "Task attempts by outcome: completed, failed, retried, redelivered.",
-            ["flow", "vertex", "outcome"],
-            registry=registry,
-        )
-        self.task_seconds = Histogram(
-            "flowloom_task_duration_seconds",
-            "Time to run one task attempt (its user code and its report).",
-            ["flow", "vertex"],
-            buckets=_TASK_BUCKETS,
-            registry=registry,
-        )
-        self.tasks_running = Gauge(
-            "flowloom_tasks_running", "Tasks running now in this process.", registry=registry
-        )
+        self.tasks = _TaskStats()
+        registry.register(self.tasks)
         self.callbacks = Counter(
             "flowloom_callbacks", "X-Callback-Url calls, by outcome.", ["outcome"],
             registry=registry,
@@ -119,18 +112,14 @@ class Metrics(Observer):
         self.request_seconds.labels(request.flow).observe(max(0.0, time.time() - request.created))
 
     def attempt_started(self, attempt: Attempt) -> None:
-        self.tasks_running.inc()
+        self.tasks.started()
 
     def attempt_ended(self, attempt: Attempt) -> None:
-        self.tasks_running.dec()
         task = attempt.task
-        self.task_attempts.labels(task.flow, task.step, attempt.outcome).inc()
-        self.task_seconds.labels(task.flow, task.step).observe(
-            time.perf_counter() - attempt.started
-        )
+        self.tasks.ended(task.flow, task.step, attempt.outcome, attempt.started)
 
     def task_redelivered(self, task: Task) -> None:
-        self.task_attempts.labels(task.flow, task.step, "redelivered").inc()
+        self.tasks.redelivered(task.flow, task.step)
 
     def callback_sent(self, outcome: str) -> None:
         self.callbacks.labels(outcome).inc()
@@ -167,3 +156,89 @@ class _BackendCollector(Collector):
         live = GaugeMetricFamily("flowloom_workers_live", "Live workers seen by the backend.")
         live.add_metric([], workers)
         return [up, queue, live]
+
+
+_OUTCOMES = ("completed", "failed", "retried", "redelivered")
+_SUM = len(_OUTCOMES)  # the slot of the duration sum; the bucket counts follow it
+_FIRST_BUCKET = _SUM + 1
+
+
+class _TaskStats(Collector):
+    """Task attempts, task durations and running tasks, counted without a lock.
+
+    Every task passes here, so this is the hot path: each worker thread counts into a
+    table of its own (one list per flow and step: a count per outcome, the duration sum,
+    a count per histogram bucket) and the tables are added up at scrape time, when
+    prometheus-client writes them out as a counter, a histogram and a gauge.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._tables: list[dict[tuple[str, str], list[float]]] = []
+        self._running: list[list[int]] = []  # per thread: [began, ended]
+
+    def _table(self) -> dict[tuple[str, str], list[float]]:
+        table: dict[tuple[str, str], list[float]] | None = getattr(self._local, "table", None)
+        if table is None:
+            table = self._local.table = {}
+            self._local.running = running = [0, 0]
+            self._tables.append(table)  # list.append is atomic: no lock needed
+            self._running.append(running)
+        return table
+
+    def _row(self, flow: str, step: str) -> list[float]:
+        table = self._table()
+        row = table.get((flow, step))
+        if row is None:
+            row = table[(flow, step)] = [0.0] * (_FIRST_BUCKET + len(_TASK_BUCKETS) + 1)
+        return row
+
+    def started(self) -> None:
+        self._table()
+        self._local.running[0] += 1
+
+    def ended(self, flow: str, step: str, outcome: str, began: float) -> None:
+        seconds = time.perf_counter() - began
+        row = self._row(flow, step)
+        self._local.running[1] += 1
+        row[_OUTCOMES.index(outcome)] += 1
+        row[_SUM] += seconds
+        row[_FIRST_BUCKET + bisect.bisect_left(_TASK_BUCKETS, seconds)] += 1
+
+    def redelivered(self, flow: str, step: str) -> None:
+        self._row(flow, step)[_OUTCOMES.index("redelivered")] += 1
+
+    def collect(self) -> Iterable[Metric]:
+        totals: dict[tuple[str, str], list[float]] = {}
+        for table in list(self._tables):
+            for key, row in list(table.items()):
+                total = totals.get(key)
+                if total is None:
+                    totals[key] = list(row)
+                else:
+                    for i, value in enumerate(row):
+                        total[i] += value
+        attempts = CounterMetricFamily(
+            "flowloom_task_attempts",
+            "Task attempts by outcome: completed, failed, retried, redelivered.",
+            labels=["flow", "vertex", "outcome"],
+        )
+        seconds = HistogramMetricFamily(
+            "flowloom_task_duration_seconds",
+            "Time to run one task attempt (its user code and its report).",
+            labels=["flow", "vertex"],
+        )
+        for (flow, step), row in sorted(totals.items()):
+            for i, outcome in enumerate(_OUTCOMES):
+                if row[i]:
+                    attempts.add_metric([flow, step, outcome], row[i])
+            counts = row[_FIRST_BUCKET:]
+            if sum(counts):
+                cumulative = list(itertools.accumulate(counts))
+                bounds = [*map(floatToGoString, _TASK_BUCKETS), "+Inf"]
+                seconds.add_metric(
+                    [flow, step], list(zip(bounds, cumulative, strict=True)), row[_SUM]
+                )
+        running = GaugeMetricFamily("flowloom_tasks_running", "Tasks running now in this process.")
+        running.add_metric([], float(sum(began - ended for began, ended in list(self._running))))
+        return [attempts, seconds, running]

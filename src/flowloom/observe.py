@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,48 +113,60 @@ class Observers:
 
     def request_started(self, record: RequestRecord) -> None:
         for observer in self.all:
-            with _guard(observer, "request_started"):
+            try:
                 observer.request_started(record)
+            except Exception:
+                _failed(observer, "request_started")
 
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
         for observer in self.all:
-            with _guard(observer, "request_ended"):
+            try:
                 observer.request_ended(request, status, error)
+            except Exception:
+                _failed(observer, "request_ended")
 
     def attempt_started(self, attempt: Attempt) -> None:
         for observer in self.all:
-            with _guard(observer, "attempt_started"):
+            try:
                 observer.attempt_started(attempt)
+            except Exception:
+                _failed(observer, "attempt_started")
 
     def attempt_ended(self, attempt: Attempt) -> None:
         for observer in reversed(self.all):
-            with _guard(observer, "attempt_ended"):
+            try:
                 observer.attempt_ended(attempt)
+            except Exception:
+                _failed(observer, "attempt_ended")
 
     def task_redelivered(self, task: Task) -> None:
         for observer in self.all:
-            with _guard(observer, "task_redelivered"):
+            try:
                 observer.task_redelivered(task)
+            except Exception:
+                _failed(observer, "task_redelivered")
 
     def callback_sent(self, outcome: str) -> None:
         for observer in self.all:
-            with _guard(observer, "callback_sent"):
+            try:
                 observer.callback_sent(outcome)
+            except Exception:
+                _failed(observer, "callback_sent")
 
     def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
         for observer in self.all:
-            with _guard(observer, "http_request"):
+            try:
                 observer.http_request(route, method, status, seconds)
+            except Exception:
+                _failed(observer, "http_request")
 
     def close(self) -> None:
         for observer in self.all:
-            with _guard(observer, "close"):
+            try:
                 observer.close()
+            except Exception:
+                _failed(observer, "close")
 
 
-@contextmanager
-def _guard(observer: Observer, point: str) -> Iterator[None]:
-    try:
-        yield
-    except Exception:
-        log.exception("flowloom: %s.%s failed (ignored)", type(observer).__name__, point)
+def _failed(observer: Observer, point: str) -> None:
+    log.exception("flowloom: %s.%s failed (ignored)", type(observer).__name__, point)

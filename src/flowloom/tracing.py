@@ -4,8 +4,10 @@ Needs the ``otel`` extra. The span tree of a request (see docs/observability.md)
 
     flow NAME                       root span, from execute to the request's end
     ├── vertex ADDRESS              one per attempt of a node instance
-    │   ├── handler FN              one per handler of a piped node, forwarder, aggregator
-    │   │   └── (the handler's own spans, made with the ordinary OpenTelemetry API)
+    │   ├── handler FN              one per handler of a piped node (2 handlers or more)
+    │   ├── forwarder FN | aggregator FN | on_failure FN
+    │   └── (the handlers' own spans, made with the ordinary OpenTelemetry API, under
+    │        the handler's span, or the vertex span for a node of one handler)
     ├── split ADDRESS               a conditional or foreach vertex choosing its branches
     │   └── condition FN | foreach FN
     └── join ADDRESS                the same vertex combining its branches

@@ -358,7 +358,8 @@ def test_with_the_environment_variable_tracing_is_on(receiver):
 def test_missing_extra_is_said_at_start_up():
     done = _python(
         """
-        import sys
+        import logging, sys
+        logging.basicConfig()  # a library logs where the application says
         sys.modules["opentelemetry"] = None
         sys.modules["prometheus_client"] = None
         from flowloom import FlowService

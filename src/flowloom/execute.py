@@ -7,12 +7,13 @@ branches) comes out, and a ``StepError`` says what the user's code did wrong.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
+import os
 import threading
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+import traceback
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,19 @@ from .observe import CallSpan
 from .plan import PASSTHROUGH, Step, StepKind
 from .types import Options
 
-__all__ = ["Caller", "NodeFailed", "Outcome", "StepError", "run_step", "to_bytes"]
+__all__ = [
+    "CANCEL_GRACE",
+    "Caller",
+    "NodeFailed",
+    "Outcome",
+    "StepError",
+    "run_step",
+    "to_bytes",
+    "user_traceback",
+]
+
+CANCEL_GRACE = 1.0  # seconds a timed-out async handler has to run its cleanup once cancelled
+TRACEBACK_LIMIT = 16_000  # characters of a traceback kept in a request's state
 
 
 class NodeFailed(Exception):
@@ -70,11 +83,15 @@ class Caller:
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         result = fn(*args)
         if inspect.isawaitable(result):
-            runner = getattr(self._local, "runner", None)
-            if runner is None:
-                runner = self._local.runner = asyncio.Runner()
-            return runner.run(_awaited(result), context=contextvars.copy_context())
+            return self.run(_awaited(result))
         return result
+
+    def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coroutine`` to its end on this thread's loop."""
+        runner = getattr(self._local, "runner", None)
+        if runner is None:
+            runner = self._local.runner = asyncio.Runner()
+        return runner.run(coroutine, context=contextvars.copy_context())
 
     def close(self) -> None:
         runner = getattr(self._local, "runner", None)
@@ -97,9 +114,8 @@ def run_step(
     try:
         if step.timeout is None:
             return Outcome(_pipe(step, data, options, call))
-        return Outcome(
-            _with_timeout(lambda: _pipe_alone(step, data, options, call.around), step.timeout)
-        )
+        piped = _pipe_async(step, data, options, call.around)
+        return Outcome(call.run(_within(piped, step.timeout)))
     except Exception as exc:
         raise NodeFailed(data) from exc
 
@@ -131,12 +147,22 @@ def _pipe(step: Step, data: bytes, options: Options, call: Caller) -> bytes:
     return data
 
 
-def _pipe_alone(step: Step, data: bytes, options: Options, around: CallSpan | None) -> bytes:
-    call = Caller(around)
-    try:
-        return _pipe(step, data, options, call)
-    finally:
-        call.close()
+async def _pipe_async(
+    step: Step, data: bytes, options: Options, around: CallSpan | None = None
+) -> bytes:
+    """``_pipe`` for a node with a timeout: ``async`` handlers run on this loop, where the
+    timeout can cancel them; sync ones on a thread of their own, which nothing can stop."""
+    traced = around is not None and len(step.handlers) > 1
+    for handler in step.handlers:
+        with around("handler", handler) if traced else contextlib.nullcontext():  # type: ignore[misc]
+            if inspect.iscoroutinefunction(handler):
+                result = await handler(data, options)
+            else:
+                result = await _in_thread(handler, data, options)
+                if inspect.isawaitable(result):
+                    result = await result
+        data = to_bytes(result, f"handler {getattr(handler, '__name__', handler)!r}")
+    return data
 
 
 def _split(step: Step, data: bytes, call: Caller) -> tuple[tuple[str, bytes], ...]:
@@ -181,23 +207,92 @@ def _join(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> bytes
     return next(iter(outputs.values())) if outputs else passthrough
 
 
-def _with_timeout(fn: Callable[[], bytes], timeout: float) -> bytes:
-    """Run ``fn`` in a thread of its own and give up after ``timeout`` seconds.
+async def _within(coroutine: Coroutine[Any, Any, bytes], timeout: float) -> bytes:
+    """Await ``coroutine`` for at most ``timeout`` seconds, then cancel it.
 
-    Python cannot kill a thread: a handler that overruns goes on in the background,
-    and its result is thrown away.
+    A cancelled handler gets ``CANCEL_GRACE`` seconds to run its ``finally`` blocks; one
+    that ignores the cancellation is left behind (on this thread's loop) and its result
+    thrown away.
     """
-    future: Future[bytes] = Future()
+    task = asyncio.ensure_future(coroutine)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if done:
+        return task.result()
+    task.cancel()
+    task.add_done_callback(_retrieve)
+    await asyncio.wait({task}, timeout=CANCEL_GRACE)
+    raise TimeoutError(f"timed out after {timeout:g}s")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a left-behind task's outcome as seen, so that asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """Call ``fn(*args)`` on a new daemon thread (in a copy of this context).
+
+    Not the loop's executor: a handler that never returns would hold one of its few
+    threads for ever; here it holds only its own.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
     context = contextvars.copy_context()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if future.done():  # cancelled: the caller timed out
+            return
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
 
     def target() -> None:
         try:
-            future.set_result(context.run(fn))
+            value, error = context.run(fn, *args), None
         except BaseException as exc:
-            future.set_exception(exc)
+            value, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, value, error)
 
     threading.Thread(target=target, name="flowloom-timed-handler", daemon=True).start()
-    try:
-        return future.result(timeout)
-    except FutureTimeout:
-        raise TimeoutError(f"timed out after {timeout:g}s") from None
+    return future
+
+
+_OWN_CODE = (  # where the frames that lead to user code live: flowloom, asyncio, threading
+    os.path.dirname(__file__) + os.sep,
+    os.path.dirname(asyncio.__file__ or "asyncio") + os.sep,
+    threading.__file__ or "threading",
+)
+
+
+def user_traceback(exc: BaseException) -> str:
+    """The formatted traceback of the user code that raised ``exc`` ("" for a rule error).
+
+    flowloom's own frames that lead to the user's code are left out (as are asyncio's and
+    threading's); what the user's code called stays in. An error raised outside user
+    code (a ``StepError``, a timeout) has no user frames, and so no traceback.
+    Tracebacks longer than ``TRACEBACK_LIMIT`` characters keep their start and their end.
+    """
+    if isinstance(exc, StepError):
+        return ""
+    formatted = traceback.TracebackException.from_exception(exc)
+    chained: traceback.TracebackException | None = formatted
+    seen: set[int] = set()
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        frames = list(chained.stack)
+        while frames and frames[0].filename.startswith(_OWN_CODE):
+            frames.pop(0)
+        chained.stack = traceback.StackSummary.from_list(frames)
+        if chained is formatted and not frames:
+            return ""
+        chained = chained.__cause__ or (
+            None if chained.__suppress_context__ else chained.__context__
+        )
+    text = "".join(formatted.format())
+    if len(text) <= TRACEBACK_LIMIT:
+        return text
+    head, tail = TRACEBACK_LIMIT // 4, TRACEBACK_LIMIT * 3 // 4
+    return f"{text[:head]}\n... ({len(text) - head - tail} characters left out) ...\n{text[-tail:]}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 import socket
 import threading
@@ -15,7 +14,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import engine
+from . import engine, logs
 from .backends import Backend, MemoryBackend, RequestRecord, Summary
 from .errors import (
     FlowloomError,
@@ -26,6 +25,7 @@ from .errors import (
     RequestStopped,
     ResultTimeout,
 )
+from .names import REQUEST_ID
 from .observe import Observer, Observers, RequestInfo
 from .registry import DefineWorkflow, Registry
 from .traceparent import TraceContext, parse_traceparent, tracing_configured
@@ -38,8 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["FlowService"]
 
 log = logging.getLogger("flowloom.service")
-
-REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
 class FlowService:
@@ -319,6 +317,7 @@ class FlowService:
 
     def start_worker(self) -> None:
         """Run a worker until SIGINT or SIGTERM (blocking)."""
+        logs.configure()
         self._start_observing()
         self._ensure_worker()
         _wait_for_signal()
@@ -336,6 +335,7 @@ class FlowService:
     def _serve(self, with_worker: bool) -> None:
         from .http import serve
 
+        logs.configure()
         self._start_observing()
         if with_worker:
             self._ensure_worker()

@@ -7,11 +7,13 @@ import logging
 import os
 import socket
 import threading
+import time
+import urllib.parse
 import uuid
 
 from . import context, engine
-from .backends import HOOKS, Backend, Task
-from .execute import Caller, NodeFailed, Outcome, StepError, run_step, to_bytes
+from .backends import HOOKS, Backend, MemoryBackend, Task
+from .execute import Caller, NodeFailed, Outcome, StepError, run_step, to_bytes, user_traceback
 from .observe import Attempt, Observers, RequestInfo
 from .plan import Plan, Step, StepKind
 from .registry import Registry
@@ -49,23 +51,45 @@ class Worker:
         self._call = Caller(self.observers.call_span)
         self._known: dict[str, tuple[Options, RequestInfo]] = {}  # request id -> recent ones
 
-    @property
-    def running(self) -> bool:
-        return any(t.is_alive() for t in self._threads)
-
     def start(self) -> None:
         if self._threads:
             return
+        flows = ", ".join(
+            f"{name}@{self.registry.latest(name).version}" for name in self.registry.names()
+        )
+        log.info(
+            "worker %s starting: backend %s, concurrency %d, flows %s",
+            self.name,
+            backend_name(self.backend),
+            self.concurrency,
+            flows or "(none)",
+        )
         for i in range(self.concurrency):
             thread = threading.Thread(target=self._loop, name=f"flowloom-worker-{i}", daemon=True)
             self._threads.append(thread)
             thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop claiming; let running tasks finish (up to ``timeout`` seconds)."""
+        """Stop claiming; let running tasks finish: all of them within ``timeout`` seconds
+        in total (``None``: wait for ever). A task still running then is left to its
+        thread (a daemon), and another worker takes it over after the visibility timeout."""
         self._stopping.set()
+        if not self._threads:
+            return
+        log.info("worker %s stopping: letting running tasks finish", self.name)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        left = sum(thread.is_alive() for thread in self._threads)
+        if left:
+            log.warning(
+                "worker %s stopped with %d task(s) still running after %gs",
+                self.name,
+                left,
+                timeout,
+            )
+        else:
+            log.info("worker %s stopped", self.name)
 
     def _loop(self) -> None:
         try:
@@ -109,11 +133,14 @@ class Worker:
             context.RequestScope(task.request_id, task.flow, options, self.backend)
         )
         try:
-            outcome: Outcome | None
+            outcome: Outcome | None = None
+            failure: Exception | None = None
             try:
                 outcome = run_step(step, task.inputs, options, self._call)
             except Exception as exc:
-                outcome = self._recover(step, task, address, exc, attempt)
+                failure = exc
+            if failure is not None:  # outside the except: an on_failure error is not chained
+                outcome = self._recover(step, task, address, failure, attempt)
             if outcome is None:
                 return
             if outcome.branches is not None:
@@ -147,16 +174,23 @@ class Worker:
         error = _error_info(address, exc)
         if step.kind is StepKind.RUN and task.attempt <= step.retries:
             delay = engine.retry_delay(task.attempt, step.backoff)
+            _log_failure(task, step, error, f"retrying in {delay:g}s", logging.WARNING)
             self.backend.retry(task, address, delay, error)
             if attempt is not None:
                 attempt.outcome = "retried"
             return None
         if step.on_failure is not None:
+            _log_failure(task, step, error, "running its on_failure handler", logging.WARNING)
             try:
                 fallback = self._call(step.on_failure, exc, data, kind="on_failure")
                 return Outcome(to_bytes(fallback, "on_failure"))
             except Exception as fallback_exc:
                 error = _error_info(address, fallback_exc)
+                _log_failure(
+                    task, step, error, "on_failure raised: the request fails", logging.ERROR
+                )
+        else:
+            _log_failure(task, step, error, "the request fails", logging.ERROR)
         self.backend.fail(task, address, error)
         if attempt is not None:
             attempt.ended = (Status.FAILED, error)
@@ -213,6 +247,7 @@ class Worker:
             if task.flow in self.registry.names()
             else f"flow {task.flow!r} is not registered on worker"
         )
+        log.error("request %s: %s", task.request_id, why)
         error = ErrorInfo(task.step, "FlowNotFound", why)
         self.backend.fail(task, task.step, error)
         if self.observers:
@@ -221,4 +256,40 @@ class Worker:
 
 def _error_info(address: str, exc: BaseException) -> ErrorInfo:
     kind = "StepError" if isinstance(exc, StepError) else type(exc).__name__
-    return ErrorInfo(address, kind, str(exc) or repr(exc))
+    return ErrorInfo(address, kind, str(exc) or repr(exc), user_traceback(exc))
+
+
+def _log_failure(task: Task, step: Step, error: ErrorInfo, then: str, level: int) -> None:
+    """One line per failed attempt (a warning while the request goes on, an error when it
+    fails), and the traceback at DEBUG."""
+    message = error.message if len(error.message) <= 500 else error.message[:500] + "..."
+    attempts = f" (attempt {task.attempt} of {step.retries + 1})" if step.retries else ""
+    log.log(
+        level,
+        "request %s (flow %s): %s failed%s: %s: %s; %s",
+        task.request_id,
+        task.flow,
+        error.vertex,
+        attempts,
+        error.type,
+        message,
+        then,
+    )
+    if error.traceback:
+        log.debug(
+            "request %s: traceback of %s:\n%s", task.request_id, error.vertex, error.traceback
+        )
+
+
+def backend_name(backend: Backend) -> str:
+    """What to call ``backend`` in a log line: its URL without any password, or its kind."""
+    if isinstance(backend, MemoryBackend):
+        return "embedded (this process only)"
+    url = getattr(backend, "url", None)
+    if not isinstance(url, str):
+        return type(backend).__name__
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

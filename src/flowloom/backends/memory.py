@@ -72,10 +72,10 @@ class _Request:
         r = self.record
         vertices = self.frozen if self.run is None else tuple(
             (a, v.status.value, v.started, v.ended, v.attempts,
-             (v.error.vertex, v.error.type, v.error.message) if v.error else None, v.output)
+             _plain(v.error), v.output)
             for a, v in self.run.vertices.items()
         )  # fmt: skip
-        error = (self.error.vertex, self.error.type, self.error.message) if self.error else None
+        error = _plain(self.error)
         blob = marshal.dumps((
             r.request_id, r.flow, r.version, r.body, dict(r.query), dict(r.headers), r.created,
             r.has_hooks, self.status.value, self.ended, self.result, error, vertices,
@@ -109,6 +109,10 @@ class _Request:
             vertex = self.run.vertices.get(address)
             return None if vertex is None else vertex.output
         return next((out for a, *_, out in self.frozen if a == address), None)
+
+
+def _plain(error: ErrorInfo | None) -> tuple[str, str, str, str] | None:
+    return None if error is None else (error.vertex, error.type, error.message, error.traceback)
 
 
 class MemoryBackend(Backend):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,12 @@ class Observer:
         """A wrapper for each call of user code (to trace it), or None."""
         return None
 
+    def http_span(self, name: str, traceparent: str | None) -> AbstractContextManager[str] | None:
+        """A span around an HTTP call that executes a flow, child of the caller's
+        ``traceparent``; it yields the traceparent that names it (the request's parent).
+        None: this observer does not trace."""
+        return None
+
     def close(self) -> None:
         """Flush and release what the observer holds (exporters, threads)."""
 
@@ -110,6 +116,17 @@ class Observers:
 
     def __bool__(self) -> bool:
         return bool(self.all)
+
+    def http_span(self, name: str, traceparent: str | None) -> AbstractContextManager[str | None]:
+        for observer in self.all:
+            try:
+                span = observer.http_span(name, traceparent)
+            except Exception:
+                _failed(observer, "http_span")
+                continue
+            if span is not None:
+                return span
+        return nullcontext(None)
 
     def request_started(self, record: RequestRecord) -> None:
         for observer in self.all:

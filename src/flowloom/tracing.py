@@ -40,7 +40,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from .observe import Attempt, CallSpan, Observer, RequestInfo
-from .traceparent import TraceContext, traces_url
+from .traceparent import TraceContext, parse_traceparent, traces_url
 from .types import ErrorInfo, Status
 
 __all__ = ["Tracing"]
@@ -165,6 +165,19 @@ class Tracing(Observer):
 
     def call_span(self) -> CallSpan:
         return self._call
+
+    @contextlib.contextmanager
+    def http_span(self, name: str, traceparent: str | None) -> Iterator[str]:
+        caller = parse_traceparent(traceparent)
+        parent = otel_context.Context()
+        if caller is not None:
+            remote = SpanContext(caller[0], caller[1], True, TraceFlags(1 if caller[2] else 0))
+            parent = trace.set_span_in_context(NonRecordingSpan(remote), parent)
+        with self.tracer.start_as_current_span(
+            name, context=parent, kind=SpanKind.SERVER, record_exception=False
+        ) as span:
+            ids = span.get_span_context()
+            yield f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{int(ids.trace_flags):02x}"
 
     @contextlib.contextmanager
     def _call(self, kind: str, fn: Callable[..., Any]) -> Iterator[None]:

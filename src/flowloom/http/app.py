@@ -14,11 +14,12 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import responses, routes, spec  # noqa: F401 - they add their endpoints
+from . import observability, responses, routes, spec  # noqa: F401 - they add their endpoints
 from .api import Api
 from .auth import BearerAuth
 from .endpoints import ENDPOINTS
 from .inputs import BadInput
+from .observability import HttpMetrics
 from .settings import DEFAULT_MAX_BODY, DEFAULT_WAIT_TIMEOUT, Settings
 from .shapes import encode
 
@@ -59,14 +60,19 @@ def create_app(
     )
     served = [e for e in ENDPOINTS if e.when(settings)]
     api = Api(service, settings, spec=encode(spec.document(served, settings)))
+    served_routes = [
+        Route(e.path, functools.partial(e.handler, api), methods=[e.method]) for e in served
+    ]
     middleware = []
+    if service.observers:
+        middleware.append(
+            Middleware(HttpMetrics, observers=service.observers, routes=served_routes)
+        )
     if settings.token:
         public = [e.path for e in served if e.public]
         middleware.append(Middleware(BearerAuth, token=settings.token, public=public))
     app = Starlette(
-        routes=[
-            Route(e.path, functools.partial(e.handler, api), methods=[e.method]) for e in served
-        ],
+        routes=served_routes,
         middleware=middleware,
         exception_handlers={
             BadInput: _bad_input,

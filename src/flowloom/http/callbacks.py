@@ -60,14 +60,18 @@ class Callbacks:
                 digest = hmac.new(api.settings.hmac_secret, answer.body, hashlib.sha256)
                 headers["X-Hub-Signature-256"] = "sha256=" + digest.hexdigest()
             for attempt in range(3):
-                if await anyio.to_thread.run_sync(_post, url, bytes(answer.body), headers):
+                outcome = await anyio.to_thread.run_sync(_post, url, bytes(answer.body), headers)
+                if outcome is not None:
+                    api.service.observers.callback_sent(outcome)
                     return
                 await asyncio.sleep(0.5 * 2**attempt)
             log.warning("callback for request %s to %s failed 3 times", request_id, url)
+            api.service.observers.callback_sent("failed")
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("callback for request %s to %s failed", request_id, url)
+            api.service.observers.callback_sent("failed")
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -78,16 +82,19 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 _opener = urllib.request.build_opener(_NoRedirects)
 
 
-def _post(url: str, body: bytes, headers: Mapping[str, str]) -> bool:
-    """POST a callback (blocking, 10 s timeout); True once the receiver took it (2xx)."""
+def _post(url: str, body: bytes, headers: Mapping[str, str]) -> str | None:
+    """POST a callback (blocking, 10 s timeout): "delivered" once the receiver took it
+    (2xx), "rejected" if it refused it for good (4xx), None if it is worth another try."""
     request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")
     try:
         with _opener.open(request, timeout=10) as response:
             code: int = response.status
-            return 200 <= code < 300
+            return "delivered" if 200 <= code < 300 else None
     except urllib.error.HTTPError as exc:
         log.warning("callback to %s answered %s", url, exc.code)
-        return exc.code < 500 and exc.code != 429  # a 4xx will not get better
+        if exc.code < 500 and exc.code != 429:  # a 4xx will not get better
+            return "rejected"
+        return None
     except (OSError, ValueError) as exc:
         log.warning("callback to %s failed: %s", url, exc)
-        return False
+        return None

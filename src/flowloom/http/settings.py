@@ -24,6 +24,7 @@ class Settings:
     max_body: int
     wait_timeout: float
     callbacks: bool
+    monitoring: bool = False  # GET /metrics: the service keeps Prometheus metrics
 
     @classmethod
     def resolve(
@@ -48,4 +49,5 @@ class Settings:
             max_body=max_body,
             wait_timeout=float(wait_timeout),
             callbacks=callbacks,
+            monitoring=getattr(service, "metrics", None) is not None,
         )

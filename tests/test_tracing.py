@@ -374,3 +374,38 @@ def test_missing_extra_is_said_at_start_up():
     assert "enable_monitoring (Prometheus metrics) needs the otel extra" in done.stderr
     assert "otlp_endpoint (OpenTelemetry tracing) needs the otel extra" in done.stderr
     assert "pip install 'flowloom[otel]'" in done.stderr
+
+
+def test_a_ratio_sampler_keeps_or_drops_whole_requests(receiver):
+    done = _python(
+        """
+        from flowloom import FlowService
+        from apps import observed_app
+        with FlowService() as fs:
+            observed_app.register(fs)
+            ids = [fs.execute("diamond", b"s") for _ in range(40)]
+            traces = [fs.state("diamond", i).trace_id for i in ids if fs.result("diamond", i, 10)]
+        print(" ".join(traces))
+        """,
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_TRACES_SAMPLER": "traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.5",
+        },
+    )
+    assert done.returncode == 0, done.stderr
+    traces = done.stdout.split()
+    assert len(traces) == 40
+    kept = [t for t in traces if receiver.trace(t)]
+    assert 0 < len(kept) < 40  # some of each, at this ratio (40 requests: 1e-12 odds otherwise)
+    for trace_id in kept:  # a kept request is whole: its root and every vertex span
+        assert sorted(
+            s.name for s in receiver.trace(trace_id) if "flow" in s.name or "vertex" in s.name
+        ) == [
+            "flow diamond",
+            "vertex a",
+            "vertex b",
+            "vertex c",
+            "vertex d",
+        ]
+    assert {s.trace_id for s in receiver.spans} == set(kept)

@@ -37,6 +37,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from .observe import Attempt, CallSpan, Observer, RequestInfo
@@ -136,9 +137,10 @@ class Tracing(Observer):
 
     # -- one span per attempt, current while the user code runs ------------------------------
     def attempt_started(self, attempt: Attempt) -> None:
+        ids = attempt.request.trace
         span = self.tracer.start_span(
             f"{'vertex' if attempt.kind == 'run' else attempt.kind} {attempt.address}",
-            context=_under_root(attempt.request.trace),
+            context=_under_root(ids, ids is not None and self._sampled(ids)),
             attributes={
                 "flowloom.flow": attempt.task.flow,
                 "flowloom.request_id": attempt.task.request_id,
@@ -162,6 +164,15 @@ class Tracing(Observer):
             span.record_exception(attempt.error)
             span.set_status(StatusCode.ERROR, f"{type(attempt.error).__name__}: {attempt.error}")
         span.end()
+
+    def _sampled(self, ids: TraceContext) -> bool:
+        """Whether the request's spans are recorded: the caller's decision, else the
+        sampler's for a root span of this trace id. The standard samplers decide a root
+        by its trace id alone (``traceidratio``), so every process decides alike."""
+        if ids.parent_id:
+            return ids.sampled
+        result = self.provider.sampler.should_sample(None, ids.trace_id, "flow")
+        return result.decision in (Decision.RECORD_AND_SAMPLE,)
 
     def call_span(self) -> CallSpan:
         return self._call
@@ -205,9 +216,9 @@ class Tracing(Observer):
         self.provider.shutdown()
 
 
-def _under_root(ids: TraceContext | None) -> otel_context.Context:
+def _under_root(ids: TraceContext | None, sampled: bool) -> otel_context.Context:
     """A context whose current span is the request's root span (not yet emitted)."""
     if ids is None:
         return otel_context.Context()
-    root = SpanContext(ids.trace_id, ids.span_id, True, TraceFlags(ids.flags))
+    root = SpanContext(ids.trace_id, ids.span_id, True, TraceFlags(1 if sampled else 0))
     return trace.set_span_in_context(NonRecordingSpan(root), otel_context.Context())

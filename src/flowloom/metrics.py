@@ -12,6 +12,7 @@ in docs/observability.md.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 import threading
@@ -93,6 +94,10 @@ class Metrics(Observer):
         )
         if backend is not None:
             registry.register(_BackendCollector(backend))
+        # labelled children, looked up once per label values (all bounded)
+        self._started = functools.cache(self.requests_started.labels)
+        self._ended = functools.cache(self.requests_ended.labels)
+        self._request_seconds = functools.cache(self.request_seconds.labels)
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (``CONTENT_TYPE``)."""
@@ -105,11 +110,11 @@ class Metrics(Observer):
 
     # -- hooks -------------------------------------------------------------------------------
     def request_started(self, record: RequestRecord) -> None:
-        self.requests_started.labels(record.flow).inc()
+        self._started(record.flow).inc()
 
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
-        self.requests_ended.labels(request.flow, status.value).inc()
-        self.request_seconds.labels(request.flow).observe(max(0.0, time.time() - request.created))
+        self._ended(request.flow, status.value).inc()
+        self._request_seconds(request.flow).observe(max(0.0, time.time() - request.created))
 
     def attempt_started(self, attempt: Attempt) -> None:
         self.tasks.started()

@@ -138,9 +138,15 @@ class Tracing(Observer):
     # -- one span per attempt, current while the user code runs ------------------------------
     def attempt_started(self, attempt: Attempt) -> None:
         ids = attempt.request.trace
+        sampled = ids is not None and self._sampled(ids)
+        if ids is not None and not sampled:
+            # a dropped request costs no span: its root, unsampled, is made current, so
+            # that the handlers' own spans are dropped with it
+            attempt.scope = otel_context.attach(_under_root(ids, False))
+            return
         span = self.tracer.start_span(
             f"{'vertex' if attempt.kind == 'run' else attempt.kind} {attempt.address}",
-            context=_under_root(ids, ids is not None and self._sampled(ids)),
+            context=_under_root(ids, sampled),
             attributes={
                 "flowloom.flow": attempt.task.flow,
                 "flowloom.request_id": attempt.task.request_id,
@@ -154,11 +160,11 @@ class Tracing(Observer):
         attempt.scope = otel_context.attach(trace.set_span_in_context(span))
 
     def attempt_ended(self, attempt: Attempt) -> None:
+        if attempt.scope is not None:
+            otel_context.detach(attempt.scope)
         span = attempt.span
         if span is None:
             return
-        if attempt.scope is not None:
-            otel_context.detach(attempt.scope)
         span.set_attribute("flowloom.status", attempt.outcome)
         if attempt.error is not None:
             span.record_exception(attempt.error)
@@ -192,6 +198,10 @@ class Tracing(Observer):
 
     @contextlib.contextmanager
     def _call(self, kind: str, fn: Callable[..., Any]) -> Iterator[None]:
+        current = trace.get_current_span().get_span_context()
+        if current.is_valid and not current.trace_flags.sampled:  # a dropped request
+            yield
+            return
         try:
             span = self.tracer.start_span(f"{kind} {getattr(fn, '__name__', '')}".rstrip())
             scope = otel_context.attach(trace.set_span_in_context(span))

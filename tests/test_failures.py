@@ -298,15 +298,50 @@ def test_a_raising_handler_shows_its_file_and_line(make_backend, handler, option
         lambda d: d.node("n", lambda x, o: 42),
         lambda d: d.conditional_branch("c", ["a"], lambda x: ["zzz"])["a"].node("n", ok),
         lambda d: d.foreach_branch("f", lambda x: [b"1"]).node("n", ok),
-        lambda d: d.node("n", lambda x, o: time.sleep(2), timeout=0.05),
     ],
-    ids=["bad-return", "unknown-key", "foreach-not-dict", "timeout"],
+    ids=["bad-return", "unknown-key", "foreach-not-dict"],
 )
-def test_rule_errors_and_timeouts_have_no_traceback(fs, build):
+def test_rule_errors_have_no_traceback(fs, build):
     fs.register("flow", lambda wf, ctx: build(wf.dag))
     error = failure(fs)
     assert error.message
     assert error.traceback == ""
+
+
+def stuck(seconds):
+    time.sleep(seconds)  # where a timed-out handler is stuck
+
+
+STUCK_LINE = stuck.__code__.co_firstlineno + 1
+
+
+def sync_stuck(data, options):
+    stuck(3)
+
+
+async def async_stuck(data, options):
+    await asyncio.sleep(0)
+    await asyncio.sleep(3)  # where a timed-out async handler waits
+
+
+@pytest.mark.parametrize(
+    ("handler", "where"),
+    [
+        (sync_stuck, f"line {STUCK_LINE}, in stuck\n    time.sleep(seconds)"),
+        (async_stuck, "in async_stuck\n    await asyncio.sleep(3)"),
+    ],
+    ids=["sync", "async"],
+)
+def test_a_timeout_shows_where_the_handler_was_stuck(fs, handler, where):
+    fs.register("flow", lambda wf, ctx: wf.dag.node("n", ok, handler, timeout=0.3))
+    error = failure(fs)
+    assert (error.type, error.message) == ("TimeoutError", "timed out after 0.3s")
+    text = error.traceback
+    assert text.startswith("Stack of the handler when its time ran out (most recent call last):\n")
+    assert f'File "{__file__}", ' in text
+    assert where in text
+    assert text.endswith("TimeoutError: timed out after 0.3s\n")
+    assert "execute.py" not in text  # flowloom's frames are left out
 
 
 def test_user_code_raising_in_a_condition_or_foreach_has_a_traceback(fs):

@@ -36,7 +36,8 @@ def client_for(fs: FlowService) -> httpx.AsyncClient:
 
 @pytest.fixture(params=BACKENDS)
 async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
-    with make_service(request.param, enable_monitoring=True, token=TOKEN) as fs:
+    options = {"enable_monitoring": True, "token": TOKEN, "callback_allow": "127.0.0.1"}
+    with make_service(request.param, **options) as fs:
         observed_app.register(fs)
         async with client_for(fs) as http:
             yield http

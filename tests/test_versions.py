@@ -200,3 +200,29 @@ def test_versions_never_depend_on_memory_addresses():
         assert with_handler(make) == with_handler(make)
     assert with_handler(lambda: functools.partial(a)) != with_handler(lambda: functools.partial(b))
     assert with_handler(lambda: Handler()) != with_handler(lambda: Handler().method)
+
+
+def test_one_app_file_gives_one_version_under_any_module_name(tmp_path):
+    """A client imports the app as ``app``, the CLI loads it as ``flowloom_app_app``, a
+    script runs it as ``__main__``: all must agree on the version."""
+    import importlib.util
+
+    path = tmp_path / "app.py"
+    path.write_text(
+        "from flowloom import FlowService\nfs = FlowService()\n"
+        "def handler(data, options):\n    return data\n"
+        "def define(wf, ctx):\n"
+        "    wf.dag.node('n', handler, on_failure=lambda e, d: d)\n"
+        "    wf.on_failure(print)\n"
+        "fs.register('f', define)\n"
+    )
+    versions = set()
+    for name in ("app", "flowloom_app_app", "__main__"):
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        versions.add(module.fs.registry.latest("f").version)
+        module.fs.close()
+    assert len(versions) == 1

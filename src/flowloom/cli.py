@@ -17,6 +17,7 @@ import click
 from . import logs
 from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
+from .http.server import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LIMIT_CONCURRENCY
 from .processes import run_worker_processes
 from .service import FlowService
 from .types import Request
@@ -204,7 +205,10 @@ def run(
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--query")
         options.setdefault(key, []).append(value)
     with service:
-        request_id = service.execute(flow, Request(body=body, query=options))
+        try:
+            request_id = service.execute(flow, Request(body=body, query=options))
+        except FlowloomError as exc:  # a bad request, an unreachable backend
+            raise AppError(str(exc)) from exc
         try:
             result = service.result(flow, request_id, timeout=timeout)
         except FlowloomError as exc:
@@ -276,6 +280,32 @@ def flows(app: str) -> None:
     help="Also run a worker in this process.",
 )
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@click.option(
+    "--limit-concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_LIMIT_CONCURRENCY,
+    show_default=True,
+    help="Open connections (or running calls) past which calls get 503.",
+)
+@click.option(
+    "--keep-alive",
+    type=click.IntRange(min=1),
+    default=DEFAULT_KEEP_ALIVE,
+    show_default=True,
+    help="Seconds an idle connection stays open.",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_HEADER_TIMEOUT,
+    show_default=True,
+    help="Seconds a client has to send a request's head before its connection is closed.",
+)
+@click.option(
+    "--forwarded-allow-ips",
+    default="",
+    help="Comma-separated proxy addresses whose X-Forwarded-For is trusted (default: none).",
+)
 @_MONITORING
 @_METRICS_PORT
 def serve(
@@ -285,6 +315,10 @@ def serve(
     redis_url: str | None,
     worker: bool,
     log_level: str,
+    limit_concurrency: int,
+    keep_alive: int,
+    header_timeout: float,
+    forwarded_allow_ips: str,
     monitoring: bool,
     metrics_port: int | None,
 ) -> None:
@@ -293,11 +327,17 @@ def serve(
     service = _configured(app, redis_url, None, port, host)
     _monitor(service, monitoring, metrics_port)
     _check_backend(service)
+    options = {
+        "limit_concurrency": limit_concurrency,
+        "keep_alive": keep_alive,
+        "header_timeout": header_timeout,
+        "forwarded_allow_ips": [ip.strip() for ip in forwarded_allow_ips.split(",") if ip.strip()],
+    }
     try:
         if worker:
-            service.start()
+            service.start(**options)
         else:
-            service.start_server()
+            service.start_server(**options)
     except FlowloomError as exc:
         raise AppError(str(exc)) from exc
 

@@ -147,9 +147,10 @@ def version_of(plan: Plan) -> str:
     """A digest of everything in ``plan`` that decides how it runs.
 
     Every field of every step goes in (names, edges, retries, backoff, timeouts, ...),
-    and every function by its qualified name (``module.qualname``), as do the hooks: the
-    same definition gives the same version in every process, and changing anything but
-    the body of a function gives a new one.
+    and every function by its qualified name, as do the hooks: the same definition gives
+    the same version in every process, and changing anything but the body of a function
+    gives a new one. Not the module's name: one app file is ``__main__`` in one process,
+    ``flowloom_app_NAME`` under the CLI and ``NAME`` when imported.
     """
     described = {
         "name": plan.name,
@@ -187,9 +188,8 @@ def _code_name(fn: object) -> str:
         fn = fn.__func__
     qualname = getattr(fn, "__qualname__", None)
     if isinstance(qualname, str):
-        return f"{getattr(fn, '__module__', None)}.{qualname}"
-    kind = type(fn)  # a callable object: its class
-    return f"{kind.__module__}.{kind.__qualname__}()"
+        return qualname
+    return f"{type(fn).__qualname__}()"  # a callable object: its class
 
 
 @dataclass

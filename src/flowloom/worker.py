@@ -13,7 +13,7 @@ import uuid
 
 from . import context, engine
 from .backends import HOOKS, Backend, MemoryBackend, Task
-from .execute import Caller, NodeFailed, Outcome, StepError, run_step, to_bytes, user_traceback
+from .execute import Caller, NodeFailed, Outcome, error_info, run_step, to_bytes
 from .observe import Attempt, Observers, RequestInfo
 from .plan import Plan, Step, StepKind
 from .registry import Registry
@@ -50,6 +50,7 @@ class Worker:
         self.observers = observers or Observers()
         self._call = Caller(self.observers.call_span)
         self._known: dict[str, tuple[Options, RequestInfo]] = {}  # request id -> recent ones
+        self._outage = _Outage()
 
     def start(self) -> None:
         if self._threads:
@@ -92,9 +93,20 @@ class Worker:
             log.info("worker %s stopped", self.name)
 
     def _loop(self) -> None:
+        """Claim and run tasks until stopped. A failing backend never ends the thread: it
+        is logged once per outage, and the loop backs off and carries on."""
+        backoff = 0.0
         try:
             while not self._stopping.is_set():
-                task = self.backend.claim(self.name, 0.2)
+                try:
+                    task = self.backend.claim(self.name, 0.2)
+                except Exception as exc:
+                    self._outage.failed(exc)
+                    backoff = min(2.0, max(0.05, backoff * 2))
+                    self._stopping.wait(backoff)
+                    continue
+                backoff = 0.0
+                self._outage.succeeded()
                 if task is not None:
                     self.execute(task)
         finally:
@@ -140,7 +152,7 @@ class Worker:
             except Exception as exc:
                 failure = exc
             if failure is not None:  # outside the except: an on_failure error is not chained
-                outcome = self._recover(step, task, address, failure, attempt)
+                outcome = self._recover(step, task, instance, address, failure, attempt)
             if outcome is None:
                 return
             if outcome.branches is not None:
@@ -163,19 +175,25 @@ class Worker:
                     self.observers.request_ended(request, *attempt.ended)
 
     def _recover(
-        self, step: Step, task: Task, address: str, exc: Exception, attempt: Attempt | None
+        self,
+        step: Step,
+        task: Task,
+        instance: str,
+        address: str,
+        exc: Exception,
+        attempt: Attempt | None = None,
     ) -> Outcome | None:
         """After a failed attempt: retry, fall back to the node's failure handler, or fail."""
-        data = b""
+        data, stack = b"", ""
         if isinstance(exc, NodeFailed) and isinstance(exc.__cause__, Exception):
-            data, exc = exc.data, exc.__cause__
+            data, stack, exc = exc.data, exc.stack, exc.__cause__
         if attempt is not None:
             attempt.error = exc
-        error = _error_info(address, exc)
+        error = error_info(address, exc, stack)
         if step.kind is StepKind.RUN and task.attempt <= step.retries:
             delay = engine.retry_delay(task.attempt, step.backoff)
             _log_failure(task, step, error, f"retrying in {delay:g}s", logging.WARNING)
-            self.backend.retry(task, address, delay, error)
+            self.backend.retry(task, instance, address, delay, error)
             if attempt is not None:
                 attempt.outcome = "retried"
             return None
@@ -185,13 +203,13 @@ class Worker:
                 fallback = self._call(step.on_failure, exc, data, kind="on_failure")
                 return Outcome(to_bytes(fallback, "on_failure"))
             except Exception as fallback_exc:
-                error = _error_info(address, fallback_exc)
+                error = error_info(address, fallback_exc)
                 _log_failure(
                     task, step, error, "on_failure raised: the request fails", logging.ERROR
                 )
         else:
             _log_failure(task, step, error, "the request fails", logging.ERROR)
-        self.backend.fail(task, address, error)
+        self.backend.fail(task, instance, address, error)
         if attempt is not None:
             attempt.ended = (Status.FAILED, error)
         return None
@@ -249,14 +267,35 @@ class Worker:
         )
         log.error("request %s: %s", task.request_id, why)
         error = ErrorInfo(task.step, "FlowNotFound", why)
-        self.backend.fail(task, task.step, error)
+        self.backend.fail(task, "", task.step, error)
         if self.observers:
             self.observers.request_ended(self._request(task)[1], Status.FAILED, error)
 
 
-def _error_info(address: str, exc: BaseException) -> ErrorInfo:
-    kind = "StepError" if isinstance(exc, StepError) else type(exc).__name__
-    return ErrorInfo(address, kind, str(exc) or repr(exc), user_traceback(exc))
+class _Outage:
+    """The worker's view of its backend: a WARNING when claiming starts to fail, an INFO
+    when it works again; nothing in between, however many threads retry."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None
+
+    def failed(self, exc: Exception) -> None:
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        log.warning(
+            "flowloom: worker cannot claim tasks (%s: %s); backing off", type(exc).__name__, exc
+        )
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        with self._lock:
+            since, self._since = self._since, None
+        if since is not None:
+            log.info("flowloom: worker reconnected after %.1fs", time.monotonic() - since)
 
 
 def _log_failure(task: Task, step: Step, error: ErrorInfo, then: str, level: int) -> None:

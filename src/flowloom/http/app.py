@@ -3,8 +3,8 @@ endpoint table."""
 
 from __future__ import annotations
 
-import functools
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
@@ -14,10 +14,11 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import observability, responses, routes, spec  # noqa: F401 - they add their endpoints
-from .api import Api
+from . import inputs, observability, responses, routes, spec
+from .accesslog import RequestIdLog
+from .api import UNAVAILABLE, Api
 from .auth import BearerAuth
-from .endpoints import ENDPOINTS
+from .endpoints import ENDPOINTS, Endpoint
 from .inputs import BadInput
 from .observability import HttpMetrics
 from .settings import DEFAULT_MAX_BODY, DEFAULT_WAIT_TIMEOUT, Settings
@@ -39,16 +40,21 @@ def create_app(
     max_body: int = DEFAULT_MAX_BODY,
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     callbacks: bool = True,
+    callback_allow: str | Iterable[str] | None = None,
 ) -> Starlette:
     """The ASGI app serving ``service``.
 
     ``token``: when set, every endpoint but ``/health`` needs ``Authorization: Bearer
     <token>`` (default: ``service.token``, else the ``FLOWLOOM_TOKEN`` environment variable).
-    ``hmac_secret``: when set, ``POST /flow/{name}`` needs an ``X-Hub-Signature`` of the body
-    (default: ``service.hmac_secret``, else ``FLOWLOOM_HMAC_SECRET``). ``max_body``: larger
-    bodies get 413. ``wait_timeout``: how long ``POST /flow/{name}`` waits for the result
-    before answering 202 (a caller may ask for less with ``X-Wait``). ``callbacks``: honour
-    ``X-Callback-Url``.
+    ``hmac_secret``: when set, ``POST /flow/{name}`` needs a signature (``X-Flowloom-
+    Signature`` of the whole call, or GoFlow's ``X-Hub-Signature`` of the body), and,
+    when no token is set, every other endpoint but ``/health`` needs an
+    ``X-Flowloom-Signature`` (default: ``service.hmac_secret``, else
+    ``FLOWLOOM_HMAC_SECRET``). ``max_body``: larger bodies get 413. ``wait_timeout``: how
+    long ``POST /flow/{name}`` waits for the result before answering 202 (a caller may
+    ask for less with ``X-Wait``). ``callbacks``: honour ``X-Callback-Url``;
+    ``callback_allow``: the addresses or networks callbacks may go to besides public
+    ones (default: ``service.callback_allow``, else ``FLOWLOOM_CALLBACK_ALLOW``).
     """
     settings = Settings.resolve(
         service,
@@ -57,13 +63,14 @@ def create_app(
         max_body=max_body,
         wait_timeout=wait_timeout,
         callbacks=callbacks,
+        callback_allow=callback_allow,
     )
+    assert routes.__name__  # imported for the endpoints it adds
+    assert observability.__name__  # likewise
     served = [e for e in ENDPOINTS if e.when(settings)]
     api = Api(service, settings, spec=encode(spec.document(served, settings)))
-    served_routes = [
-        Route(e.path, functools.partial(e.handler, api), methods=[e.method]) for e in served
-    ]
-    middleware = []
+    served_routes = [Route(e.path, _handler(api, e), methods=[e.method]) for e in served]
+    middleware = [Middleware(RequestIdLog)]
     if service.observers:
         middleware.append(
             Middleware(HttpMetrics, observers=service.observers, routes=served_routes)
@@ -85,6 +92,27 @@ def create_app(
     return app
 
 
+def _handler(api: Api, served: Endpoint) -> Callable[[HTTPRequest], Awaitable[Response]]:
+    """The endpoint's handler bound to ``api``; with only an HMAC secret set (no token),
+    it first checks the call's ``X-Flowloom-Signature``."""
+    handler = served.handler
+    secret = api.settings.hmac_secret
+    if secret is None or api.settings.token or served.public or served.checks_signature:
+
+        async def endpoint(request: HTTPRequest) -> Response:
+            return await handler(api, request)
+
+    else:
+
+        async def endpoint(request: HTTPRequest) -> Response:
+            body = await inputs.read_body(request, api.settings.max_body)
+            await routes.check_signature(api, request, body)
+            return await handler(api, request)
+
+    endpoint.__name__ = served.operation_id
+    return endpoint
+
+
 async def _bad_input(request: HTTPRequest, exc: Exception) -> Response:
     assert isinstance(exc, BadInput)
     return responses.error(exc.status, str(exc), exc.headers)
@@ -96,14 +124,7 @@ async def _http_exception(request: HTTPRequest, exc: Exception) -> Response:
 
 
 async def _server_error(request: HTTPRequest, exc: Exception) -> Response:
-    if _unavailable(exc):
-        log.warning("backend unavailable: %s: %s", type(exc).__name__, exc)
-        return responses.error(503, f"the backend is unavailable: {exc}", {"Retry-After": "1"})
-    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    """A bug: a 500 (Starlette then raises ``exc`` again for the server to log)."""
+    if isinstance(exc, UNAVAILABLE):  # from a call outside ``api.call``
+        return responses.error(503, "the backend is unavailable", {"Retry-After": "1"})
     return responses.error(500, "internal server error")
-
-
-def _unavailable(exc: BaseException) -> bool:
-    from redis.exceptions import ConnectionError, TimeoutError
-
-    return isinstance(exc, ConnectionError | TimeoutError | OSError)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from .addresses import Network, networks
 
 if TYPE_CHECKING:
     from ..service import FlowService
@@ -24,6 +27,7 @@ class Settings:
     max_body: int
     wait_timeout: float
     callbacks: bool
+    callback_allow: tuple[Network, ...] = ()
     monitoring: bool = False  # GET /metrics: the service keeps Prometheus metrics
 
     @classmethod
@@ -36,18 +40,24 @@ class Settings:
         max_body: int,
         wait_timeout: float,
         callbacks: bool,
+        callback_allow: str | Iterable[str] | None = None,
     ) -> Settings:
-        """Explicit arguments first, then the service's, then ``FLOWLOOM_TOKEN`` and
-        ``FLOWLOOM_HMAC_SECRET``."""
+        """Explicit arguments first, then the service's, then the environment:
+        ``FLOWLOOM_TOKEN``, ``FLOWLOOM_HMAC_SECRET``, ``FLOWLOOM_CALLBACK_ALLOW``."""
         if max_body < 0 or not (0 <= wait_timeout < math.inf):
             raise ValueError("max_body and wait_timeout must be >= 0 and finite")
         token = token or service.token or os.environ.get("FLOWLOOM_TOKEN") or None
         secret = hmac_secret or service.hmac_secret or os.environ.get("FLOWLOOM_HMAC_SECRET")
+        if callback_allow is None:
+            callback_allow = service.callback_allow
+        if callback_allow is None:
+            callback_allow = os.environ.get("FLOWLOOM_CALLBACK_ALLOW")
         return cls(
             token=token,
             hmac_secret=(secret.encode() if isinstance(secret, str) else secret) or None,
             max_body=max_body,
             wait_timeout=float(wait_timeout),
             callbacks=callbacks,
+            callback_allow=networks(callback_allow),
             monitoring=getattr(service, "metrics", None) is not None,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 import time
@@ -236,14 +237,27 @@ def test_workflow_hooks_run_once_with_error_and_status(fs):
     assert events == [("finally", rid, Status.COMPLETED)]
 
 
-def test_raising_hook_does_not_harm_the_worker(fs):
+def test_raising_hook_does_not_harm_the_worker(fs, caplog):
+    caplog.set_level(logging.DEBUG, logger="flowloom")
+
     def define(wf, ctx):
         wf.dag.node("n", ok)
         wf.finally_(lambda status: 1 / 0)
 
     fs.register("flow", define)
+    ids = []
     for _ in range(3):
-        assert fs.run("flow", b"x", timeout=10) == b"x"
+        ids.append(fs.execute("flow", b"x"))
+        assert fs.result("flow", ids[-1], timeout=10) == b"x"
+    fs.close()  # the hooks have run
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"request {rid} (flow flow): hook test_raising_hook_does_not_harm_the_worker"
+        ".<locals>.define.<locals>.<lambda> raised ZeroDivisionError: division by zero; ignored"
+        for rid in ids
+    ]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(f'File "{__file__}"' in text and "1 / 0" in text for text in debug)
 
 
 # -- tracebacks -------------------------------------------------------------------------------

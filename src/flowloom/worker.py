@@ -13,7 +13,7 @@ import uuid
 
 from . import context, engine
 from .backends import HOOKS, Backend, MemoryBackend, Task
-from .execute import Caller, NodeFailed, Outcome, error_info, run_step, to_bytes
+from .execute import Caller, NodeFailed, Outcome, error_info, run_step, to_bytes, user_traceback
 from .plan import Plan, Step, StepKind
 from .registry import Registry
 from .types import ErrorInfo, Options, Status
@@ -202,19 +202,30 @@ class Worker:
             try:
                 if status is Status.FAILED and state is not None and state.error is not None:
                     for failure_hook in plan.failure_hooks:
-                        self._hook(failure_hook, state.error)
+                        self._hook(task, failure_hook, state.error)
                 for finally_hook in plan.finally_hooks:
-                    self._hook(finally_hook, status)
+                    self._hook(task, finally_hook, status)
             finally:
                 context.leave(token)
         finally:
             self.backend.ack(task)
 
-    def _hook(self, hook: object, arg: object) -> None:
+    def _hook(self, task: Task, hook: object, arg: object) -> None:
         try:
             self._call(hook, arg)  # type: ignore[arg-type]
-        except Exception:
-            log.exception("flowloom: a workflow hook raised")
+        except Exception as exc:
+            name = getattr(hook, "__qualname__", repr(hook))
+            log.warning(
+                "request %s (flow %s): hook %s raised %s: %s; ignored",
+                task.request_id,
+                task.flow,
+                name,
+                type(exc).__name__,
+                exc,
+            )
+            log.debug(
+                "request %s: traceback of hook %s:\n%s", task.request_id, name, user_traceback(exc)
+            )
 
     def _fail_unknown_plan(self, task: Task) -> None:
         why = (

@@ -461,3 +461,81 @@ def test_timed_handlers_see_their_request_context(fs):
 
     rid = fs.execute("flow", Request(body=b"in", query={"q": "v"}))
     assert fs.result("flow", rid, timeout=10) == b"in|%s|%s|v" % (rid.encode(), rid.encode())
+
+
+# -- user code that raises what is not an Exception ---------------------------------------------
+def exits(data, options):
+    raise SystemExit(3)
+
+
+async def cancelled(data, options):
+    raise asyncio.CancelledError()
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+
+
+def unprintable(data, options):
+    raise Unprintable()
+
+
+@pytest.mark.parametrize(
+    ("build", "kind", "message"),
+    [
+        (lambda d: d.node("n", exits), "SystemExit", "3"),
+        (lambda d: d.node("n", exits, timeout=5), "SystemExit", "3"),
+        (lambda d: d.node("n", cancelled), "CancelledError", "CancelledError()"),
+        (lambda d: d.node("n", cancelled, timeout=5), "CancelledError", "CancelledError()"),
+        (
+            lambda d: d.foreach_branch(
+                "n", lambda x: {"a": x}, aggregator=lambda r: exits(1, 2)
+            ).node("m", ok),
+            "SystemExit",
+            "3",
+        ),
+        (
+            lambda d: d.node("n", unprintable),
+            "Unprintable",
+            "<Unprintable: str() raised RuntimeError>",
+        ),
+    ],
+    ids=["exit", "exit-timeout", "cancelled", "cancelled-timeout", "exit-aggregator", "no-str"],
+)
+def test_what_is_not_an_exception_fails_the_request_not_the_worker(build, kind, message):
+    with FlowService(worker_concurrency=1) as fs:  # one thread: it must survive
+        fs.register("flow", lambda wf, ctx: build(wf.dag))
+        error = failure(fs)
+        assert (error.vertex, error.type, error.message) == ("n", kind, message)
+        fs.register("flow", lambda wf, ctx: wf.dag.node("n", ok))
+        assert fs.run("flow", b"still here", timeout=10) == b"still here"
+
+
+def test_on_failure_sees_a_system_exit_and_a_hook_raising_one_is_ignored():
+    seen = []
+    done = threading.Event()
+
+    def define(wf, ctx):
+        wf.dag.node("n", exits, on_failure=lambda error, data: seen.append(error) or b"saved")
+        wf.finally_(lambda status: done.set() or exits(1, 2))
+
+    with FlowService(worker_concurrency=1) as fs:
+        fs.register("flow", define)
+        assert fs.run("flow", b"", timeout=10) == b"saved"
+        assert done.wait(10)
+        assert fs.run("flow", b"", timeout=10) == b"saved"  # the thread lived on
+    assert [type(error) for error in seen] == [SystemExit, SystemExit]
+
+
+def test_a_huge_message_is_cut():
+    from flowloom.execute import MESSAGE_LIMIT
+
+    def huge(data, options):
+        raise ValueError("y" * (MESSAGE_LIMIT * 3))
+
+    with FlowService() as fs:
+        fs.register("flow", lambda wf, ctx: wf.dag.node("n", huge))
+        error = failure(fs)
+    assert error.message.startswith("y" * MESSAGE_LIMIT + "... (")
+    assert error.message.endswith(f"({2 * MESSAGE_LIMIT} characters left out)")

@@ -117,7 +117,7 @@ def test_a_huge_error_message_is_cut_in_the_log_line(caplog: pytest.LogCaptureFi
         with pytest.raises(RequestFailed) as info:
             fs.run("flow", b"", timeout=10)
     assert info.value.error is not None
-    assert len(info.value.error.message) == 1_000_000  # the state keeps it whole
+    assert len(info.value.error.message) > 60_000  # the state keeps much more of it
     line = next(r.getMessage() for r in caplog.records if " failed" in r.getMessage())
     assert len(line) < 1000
 

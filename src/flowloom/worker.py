@@ -131,10 +131,10 @@ class Worker:
         )
         try:
             outcome: Outcome | None = None
-            failure: Exception | None = None
+            failure: BaseException | None = None
             try:
                 outcome = run_step(step, task.inputs, record_options, self._call)
-            except Exception as exc:
+            except BaseException as exc:  # user code's: a SystemExit fails the request too
                 failure = exc
             if failure is not None:  # outside the except: an on_failure error is not chained
                 outcome = self._recover(step, task, instance, address, failure)
@@ -152,11 +152,11 @@ class Worker:
             context.leave(token)
 
     def _recover(
-        self, step: Step, task: Task, instance: str, address: str, exc: Exception
+        self, step: Step, task: Task, instance: str, address: str, exc: BaseException
     ) -> Outcome | None:
         """After a failed attempt: retry, fall back to the node's failure handler, or fail."""
         data, stack = b"", ""
-        if isinstance(exc, NodeFailed) and isinstance(exc.__cause__, Exception):
+        if isinstance(exc, NodeFailed) and exc.__cause__ is not None:
             data, stack, exc = exc.data, exc.stack, exc.__cause__
         error = error_info(address, exc, stack)
         if step.kind is StepKind.RUN and task.attempt <= step.retries:
@@ -168,7 +168,7 @@ class Worker:
             _log_failure(task, step, error, "running its on_failure handler", logging.WARNING)
             try:
                 return Outcome(to_bytes(self._call(step.on_failure, exc, data), "on_failure"))
-            except Exception as fallback_exc:
+            except BaseException as fallback_exc:
                 error = error_info(address, fallback_exc)
                 _log_failure(
                     task, step, error, "on_failure raised: the request fails", logging.ERROR
@@ -213,7 +213,7 @@ class Worker:
     def _hook(self, task: Task, hook: object, arg: object) -> None:
         try:
             self._call(hook, arg)  # type: ignore[arg-type]
-        except Exception as exc:
+        except BaseException as exc:  # user code's: a SystemExit must not end the thread
             name = getattr(hook, "__qualname__", repr(hook))
             log.warning(
                 "request %s (flow %s): hook %s raised %s: %s; ignored",

@@ -539,3 +539,34 @@ def test_a_huge_message_is_cut():
         error = failure(fs)
     assert error.message.startswith("y" * MESSAGE_LIMIT + "... (")
     assert error.message.endswith(f"({2 * MESSAGE_LIMIT} characters left out)")
+
+
+# -- numbers in a definition --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"backoff": float("nan")}, "backoff must be a finite number >= 0, got nan"),
+        ({"backoff": float("inf")}, "backoff must be a finite number >= 0, got inf"),
+        ({"backoff": 10**5000}, "backoff must be a finite number >= 0, got an int of 16,610 bits"),
+        ({"backoff": True}, "backoff must be a finite number"),
+        ({"timeout": float("nan")}, "timeout must be a finite number > 0, got nan"),
+        ({"timeout": float("inf")}, "timeout must be a finite number > 0"),
+        ({"retries": 10**5000}, "retries must be an int from 0 to 1,000,000, got an int of"),
+        ({"retries": 1_000_001}, "retries must be an int from 0 to 1,000,000, got 1000001"),
+    ],
+)
+def test_numbers_that_would_break_a_retry_or_a_timeout_are_refused(options, words):
+    from flowloom import Dag, DefinitionError
+
+    with pytest.raises(DefinitionError) as info:
+        Dag().node("n", ok, **options)
+    assert words in str(info.value)
+    assert info.value.vertex == "n"
+
+
+def test_many_zero_backoff_retries_do_not_overflow_the_delay():
+    from flowloom.engine import retry_delay
+
+    assert retry_delay(5000, 0.0) == 0.0
+    assert retry_delay(5000, 0.5) == 300.0
+    assert retry_delay(3, 0.5) == 2.0

@@ -31,6 +31,7 @@ __all__ = [
     "Outcome",
     "StepError",
     "error_info",
+    "internal_error",
     "run_step",
     "to_bytes",
     "user_traceback",
@@ -297,6 +298,14 @@ def error_info(address: str, exc: BaseException, stack: str = "") -> ErrorInfo:
     kind = "StepError" if isinstance(exc, StepError) else type(exc).__name__
     trace = _capped(stack) if stack else user_traceback(exc)
     return ErrorInfo(address, kind, _message(exc), trace)
+
+
+def internal_error(address: str, exc: BaseException) -> ErrorInfo:
+    """What a step records when flowloom itself failed running it: the whole traceback."""
+    message = f"flowloom could not run this step: {type(exc).__name__}: {_message(exc)}"
+    return ErrorInfo(
+        address, "InternalError", message, _capped("".join(traceback.format_exception(exc)))
+    )
 
 
 def _message(exc: BaseException) -> str:

@@ -13,7 +13,17 @@ import uuid
 
 from . import context, engine
 from .backends import HOOKS, Backend, MemoryBackend, Task
-from .execute import Caller, NodeFailed, Outcome, error_info, run_step, to_bytes, user_traceback
+from .errors import BackendUnavailable
+from .execute import (
+    Caller,
+    NodeFailed,
+    Outcome,
+    error_info,
+    internal_error,
+    run_step,
+    to_bytes,
+    user_traceback,
+)
 from .plan import Plan, Step, StepKind
 from .registry import Registry
 from .types import ErrorInfo, Options, Status
@@ -118,8 +128,29 @@ class Worker:
                 self._fail_unknown_plan(task)
                 return
             self._run(plan, plan.steps[task.step], task)
-        except Exception:
+        except BackendUnavailable as exc:
+            log.warning(
+                "request %s: %s not reported (%s); the backend hands the task on",
+                task.request_id,
+                task.step,
+                exc,
+            )
+        except Exception as exc:
             log.exception("flowloom: internal error running %s of %s", task.step, task.request_id)
+            self._fail_internal(task, exc)
+
+    def _fail_internal(self, task: Task, exc: Exception) -> None:
+        """Fail the request of a task flowloom itself could not run (a bug), rather than
+        leave it waiting for ever."""
+        if task.step == HOOKS:
+            return  # acknowledged already; the request has ended
+        plan = self.registry.version(task.flow, task.version)
+        step = plan.steps.get(task.step) if plan is not None else None
+        instance, address = step.names(task.keys) if step is not None else ("", task.step)
+        try:
+            self.backend.fail(task, instance, address, internal_error(address, exc))
+        except Exception:
+            log.exception("flowloom: could not fail request %s either", task.request_id)
 
     def _run(self, plan: Plan, step: Step, task: Task) -> None:
         instance, address = step.names(task.keys)

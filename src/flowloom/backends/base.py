@@ -68,6 +68,7 @@ class Task:
     inputs: Mapping[str, bytes | None]
     attempt: int = 1
     receipt: str = ""  # backend-specific handle for acknowledging the task
+    redelivered: bool = False  # taken over from a worker that did not finish it
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class RequestRecord:
     headers: Mapping[str, str] = field(default_factory=dict)
     created: float = 0.0
     has_hooks: bool = False
+    trace: str = ""  # the request's TraceContext, encoded (see traceparent.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +200,11 @@ class Backend(abc.ABC):
     def workers(self) -> list[dict[str, object]]:
         """Live workers, each ``describe()`` plus ``last_seen`` (epoch seconds)."""
         return []
+
+    def depth(self) -> Mapping[str, int]:
+        """Tasks waiting: ``ready`` (queued, not yet claimed), ``delayed`` (retries waiting
+        for their time) and ``held`` (of paused requests). Empty if the backend cannot tell."""
+        return {}
 
     def listen(self, listener: Callable[[str, Status], None]) -> Callable[[], None] | None:
         """Call ``listener(request_id, status)`` when a request ends, from the thread that

@@ -85,15 +85,15 @@ class _Request:
         blob = marshal.dumps((
             r.request_id, r.flow, r.version, r.body, dict(r.query), dict(r.headers), r.created,
             r.has_hooks, self.status.value, self.ended, self.result, error, vertices,
-            self.context,
+            self.context, r.trace,
         ))  # fmt: skip
         return r.flow, self.status.value, blob
 
     @classmethod
     def unpack(cls, blob: bytes) -> _Request:
         (rid, flow, version, body, query, headers, created, hooks, status, ended, result,
-         error, vertices, context) = marshal.loads(blob)  # fmt: skip
-        record = RequestRecord(rid, flow, version, body, query, headers, created, hooks)
+         error, vertices, context, trace) = marshal.loads(blob)  # fmt: skip
+        record = RequestRecord(rid, flow, version, body, query, headers, created, hooks, trace)
         return cls(
             record, Status(status), ended, result, ErrorInfo(*error) if error else None,
             context, None, vertices,
@@ -364,6 +364,11 @@ class MemoryBackend(Backend):
         with self._lock:
             self._workers.pop(name, None)
 
+    def depth(self) -> Mapping[str, int]:
+        with self._lock:
+            held = sum(len(r.run.held) for r in self._requests.values() if r.run is not None)
+            return {"ready": len(self._queue), "delayed": len(self._delayed), "held": held}
+
     def ping(self) -> None:
         """Always answers: the embedded backend lives in this process."""
 
@@ -519,4 +524,5 @@ class MemoryBackend(Backend):
             ended=request.ended,
             error=request.error,
             vertices=request.vertex_states(),
+            trace_id=request.record.trace[:32] or None,
         )

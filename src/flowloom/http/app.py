@@ -14,12 +14,13 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import inputs, responses, routes, spec
+from . import inputs, observability, responses, routes, spec
 from .accesslog import RequestIdLog
 from .api import UNAVAILABLE, Api
 from .auth import BearerAuth
 from .endpoints import ENDPOINTS, Endpoint
 from .inputs import BadInput
+from .observability import HttpMetrics
 from .settings import DEFAULT_MAX_BODY, DEFAULT_WAIT_TIMEOUT, Settings
 from .shapes import encode
 
@@ -65,14 +66,20 @@ def create_app(
         callback_allow=callback_allow,
     )
     assert routes.__name__  # imported for the endpoints it adds
+    assert observability.__name__  # likewise
     served = [e for e in ENDPOINTS if e.when(settings)]
     api = Api(service, settings, spec=encode(spec.document(served, settings)))
+    served_routes = [Route(e.path, _handler(api, e), methods=[e.method]) for e in served]
     middleware = [Middleware(RequestIdLog)]
+    if service.observers:
+        middleware.append(
+            Middleware(HttpMetrics, observers=service.observers, routes=served_routes)
+        )
     if settings.token:
         public = [e.path for e in served if e.public]
         middleware.append(Middleware(BearerAuth, token=settings.token, public=public))
     app = Starlette(
-        routes=[Route(e.path, _handler(api, e), methods=[e.method]) for e in served],
+        routes=served_routes,
         middleware=middleware,
         exception_handlers={
             BadInput: _bad_input,

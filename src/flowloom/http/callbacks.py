@@ -213,6 +213,7 @@ class Callbacks:
                 pending.request_id,
                 pending.target.shown,
             )
+            self.api.service.observers.callback_sent("failed")
             return
         task = asyncio.get_running_loop().create_task(self._send(pending, status))
         self.sending.add(task)
@@ -227,6 +228,7 @@ class Callbacks:
             answer = await self.api.answer(name, request_id, status)
         except Exception as exc:  # the request expired, the backend is down...
             log.warning("callback for request %s to %s not sent: %s", request_id, target.shown, exc)
+            self.api.service.observers.callback_sent("failed")
             return
         body = bytes(answer.body)
         headers = {
@@ -249,6 +251,8 @@ class Callbacks:
                 await anyio.sleep(self.backoff * 2 ** (attempt - 1))
             outcome = await self._attempt(target, body, headers)
             if outcome is None or outcome == FINAL:
+                sent = "delivered" if outcome is None else "rejected"
+                self.api.service.observers.callback_sent(sent)
                 return
             reason = outcome
         log.warning(
@@ -258,6 +262,7 @@ class Callbacks:
             self.attempts,
             reason,
         )
+        self.api.service.observers.callback_sent("failed")
 
     async def _attempt(self, target: Target, body: bytes, headers: dict[str, str]) -> str | None:
         """One POST within the deadline: None once the receiver took it (2xx), "final"

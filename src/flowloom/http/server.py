@@ -69,7 +69,7 @@ def serve(
     """
     if limit_concurrency < 1 or keep_alive < 1 or not header_timeout > 0:
         raise ValueError("limit_concurrency, keep_alive and header_timeout must be positive")
-    logs.configure()  # a program of its own: records go to stderr unless configured
+    logs.configure()  # a program of its own: flowloom's records reach stderr unless set up
     app = create_app(service, **options)
     _raise_open_file_limit(limit_concurrency)
     config = uvicorn.Config(

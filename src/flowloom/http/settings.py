@@ -28,6 +28,7 @@ class Settings:
     wait_timeout: float
     callbacks: bool
     callback_allow: tuple[Network, ...] = ()
+    monitoring: bool = False  # GET /metrics: the service keeps Prometheus metrics
 
     @classmethod
     def resolve(
@@ -58,4 +59,5 @@ class Settings:
             wait_timeout=float(wait_timeout),
             callbacks=callbacks,
             callback_allow=networks(callback_allow),
+            monitoring=getattr(service, "metrics", None) is not None,
         )

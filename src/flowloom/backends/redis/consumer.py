@@ -253,6 +253,7 @@ class Consumer:
                 task = codec.decode_task(blob, receipt.decode())
                 if n < len(deliveries) and deliveries[n] > 1:
                     self._redelivered[task.receipt] = deliveries[n]
+                    task = replace(task, redelivered=True)
                 tasks.append(task)
                 self._held[task.receipt] = task
             now = time.monotonic()

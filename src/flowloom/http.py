@@ -42,10 +42,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import httpinput, openapi
+from . import httpinput, openapi, progress
+from .dag import NAME
+from .dashboard import has_session, is_public
+from .dashboard import routes as dashboard_routes
 from .errors import (
     DuplicateRequest,
     FlowNotFound,
@@ -96,6 +99,8 @@ def create_app(
     max_body: int = DEFAULT_MAX_BODY,
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     callbacks: bool = True,
+    dashboard: bool | None = None,
+    trace_url: str | None = None,
 ) -> Starlette:
     """The ASGI app serving ``service``.
 
@@ -135,7 +140,7 @@ def create_app(
     async def openapi_json(request: HTTPRequest) -> Response:
         return JSONResponse(spec)
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/flow/{name}", api.execute, methods=["POST"]),
         Route("/flows", api.flows, methods=["GET"]),
         Route("/flow/{name}/definition", api.definition, methods=["GET"]),
@@ -147,9 +152,16 @@ def create_app(
         Route("/flow/{name}/requests/{request_id}/resume", api.resume, methods=["POST"]),
         Route("/flow/{name}/requests/{request_id}/stop", api.stop, methods=["POST"]),
         Route("/workers", api.workers, methods=["GET"]),
+        Route("/queue", api.queue, methods=["GET"]),
+        Route("/requests", api.all_requests, methods=["GET"]),
+        Route("/flow/{name}/requests/{request_id}/steps", api.steps, methods=["GET"]),
+        Route("/flow/{name}/requests/{request_id}/instances", api.instances, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
     ]
+    if service.enable_monitoring if dashboard is None else dashboard:
+        trace_url = trace_url or os.environ.get("FLOWLOOM_TRACE_URL") or None
+        routes.extend(dashboard_routes(token, trace_url))
     middleware = [Middleware(_BearerAuth, token=token)] if token else []
     app = Starlette(
         routes=routes,
@@ -232,6 +244,10 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def _public(path: str) -> bool:
+    return path in PUBLIC_PATHS or is_public(path)
+
+
 class _BearerAuth:
     """Refuses every request but those to ``PUBLIC_PATHS`` without the bearer token."""
 
@@ -240,10 +256,12 @@ class _BearerAuth:
         self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
-            scheme, _, credentials = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scope["type"] == "http" and not _public(scope["path"]):
+            headers = Headers(scope=scope)
+            scheme, _, credentials = headers.get("authorization", "").partition(" ")
             given = credentials.strip().encode("latin-1")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.token):
+            bearer = scheme.lower() == "bearer" and hmac.compare_digest(given, self.token)
+            if not bearer and not has_session(headers, self.token.decode()):
                 response = _error(
                     401,
                     "missing or wrong bearer token",
@@ -449,6 +467,74 @@ class _Api:
         found = await _call(self.service.workers)
         return _json({"workers": [_jsonable(w) for w in found]})
 
+    async def queue(self, request: HTTPRequest) -> Response:
+        return _json(await _call(self.service.backend.queue_depth))
+
+    async def all_requests(self, request: HTTPRequest) -> Response:
+        params = request.query_params
+        _only(params, {"flow", "status", "offset", "limit"})
+        flow = params.get("flow") or None
+        if flow is not None and not NAME.fullmatch(flow):
+            raise httpinput.BadInput(400, f"invalid flow name {flow!r}")
+        status = httpinput.status_filter(params.get("status"))
+        offset = httpinput.integer(params.get("offset"), "offset", 0, 0, 10**9)
+        limit = httpinput.integer(params.get("limit"), "limit", 50, 1, MAX_LIMIT)
+        found = await _call(self.service.requests, flow, status, offset, limit)
+        return _json(
+            {
+                "flow": flow,
+                "status": status.value if status else None,
+                "offset": offset,
+                "limit": limit,
+                "next_offset": offset + len(found) if len(found) == limit else None,
+                "requests": [_summary(s) for s in found],
+            }
+        )
+
+    async def steps(self, request: HTTPRequest) -> Response:
+        name, request_id = httpinput.flow_name(request), httpinput.request_id(request)
+        _only(request.query_params, set())
+        state, foreach = await self._progress(name, request_id)
+        body = _summary(state)
+        body["steps"] = [p.to_json() for p in progress.progress(state, foreach)]
+        return _json(body, request_id=request_id, status=state.status)
+
+    async def instances(self, request: HTTPRequest) -> Response:
+        name, request_id = httpinput.flow_name(request), httpinput.request_id(request)
+        params = request.query_params
+        _only(params, {"vertex", "status", "offset", "limit"})
+        vertex = params.get("vertex")
+        if not vertex or len(vertex) > 4096:
+            raise httpinput.BadInput(400, "give the vertex path as ?vertex=PATH")
+        status = httpinput.status_filter(params.get("status"))
+        offset = httpinput.integer(params.get("offset"), "offset", 0, 0, 10**9)
+        limit = httpinput.integer(params.get("limit"), "limit", 100, 1, MAX_LIMIT)
+        state, foreach = await self._progress(name, request_id)
+        found = progress.instances(state, foreach, vertex, status)
+        page = found[offset : offset + limit]
+        return _json(
+            {
+                "request_id": request_id,
+                "vertex": vertex,
+                "status": status.value if status else None,
+                "offset": offset,
+                "limit": limit,
+                "total": len(found),
+                "next_offset": offset + limit if offset + limit < len(found) else None,
+                "instances": [v.to_json() for v in page],
+            },
+            request_id=request_id,
+            status=state.status,
+        )
+
+    async def _progress(self, name: str, request_id: str) -> tuple[RequestState, frozenset[str]]:
+        state = await _call(self.service.state, name, request_id)
+        try:
+            definition = await _call(self.service.definition, name)
+        except httpinput.BadInput:  # a client that has not registered the flow
+            return state, frozenset()
+        return state, progress.foreach_paths(definition)
+
     async def health(self, request: HTTPRequest) -> Response:
         try:
             await _call(self.service.backend.ping)
@@ -576,6 +662,12 @@ def _accepted(name: str, request_id: str, status: Status) -> Response:
     return _json(
         body, code=202, request_id=request_id, status=status, headers={"Location": location}
     )
+
+
+def _only(params: Mapping[str, str], known: set[str]) -> None:
+    unknown = set(params) - known
+    if unknown:
+        raise httpinput.BadInput(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}")
 
 
 def _summary(state: RequestState) -> dict[str, Any]:

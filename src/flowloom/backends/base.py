@@ -155,6 +155,12 @@ class Backend(abc.ABC):
         """Live workers, each ``describe()`` plus ``last_seen`` (epoch seconds)."""
         return []
 
+    def queue_depth(self) -> dict[str, int]:
+        """Tasks waiting for a worker: ``ready`` (queued, not yet taken by any worker) and
+        ``delayed`` (retries waiting for their time). Held tasks of paused requests are not
+        counted."""
+        return {"ready": 0, "delayed": 0}
+
     @abc.abstractmethod
     def ping(self) -> None:
         """Check that the backend answers; ``BackendUnavailable`` (bounded wait) if not."""

@@ -324,6 +324,10 @@ class MemoryBackend(Backend):
         with self._lock:
             self._workers.pop(name, None)
 
+    def queue_depth(self) -> dict[str, int]:
+        with self._lock:
+            return {"ready": len(self._queue), "delayed": len(self._delayed)}
+
     def ping(self) -> None:
         """Always answers: the embedded backend lives in this process."""
 

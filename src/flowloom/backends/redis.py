@@ -522,6 +522,21 @@ class RedisBackend(Backend):
             self._redis.zrem(self.workers_key, *gone)
         return sorted(alive, key=lambda w: str(w.get("name")))
 
+    def queue_depth(self) -> dict[str, int]:
+        self.flush()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xlen(self.tasks_key)
+        pipe.zcard(self.delayed_key)
+        length, delayed = pipe.execute()
+        taken = 0
+        if length:
+            try:
+                taken = int(self._redis.xpending(self.tasks_key, GROUP)["pending"])
+            except redis.ResponseError as exc:  # no worker has made the group yet
+                if "NOGROUP" not in str(exc):
+                    raise
+        return {"ready": max(0, int(length) - taken), "delayed": int(delayed)}
+
     def _beat(self, name: str, describe: Callable[[], Mapping[str, object]]) -> None:
         now = time.time()
         info = {"name": name, "host": socket.gethostname(), "pid": os.getpid(), **describe()}

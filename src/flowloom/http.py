@@ -473,7 +473,7 @@ class _Api:
     async def all_requests(self, request: HTTPRequest) -> Response:
         params = request.query_params
         _only(params, {"flow", "status", "offset", "limit"})
-        flow = params.get("flow") or None
+        flow = params.get("flow")
         if flow is not None and not NAME.fullmatch(flow):
             raise httpinput.BadInput(400, f"invalid flow name {flow!r}")
         status = httpinput.status_filter(params.get("status"))

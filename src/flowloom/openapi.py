@@ -60,6 +60,28 @@ ID_PARAM = {
 }
 
 
+PAGE_PARAMS = [
+    {
+        "name": "status",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": [s.value for s in Status]},
+    },
+    {
+        "name": "offset",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 0, "maximum": 10**9},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+    },
+]
+
+
 def _wait_header(limit: float, default: str) -> dict[str, Any]:
     return {
         "name": "X-Wait",
@@ -300,6 +322,68 @@ def spec(
             "/flow/{name}/requests/{request_id}/stop": _control(
                 "stop", "End the request; nothing more of it runs."
             ),
+            "/requests": {
+                "get": {
+                    "operationId": "all_requests",
+                    "summary": "The requests of every flow (or of `flow`), newest first.",
+                    "parameters": [
+                        {
+                            "name": "flow",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "string", "pattern": f"^{NAME.pattern}$"},
+                        },
+                        *PAGE_PARAMS,
+                    ],
+                    "responses": {
+                        "200": _json("One page of requests.", "RequestList"),
+                        "400": _error("Malformed query."),
+                    },
+                }
+            },
+            "/flow/{name}/requests/{request_id}/steps": {
+                "get": {
+                    "operationId": "steps",
+                    "summary": "The request's summary and its progress per vertex "
+                    "(instances of foreach branches counted by status).",
+                    "parameters": [NAME_PARAM, ID_PARAM],
+                    "responses": {
+                        "200": _json("The progress.", "Progress", REQUEST_HEADERS),
+                        "400": _error("Malformed flow name, request id or query."),
+                        "404": _error("No such flow or request."),
+                    },
+                }
+            },
+            "/flow/{name}/requests/{request_id}/instances": {
+                "get": {
+                    "operationId": "instances",
+                    "summary": "One page of the instances of one vertex, earliest started first.",
+                    "parameters": [
+                        NAME_PARAM,
+                        ID_PARAM,
+                        {
+                            "name": "vertex",
+                            "in": "query",
+                            "required": True,
+                            "description": "The vertex path, as in `steps` (`items[]/check`).",
+                            "schema": {"type": "string", "minLength": 1, "maxLength": 4096},
+                        },
+                        *PAGE_PARAMS,
+                    ],
+                    "responses": {
+                        "200": _json("One page of instances.", "Instances", REQUEST_HEADERS),
+                        "400": _error("Malformed flow name, request id or query."),
+                        "404": _error("No such flow or request."),
+                    },
+                }
+            },
+            "/queue": {
+                "get": {
+                    "operationId": "queue",
+                    "summary": "Tasks waiting for a worker: ready, and retries delayed.",
+                    "responses": {"200": _json("The queue's depth.", "Queue")},
+                }
+            },
             "/workers": {
                 "get": {
                     "operationId": "workers",
@@ -409,7 +493,7 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "required": ["flow", "status", "offset", "limit", "next_offset", "requests"],
             "properties": {
-                "flow": {"type": "string"},
+                "flow": {"type": ["string", "null"]},
                 "status": {"oneOf": [status, {"type": "null"}]},
                 "offset": {"type": "integer"},
                 "limit": {"type": "integer"},
@@ -446,6 +530,49 @@ def _schemas() -> dict[str, Any]:
                 "status": status,
                 "error": {"type": "string"},
             },
+        },
+        "Progress": {
+            "type": "object",
+            "required": [*summary, "steps"],
+            "properties": {
+                **summary,
+                "steps": {"type": "array", "items": _ref("VertexProgress")},
+            },
+        },
+        "VertexProgress": {
+            "type": "object",
+            "required": ["vertex", "instances", "counts", "started", "ended", "attempts"],
+            "properties": {
+                "vertex": {"type": "string"},
+                "instances": {"type": "integer"},
+                "counts": {
+                    "type": "object",
+                    "description": "Instances by status.",
+                    "additionalProperties": {"type": "integer"},
+                },
+                "started": time_or_null,
+                "ended": time_or_null,
+                "attempts": {"type": "integer"},
+            },
+        },
+        "Instances": {
+            "type": "object",
+            "required": ["vertex", "offset", "limit", "total", "next_offset", "instances"],
+            "properties": {
+                "request_id": {"type": "string"},
+                "vertex": {"type": "string"},
+                "status": {"oneOf": [status, {"type": "null"}]},
+                "offset": {"type": "integer"},
+                "limit": {"type": "integer"},
+                "total": {"type": "integer"},
+                "next_offset": {"type": ["integer", "null"]},
+                "instances": {"type": "array", "items": _ref("VertexState")},
+            },
+        },
+        "Queue": {
+            "type": "object",
+            "required": ["ready", "delayed"],
+            "properties": {"ready": {"type": "integer"}, "delayed": {"type": "integer"}},
         },
         "Flows": {
             "type": "object",

@@ -187,8 +187,8 @@ def test_the_same_task_delivered_twice_changes_nothing(
     raw = redis.Redis.from_url(redis_url)
 
     def deliver_again(task: Task) -> Task:
-        entry = raw.xrange(backend.tasks_key, task.receipt, task.receipt)
-        raw.xadd(backend.tasks_key, entry[0][1])  # type: ignore[index]
+        entry = raw.xrange(backend.keys.tasks, task.receipt, task.receipt)
+        raw.xadd(backend.keys.tasks, entry[0][1])  # type: ignore[index]
         again = claim(backend)
         assert (again.step, again.keys, dict(again.inputs)) == (
             task.step, task.keys, dict(task.inputs),
@@ -231,8 +231,8 @@ def test_the_same_task_delivered_twice_changes_nothing(
         assert state is not None
         assert state.status is Status.COMPLETED
         assert all(v.attempts == 1 for v in state.vertices.values())
-        assert raw.xlen(backend.tasks_key) == 0  # every delivery was acked and deleted
-        assert raw.xpending(backend.tasks_key, "workers")["pending"] == 0  # type: ignore[index]
+        assert raw.xlen(backend.keys.tasks) == 0  # every delivery was acked and deleted
+        assert raw.xpending(backend.keys.tasks, "workers")["pending"] == 0  # type: ignore[index]
     finally:
         raw.close()
 

@@ -7,12 +7,12 @@ and turns it into the immutable plan the engine runs.
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DefinitionError
+from .names import NAME
 from .types import (
     Aggregator,
     Condition,
@@ -25,8 +25,6 @@ from .types import (
 )
 
 __all__ = ["Dag", "Workflow"]
-
-NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def check_name(name: object, what: str) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "COOKIE",
     "PUBLIC_PATHS",
     "SESSION_SECONDS",
+    "admits",
     "has_session",
     "routes",
     "session_cookie",
@@ -95,8 +96,10 @@ def has_session(headers: Headers, token: str, now: float | None = None) -> bool:
     return False
 
 
-def is_public(path: str) -> bool:
-    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIX)
+def admits(path: str, headers: Headers, token: str) -> bool:
+    """Whether a request without the bearer token may pass: the page, its assets, login
+    and logout (they hold no data) always; any other with a live session."""
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIX) or has_session(headers, token)
 
 
 def routes(token: str | None, trace_url: str | None) -> list[BaseRoute]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import threading
@@ -25,13 +24,12 @@ from .errors import (
     RequestStopped,
     ResultTimeout,
 )
+from .names import REQUEST_ID
 from .registry import DefineWorkflow, Registry
 from .types import Options, Request, RequestState, Status
 from .worker import Worker
 
 __all__ = ["FlowService"]
-
-REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
 class FlowService:

@@ -1,43 +1,31 @@
-"""What HTTP callers send, checked: flow names, request ids, headers, query, body,
-signatures, callback URLs; and the POST that delivers a callback.
+"""What HTTP callers send, checked: flow names, request ids, headers, query, body.
 
 Every check raises ``BadInput`` with the HTTP status and a message for the caller.
 """
 
 from __future__ import annotations
 
-import hmac
-import logging
 import math
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
-from typing import Any
 
-from starlette.datastructures import Headers
 from starlette.requests import Request as HTTPRequest
 
-from .dag import NAME
-from .service import REQUEST_ID
-from .types import Status
+from ..names import NAME, REQUEST_ID
+from ..types import Status
 
 __all__ = [
     "BadInput",
-    "check_signature",
     "flag",
     "flow_name",
     "integer",
     "optional_request_id",
-    "post_callback",
     "query_options",
     "read_body",
     "request_id",
     "seconds",
     "status_filter",
 ]
-
-log = logging.getLogger("flowloom.http")
 
 MAX_QUERY_FIELDS = 1000
 
@@ -141,40 +129,3 @@ async def read_body(request: HTTPRequest, limit: int) -> bytes:
             raise BadInput(413, f"the body is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def check_signature(headers: Headers, body: bytes, secret: bytes) -> None:
-    """GoFlow's ``X-Hub-Signature: sha1=<hex>`` (or ``sha256=``, or the
-    ``X-Hub-Signature-256`` header GitHub sends): an HMAC of the body with the secret."""
-    given = headers.get("x-hub-signature-256") or headers.get("x-hub-signature")
-    if not given:
-        raise BadInput(401, "X-Hub-Signature is required")
-    algorithm, _, signature = given.strip().partition("=")
-    if algorithm not in ("sha1", "sha256"):
-        raise BadInput(400, "X-Hub-Signature must be sha1=<hex> or sha256=<hex>")
-    expected = hmac.new(secret, body, algorithm).hexdigest()
-    if not hmac.compare_digest(signature.strip().lower().encode("latin-1"), expected.encode()):
-        raise BadInput(401, "X-Hub-Signature does not match the body")
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirects)
-
-
-def post_callback(url: str, body: bytes, headers: Mapping[str, str]) -> bool:
-    """POST a callback (blocking, 10 s timeout); True once the receiver took it (2xx)."""
-    request = urllib.request.Request(url, data=body, headers=dict(headers), method="POST")
-    try:
-        with _opener.open(request, timeout=10) as response:
-            code: int = response.status
-            return 200 <= code < 300
-    except urllib.error.HTTPError as exc:
-        log.warning("callback to %s answered %s", url, exc.code)
-        return exc.code < 500 and exc.code != 429  # a 4xx will not get better
-    except (OSError, ValueError) as exc:
-        log.warning("callback to %s failed: %s", url, exc)
-        return False

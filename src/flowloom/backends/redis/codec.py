@@ -1,7 +1,7 @@
 """How the Redis backend writes tasks, deliveries and errors as Redis values.
 
 A task travels on the stream as one blob of netstrings (``LEN:BYTES``), which
-``redis.lua`` reads as well: request id, flow, version, step, item keys (each
+the Lua scripts read as well: request id, flow, version, step, item keys (each
 followed by NUL), attempt, then slot and value pairs (``n`` for an ordering-only
 input, ``d`` + data otherwise).
 """
@@ -12,9 +12,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from ..engine import Delivery
-from ..types import ErrorInfo
-from .base import Task
+from ...engine import Delivery
+from ...types import ErrorInfo
+from ..base import Task
 
 __all__ = [
     "began",

@@ -1,0 +1,116 @@
+"""Where everything lives in Redis: the key layout, in one place.
+
+``P`` is the prefix (``flowloom`` by default), ``{id}`` a request id::
+
+    P:tasks              stream    ready tasks; field ``t`` holds the task blob, ``i``
+                                   its instance (so that a completion can begin it)
+                                   (consumer group ``workers``; a pending entry is a
+                                   task some worker has claimed and not acked yet)
+    P:delayed            zset      retries waiting for their time: blob -> due (ms)
+    P:requests           zset      every live request id -> created (s), for listings
+    P:flow:{name}        zset      the same, per flow
+    P:expiries           zset      "flow\\0id" of ended requests -> when they expire (ms)
+    P:r:{id}             hash      the request: flow, version, body, query, headers,
+                                   created, hooks, status, ended, result, error
+    P:r:{id}:v           hash      vertex states: s|ADDR status, b|ADDR began,
+                                   e|ADDR ended, a|ADDR attempts, x|ADDR error (JSON)
+    P:r:{id}:i           hash      instance marks: f|INST fired (queued once),
+                                   d|INST done (completed once), n|INST inputs needed,
+                                   c|INST inputs received
+    P:r:{id}:s           hash      inputs of instances still waiting: INST\\0SLOT -> value
+    P:r:{id}:h           list      tasks held while the request is paused
+    P:r:{id}:c           hash      the request's context store
+    P:r:{id}:e           list      gets the final status when the request ends (wait)
+    P:r:{id}:o           hash      each completed vertex instance's output: ADDR -> bytes
+    P:worker:{name}      string    a live worker's description (JSON), with a TTL
+    P:workers            zset      worker names -> last heartbeat (s)
+
+When a request ends its ``i``, ``s`` and ``h`` keys are deleted and ``r``, ``v``, ``c``,
+``e`` and ``o`` get a TTL of ``retention`` seconds; ``P:expiries`` lets a sweep drop it from
+the listings then. Request ids cannot hold ``{`` or ``}``, so no two requests' keys meet.
+
+Every script about one request (``lua/request.lua``) takes ``RequestKeys.script_keys()``
+as its first KEYS and names them as the fields below do (``vertices_key``...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["GROUP", "KeyLayout", "RequestKeys"]
+
+GROUP = "workers"  # the consumer group of P:tasks
+
+
+@dataclass(frozen=True, slots=True)
+class RequestKeys:
+    """The keys of one request, and the shared ones its scripts write to."""
+
+    request: str  # P:r:{id}
+    vertices: str  # P:r:{id}:v
+    instances: str  # P:r:{id}:i
+    inputs: str  # P:r:{id}:s
+    held: str  # P:r:{id}:h
+    context: str  # P:r:{id}:c
+    ended: str  # P:r:{id}:e
+    outputs: str  # P:r:{id}:o
+    tasks: str  # P:tasks
+    expiries: str  # P:expiries
+    delayed: str  # P:delayed
+
+    def script_keys(self) -> list[str]:
+        """KEYS of a request script, in the order ``lua/request.lua`` names them."""
+        return [
+            self.request, self.vertices, self.instances, self.inputs, self.held, self.context,
+            self.ended, self.outputs, self.tasks, self.expiries, self.delayed,
+        ]  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLayout:
+    """Every key under ``prefix``: the shared ones as fields, the others by name."""
+
+    prefix: str
+    tasks: str
+    delayed: str
+    requests: str
+    expiries: str
+    workers: str
+
+    @classmethod
+    def of(cls, prefix: str) -> KeyLayout:
+        return cls(
+            prefix=prefix,
+            tasks=f"{prefix}:tasks",
+            delayed=f"{prefix}:delayed",
+            requests=f"{prefix}:requests",
+            expiries=f"{prefix}:expiries",
+            workers=f"{prefix}:workers",
+        )
+
+    @property
+    def flow_prefix(self) -> str:
+        """``P:flow:``; a flow's index is this plus ``{name}``."""
+        return f"{self.prefix}:flow:"
+
+    def flow(self, name: str) -> str:
+        return f"{self.flow_prefix}{{{name}}}"
+
+    def worker(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}"
+
+    def request(self, request_id: str) -> RequestKeys:
+        r = f"{self.prefix}:r:{{{request_id}}}"
+        return RequestKeys(
+            request=r,
+            vertices=r + ":v",
+            instances=r + ":i",
+            inputs=r + ":s",
+            held=r + ":h",
+            context=r + ":c",
+            ended=r + ":e",
+            outputs=r + ":o",
+            tasks=self.tasks,
+            expiries=self.expiries,
+            delayed=self.delayed,
+        )

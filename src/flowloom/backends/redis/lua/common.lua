@@ -1,0 +1,32 @@
+-- Prepended to every script: clock, number format, netstrings, chunked calls.
+-- The key layout is documented in flowloom/backends/redis/keys.py.
+
+local FINISHED = { completed = true, failed = true, stopped = true }
+
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local function fmt(x)
+  return string.format('%.6f', x)
+end
+
+local function ns(s)
+  return #s .. ':' .. s
+end
+
+-- call `cmd key a b c ...` in chunks, so long lists stay under Lua's unpack limit
+local function chunked(cmd, key, items, prefix)
+  for first = 1, #items, 1000 do
+    local args = {}
+    for j = first, math.min(first + 999, #items) do
+      args[#args + 1] = items[j]
+    end
+    if prefix then
+      redis.call(cmd, key, prefix, unpack(args))
+    else
+      redis.call(cmd, key, unpack(args))
+    end
+  end
+end

@@ -1,0 +1,45 @@
+-- A task succeeded: record its output, apply its deliveries (once per instance), end
+-- the request if it is finished, ack the task; then read up to `claim` new tasks for
+-- `consumer` and begin those that say their instance. Returns {entries, began} or false.
+local id, group, receipt, inst, address, output, finished, result, retention_ms, consumer, claim,
+  ndeliveries = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
+  tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
+local DELIVERIES = 13 -- deliveries follow in ARGV from here on (see apply)
+-- output is '' (a split: no output of its own) or 'd' .. bytes
+
+local req = load_request(id)
+if req and not FINISHED[req.status] and redis.call('HEXISTS', instances_key, 'd|' .. inst) == 0 then
+  redis.call('HSET', instances_key, 'd|' .. inst, '1')
+  if output ~= '' then
+    redis.call('HSET', vertices_key, 's|' .. address, 'completed', 'e|' .. address, fmt(now()))
+    redis.call('HDEL', vertices_key, 'x|' .. address)
+    redis.call('HSET', outputs_key, address, string.sub(output, 2))
+  end
+  apply(req, DELIVERIES, ndeliveries)
+  if finished == '1' then
+    finish(req, 'completed', retention_ms, result, nil)
+  end
+end
+ack(group, receipt)
+-- read up to `claim` new tasks for this consumer, and begin those that say their
+-- instance (any request's: their keys are derived from this request's key prefix)
+if claim > 0 then
+  local res = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', claim, 'STREAMS', tasks_key, '>')
+  if not res then
+    return false
+  end
+  local entries, began = res[1][2], {}
+  local base = string.sub(request_key, 1, #request_key - #id - 1)
+  for j, entry in ipairs(entries) do
+    local fields = entry[2]
+    began[j] = -1
+    if fields and fields[3] == 'i' then
+      local blob = fields[2]
+      local colon = string.find(blob, ':', 1, true)
+      local rid = string.sub(blob, colon + 1, colon + tonumber(string.sub(blob, 1, colon - 1)))
+      began[j] = begin_task(base .. rid .. '}', group, entry[1], blob, fields[4], '1')
+    end
+  end
+  return { entries, began }
+end
+return false

@@ -1,0 +1,154 @@
+-- Prepended to every script about one request (after common.lua). Such a script gets
+-- the request's keys first, in the order of RequestKeys.script_keys():
+local request_key = KEYS[1]    -- P:r:{id}      hash   the request
+local vertices_key = KEYS[2]   -- P:r:{id}:v    hash   vertex states
+local instances_key = KEYS[3]  -- P:r:{id}:i    hash   instance marks (f| d| n| c|)
+local inputs_key = KEYS[4]     -- P:r:{id}:s    hash   inputs of instances still waiting
+local held_key = KEYS[5]       -- P:r:{id}:h    list   tasks held while paused
+local context_key = KEYS[6]    -- P:r:{id}:c    hash   the context store
+local ended_key = KEYS[7]      -- P:r:{id}:e    list   end notification
+local outputs_key = KEYS[8]    -- P:r:{id}:o    hash   outputs of completed instances
+local tasks_key = KEYS[9]      -- P:tasks       stream ready tasks
+local expiries_key = KEYS[10]  -- P:expiries    zset   when ended requests leave listings
+local delayed_key = KEYS[11]   -- P:delayed     zset   retries waiting for their time
+--
+-- A task is one binary-safe blob of netstrings ("<len>:<bytes>"): request id, flow,
+-- version, step, keys (each followed by "\0"), attempt, then (slot, value) pairs where
+-- a value is "d" .. data or "n" (an ordering-only input).
+
+-- the request's identity and status, read once per script
+local function load_request(id)
+  local f = redis.call('HMGET', request_key, 'status', 'flow', 'version', 'hooks')
+  if not f[1] then
+    return nil
+  end
+  return { status = f[1], flow = f[2], version = f[3], hooks = f[4], id = id }
+end
+
+local function ack(group, receipt)
+  if receipt ~= '' then
+    redis.call('XACK', tasks_key, group, receipt)
+    redis.call('XDEL', tasks_key, receipt)
+  end
+end
+
+-- a ready task: on the stream (with its instance, so that it can be begun on claim),
+-- or aside while the request is paused
+local function queue(req, blob, inst)
+  if req.status == 'paused' then
+    redis.call('RPUSH', held_key, blob)
+  else
+    redis.call('XADD', tasks_key, '*', 't', blob, 'i', inst)
+  end
+end
+
+-- mark a claimed task running, unless it must not run: its request ended or the
+-- instance is done (acked: dropped), or the request is paused (acked: held).
+-- `r` is the request's hash key (of this request or another one: the complete script
+-- begins the tasks it reads); the other keys are derived from it. 1 if begun.
+local function begin_task(r, group, receipt, blob, inst, attempt)
+  local status = redis.call('HGET', r, 'status')
+  if not status or FINISHED[status] or redis.call('HEXISTS', r .. ':i', 'd|' .. inst) == 1 then
+    ack(group, receipt)
+    return 0
+  end
+  if status == 'paused' then
+    if blob ~= '' then
+      redis.call('RPUSH', r .. ':h', blob)
+    end
+    ack(group, receipt)
+    return 0
+  end
+  if status ~= 'running' then
+    redis.call('HSET', r, 'status', 'running')
+  end
+  local address = string.gsub(inst, ':[a-z]+$', '')
+  redis.call('HSET', r .. ':v', 's|' .. address, 'running', 'a|' .. address, attempt)
+  redis.call('HSETNX', r .. ':v', 'b|' .. address, fmt(now()))
+  return 1
+end
+
+local function glob_escape(s)
+  return (string.gsub(s, '[%*%?%[%]\\]', '\\%0'))
+end
+
+-- collect (and forget) the inputs stored for `inst`, encoded as slot/value netstrings
+local function gather(inst)
+  local prefix = inst .. '\0'
+  local pattern = glob_escape(prefix) .. '*'
+  local parts, fields, seen = {}, {}, {}
+  local cursor = '0'
+  repeat
+    local res = redis.call('HSCAN', inputs_key, cursor, 'MATCH', pattern, 'COUNT', 1000)
+    cursor = res[1]
+    local kv = res[2]
+    for j = 1, #kv, 2 do
+      local field = kv[j]
+      if not seen[field] then
+        seen[field] = true
+        fields[#fields + 1] = field
+        parts[#parts + 1] = ns(string.sub(field, #prefix + 1)) .. ns(kv[j + 1])
+      end
+    end
+  until cursor == '0'
+  chunked('HDEL', inputs_key, fields)
+  return table.concat(parts)
+end
+
+local function fire(req, inst, step, keys, inputs)
+  local blob = ns(req.id) .. ns(req.flow) .. ns(req.version) .. ns(step) .. ns(keys) .. ns('1')
+  queue(req, blob .. inputs, inst)
+end
+
+-- apply `count` deliveries found in ARGV from index `first` on, six values each:
+-- instance, step, keys, slot, value, needed (-1: as an earlier delivery said)
+local function apply(req, first, count)
+  local a = first
+  for _ = 1, count do
+    local inst, step, keys, slot, value = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+    local needed = tonumber(ARGV[a + 5])
+    a = a + 6
+    if redis.call('HEXISTS', instances_key, 'f|' .. inst) == 0 then
+      if needed == 1 then
+        redis.call('HSET', instances_key, 'f|' .. inst, '1')
+        fire(req, inst, step, keys, ns(slot) .. ns(value))
+      elseif redis.call('HSETNX', inputs_key, inst .. '\0' .. slot, value) == 1 then
+        if needed < 0 then
+          needed = tonumber(redis.call('HGET', instances_key, 'n|' .. inst)) or -1
+        else
+          redis.call('HSET', instances_key, 'n|' .. inst, needed)
+        end
+        local have = redis.call('HINCRBY', instances_key, 'c|' .. inst, 1)
+        if needed >= 0 and have >= needed then
+          redis.call('HDEL', instances_key, 'n|' .. inst, 'c|' .. inst)
+          redis.call('HSET', instances_key, 'f|' .. inst, '1')
+          fire(req, inst, step, keys, gather(inst))
+        end
+      end
+    end
+  end
+  return a
+end
+
+-- end the request: record how, forget its bookkeeping, start the retention clock
+local function finish(req, status, retention_ms, result, err)
+  local t = now()
+  redis.call('HSET', request_key, 'status', status, 'ended', fmt(t))
+  if result then
+    redis.call('HSET', request_key, 'result', result)
+  end
+  if err then
+    redis.call('HSET', request_key, 'error', err)
+  end
+  redis.call('DEL', instances_key, inputs_key, held_key)
+  redis.call('RPUSH', ended_key, status)
+  for _, key in ipairs({ request_key, vertices_key, context_key, ended_key, outputs_key }) do
+    redis.call('PEXPIRE', key, retention_ms)
+  end
+  -- the index sweep drops the request from the listings once it has expired
+  redis.call('ZADD', expiries_key, math.floor(t * 1000) + retention_ms, req.flow .. '\0' .. req.id)
+  if req.hooks == '1' then
+    local blob = ns(req.id) .. ns(req.flow) .. ns(req.version) .. ns('!hooks') .. ns('') .. ns('1')
+    redis.call('XADD', tasks_key, '*', 't', blob .. ns('status') .. ns('d' .. status))
+  end
+end

@@ -1,0 +1,70 @@
+"""The Lua scripts (``lua/``), loaded once and called by name.
+
+Each script is ``lua/common.lua``, then ``lua/request.lua`` for the scripts about one
+request (which name the request's keys), then the script's own file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+
+__all__ = ["REQUEST_SCRIPTS", "SOURCES", "Scripts"]
+
+REQUEST_SCRIPTS = ("submit", "begin", "complete", "retry", "fail", "control", "context_set")
+_OTHER_SCRIPTS = ("promote", "keepalive", "handback", "sweep")
+
+
+def _load() -> dict[str, str]:
+    lua = resources.files(__package__).joinpath("lua")
+    common = lua.joinpath("common.lua").read_text()
+    request = lua.joinpath("request.lua").read_text()
+    sources = {}
+    for name in REQUEST_SCRIPTS + _OTHER_SCRIPTS:
+        own = lua.joinpath(f"{name}.lua").read_text()
+        sources[name] = common + (request if name in REQUEST_SCRIPTS else "") + own
+    return sources
+
+
+SOURCES = _load()
+
+# one script call: name, keys, args
+Call = tuple[str, Sequence[str], Sequence[Any]]
+
+
+class Scripts:
+    """The scripts registered on one client; loaded again if Redis lost them."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._scripts: dict[str, Script] = {
+            name: client.register_script(source) for name, source in SOURCES.items()
+        }
+
+    def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return self._scripts[name](keys=list(keys), args=list(args))
+
+    def pipelined(self, calls: Sequence[Call]) -> list[Any]:
+        """Run several scripts in one round trip; their results, in order. Raises the
+        first error any of them raised."""
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for name, keys, args in calls:
+                pipe.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", self._scripts[name].sha, len(keys), *keys, *args
+                )
+            results: list[Any] = pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                for name, _, _ in calls:  # Redis restarted and lost its scripts
+                    self._client.script_load(SOURCES[name])
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results
+        raise AssertionError("unreachable")

@@ -1,0 +1,247 @@
+"""The request side: create requests, read their state and results, wait for them,
+control them, list them, and their context store."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import cast
+
+import redis
+
+from ...engine import Transition
+from ...errors import DuplicateRequest, NotRunning, RequestNotFound
+from ...types import RequestState, Status, VertexState
+from ..base import RequestRecord, Summary
+from . import codec
+from .keys import KeyLayout
+from .scripts import Scripts
+
+__all__ = ["RequestStore"]
+
+_STATE_FIELDS = ("flow", "status", "created", "ended", "error")
+
+
+class RequestStore:
+    """Requests in Redis under ``keys``; finished ones kept ``retention`` seconds."""
+
+    def __init__(
+        self, client: redis.Redis, scripts: Scripts, keys: KeyLayout, retention: float
+    ) -> None:
+        self._redis = client
+        self._scripts = scripts
+        self.keys = keys
+        self.retention = retention
+
+    def retention_ms(self) -> int:
+        return max(1, int(self.retention * 1000))
+
+    def submit(self, record: RequestRecord, transition: Transition) -> None:
+        keys = [
+            *self.keys.request(record.request_id).script_keys(),
+            self.keys.requests,
+            self.keys.flow(record.flow),
+        ]
+        args = [
+            record.request_id,
+            record.flow,
+            record.version,
+            record.body,
+            json.dumps(record.query),
+            json.dumps(dict(record.headers)),
+            repr(record.created),
+            "1" if record.has_hooks else "0",
+            *codec.delivery_args(transition.deliveries),
+        ]
+        if not self._scripts("submit", keys, args):
+            raise DuplicateRequest(f"request {record.request_id!r} exists already")
+
+    def state(self, request_id: str) -> RequestState | None:
+        keys = self.keys.request(request_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hmget(keys.request, *_STATE_FIELDS)
+        pipe.hgetall(keys.vertices)
+        fields, vertices = pipe.execute()
+        return _state(request_id, fields, vertices)
+
+    def record(self, request_id: str) -> RequestRecord | None:
+        names = ("flow", "version", "body", "query", "headers", "created", "hooks")
+        raw = cast(
+            list[bytes | None], self._redis.hmget(self.keys.request(request_id).request, names)
+        )
+        if raw[0] is None:
+            return None
+        flow, version, body, query, headers, created, hooks = (v or b"" for v in raw)
+        return RequestRecord(
+            request_id=request_id,
+            flow=flow.decode(),
+            version=version.decode(),
+            body=body,
+            query=json.loads(query or b"{}"),
+            headers=json.loads(headers or b"{}"),
+            created=float(created or 0.0),
+            has_hooks=hooks == b"1",
+        )
+
+    def summary(self, request_id: str) -> Summary | None:
+        flow, status, result, error = cast(
+            list[bytes | None],
+            self._redis.hmget(
+                self.keys.request(request_id).request, "flow", "status", "result", "error"
+            ),
+        )
+        if flow is None or status is None:
+            return None
+        done = Status(status.decode())
+        return Summary(
+            flow.decode(),
+            done,
+            result if done is Status.COMPLETED else None,
+            codec.error_from(error),
+        )
+
+    def output(self, request_id: str, address: str) -> bytes | None:
+        return cast(bytes | None, self._redis.hget(self.keys.request(request_id).outputs, address))
+
+    def result(self, request_id: str) -> bytes | None:
+        status, result = cast(
+            list[bytes | None],
+            self._redis.hmget(self.keys.request(request_id).request, "status", "result"),
+        )
+        return result if status == b"completed" else None
+
+    def wait(self, request_id: str, timeout: float | None) -> Status | None:
+        """Block on the request's end-notification list (BLMOVE onto itself, so that every
+        waiter sees it), re-reading the status after each wake-up."""
+        keys = self.keys.request(request_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            raw = cast(bytes | None, self._redis.hget(keys.request, "status"))
+            if raw is None:
+                return None
+            status = Status(raw.decode())
+            if status.finished:
+                return status
+            remaining = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
+            if remaining <= 0:
+                return status
+            timeout_s = cast(int, max(0.01, remaining))  # Redis takes fractions of seconds
+            self._redis.blmove(keys.ended, keys.ended, timeout_s, "RIGHT", "LEFT")
+
+    def control(self, request_id: str, action: Status) -> Status:
+        if action not in (Status.PAUSED, Status.RUNNING, Status.STOPPED):
+            raise ValueError(f"not a control action: {action}")
+        outcome = self._scripts(
+            "control",
+            self.keys.request(request_id).script_keys(),
+            [request_id, action.value, self.retention_ms()],
+        )
+        kind = outcome[0].decode()
+        if kind == "missing":
+            raise RequestNotFound(f"no request {request_id!r}")
+        if kind == "ended":
+            raise NotRunning(f"request {request_id!r} has ended: {outcome[1].decode()}")
+        return Status(outcome[1].decode())
+
+    def list_requests(
+        self, flow: str | None, status: Status | None, offset: int, limit: int
+    ) -> list[RequestState]:
+        self.sweep()
+        index = self.keys.requests if flow is None else self.keys.flow(flow)
+        chosen: list[RequestState] = []
+        skip, start, chunk = offset, 0, max(50, limit + offset if status is None else 200)
+        while len(chosen) < limit:
+            ids = codec.names(self._redis.zrevrange(index, start, start + chunk - 1))
+            if not ids:
+                break
+            start += len(ids)
+            pipe = self._redis.pipeline(transaction=False)
+            for request_id in ids:
+                keys = self.keys.request(request_id)
+                pipe.hmget(keys.request, *_STATE_FIELDS)
+                pipe.hgetall(keys.vertices)
+            replies = pipe.execute()
+            for n, request_id in enumerate(ids):
+                state = _state(request_id, replies[2 * n], replies[2 * n + 1])
+                if state is None or (status is not None and state.status is not status):
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                chosen.append(state)
+                if len(chosen) == limit:
+                    break
+        return chosen
+
+    def sweep(self, limit: int = 1000) -> int:
+        """Drop requests that have expired from the listings; how many were dropped."""
+        keys = [self.keys.expiries, self.keys.requests]
+        return int(self._scripts("sweep", keys, [self.keys.flow_prefix, limit]))
+
+    # -- context ---------------------------------------------------------------------------
+    def context_get(self, request_id: str, key: str) -> bytes | None:
+        keys = self.keys.request(request_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.exists(keys.request)
+        pipe.hget(keys.context, key)
+        exists, value = pipe.execute()
+        if not exists:
+            raise RequestNotFound(f"no request {request_id!r}")
+        return cast(bytes | None, value)
+
+    def context_set(self, request_id: str, key: str, value: bytes) -> None:
+        keys = self.keys.request(request_id).script_keys()
+        if not self._scripts("context_set", keys, [request_id, key, value]):
+            raise RequestNotFound(f"no request {request_id!r}")
+
+    def context_delete(self, request_id: str, key: str) -> None:
+        keys = self.keys.request(request_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.exists(keys.request)
+        pipe.hdel(keys.context, key)
+        exists, _ = pipe.execute()
+        if not exists:
+            raise RequestNotFound(f"no request {request_id!r}")
+
+    def purge(self) -> None:
+        """Delete every key under the prefix (tests, tools)."""
+        batch: list[bytes] = []
+        for key in self._redis.scan_iter(match=f"{self.keys.prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                self._redis.delete(*batch)
+                batch.clear()
+        if batch:
+            self._redis.delete(*batch)
+
+
+def _state(
+    request_id: str, fields: list[bytes | None], raw_vertices: dict[bytes, bytes]
+) -> RequestState | None:
+    flow, status, created, ended, error = fields
+    if flow is None or status is None:
+        return None
+    parts: dict[str, dict[str, bytes]] = {}
+    for name, value in raw_vertices.items():
+        kind, _, address = name.decode().partition("|")
+        parts.setdefault(address, {})[kind] = value
+    vertices = {
+        address: VertexState(
+            address=address,
+            status=Status(p.get("s", b"queued").decode()),
+            started=codec.to_float(p.get("b")),
+            ended=codec.to_float(p.get("e")),
+            attempts=int(p.get("a", b"0")),
+            error=codec.error_from(p.get("x")),
+        )
+        for address, p in sorted(parts.items(), key=codec.began)
+    }
+    return RequestState(
+        request_id=request_id,
+        flow=flow.decode(),
+        status=Status(status.decode()),
+        created=float(created or 0.0),
+        ended=codec.to_float(ended),
+        error=codec.error_from(error),
+        vertices=vertices,
+    )

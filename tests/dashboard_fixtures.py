@@ -108,8 +108,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(kind: str, *, token: str | None = None, sleep: float = 1.0) -> Iterator[Server]:
-    """``flowloom serve`` on a free loopback port, on ``kind`` ("embedded" or "redis")."""
+def serve(
+    kind: str,
+    *,
+    token: str | None = None,
+    sleep: float = 1.0,
+    app: Path = APP,
+    options: tuple[str, ...] = (),
+) -> Iterator[Server]:
+    """``flowloom serve APP`` on a free loopback port, on ``kind`` ("embedded" or "redis")."""
     port = free_port()
     env = {**os.environ, "DASH_SLEEP": str(sleep), "PYTHONUNBUFFERED": "1"}
     env.pop("FLOWLOOM_TOKEN", None)
@@ -120,7 +127,7 @@ def serve(kind: str, *, token: str | None = None, sleep: float = 1.0) -> Iterato
         prefix = f"fltest-dash-{uuid.uuid4().hex[:10]}"
         env.update(DASH_REDIS_URL=REDIS_URL, DASH_PREFIX=prefix)
     process = subprocess.Popen(
-        [sys.executable, "-m", "flowloom.cli", "serve", str(APP), "--port", str(port)],
+        [sys.executable, "-m", "flowloom.cli", "serve", str(app), "--port", str(port), *options],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,

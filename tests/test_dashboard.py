@@ -342,6 +342,8 @@ def test_login_sets_a_session_that_the_api_accepts() -> None:
         http = AppClient(create_app(fs))
         dash = {"X-Flowloom-Dashboard": "1"}
         assert http.get("/dashboard").status_code == 200  # the page holds no data
+        config = http.get("/dashboard/config", headers=dash).json()
+        assert config == {"auth": True, "signed_in": False, "trace_url": None}
         assert http.get("/flows", headers=dash).status_code == 401
         wrong = http.post("/dashboard/login", data={"token": "guess"})
         assert wrong.status_code == 401
@@ -354,6 +356,7 @@ def test_login_sets_a_session_that_the_api_accepts() -> None:
         assert "samesite=strict" in set_cookie
         assert TOKEN not in login.headers["set-cookie"]
         assert http.get("/flows", headers=dash).json() == {"flows": ["myflow"]}
+        assert http.get("/dashboard/config", headers=dash).json()["signed_in"] is True
         assert http.get("/flows").status_code == 401  # a cookie alone is not enough
         assert http.post("/flow/myflow", content=b"x").status_code == 401
         bearer = {"Authorization": f"Bearer {TOKEN}"}
@@ -366,4 +369,19 @@ def test_trace_url_reaches_the_page_config(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("FLOWLOOM_TRACE_URL", "http://127.0.0.1:16686/trace/{trace_id}")
     with FlowService(enable_monitoring=True) as fs:
         config = AppClient(create_app(fs)).get("/dashboard/config").json()
-    assert config == {"trace_url": "http://127.0.0.1:16686/trace/{trace_id}", "auth": False}
+    assert config == {
+        "trace_url": "http://127.0.0.1:16686/trace/{trace_id}",
+        "auth": False,
+        "signed_in": True,
+    }
+
+
+@pytest.mark.parametrize(("options", "code"), [((), 200), (("--no-monitoring",), 404)])
+def test_flowloom_serve_serves_the_dashboard_unless_told_not_to(
+    options: tuple[str, ...], code: int
+) -> None:
+    from dashboard_fixtures import ROOT, serve
+
+    with serve("embedded", app=ROOT / "examples" / "myflow.py", options=options) as server:
+        assert server.call("GET", "/dashboard")[0] == code
+        assert server.call("GET", "/flows")[0] == 200

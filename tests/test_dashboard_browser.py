@@ -157,7 +157,7 @@ def test_a_failed_request_shows_its_error_and_traceback(page: Any, server: Serve
     if error["traceback"]:
         expect(box.locator("pre.traceback")).to_have_text(error["traceback"].rstrip("\n"))
     else:
-        expect(box).to_contain_text("No traceback")
+        expect(box).to_contain_text("No traceback was recorded")
     expect(page.locator('.node[data-path="lookup"]')).to_have_class(re.compile(r"\bst-failed\b"))
     expect(page.locator(".vertex-detail")).to_contain_text("LookupError")
     shoot(server, page, "failed")
@@ -203,3 +203,67 @@ def test_workers_page_shows_the_live_worker_and_the_queue(page: Any, server: Ser
     expect(cells.nth(5)).to_contain_text("ago")
     expect(page.locator("[data-queue=ready]")).to_have_text(re.compile(r"^\d+$"))
     shoot(server, page, "workers")
+
+
+def test_a_10000_item_foreach_is_summarised_and_paged(page: Any, server: Server) -> None:
+    if server.kind != "embedded":
+        pytest.skip("20,000 tasks: the embedded backend runs them in about a second")
+    status, answer = server.call(
+        "POST", "/flow/fanout", b"10000", {"X-Request-Id": "big-foreach", "X-Wait": "30"}
+    )
+    assert status == 200, answer
+    full_state = []
+    page.on(
+        "request",
+        lambda r: full_state.append(r.url) if r.url.endswith("/requests/big-foreach") else None,
+    )
+    request_page(page, server, "fanout", "big-foreach")
+    check = page.locator('.node[data-path="items[]/verify/check"]')
+    expect(check.locator(".node-detail")).to_have_text("10000/10000 done")
+    expect(page.locator(".gantt-row[data-vertex='items[]/verify/check']")).to_contain_text(
+        "\u00d710000"
+    )
+    check.click()
+    detail = page.locator(".vertex-detail")
+    expect(detail.locator(".pager .muted")).to_have_text("1\u2013100 of 10,000")
+    expect(detail.locator(".instances .gantt-row")).to_have_count(100)
+    detail.locator("button", has_text="Next →").click()
+    expect(detail.locator(".pager .muted")).to_have_text("101\u2013200 of 10,000")
+    assert full_state == []  # only summaries and pages, never the 3.5 MB state
+    shoot(server, page, "foreach")
+
+
+def test_with_a_token_the_page_asks_for_it_and_keeps_it_out_of_urls(browser: Any) -> None:
+    token = "dashboard-test-token-7f3a"
+    with serve("embedded", token=token) as server:
+        context = browser.new_context(viewport={"width": 1100, "height": 700})
+        page = context.new_page()
+        watch = Watch(server.url)
+        urls: list[str] = []
+        page.on("request", lambda r: urls.append(r.url))
+        page.on("console", watch.console)
+        page.on("pageerror", watch.page_error)
+        page.on("request", watch.request)
+        page.goto(f"{server.url}/dashboard")
+        expect(page.locator("form.login")).to_be_visible()
+        page.fill("input[name=token]", "wrong")
+        page.click("form.login button")
+        expect(page.locator("form.login .error")).to_have_text("Wrong token.")
+        # the browser logs the login's 401 answer; that is the only error allowed
+        assert len(watch.errors) == 1, watch.errors
+        assert "401" in watch.errors.pop()
+        shoot(server, page, "login")
+        page.fill("input[name=token]", token)
+        page.click("form.login button")
+        expect(page.locator("h1")).to_have_text("Flows (4)")
+        page.goto(f"{server.url}/dashboard#/requests")
+        expect(page.locator("h1")).to_have_text("Requests")
+        cookies = context.cookies()
+        assert [c["name"] for c in cookies] == ["flowloom_session"]
+        assert cookies[0]["httpOnly"]
+        assert cookies[0]["sameSite"] == "Strict"
+        assert token not in cookies[0]["value"]
+        assert all(token not in url for url in urls), urls
+        context.close()
+        assert watch.errors == [], watch.errors
+        assert watch.foreign == [], watch.foreign

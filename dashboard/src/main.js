@@ -29,10 +29,17 @@ function parseHash() {
   return { path, params: new URLSearchParams(search) };
 }
 
+let config = null;
+
 async function route() {
   leave();
   leave = () => {};
   const mine = ++generation;
+  config ||= await api.config().catch(() => ({ auth: false, signed_in: true }));
+  if (!config.signed_in) {
+    loginForm();
+    return;
+  }
   const { path, params } = parseHash();
   const found = routes.find(([re]) => re.test(path));
   if (!found) {
@@ -55,6 +62,7 @@ async function route() {
 
 export function showError(error) {
   if (error instanceof ApiError && error.status === 401) {
+    config = null; // the session has expired: ask again
     loginForm();
     return;
   }
@@ -74,6 +82,8 @@ function loginForm() {
         ev.preventDefault();
         try {
           await api.login(input.value);
+          config = null;
+          showBackend();
           route();
         } catch (error) {
           message.textContent = error.status === 401 ? "Wrong token." : error.message;
@@ -93,6 +103,7 @@ function loginForm() {
 
 async function showBackend() {
   try {
+    if (config && !config.signed_in) return;
     const health = await api.health();
     document.getElementById("backend").textContent = `backend: ${health.backend}`;
   } catch {
@@ -101,5 +112,4 @@ async function showBackend() {
 }
 
 window.addEventListener("hashchange", route);
-showBackend();
-route();
+route().then(showBackend);

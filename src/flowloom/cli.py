@@ -227,11 +227,23 @@ def flows(app: str) -> None:
     show_default=True,
     help="Also run a worker in this process.",
 )
+@click.option(
+    "--monitoring/--no-monitoring",
+    default=True,
+    show_default=True,
+    help="Serve the dashboard at /dashboard (the service's enable_monitoring).",
+)
 def serve(
-    app: str, host: str | None, port: int | None, redis_url: str | None, worker: bool
+    app: str,
+    host: str | None,
+    port: int | None,
+    redis_url: str | None,
+    worker: bool,
+    monitoring: bool,
 ) -> None:
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
     service = _configured(app, redis_url, None, port, host)
+    service.enable_monitoring = monitoring
     if worker:
         service.start()
     else:

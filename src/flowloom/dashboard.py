@@ -42,7 +42,13 @@ COOKIE = "flowloom_session"
 HEADER = "x-flowloom-dashboard"
 SESSION_SECONDS = 12 * 3600
 MAX_LOGIN_BODY = 4096
-PUBLIC_PATHS = ("/dashboard", "/dashboard/", "/dashboard/login", "/dashboard/logout")
+PUBLIC_PATHS = (
+    "/dashboard",
+    "/dashboard/",
+    "/dashboard/config",
+    "/dashboard/login",
+    "/dashboard/logout",
+)
 PUBLIC_PREFIX = "/dashboard/static/"
 
 CSP = "; ".join(
@@ -114,7 +120,12 @@ def routes(token: str | None, trace_url: str | None) -> list[BaseRoute]:
         return RedirectResponse("/dashboard", status_code=308)
 
     async def config(request: HTTPRequest) -> Response:
-        return JSONResponse({"trace_url": trace_url, "auth": token is not None})
+        """Whether the page must ask for the token (so that it need not try the API and
+        log a 401 first), and, to those signed in, the trace UI's URL."""
+        signed_in = token is None or has_session(request.headers, token)
+        body = {"auth": token is not None, "signed_in": signed_in}
+        body["trace_url"] = trace_url if signed_in else None
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     async def login(request: HTTPRequest) -> Response:
         if token is None:

@@ -129,7 +129,7 @@ export async function requestPage(main, { args }) {
             { class: "card error-box" },
             h("h2", { text: "Error" }),
             h("p", {}, "At ", h("span", { class: "mono", text: error.vertex }), ": ", h("strong", { text: error.type }), `: ${error.message}`),
-            error.traceback ? h("pre", { class: "traceback", text: error.traceback }) : h("p", { class: "muted", text: "No traceback (a rule of flowloom was broken, not user code)." }),
+            error.traceback ? h("pre", { class: "traceback", text: error.traceback }) : h("p", { class: "muted", text: "No traceback was recorded for this error." }),
           )
         : null,
     );

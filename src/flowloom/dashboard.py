@@ -123,8 +123,11 @@ def routes(token: str | None, trace_url: str | None) -> list[BaseRoute]:
         """Whether the page must ask for the token (so that it need not try the API and
         log a 401 first), and, to those signed in, the trace UI's URL."""
         signed_in = token is None or has_session(request.headers, token)
-        body = {"auth": token is not None, "signed_in": signed_in}
-        body["trace_url"] = trace_url if signed_in else None
+        body = {
+            "auth": token is not None,
+            "signed_in": signed_in,
+            "trace_url": trace_url if signed_in else None,
+        }
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     async def login(request: HTTPRequest) -> Response:

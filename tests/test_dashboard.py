@@ -385,3 +385,18 @@ def test_flowloom_serve_serves_the_dashboard_unless_told_not_to(
     with serve("embedded", app=ROOT / "examples" / "myflow.py", options=options) as server:
         assert server.call("GET", "/dashboard")[0] == code
         assert server.call("GET", "/flows")[0] == 200
+
+
+def test_the_committed_assets_were_built_from_the_committed_sources() -> None:
+    """``cd dashboard && npm ci && npm run build`` after changing dashboard/src."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "dashboard"
+    names = sorted(p.relative_to(root).as_posix() for p in (root / "src").rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for name in [*names, "package-lock.json"]:
+        digest.update(f"{name}\n".encode())
+        digest.update((root / name).read_bytes())
+    built = resources.files("flowloom").joinpath("static", "dashboard", "SOURCES.sha256")
+    assert built.read_text().strip() == digest.hexdigest()

@@ -15,12 +15,19 @@ await build({
   format: "esm",
   target: ["chrome110", "firefox115", "safari16"],
   outfile: new URL("app.js", out).pathname,
-  legalComments: "linked",
+  legalComments: "none", // the licenses go to THIRD-PARTY-LICENSES.txt, whole
   logLevel: "info",
 });
 for (const file of ["index.html", "app.css"]) {
   await copyFile(new URL(`src/${file}`, import.meta.url), new URL(file, out));
 }
+const bundled = ["@dagrejs/dagre", "@dagrejs/graphlib"];
+const licenses = [];
+for (const name of bundled) {
+  const text = await readFile(new URL(`node_modules/${name}/LICENSE`, import.meta.url), "utf8");
+  licenses.push(`${name}\n${"=".repeat(name.length)}\n\n${text.trim()}\n`);
+}
+await writeFile(new URL("THIRD-PARTY-LICENSES.txt", out), `${licenses.join("\n")}`);
 
 // The digest of the sources the assets were built from: tests/test_dashboard.py checks
 // that it matches dashboard/src and the lock file, so stale assets cannot be committed.

@@ -102,6 +102,7 @@ def test_run_a_flow_from_the_form_and_watch_it_complete(page: Any, server: Serve
     page.goto(f"{server.url}/dashboard#/run/orders")
     page.fill("textarea[name=body]", "order-7: 1 x gadget, express")
     page.fill("textarea[name=query]", "lang=en")
+    shoot(server, page, "run")
     page.click("button[type=submit]")
     page.wait_for_url(re.compile(r"#/request/orders/[0-9a-f]{32}$"))
     request_id = page.url.rsplit("/", 1)[1]

@@ -46,9 +46,10 @@ class FlowService:
 
     ``port``/``host``: where ``start``/``start_server`` serve HTTP. ``retention``:
     seconds a finished request is kept. ``redis_prefix``: the prefix of every Redis
-    key. ``token``/``hmac_secret``: see the HTTP API. ``otlp_endpoint`` and
-    ``enable_monitoring`` are accepted (GoFlow's names) but not used yet: tracing
-    and metrics are not built.
+    key. ``token``/``hmac_secret``: see the HTTP API. ``enable_monitoring``: the
+    server also serves the dashboard at ``/dashboard`` (docs/dashboard.md).
+    ``otlp_endpoint`` is accepted (GoFlow's name) but not used yet: tracing is not
+    built.
     """
 
     def __init__(

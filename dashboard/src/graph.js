@@ -7,6 +7,7 @@ import { s } from "./dom.js";
 
 const FONT = "13px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
 const SMALL = "11px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
+const TITLE = `600 ${SMALL}`; // cluster titles, as app.css draws them
 const LINE = 16;
 const PAD_X = 12;
 const CLUSTER_LABEL = 22;
@@ -64,7 +65,7 @@ function addDag(g, dag, prefix, parent, withStatus) {
     }
     const title = clusterTitle(vertex);
     const tip = clusterTip(vertex);
-    g.setNode(path, { kind: vertex.kind, path, title, tip, minWidth: textWidth(title, SMALL) + 16 });
+    g.setNode(path, { kind: vertex.kind, path, title, tip, minWidth: textWidth(title, TITLE) + 20 });
     if (parent) g.setParent(path, parent);
     if (vertex.kind === "conditional") {
       const firsts = [];
@@ -72,7 +73,7 @@ function addDag(g, dag, prefix, parent, withStatus) {
       for (const [key, branch] of Object.entries(vertex.branches)) {
         const bpath = `${path}[${key}]`;
         const tip = `branch ${key} of ${vertex.name}`;
-        g.setNode(bpath, { kind: "branch", path: bpath, title: `[${key}]`, tip, minWidth: textWidth(`[${key}]`, SMALL) + 16 });
+        g.setNode(bpath, { kind: "branch", path: bpath, title: `[${key}]`, tip, minWidth: textWidth(`[${key}]`, TITLE) + 20 });
         g.setParent(bpath, path);
         const sub = addDag(g, branch, `${bpath}/`, bpath, withStatus);
         const { first, last } = bounds(branch);

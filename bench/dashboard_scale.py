@@ -103,9 +103,13 @@ def main() -> None:
         print(f"a {args.items:,}-item foreach ran in {time.perf_counter() - began:.1f} s")
         measure(fs, args)
     finally:
-        if args.backend == "redis":
-            fs.backend.purge()  # type: ignore[attr-defined]
         fs.close()
+        if args.backend == "redis":
+            from flowloom.backends.redis import RedisBackend
+
+            leftovers = RedisBackend(args.redis_url, prefix=prefix)
+            leftovers.purge()
+            leftovers.close()
 
 
 def measure(fs: FlowService, args: argparse.Namespace) -> None:

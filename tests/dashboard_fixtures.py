@@ -112,7 +112,7 @@ def serve(
     kind: str,
     *,
     token: str | None = None,
-    sleep: float = 1.0,
+    sleep: float = 1.5,
     app: Path = APP,
     options: tuple[str, ...] = (),
 ) -> Iterator[Server]:

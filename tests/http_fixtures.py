@@ -158,3 +158,131 @@ class Receiver:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
+
+
+# -- a real server in a process of its own -------------------------------------------------------
+SERVER_SCRIPT = """
+import json, sys
+from flowloom import FlowService
+from flowloom.http import serve
+
+port, service_options, serve_options = int(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+fs = FlowService(port=port, **service_options)
+fs.register("myflow", lambda wf, ctx: wf.dag.node("test", lambda d, o: b'you said "%s"' % d))
+fs._ensure_worker()
+try:
+    serve(fs, host="127.0.0.1", port=port, **serve_options)
+finally:
+    fs.close()
+print("served", flush=True)
+"""
+
+
+class ServerProcess:
+    """``flowloom.http.serve`` with GoFlow's ``myflow`` in a process of its own, on a
+    free loopback port; ``stop()`` sends SIGTERM and returns (seconds taken, stdout,
+    stderr)."""
+
+    def __init__(self, service: dict[str, object] | None = None, **serve: object) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        serve.setdefault("log_level", "warning")
+        serve.setdefault("access_log", False)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWLOOM_")}
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                SERVER_SCRIPT,
+                str(self.port),
+                json.dumps(service or {}),
+                json.dumps(serve),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def __enter__(self) -> ServerProcess:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.communicate()
+            try:
+                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        self.process.kill()
+        raise AssertionError("server did not start")
+
+    def stop(self, timeout: float = 30) -> tuple[float, str, str]:
+        import signal
+        import time
+
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        out, err = self.process.communicate(timeout=timeout)
+        return time.monotonic() - started, out, err
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+class SilentReceiver:
+    """A loopback TCP server that accepts connections and then, per ``mode``, never
+    answers (``"silent"``) or trickles an answer's header lines one a second for ever
+    (``"trickle"``)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.accepted = 0
+        self.stopping = threading.Event()
+        self.connections: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            self.connections.append(conn)
+            if self.mode == "trickle":
+                threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        try:
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            n = 0
+            while not self.stopping.wait(1.0):
+                conn.sendall(b"X-Slow-%d: y\r\n" % n)
+                n += 1
+        except OSError:
+            pass
+
+    def __enter__(self) -> SilentReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        for conn in self.connections:
+            conn.close()
+        self.sock.close()

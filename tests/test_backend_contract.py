@@ -227,7 +227,7 @@ def test_retry_queues_the_next_attempt_after_the_delay(backend: Backend) -> None
     task = claim(backend)
     assert begin(backend, plan, task)
     error = ErrorInfo("a", "ValueError", "boom")
-    backend.retry(task, "a", 0.3, error)
+    backend.retry(task, "a", "a", 0.3, error)
     state = backend.state("r1")
     assert state is not None
     assert state.vertices["a"].status is Status.QUEUED
@@ -246,6 +246,70 @@ def test_retry_queues_the_next_attempt_after_the_delay(backend: Backend) -> None
     assert state.vertices["a"].error is None
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.0004])
+def test_a_retry_without_delay_is_ready_at_once(backend: Backend, delay: float) -> None:
+    plan = plan_of(linear)
+    submit(backend, plan)
+    task = claim(backend)
+    assert begin(backend, plan, task)
+    backend.retry(task, "a", "a", delay, ErrorInfo("a", "ValueError", "boom"))
+    again = claim(backend, timeout=2.0)
+    assert (again.step, again.attempt) == ("a", 2)
+    run(backend, plan, again, b"A")
+    run(backend, plan, claim(backend), b"B")
+    assert backend.wait("r1", 5) is Status.COMPLETED
+
+
+@pytest.mark.parametrize("outcome", ["fail", "retry"])
+def test_a_late_failure_of_a_completed_instance_changes_nothing(
+    backend: Backend, outcome: str
+) -> None:
+    """Another worker took the task over and completed it; the first one's handler
+    then raises: its fail or retry is a no-op."""
+    plan = plan_of(linear)
+    submit(backend, plan)
+    task = claim(backend)
+    assert begin(backend, plan, task)
+    complete(backend, plan, task, b"A")
+    before = backend.state("r1")
+    assert before is not None
+    error = ErrorInfo("a", "RuntimeError", "too late", "Traceback ...")
+    if outcome == "fail":
+        backend.fail(task, "a", "a", error)
+    else:
+        backend.retry(task, "a", "a", 0.0, error)
+    assert backend.state("r1") == before
+    assert before.vertices["a"].status is Status.COMPLETED
+    assert before.status is not Status.FAILED
+    b = claim(backend)
+    assert b.step == "b"  # and no second attempt of "a" was queued
+    assert nothing_ready(backend)
+    run(backend, plan, b, b"B")
+    assert backend.wait("r1", 5) is Status.COMPLETED
+    assert backend.result("r1") == b"B"
+
+
+def test_an_error_keeps_its_traceback(backend: Backend) -> None:
+    plan = plan_of(linear)
+    submit(backend, plan)
+    task = claim(backend)
+    assert begin(backend, plan, task)
+    trace = "Traceback (most recent call last):\n  File \"app.py\", line 3, in a\nKeyError: 'x'\n"
+    error = ErrorInfo("a", "KeyError", "'x'", trace)
+    backend.fail(task, "a", "a", error)
+    state = backend.state("r1")
+    assert state is not None
+    assert state.error == error
+    assert state.vertices["a"].error == error
+    summary = backend.summary("r1")
+    assert summary is not None
+    assert summary.error == error
+
+
+def test_ping_answers(backend: Backend) -> None:
+    backend.ping()
+
+
 def test_fail_ends_the_request_with_the_error(backend: Backend) -> None:
     plan = plan_of(diamond)
     submit(backend, plan)
@@ -253,7 +317,7 @@ def test_fail_ends_the_request_with_the_error(backend: Backend) -> None:
     b, c = sorted(claim_all(backend, 2), key=lambda t: t.step)
     assert begin(backend, plan, b)
     error = ErrorInfo("b", "ValueError", "boom")
-    backend.fail(b, "b", error)
+    backend.fail(b, "b", "b", error)
     assert backend.wait("r1", 5) is Status.FAILED
     state = backend.state("r1")
     assert state is not None
@@ -264,7 +328,7 @@ def test_fail_ends_the_request_with_the_error(backend: Backend) -> None:
     # what was still on its way does not run, nor change anything
     assert not begin(backend, plan, c)
     complete(backend, plan, c, b"C")
-    backend.fail(c, "c", ErrorInfo("c", "X", "later"))
+    backend.fail(c, "c", "c", ErrorInfo("c", "X", "later"))
     after = backend.state("r1")
     assert after is not None
     assert after.error == error
@@ -596,7 +660,7 @@ def test_summary_gives_flow_status_result_and_error(backend: Backend) -> None:
     task = claim(backend)
     assert begin(backend, plan, task)
     error = ErrorInfo("a", "KeyError", "'x'")
-    backend.fail(task, "a", error)
+    backend.fail(task, "a", "a", error)
     assert backend.summary("r2") == Summary("flow", Status.FAILED, None, error)
 
 

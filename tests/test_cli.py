@@ -74,6 +74,19 @@ def test_failed_request_is_reported(app):
     assert "failed" in result.stderr
 
 
+def test_failed_request_shows_the_traceback_of_the_user_code(app):
+    result = invoke("run", app, "broken")
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert f'File "{app}", line 14, in <lambda>' in result.stderr
+    assert 'wf.dag.node("x", lambda d, o: 1 / 0)' in result.stderr
+    assert lines[-2] == "ZeroDivisionError: division by zero"
+    assert lines[-1].startswith("Error: request ")
+    assert lines[-1].endswith(" failed at x: ZeroDivisionError: division by zero")
+    assert "flowloom" not in result.stderr.replace(app, "")  # no frames of flowloom itself
+
+
 def test_unknown_flow(app):
     result = invoke("run", app, "nope")
     assert result.exit_code == 2

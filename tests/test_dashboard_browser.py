@@ -155,10 +155,10 @@ def test_a_failed_request_shows_its_error_and_traceback(page: Any, server: Serve
     expect(box).to_contain_text("LookupError")
     expect(box).to_contain_text("no customer 'c-42' in the ledger")
     expect(box.locator(".mono")).to_have_text("lookup")
-    if error["traceback"]:
-        expect(box.locator("pre.traceback")).to_have_text(error["traceback"].rstrip("\n"))
-    else:
-        expect(box).to_contain_text("No traceback was recorded")
+    assert "load_customer" in error["traceback"]
+    traceback = box.locator("pre.traceback")
+    expect(traceback).to_contain_text("in load_customer")
+    expect(traceback).to_contain_text("LookupError: no customer 'c-42' in the ledger")
     expect(page.locator('.node[data-path="lookup"]')).to_have_class(re.compile(r"\bst-failed\b"))
     expect(page.locator(".vertex-detail")).to_contain_text("LookupError")
     shoot(server, page, "failed")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import threading
 import time
 
 import pytest
 
-from flowloom import ErrorInfo, FlowService, RequestFailed, Status
+from flowloom import Context, FlowService, RequestFailed, Status
 
 
 @pytest.fixture
@@ -22,6 +24,11 @@ def ok(data, options):
 
 def boom(data, options):
     raise ValueError("bad input: " + data.decode())
+
+
+def frames_of(traceback: str) -> set[str]:
+    """The files named by a formatted traceback's frames."""
+    return set(re.findall(r'^  File "([^"]+)"', traceback, re.MULTILINE))
 
 
 def failure(fs, body=b"x"):
@@ -40,7 +47,8 @@ def test_raising_handler_fails_request_with_type_message_and_address(fs):
     rid = fs.execute("flow", b"")
     with pytest.raises(RequestFailed) as info:
         fs.result("flow", rid, timeout=10)
-    assert info.value.error == ErrorInfo("each[k1]/b", "ValueError", "bad input: 1")
+    error = info.value.error
+    assert (error.vertex, error.type, error.message) == ("each[k1]/b", "ValueError", "bad input: 1")
     state = fs.state("flow", rid)
     assert state.status is Status.FAILED
     assert state.error == info.value.error
@@ -161,8 +169,6 @@ def test_timeout_fails_the_attempt_and_is_retried(fs):
 
 
 def test_async_handler_timeout(fs):
-    import asyncio
-
     async def hang(data, options):
         await asyncio.sleep(5)
 
@@ -194,7 +200,13 @@ def test_on_failure_that_raises_fails_the_request(fs):
         raise RuntimeError("gave up") from error
 
     fs.register("flow", lambda wf, ctx: wf.dag.node("n", boom, on_failure=fallback))
-    assert failure(fs) == ErrorInfo("n", "RuntimeError", "gave up")
+    error = failure(fs)
+    assert (error.vertex, error.type, error.message) == ("n", "RuntimeError", "gave up")
+    # the fallback's traceback, chained to the handler's: both user frames, no flowloom ones
+    assert 'raise RuntimeError("gave up") from error' in error.traceback
+    assert "in boom" in error.traceback
+    assert "direct cause" in error.traceback
+    assert frames_of(error.traceback) == {__file__}
 
 
 def test_workflow_hooks_run_once_with_error_and_status(fs):
@@ -232,3 +244,206 @@ def test_raising_hook_does_not_harm_the_worker(fs):
     fs.register("flow", define)
     for _ in range(3):
         assert fs.run("flow", b"x", timeout=10) == b"x"
+
+
+# -- tracebacks -------------------------------------------------------------------------------
+def lookup(data):
+    return {}[data.decode()]  # the line a traceback must show
+
+
+LOOKUP_LINE = lookup.__code__.co_firstlineno + 1
+
+
+def sync_lookup(data, options):
+    return lookup(data)
+
+
+async def async_lookup(data, options):
+    await asyncio.sleep(0)
+    return lookup(data)
+
+
+@pytest.mark.parametrize(
+    ("handler", "options"),
+    [
+        (sync_lookup, {}),
+        (sync_lookup, {"timeout": 10}),  # on a thread of its own
+        (async_lookup, {}),
+        (async_lookup, {"timeout": 10}),  # on the loop, under a timeout
+    ],
+    ids=["sync", "sync-timeout", "async", "async-timeout"],
+)
+def test_a_raising_handler_shows_its_file_and_line(make_backend, handler, options):
+    with FlowService(backend=make_backend()) as fs:
+        fs._ensure_worker()
+        fs.register("flow", lambda wf, ctx: wf.dag.node("n", handler, **options))
+        rid = fs.execute("flow", b"missing-key")
+        with pytest.raises(RequestFailed):
+            fs.result("flow", rid, timeout=20)
+        error = fs.state("flow", rid).error
+    assert error is not None
+    assert error.type == "KeyError"
+    text = error.traceback
+    assert text.startswith("Traceback (most recent call last):\n")
+    assert f'File "{__file__}", line {LOOKUP_LINE}, in lookup' in text
+    assert "return {}[data.decode()]" in text
+    assert f"in {handler.__name__}" in text
+    assert text.rstrip().endswith("KeyError: 'missing-key'")
+    assert frames_of(text) == {__file__}  # flowloom's and asyncio's frames are left out
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda d: d.node("n", lambda x, o: 42),
+        lambda d: d.conditional_branch("c", ["a"], lambda x: ["zzz"])["a"].node("n", ok),
+        lambda d: d.foreach_branch("f", lambda x: [b"1"]).node("n", ok),
+    ],
+    ids=["bad-return", "unknown-key", "foreach-not-dict"],
+)
+def test_rule_errors_have_no_traceback(fs, build):
+    fs.register("flow", lambda wf, ctx: build(wf.dag))
+    error = failure(fs)
+    assert error.message
+    assert error.traceback == ""
+
+
+def stuck(seconds):
+    time.sleep(seconds)  # where a timed-out handler is stuck
+
+
+STUCK_LINE = stuck.__code__.co_firstlineno + 1
+
+
+def sync_stuck(data, options):
+    stuck(3)
+
+
+async def async_stuck(data, options):
+    await asyncio.sleep(0)
+    await asyncio.sleep(3)  # where a timed-out async handler waits
+
+
+@pytest.mark.parametrize(
+    ("handler", "where"),
+    [
+        (sync_stuck, f"line {STUCK_LINE}, in stuck\n    time.sleep(seconds)"),
+        (async_stuck, "in async_stuck\n    await asyncio.sleep(3)"),
+    ],
+    ids=["sync", "async"],
+)
+def test_a_timeout_shows_where_the_handler_was_stuck(fs, handler, where):
+    fs.register("flow", lambda wf, ctx: wf.dag.node("n", ok, handler, timeout=0.3))
+    error = failure(fs)
+    assert (error.type, error.message) == ("TimeoutError", "timed out after 0.3s")
+    text = error.traceback
+    assert text.startswith("Stack of the handler when its time ran out (most recent call last):\n")
+    assert f'File "{__file__}", ' in text
+    assert where in text
+    assert text.endswith("TimeoutError: timed out after 0.3s\n")
+    assert "execute.py" not in text  # flowloom's frames are left out
+
+
+def test_user_code_raising_in_a_condition_or_foreach_has_a_traceback(fs):
+    fs.register("flow", lambda wf, ctx: wf.dag.foreach_branch("f", lookup).node("n", ok))
+    error = failure(fs, b"nope")
+    assert (error.vertex, error.type) == ("f", "KeyError")
+    assert f"line {LOOKUP_LINE}, in lookup" in error.traceback
+
+
+def test_a_huge_traceback_is_cut_in_the_middle():
+    from flowloom.execute import TRACEBACK_LIMIT, user_traceback
+
+    def deep(n):
+        if n == 0:
+            raise ValueError("x" * 100_000)
+        return deep(n - 1)
+
+    try:
+        deep(5)
+    except ValueError as exc:
+        text = user_traceback(exc)
+    assert len(text) < TRACEBACK_LIMIT + 100
+    assert text.startswith("Traceback (most recent call last):\n")
+    assert "characters left out" in text
+    assert text.endswith("x" * 1000 + "\n")
+
+
+def test_the_http_state_has_the_traceback(make_backend):
+    import httpx
+
+    from flowloom.http import create_app
+
+    with FlowService(backend=make_backend()) as fs:
+        fs._ensure_worker()
+        fs.register("flow", lambda wf, ctx: wf.dag.node("n", sync_lookup))
+        rid = fs.execute("flow", b"k")
+        with pytest.raises(RequestFailed):
+            fs.result("flow", rid, timeout=20)
+
+        async def get() -> httpx.Response:
+            transport = httpx.ASGITransport(app=create_app(fs))
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return await client.get(f"/flow/flow/requests/{rid}")
+
+        answer = asyncio.run(get())
+    assert answer.status_code == 200
+    error = answer.json()["error"]
+    assert error["type"] == "KeyError"
+    assert f'File "{__file__}", line {LOOKUP_LINE}, in lookup' in error["traceback"]
+
+
+# -- cancellation -----------------------------------------------------------------------------
+def test_an_async_handler_past_its_timeout_is_cancelled(fs):
+    cleaned, went_on = threading.Event(), threading.Event()
+
+    async def slow(data, options):
+        try:
+            await asyncio.sleep(3)
+            went_on.set()
+        finally:
+            await asyncio.sleep(0.01)  # a cleanup that itself awaits
+            cleaned.set()
+
+    fs.register("flow", lambda wf, ctx: wf.dag.node("n", slow, timeout=0.2))
+    started = time.monotonic()
+    error = failure(fs)
+    assert (error.type, error.message) == ("TimeoutError", "timed out after 0.2s")
+    assert cleaned.is_set()  # its finally ran before the attempt was reported
+    assert time.monotonic() - started < 2.5
+    time.sleep(3.2)
+    assert not went_on.is_set()  # and it never ran on
+
+
+def test_an_async_handler_that_ignores_cancellation_is_left_behind(fs):
+    async def stubborn(data, options):
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                continue
+
+    fs.register("flow", lambda wf, ctx: wf.dag.node("n", stubborn, timeout=0.1))
+    started = time.monotonic()
+    assert failure(fs).type == "TimeoutError"
+    assert time.monotonic() - started < 0.1 + 1.0 + 1.5  # timeout + cancel grace + margin
+    fs.register("flow", lambda wf, ctx: wf.dag.node("n", ok))
+    assert fs.run("flow", b"still working", timeout=10) == b"still working"
+
+
+def test_timed_handlers_see_their_request_context(fs):
+    def define(wf, ctx: Context):
+        async def first(data, options):
+            await asyncio.sleep(0)
+            return data + b"|" + ctx.request_id.encode()
+
+        def second(data, options):
+            return data + b"|" + ctx.request_id.encode() + b"|" + options["q"][0].encode()
+
+        wf.dag.node("n", first, second, timeout=5)
+
+    fs.register("flow", define)
+    from flowloom import Request
+
+    rid = fs.execute("flow", Request(body=b"in", query={"q": "v"}))
+    assert fs.result("flow", rid, timeout=10) == b"in|%s|%s|v" % (rid.encode(), rid.encode())

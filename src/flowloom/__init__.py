@@ -1,5 +1,7 @@
 """flowloom: distributed workflows as DAGs of plain Python tasks."""
 
+import logging as _logging
+
 from .context import Context
 from .dag import Dag, Workflow
 from .errors import (
@@ -11,6 +13,7 @@ from .errors import (
     InvalidRequest,
     NoOutput,
     NotRunning,
+    Overloaded,
     RequestError,
     RequestFailed,
     RequestNotFound,
@@ -22,6 +25,8 @@ from .service import FlowService
 from .types import ErrorInfo, Request, RequestState, Status, VertexState
 
 __version__ = "0.1.0.dev0"
+
+_logging.getLogger("flowloom").addHandler(_logging.NullHandler())  # a library configures nothing
 
 __all__ = [
     "BackendUnavailable",
@@ -36,6 +41,7 @@ __all__ = [
     "InvalidRequest",
     "NoOutput",
     "NotRunning",
+    "Overloaded",
     "Request",
     "RequestError",
     "RequestFailed",

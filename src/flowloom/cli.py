@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import threading
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -13,13 +14,19 @@ from typing import IO
 
 import click
 
-from .errors import FlowloomError
+from . import logs
+from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
+from .http.server import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LIMIT_CONCURRENCY
 from .processes import run_worker_processes
 from .service import FlowService
 from .types import Request
+from .worker import backend_name
 
-__all__ = ["load_service", "main"]
+__all__ = ["STARTUP_CHECK", "load_service", "main"]
+
+STARTUP_CHECK = 10.0  # seconds `worker` and `serve` wait for the backend to answer at start-up
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
 class AppError(click.ClickException):
@@ -91,27 +98,47 @@ def _register(service: FlowService, name: str, define: object) -> None:
 def _configured(
     app: str, redis_url: str | None, concurrency: int | None, port: int | None, host: str | None
 ) -> FlowService:
+    """The app's service with the command line's settings: its own backend (whatever it
+    is) unless ``--redis-url`` names another, and every other setting of its own."""
     service = load_service(app)
-    if redis_url is None and concurrency is None:
-        if port is not None:
-            service.port = port
-        if host is not None:
-            service.host = host
-        return service
-    fresh = FlowService(
-        port=port or service.port,
-        host=host or service.host,
-        redis_url=redis_url or service.redis_url,
-        worker_concurrency=concurrency or service.worker_concurrency,
-        retention=service.retention,
-        redis_prefix=service.redis_prefix,
-        token=service.token,
-        hmac_secret=service.hmac_secret,
-    )
-    for name, define in service.registry.definitions.items():
-        _register(fresh, name, define)
-    service.close()
-    return fresh
+    if port is not None:
+        service.port = port
+    if host is not None:
+        service.host = host
+    if concurrency is not None:
+        service.worker_concurrency = concurrency
+    if redis_url is not None:
+        previous = service.backend
+        service.redis_url = redis_url
+        service.backend = service._make_backend()
+        service.embedded = False
+        previous.close()
+    return service
+
+
+def _check_backend(service: FlowService) -> None:
+    """Exit (status 2, one line) unless the backend answers within ``STARTUP_CHECK`` s."""
+    answer: list[BaseException | None] = []
+
+    def ping() -> None:
+        try:
+            service.backend.ping()
+        except Exception as exc:
+            answer.append(exc)
+        else:
+            answer.append(None)
+
+    thread = threading.Thread(target=ping, name="flowloom-startup-check", daemon=True)
+    thread.start()
+    thread.join(STARTUP_CHECK)
+    where = backend_name(service.backend)
+    if not answer:
+        raise AppError(f"the backend at {where} did not answer within {STARTUP_CHECK:g}s")
+    error = answer[0]
+    if isinstance(error, FlowloomError):
+        raise AppError(str(error))
+    if error is not None:
+        raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {error}")
 
 
 def _flow(service: FlowService, flow: str) -> None:
@@ -158,12 +185,17 @@ def run(
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--query")
         options.setdefault(key, []).append(value)
     with service:
-        request_id = service.execute(flow, Request(body=body, query=options))
+        try:
+            request_id = service.execute(flow, Request(body=body, query=options))
+        except FlowloomError as exc:  # a bad request, an unreachable backend
+            raise AppError(str(exc)) from exc
         try:
             result = service.result(flow, request_id, timeout=timeout)
         except FlowloomError as exc:
             if timings:
                 _print_timings(service, flow, request_id)
+            if isinstance(exc, RequestFailed) and exc.error and exc.error.traceback:
+                click.echo(exc.error.traceback.rstrip("\n"), err=True)
             raise AppError(str(exc)) from exc
         click.echo(result.decode(errors="replace"))
         if timings:
@@ -233,26 +265,75 @@ def flows(app: str) -> None:
     show_default=True,
     help="Serve the dashboard at /dashboard (the service's enable_monitoring).",
 )
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@click.option(
+    "--limit-concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_LIMIT_CONCURRENCY,
+    show_default=True,
+    help="Open connections (or running calls) past which calls get 503.",
+)
+@click.option(
+    "--keep-alive",
+    type=click.IntRange(min=1),
+    default=DEFAULT_KEEP_ALIVE,
+    show_default=True,
+    help="Seconds an idle connection stays open.",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_HEADER_TIMEOUT,
+    show_default=True,
+    help="Seconds a client has to send a request's head before its connection is closed.",
+)
+@click.option(
+    "--forwarded-allow-ips",
+    default="",
+    help="Comma-separated proxy addresses whose X-Forwarded-For is trusted (default: none).",
+)
 def serve(
     app: str,
     host: str | None,
     port: int | None,
     redis_url: str | None,
     worker: bool,
+    log_level: str,
+    limit_concurrency: int,
+    keep_alive: int,
+    header_timeout: float,
+    forwarded_allow_ips: str,
     monitoring: bool,
 ) -> None:
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
+    logs.configure(log_level.upper())
     service = _configured(app, redis_url, None, port, host)
     service.enable_monitoring = monitoring
-    if worker:
-        service.start()
-    else:
-        service.start_server()
+    _check_backend(service)
+    options = {
+        "limit_concurrency": limit_concurrency,
+        "keep_alive": keep_alive,
+        "header_timeout": header_timeout,
+        "forwarded_allow_ips": [ip.strip() for ip in forwarded_allow_ips.split(",") if ip.strip()],
+    }
+    try:
+        if worker:
+            service.start(**options)
+        else:
+            service.start_server(**options)
+    except FlowloomError as exc:
+        raise AppError(str(exc)) from exc
 
 
 @main.command()
 @click.argument("app")
-@click.option("--concurrency", "-c", type=int, default=None, help="Tasks run at once per process.")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tasks run at once per process.",
+)
 @click.option(
     "--processes",
     "-p",
@@ -262,12 +343,22 @@ def serve(
     help="Worker processes to fork (needs Redis); each runs --concurrency tasks.",
 )
 @click.option("--redis-url", default=None, help="Use this Redis instead of the app's backend.")
-def worker(app: str, concurrency: int | None, processes: int, redis_url: str | None) -> None:
-    """Run a worker for APP's flows until SIGINT/SIGTERM."""
+@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+def worker(
+    app: str, concurrency: int | None, processes: int, redis_url: str | None, log_level: str
+) -> None:
+    """Run a worker for APP's flows until SIGINT/SIGTERM (SIGTERM lets running tasks
+    finish, for 10 s at most)."""
+    logs.configure(log_level.upper())
     service = _configured(app, redis_url, concurrency, None, None)
-    if processes == 1:
-        service.start_worker()
-        return
+    if service.embedded:
+        service.close()
+        raise AppError(
+            f"{app} has no redis_url: its backend is embedded, and a worker in a process of "
+            "its own would serve nobody; give the FlowService a redis_url (or a backend) or "
+            "pass --redis-url (or run `flowloom serve`, which runs a worker beside the server)"
+        )
+    _check_backend(service)
     try:
         run_worker_processes(service, processes)
     except FlowloomError as exc:

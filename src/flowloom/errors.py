@@ -9,6 +9,7 @@ FlowloomError
 ├── NotRunning             control call on a request that has finished
 ├── NoOutput               no output for that vertex (unknown, or not completed)
 ├── BackendUnavailable     the backend cannot be reached or fails (after a bounded wait)
+├── Overloaded             the backend holds all the requests or bytes it may: try later
 ├── StepError              user code broke a rule (a bad return value, an unknown key...)
 └── RequestError           a request did not produce a result
     ├── RequestFailed      a vertex failed; ``error`` holds what happened
@@ -32,6 +33,7 @@ __all__ = [
     "InvalidRequest",
     "NoOutput",
     "NotRunning",
+    "Overloaded",
     "RequestError",
     "RequestFailed",
     "RequestNotFound",
@@ -83,6 +85,11 @@ class BackendUnavailable(FlowloomError):
 
     The message names the backend (its URL without any password) and the cause.
     """
+
+
+class Overloaded(FlowloomError):
+    """The backend holds as many unfinished requests, or as many bytes, as it may (the
+    embedded backend's ``max_queued`` and ``max_bytes``); try again later. HTTP: 429."""
 
 
 class StepError(FlowloomError):

@@ -7,29 +7,47 @@ branches) comes out, and a ``StepError`` says what the user's code did wrong.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
+import os
+import sys
 import threading
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+import traceback
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from .engine import unescape_key
 from .errors import StepError
 from .plan import PASSTHROUGH, Step, StepKind
-from .types import Options
+from .types import ErrorInfo, Options
 
-__all__ = ["Caller", "NodeFailed", "Outcome", "StepError", "run_step", "to_bytes"]
+__all__ = [
+    "CANCEL_GRACE",
+    "Caller",
+    "NodeFailed",
+    "Outcome",
+    "StepError",
+    "error_info",
+    "run_step",
+    "to_bytes",
+    "user_traceback",
+]
+
+CANCEL_GRACE = 1.0  # seconds a timed-out async handler has to run its cleanup once cancelled
+TRACEBACK_LIMIT = 16_000  # characters of a traceback kept in a request's state
 
 
 class NodeFailed(Exception):
-    """A node's handlers failed on ``data`` (the node's input); ``__cause__`` says why."""
+    """A node's handlers failed on ``data`` (the node's input); ``__cause__`` says why.
+    ``stack``: where the handler was when its time ran out (a timeout), else ""."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, stack: str = "") -> None:
         super().__init__("node failed")
         self.data = data
+        self.stack = stack
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +79,15 @@ class Caller:
     def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
         result = fn(*args)
         if inspect.isawaitable(result):
-            runner = getattr(self._local, "runner", None)
-            if runner is None:
-                runner = self._local.runner = asyncio.Runner()
-            return runner.run(_awaited(result), context=contextvars.copy_context())
+            return self.run(_awaited(result))
         return result
+
+    def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coroutine`` to its end on this thread's loop."""
+        runner = getattr(self._local, "runner", None)
+        if runner is None:
+            runner = self._local.runner = asyncio.Runner()
+        return runner.run(coroutine, context=contextvars.copy_context())
 
     def close(self) -> None:
         runner = getattr(self._local, "runner", None)
@@ -85,12 +107,13 @@ def run_step(
     data = _input(step, inputs, call)
     if step.kind is StepKind.SPLIT:
         return Outcome(data, _split(step, data, call))
+    attempt = None if step.timeout is None else _TimedAttempt(step.timeout)
     try:
-        if step.timeout is None:
+        if attempt is None:
             return Outcome(_pipe(step, data, options, call))
-        return Outcome(_with_timeout(lambda: _pipe_alone(step, data, options), step.timeout))
+        return Outcome(call.run(attempt.run(step, data, options)))
     except Exception as exc:
-        raise NodeFailed(data) from exc
+        raise NodeFailed(data, attempt.stack if attempt else "") from exc
 
 
 def _input(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> bytes:
@@ -116,14 +139,6 @@ def _pipe(step: Step, data: bytes, options: Options, call: Caller) -> bytes:
             call(handler, data, options), f"handler {getattr(handler, '__name__', handler)!r}"
         )
     return data
-
-
-def _pipe_alone(step: Step, data: bytes, options: Options) -> bytes:
-    call = Caller()
-    try:
-        return _pipe(step, data, options, call)
-    finally:
-        call.close()
 
 
 def _split(step: Step, data: bytes, call: Caller) -> tuple[tuple[str, bytes], ...]:
@@ -168,23 +183,155 @@ def _join(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> bytes
     return next(iter(outputs.values())) if outputs else passthrough
 
 
-def _with_timeout(fn: Callable[[], bytes], timeout: float) -> bytes:
-    """Run ``fn`` in a thread of its own and give up after ``timeout`` seconds.
+class _TimedAttempt:
+    """One attempt of a node with a timeout, run as a coroutine on the worker thread's loop.
 
-    Python cannot kill a thread: a handler that overruns goes on in the background,
-    and its result is thrown away.
+    ``async`` handlers run on that loop, where the timeout cancels them; sync ones on a
+    thread of their own, which nothing can stop. When the time is up, the handler's stack
+    is kept for the error: where it was stuck is what its author needs to know.
     """
-    future: Future[bytes] = Future()
-    context = contextvars.copy_context()
 
-    def target() -> None:
-        try:
-            future.set_result(context.run(fn))
-        except BaseException as exc:
-            future.set_exception(exc)
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.thread: threading.Thread | None = None  # the sync handler's thread, if running
+        self.stack = ""  # where the handler was when the time ran out
 
-    threading.Thread(target=target, name="flowloom-timed-handler", daemon=True).start()
-    try:
-        return future.result(timeout)
-    except FutureTimeout:
-        raise TimeoutError(f"timed out after {timeout:g}s") from None
+    async def run(self, step: Step, data: bytes, options: Options) -> bytes:
+        task = asyncio.ensure_future(self._pipe(step, data, options))
+        done, _ = await asyncio.wait({task}, timeout=self.timeout)
+        if done:
+            return task.result()
+        self.stack = self._stack(task)
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        await asyncio.wait({task}, timeout=CANCEL_GRACE)  # its finally blocks run
+        raise TimeoutError(f"timed out after {self.timeout:g}s")
+
+    async def _pipe(self, step: Step, data: bytes, options: Options) -> bytes:
+        for handler in step.handlers:
+            if inspect.iscoroutinefunction(handler):
+                result = await handler(data, options)
+            else:
+                result = await self._in_thread(handler, data, options)
+                if inspect.isawaitable(result):
+                    result = await result
+            data = to_bytes(result, f"handler {getattr(handler, '__name__', handler)!r}")
+        return data
+
+    def _in_thread(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Call ``fn(*args)`` on a new daemon thread (in a copy of this context).
+
+        Not the loop's executor: a handler that never returns would hold one of its few
+        threads for ever; here it holds only its own.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        context = contextvars.copy_context()
+
+        def settle(value: Any, error: BaseException | None) -> None:
+            if future.done():  # cancelled: the attempt timed out
+                return
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
+
+        def target() -> None:
+            try:
+                value, error = context.run(fn, *args), None
+            except BaseException as exc:
+                value, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle, value, error)
+
+        self.thread = threading.Thread(target=target, name="flowloom-timed-handler", daemon=True)
+        self.thread.start()
+        return future
+
+    def _stack(self, task: asyncio.Task[bytes]) -> str:
+        """The user code's frames of the running handler, formatted, with the error line."""
+        thread, top = self.thread, None
+        if thread is not None and thread.is_alive() and thread.ident is not None:
+            top = sys._current_frames().get(thread.ident)
+        if top is not None:  # a sync handler, on its thread
+            frames = [frame for frame, _ in traceback.walk_stack(top)][::-1]
+        else:  # async handlers, suspended
+            frames = list(_awaiting(task.get_coro()))
+        summary = _from_user_code(traceback.StackSummary.extract((f, f.f_lineno) for f in frames))
+        if not summary:
+            return ""
+        return (
+            "Stack of the handler when its time ran out (most recent call last):\n"
+            + "".join(summary.format())
+            + f"TimeoutError: timed out after {self.timeout:g}s\n"
+        )
+
+
+def _awaiting(awaitable: object) -> Iterator[FrameType]:
+    """The frames of a suspended coroutine and of the ones it awaits, outermost first."""
+    while True:
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+        if frame is None:
+            return
+        yield frame
+        awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a left-behind task's outcome as seen, so that asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
+
+
+_OWN_CODE = (  # where the frames that lead to user code live: flowloom, asyncio, threading
+    os.path.dirname(__file__) + os.sep,
+    os.path.dirname(asyncio.__file__ or "asyncio") + os.sep,
+    threading.__file__ or "threading",
+)
+
+
+def error_info(address: str, exc: BaseException, stack: str = "") -> ErrorInfo:
+    """What a failed attempt at ``address`` records: where, which error, and the user
+    code's traceback (``stack`` instead, for a timeout: where the handler was then)."""
+    kind = "StepError" if isinstance(exc, StepError) else type(exc).__name__
+    trace = _capped(stack) if stack else user_traceback(exc)
+    return ErrorInfo(address, kind, str(exc) or repr(exc), trace)
+
+
+def user_traceback(exc: BaseException) -> str:
+    """The formatted traceback of the user code that raised ``exc`` ("" for a rule error).
+
+    flowloom's own frames that lead to the user's code are left out (as are asyncio's and
+    threading's); what the user's code called stays in. An error raised outside user
+    code (a ``StepError``) has no user frames, and so no traceback.
+    Tracebacks longer than ``TRACEBACK_LIMIT`` characters keep their start and their end.
+    """
+    if isinstance(exc, StepError):
+        return ""
+    formatted = traceback.TracebackException.from_exception(exc)
+    chained: traceback.TracebackException | None = formatted
+    seen: set[int] = set()
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.stack = _from_user_code(chained.stack)
+        if chained is formatted and not chained.stack:
+            return ""
+        chained = chained.__cause__ or (
+            None if chained.__suppress_context__ else chained.__context__
+        )
+    return _capped("".join(formatted.format()))
+
+
+def _from_user_code(stack: traceback.StackSummary) -> traceback.StackSummary:
+    """``stack`` without the leading frames of flowloom, asyncio and threading."""
+    frames = list(stack)
+    while frames and frames[0].filename.startswith(_OWN_CODE):
+        frames.pop(0)
+    return traceback.StackSummary.from_list(frames)
+
+
+def _capped(text: str) -> str:
+    if len(text) <= TRACEBACK_LIMIT:
+        return text
+    head, tail = TRACEBACK_LIMIT // 4, TRACEBACK_LIMIT * 3 // 4
+    return f"{text[:head]}\n... ({len(text) - head - tail} characters left out) ...\n{text[-tail:]}"

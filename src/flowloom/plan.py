@@ -16,13 +16,16 @@ Inside a foreach branch, addresses carry the item key: ``users[u42]/mark-profile
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from .dag import ConditionalSpec, Dag, ForEachSpec, NodeSpec, SubDagSpec, Workflow, resolve_subdag
 from .errors import DefinitionError
@@ -128,17 +131,65 @@ def compile_workflow(workflow: Workflow) -> Plan:
     compiler.set_inputs(scope.entries, 1, (SCOPE_INPUT,), {})
     compiler.targets[scope.exit].append(Target(END, ""))
     steps = {sid: compiler.freeze(sid) for sid in compiler.steps}
-    definition = workflow.definition()
-    digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
-    return Plan(
+    plan = Plan(
         name=workflow.name,
-        version=digest[:16],
+        version="",
         steps=MappingProxyType(steps),
         entries=tuple(scope.entries),
         failure_hooks=tuple(workflow.failure_hooks),
         finally_hooks=tuple(workflow.finally_hooks),
-        definition=definition,
+        definition=workflow.definition(),
     )
+    return dataclasses.replace(plan, version=version_of(plan))
+
+
+def version_of(plan: Plan) -> str:
+    """A digest of everything in ``plan`` that decides how it runs.
+
+    Every field of every step goes in (names, edges, retries, backoff, timeouts, ...),
+    and every function by its qualified name, as do the hooks: the same definition gives
+    the same version in every process, and changing anything but the body of a function
+    gives a new one. Not the module's name: one app file is ``__main__`` in one process,
+    ``flowloom_app_NAME`` under the CLI and ``NAME`` when imported.
+    """
+    described = {
+        "name": plan.name,
+        "entries": list(plan.entries),
+        "steps": {sid: _plain(plan.steps[sid]) for sid in sorted(plan.steps)},
+        "failure_hooks": _plain(plan.failure_hooks),
+        "finally_hooks": _plain(plan.finally_hooks),
+    }
+    text = json.dumps(described, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-able data, functions by name (never by ``repr``: an address
+    would differ from process to process)."""
+    if value is None or isinstance(value, str | int | float):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    return _code_name(value)
+
+
+def _code_name(fn: object) -> str:
+    if isinstance(fn, functools.partial):
+        return (
+            f"functools.partial({_code_name(fn.func)}, {len(fn.args)} args, {sorted(fn.keywords)})"
+        )
+    if hasattr(fn, "__func__"):  # a bound method: its function's name
+        fn = fn.__func__
+    qualname = getattr(fn, "__qualname__", None)
+    if isinstance(qualname, str):
+        return qualname
+    return f"{type(fn).__qualname__}()"  # a callable object: its class
 
 
 @dataclass

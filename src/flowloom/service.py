@@ -9,12 +9,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
-from . import engine
-from .backends import Backend, MemoryBackend, RequestRecord, Summary
+from . import engine, logs
+from .backends import Backend, MemoryBackend, RequestRecord, Summary, deadline
+from .backends.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_QUEUED
 from .errors import (
     FlowloomError,
     InvalidRequest,
@@ -46,8 +47,16 @@ class FlowService:
 
     ``port``/``host``: where ``start``/``start_server`` serve HTTP. ``retention``:
     seconds a finished request is kept. ``redis_prefix``: the prefix of every Redis
-    key. ``token``/``hmac_secret``: see the HTTP API. ``enable_monitoring``: the
-    server also serves the dashboard at ``/dashboard`` (docs/dashboard.md).
+    key. ``token``/``hmac_secret``: see the HTTP API. ``max_deliveries`` (Redis): a
+    task delivered that many times, its worker dying each time, fails its request.
+    A backend that cannot be reached raises ``BackendUnavailable`` after a bounded
+    wait; ``result(timeout=)`` and ``run(timeout=)`` return by their deadline
+    (give or take well under a second) whatever the backend does. ``callback_allow``: the
+    addresses or networks (``"127.0.0.1"``, ``"10.0.0.0/8"``) HTTP callbacks may go to besides
+    public ones (else ``FLOWLOOM_CALLBACK_ALLOW``, comma-separated). ``max_bytes`` and
+    ``max_queued``: the embedded backend's caps on the bytes it keeps and on the
+    requests not yet ended (``Overloaded`` past them; see ``MemoryBackend``). ``enable_monitoring``:
+    the server also serves the dashboard at ``/dashboard`` (docs/dashboard.md).
     ``otlp_endpoint`` is accepted (GoFlow's name) but not used yet: tracing is not
     built.
     """
@@ -66,6 +75,10 @@ class FlowService:
         backend: Backend | None = None,
         token: str | None = None,
         hmac_secret: str | None = None,
+        max_deliveries: int = 5,
+        callback_allow: str | Iterable[str] | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
         self.port = port
         self.host = host
@@ -77,6 +90,10 @@ class FlowService:
         self.redis_prefix = redis_prefix
         self.token = token  # HTTP bearer token (else FLOWLOOM_TOKEN); see docs/http.md
         self.hmac_secret = hmac_secret  # HTTP X-Hub-Signature secret (else FLOWLOOM_HMAC_SECRET)
+        self.max_deliveries = max_deliveries  # Redis: deliveries of a task that kills its worker
+        self.callback_allow = callback_allow
+        self.max_bytes = max_bytes
+        self.max_queued = max_queued
         self.registry = Registry()
         self.backend = backend or self._make_backend()
         self.embedded = isinstance(self.backend, MemoryBackend)
@@ -86,10 +103,17 @@ class FlowService:
 
     def _make_backend(self) -> Backend:
         if self.redis_url is None:
-            return MemoryBackend(retention=self.retention)
+            return MemoryBackend(
+                retention=self.retention, max_bytes=self.max_bytes, max_queued=self.max_queued
+            )
         from .backends.redis import RedisBackend
 
-        return RedisBackend(self.redis_url, prefix=self.redis_prefix, retention=self.retention)
+        return RedisBackend(
+            self.redis_url,
+            prefix=self.redis_prefix,
+            retention=self.retention,
+            max_deliveries=self.max_deliveries,
+        )
 
     # -- flows -----------------------------------------------------------------------------
     def register(self, name: str, define_workflow: DefineWorkflow) -> None:
@@ -140,10 +164,11 @@ class FlowService:
     def result(self, name: str, request_id: str, timeout: float | None = None) -> bytes:
         """Wait for the request's result; raises ``RequestFailed``, ``RequestStopped`` or
         ``ResultTimeout`` if it does not complete (``timeout=None`` waits for ever)."""
-        summary = self._summary(name, request_id)
-        if not summary.status.finished:
-            self.backend.wait(request_id, timeout)
+        with deadline(timeout):  # a backend that cannot be reached gives up by then
             summary = self._summary(name, request_id)
+            if not summary.status.finished:
+                self.backend.wait(request_id, timeout)
+                summary = self._summary(name, request_id)
         if summary.status is Status.COMPLETED:
             return summary.result or b""
         if summary.status is Status.FAILED:
@@ -171,8 +196,14 @@ class FlowService:
     def run(
         self, name: str, request: Request | bytes | str | None = None, timeout: float | None = None
     ) -> bytes:
-        """Execute a request and wait for its result: ``execute`` then ``result``."""
-        return self.result(name, self.execute(name, request), timeout)
+        """Execute a request and wait for its result: ``execute`` then ``result``, the two
+        within ``timeout`` seconds."""
+        if timeout is None:
+            return self.result(name, self.execute(name, request))
+        until = time.monotonic() + timeout
+        with deadline(timeout):
+            request_id = self.execute(name, request)
+            return self.result(name, request_id, max(0.0, until - time.monotonic()))
 
     def pause(self, name: str, request_id: str) -> Status:
         """Hold the request once its running tasks finish; ``resume`` continues it."""
@@ -237,26 +268,29 @@ class FlowService:
 
     def start_worker(self) -> None:
         """Run a worker until SIGINT or SIGTERM (blocking)."""
+        logs.configure()
         self._ensure_worker()
         _wait_for_signal()
         self.close()
 
-    def start_server(self) -> None:
+    def start_server(self, **http_options: Any) -> None:
         """Serve the HTTP API on ``host:port`` until interrupted (blocking); no worker
-        runs here unless the backend is embedded."""
-        self._serve(with_worker=self.embedded)
+        runs here unless the backend is embedded. ``http_options`` go to
+        ``flowloom.http.serve`` (connection limits, timeouts...)."""
+        self._serve(self.embedded, http_options)
 
-    def start(self) -> None:
+    def start(self, **http_options: Any) -> None:
         """Serve the HTTP API and run a worker in this process (blocking)."""
-        self._serve(with_worker=True)
+        self._serve(True, http_options)
 
-    def _serve(self, with_worker: bool) -> None:
+    def _serve(self, with_worker: bool, http_options: dict[str, Any]) -> None:
         from .http import serve
 
+        logs.configure()
         if with_worker:
             self._ensure_worker()
         try:
-            serve(self, host=self.host, port=self.port)
+            serve(self, host=self.host, port=self.port, **http_options)
         finally:
             self.close()
 

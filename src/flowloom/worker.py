@@ -7,11 +7,13 @@ import logging
 import os
 import socket
 import threading
+import time
+import urllib.parse
 import uuid
 
 from . import context, engine
-from .backends import HOOKS, Backend, Task
-from .execute import Caller, NodeFailed, Outcome, StepError, run_step, to_bytes
+from .backends import HOOKS, Backend, MemoryBackend, Task
+from .execute import Caller, NodeFailed, Outcome, error_info, run_step, to_bytes
 from .plan import Plan, Step, StepKind
 from .registry import Registry
 from .types import ErrorInfo, Options, Status
@@ -39,29 +41,63 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._call = Caller()
         self._queries: dict[str, Options] = {}  # request id -> handler options, recent ones
-
-    @property
-    def running(self) -> bool:
-        return any(t.is_alive() for t in self._threads)
+        self._outage = _Outage()
 
     def start(self) -> None:
         if self._threads:
             return
+        flows = ", ".join(
+            f"{name}@{self.registry.latest(name).version}" for name in self.registry.names()
+        )
+        log.info(
+            "worker %s starting: backend %s, concurrency %d, flows %s",
+            self.name,
+            backend_name(self.backend),
+            self.concurrency,
+            flows or "(none)",
+        )
         for i in range(self.concurrency):
             thread = threading.Thread(target=self._loop, name=f"flowloom-worker-{i}", daemon=True)
             self._threads.append(thread)
             thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop claiming; let running tasks finish (up to ``timeout`` seconds)."""
+        """Stop claiming; let running tasks finish: all of them within ``timeout`` seconds
+        in total (``None``: wait for ever). A task still running then is left to its
+        thread (a daemon), and another worker takes it over after the visibility timeout."""
         self._stopping.set()
+        if not self._threads:
+            return
+        log.info("worker %s stopping: letting running tasks finish", self.name)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        left = sum(thread.is_alive() for thread in self._threads)
+        if left:
+            log.warning(
+                "worker %s stopped with %d task(s) still running after %gs",
+                self.name,
+                left,
+                timeout,
+            )
+        else:
+            log.info("worker %s stopped", self.name)
 
     def _loop(self) -> None:
+        """Claim and run tasks until stopped. A failing backend never ends the thread: it
+        is logged once per outage, and the loop backs off and carries on."""
+        backoff = 0.0
         try:
             while not self._stopping.is_set():
-                task = self.backend.claim(self.name, 0.2)
+                try:
+                    task = self.backend.claim(self.name, 0.2)
+                except Exception as exc:
+                    self._outage.failed(exc)
+                    backoff = min(2.0, max(0.05, backoff * 2))
+                    self._stopping.wait(backoff)
+                    continue
+                backoff = 0.0
+                self._outage.succeeded()
                 if task is not None:
                     self.execute(task)
         finally:
@@ -94,11 +130,14 @@ class Worker:
             context.RequestScope(task.request_id, task.flow, record_options, self.backend)
         )
         try:
-            outcome: Outcome | None
+            outcome: Outcome | None = None
+            failure: Exception | None = None
             try:
                 outcome = run_step(step, task.inputs, record_options, self._call)
             except Exception as exc:
-                outcome = self._recover(step, task, address, exc)
+                failure = exc
+            if failure is not None:  # outside the except: an on_failure error is not chained
+                outcome = self._recover(step, task, instance, address, failure)
             if outcome is None:
                 return
             if outcome.branches is not None:
@@ -112,22 +151,31 @@ class Worker:
         finally:
             context.leave(token)
 
-    def _recover(self, step: Step, task: Task, address: str, exc: Exception) -> Outcome | None:
+    def _recover(
+        self, step: Step, task: Task, instance: str, address: str, exc: Exception
+    ) -> Outcome | None:
         """After a failed attempt: retry, fall back to the node's failure handler, or fail."""
-        data = b""
+        data, stack = b"", ""
         if isinstance(exc, NodeFailed) and isinstance(exc.__cause__, Exception):
-            data, exc = exc.data, exc.__cause__
-        error = _error_info(address, exc)
+            data, stack, exc = exc.data, exc.stack, exc.__cause__
+        error = error_info(address, exc, stack)
         if step.kind is StepKind.RUN and task.attempt <= step.retries:
             delay = engine.retry_delay(task.attempt, step.backoff)
-            self.backend.retry(task, address, delay, error)
+            _log_failure(task, step, error, f"retrying in {delay:g}s", logging.WARNING)
+            self.backend.retry(task, instance, address, delay, error)
             return None
         if step.on_failure is not None:
+            _log_failure(task, step, error, "running its on_failure handler", logging.WARNING)
             try:
                 return Outcome(to_bytes(self._call(step.on_failure, exc, data), "on_failure"))
             except Exception as fallback_exc:
-                error = _error_info(address, fallback_exc)
-        self.backend.fail(task, address, error)
+                error = error_info(address, fallback_exc)
+                _log_failure(
+                    task, step, error, "on_failure raised: the request fails", logging.ERROR
+                )
+        else:
+            _log_failure(task, step, error, "the request fails", logging.ERROR)
+        self.backend.fail(task, instance, address, error)
         return None
 
     def _options(self, task: Task) -> Options:
@@ -174,9 +222,67 @@ class Worker:
             if task.flow in self.registry.names()
             else f"flow {task.flow!r} is not registered on worker"
         )
-        self.backend.fail(task, task.step, ErrorInfo(task.step, "FlowNotFound", why))
+        log.error("request %s: %s", task.request_id, why)
+        self.backend.fail(task, "", task.step, ErrorInfo(task.step, "FlowNotFound", why))
 
 
-def _error_info(address: str, exc: BaseException) -> ErrorInfo:
-    kind = "StepError" if isinstance(exc, StepError) else type(exc).__name__
-    return ErrorInfo(address, kind, str(exc) or repr(exc))
+class _Outage:
+    """The worker's view of its backend: a WARNING when claiming starts to fail, an INFO
+    when it works again; nothing in between, however many threads retry."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since: float | None = None
+
+    def failed(self, exc: Exception) -> None:
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        log.warning(
+            "flowloom: worker cannot claim tasks (%s: %s); backing off", type(exc).__name__, exc
+        )
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        with self._lock:
+            since, self._since = self._since, None
+        if since is not None:
+            log.info("flowloom: worker reconnected after %.1fs", time.monotonic() - since)
+
+
+def _log_failure(task: Task, step: Step, error: ErrorInfo, then: str, level: int) -> None:
+    """One line per failed attempt (a warning while the request goes on, an error when it
+    fails), and the traceback at DEBUG."""
+    message = error.message if len(error.message) <= 500 else error.message[:500] + "..."
+    attempts = f" (attempt {task.attempt} of {step.retries + 1})" if step.retries else ""
+    log.log(
+        level,
+        "request %s (flow %s): %s failed%s: %s: %s; %s",
+        task.request_id,
+        task.flow,
+        error.vertex,
+        attempts,
+        error.type,
+        message,
+        then,
+    )
+    if error.traceback:
+        log.debug(
+            "request %s: traceback of %s:\n%s", task.request_id, error.vertex, error.traceback
+        )
+
+
+def backend_name(backend: Backend) -> str:
+    """What to call ``backend`` in a log line: its URL without any password, or its kind."""
+    if isinstance(backend, MemoryBackend):
+        return "embedded (this process only)"
+    url = getattr(backend, "url", None)
+    if not isinstance(url, str):
+        return type(backend).__name__
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

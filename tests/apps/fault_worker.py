@@ -4,12 +4,15 @@ Configured by environment variables (the tests set them):
 ``FLOWLOOM_TEST_REDIS_URL``, ``FLOWLOOM_TEST_PREFIX``, ``FLOWLOOM_TEST_CONCURRENCY``,
 ``FLOWLOOM_TEST_VISIBILITY`` (seconds), ``FLOWLOOM_TEST_SLEEP`` (seconds each item or
 branch handler sleeps), ``FLOWLOOM_TEST_PROCESSES`` (forked worker processes) and
-``FLOWLOOM_TEST_VARIANT`` (which definition of the flow ``versioned`` to register). Handlers count their runs in Redis under
+``FLOWLOOM_TEST_VARIANT`` (which definition of the flow ``versioned`` to register),
+``FLOWLOOM_TEST_RETRY_FOR`` and ``FLOWLOOM_TEST_MAX_DELIVERIES`` (the backend's options).
+Handlers count their runs in Redis under
 ``PREFIX:test:...`` so that the tests can check what ran, and how often.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -27,15 +30,21 @@ CONCURRENCY = int(os.environ.get("FLOWLOOM_TEST_CONCURRENCY", "4"))
 VISIBILITY = float(os.environ.get("FLOWLOOM_TEST_VISIBILITY", "2"))
 VARIANT = os.environ.get("FLOWLOOM_TEST_VARIANT", "1")
 SLEEP = float(os.environ.get("FLOWLOOM_TEST_SLEEP", "0"))
+RETRY_FOR = float(os.environ.get("FLOWLOOM_TEST_RETRY_FOR", "10"))
+MAX_DELIVERIES = int(os.environ.get("FLOWLOOM_TEST_MAX_DELIVERIES", "5"))
 
 # the handlers' own Redis client: it rides out a Redis restart like flowloom's does
 counter = redis.Redis.from_url(
-    URL, retry=Retry(ExponentialBackoff(cap=0.5), 60), retry_on_error=[redis.ConnectionError]
+    URL,
+    retry=Retry(ExponentialBackoff(cap=0.5), 60),
+    retry_on_error=[redis.ConnectionError],
+    socket_connect_timeout=1,
+    socket_timeout=5,
 )
 
 
-def count(what: str, request_id: str) -> None:
-    counter.hincrby(f"{PREFIX}:test:{what}", request_id, 1)
+def count(what: str, request_id: str) -> int:
+    return int(counter.hincrby(f"{PREFIX}:test:{what}", request_id, 1))
 
 
 def fanout(workflow: Workflow, context: Context) -> None:
@@ -114,17 +123,66 @@ def versioned(workflow: Workflow, context: Context) -> None:
     workflow.dag.node(f"v{VARIANT}", lambda data, options: b"variant " + VARIANT.encode())
 
 
+def late(workflow: Workflow, context: Context) -> None:
+    """A node whose first run sleeps ``float(body)`` seconds and then raises; later runs
+    succeed at once (a worker frozen past the visibility timeout, then failing late)."""
+
+    def handler(data: bytes, options: Any) -> bytes:
+        if count("late", context.request_id) == 1:
+            time.sleep(float(data))
+            raise RuntimeError("late failure")
+        return b"done"
+
+    workflow.dag.node("late", handler)
+    workflow.dag.node("after", lambda data, options: data + b"!")
+    workflow.dag.edge("late", "after")
+
+
+def late_retry(workflow: Workflow, context: Context) -> None:
+    """``late`` with retries: the late failure must not queue another attempt."""
+
+    def handler(data: bytes, options: Any) -> bytes:
+        if count("late", context.request_id) == 1:
+            time.sleep(float(data))
+            raise RuntimeError("late failure")
+        return b"done"
+
+    workflow.dag.node("late", handler, retries=2, backoff=0)
+    workflow.dag.node("after", lambda data, options: data + b"!")
+    workflow.dag.edge("late", "after")
+
+
+def suicide(workflow: Workflow, context: Context) -> None:
+    """A node that kills its worker process every time (a segfault, the OOM killer)."""
+
+    def handler(data: bytes, options: Any) -> bytes:
+        count("suicide", context.request_id)
+        os._exit(3)
+
+    workflow.dag.node("suicide", handler)
+
+
 FLOWS = {
     "fanout": fanout,
     "diamond": diamond,
     "slow": slow,
     "faulty": faulty,
     "versioned": versioned,
+    "late": late,
+    "late_retry": late_retry,
+    "suicide": suicide,
 }
 
 
 def service() -> FlowService:
-    backend = RedisBackend(URL, prefix=PREFIX, visibility_timeout=VISIBILITY, heartbeat=0.5)
+    backend = RedisBackend(
+        URL,
+        prefix=PREFIX,
+        visibility_timeout=VISIBILITY,
+        heartbeat=0.5,
+        retry_for=RETRY_FOR,
+        max_deliveries=MAX_DELIVERIES,
+    )
     fs = FlowService(worker_concurrency=CONCURRENCY, backend=backend)
     for name, define in FLOWS.items():
         fs.register(name, define)
@@ -132,6 +190,7 @@ def service() -> FlowService:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     processes = int(os.environ.get("FLOWLOOM_TEST_PROCESSES", "1"))
     if processes == 1:
         service().start_worker()

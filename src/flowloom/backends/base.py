@@ -10,15 +10,50 @@ delivered. Two implementations: ``MemoryBackend`` (in-process, the default) and
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from ..engine import Transition
 from ..types import ErrorInfo, RequestState, Status
 
-__all__ = ["HOOKS", "Backend", "RequestRecord", "Summary", "Task"]
+__all__ = [
+    "HOOKS",
+    "Backend",
+    "RequestRecord",
+    "Summary",
+    "Task",
+    "current_deadline",
+    "deadline",
+]
 
 HOOKS = "!hooks"  # the step id of the task that runs a flow's on_failure/finally hooks
+
+_deadline: ContextVar[float | None] = ContextVar("flowloom_backend_deadline", default=None)
+
+
+@contextmanager
+def deadline(timeout: float | None) -> Iterator[None]:
+    """Within this block, backend calls give up by ``timeout`` seconds from now: one that
+    cannot reach its backend raises ``BackendUnavailable`` then rather than retry on.
+    ``None`` sets no deadline; nested blocks keep the earlier one."""
+    if timeout is None:
+        yield
+        return
+    until = time.monotonic() + max(0.0, timeout)
+    outer = _deadline.get()
+    token = _deadline.set(until if outer is None else min(outer, until))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def current_deadline() -> float | None:
+    """The monotonic time by which the current ``deadline`` block ends, if any."""
+    return _deadline.get()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +93,11 @@ class Summary:
 
 
 class Backend(abc.ABC):
-    """Queue plus state. Every method is thread-safe and blocking."""
+    """Queue plus state. Every method is thread-safe and blocking.
+
+    A backend that cannot be reached or fails raises ``BackendUnavailable`` after a
+    bounded wait (bounded further by an enclosing ``deadline`` block).
+    """
 
     # -- requests --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -130,12 +169,17 @@ class Backend(abc.ABC):
         """The task succeeded: record ``output`` and apply ``transition``, once."""
 
     @abc.abstractmethod
-    def retry(self, task: Task, address: str, delay: float, error: ErrorInfo) -> None:
-        """The attempt failed; queue the next attempt after ``delay`` seconds."""
+    def retry(
+        self, task: Task, instance: str, address: str, delay: float, error: ErrorInfo
+    ) -> None:
+        """The attempt failed; queue the next attempt after ``delay`` seconds. A no-op
+        (the task is let go) if the instance is done already or the request has ended."""
 
     @abc.abstractmethod
-    def fail(self, task: Task, address: str, error: ErrorInfo) -> None:
-        """The task failed for good: the request fails with ``error``."""
+    def fail(self, task: Task, instance: str, address: str, error: ErrorInfo) -> None:
+        """The task failed for good: the request fails with ``error``. A no-op (the task
+        is let go) if the instance is done already or the request has ended: a late
+        failure after another worker took the task over and completed it changes nothing."""
 
     @abc.abstractmethod
     def ack(self, task: Task) -> None:
@@ -160,6 +204,13 @@ class Backend(abc.ABC):
         ``delayed`` (retries waiting for their time). Held tasks of paused requests are not
         counted."""
         return {"ready": 0, "delayed": 0}
+
+    def listen(self, listener: Callable[[str, Status], None]) -> Callable[[], None] | None:
+        """Call ``listener(request_id, status)`` when a request ends, from the thread that
+        ends it (so it must be quick and must not call the backend). Returns a function
+        that stops the calls, or None if this backend cannot tell (callers then check
+        the status themselves)."""
+        return None
 
     @abc.abstractmethod
     def ping(self) -> None:

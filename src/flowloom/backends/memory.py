@@ -12,11 +12,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from ..engine import Transition
-from ..errors import DuplicateRequest, NotRunning, RequestNotFound
+from ..errors import DuplicateRequest, NotRunning, Overloaded, RequestNotFound
 from ..types import ErrorInfo, RequestState, Status, VertexState
 from .base import HOOKS, Backend, RequestRecord, Summary, Task
 
-__all__ = ["MemoryBackend"]
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_QUEUED", "MemoryBackend"]
+
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_QUEUED = 10_000
 
 
 @dataclass(slots=True)
@@ -58,6 +61,7 @@ class _Request:
     context: dict[str, bytes] = field(default_factory=dict)
     run: _Run | None = field(default_factory=_Run)
     frozen: tuple[_Frozen, ...] = ()
+    size: int = 0  # the bytes counted for it: body and outputs, or its packed form
 
     def vertex(self, address: str) -> _Vertex:
         assert self.run is not None
@@ -72,10 +76,10 @@ class _Request:
         r = self.record
         vertices = self.frozen if self.run is None else tuple(
             (a, v.status.value, v.started, v.ended, v.attempts,
-             (v.error.vertex, v.error.type, v.error.message) if v.error else None, v.output)
+             _plain(v.error), v.output)
             for a, v in self.run.vertices.items()
         )  # fmt: skip
-        error = (self.error.vertex, self.error.type, self.error.message) if self.error else None
+        error = _plain(self.error)
         blob = marshal.dumps((
             r.request_id, r.flow, r.version, r.body, dict(r.query), dict(r.headers), r.created,
             r.has_hooks, self.status.value, self.ended, self.result, error, vertices,
@@ -111,14 +115,34 @@ class _Request:
         return next((out for a, *_, out in self.frozen if a == address), None)
 
 
+def _plain(error: ErrorInfo | None) -> tuple[str, str, str, str] | None:
+    return None if error is None else (error.vertex, error.type, error.message, error.traceback)
+
+
 class MemoryBackend(Backend):
     """Everything in dictionaries. Finished requests are dropped ``retention`` seconds
     after they end, or sooner, oldest first, when more than ``max_finished`` are kept
-    (the process's memory is the limit here, not a database's)."""
+    or the bytes kept (bodies, outputs and results of every request, running or
+    finished) pass ``max_bytes``. A request is refused with ``Overloaded`` when
+    ``max_queued`` requests have not ended yet, or when its body would take the bytes of
+    the unfinished requests past ``max_bytes``. Outputs of running requests are counted
+    but never refused: a running request can take the total past the cap until it ends."""
 
-    def __init__(self, retention: float = 86400.0, max_finished: int = 100_000) -> None:
+    def __init__(
+        self,
+        retention: float = 86400.0,
+        max_finished: int = 100_000,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> None:
         self.retention = retention
         self.max_finished = max_finished
+        self.max_bytes = max_bytes
+        self.max_queued = max_queued
+        self._live_bytes = 0  # bodies and outputs of the requests not yet ended
+        self._done_bytes = 0  # the packed finished requests
+        self._listeners: list[Callable[[str, Status], None]] = []
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._ended = threading.Condition(self._lock)
@@ -137,7 +161,9 @@ class MemoryBackend(Backend):
             self._expire()
             if record.request_id in self._order:
                 raise DuplicateRequest(f"request {record.request_id!r} exists already")
-            request = self._requests[record.request_id] = _Request(record)
+            self._admit(len(record.body))
+            request = self._requests[record.request_id] = _Request(record, size=len(record.body))
+            self._live_bytes += request.size
             self._order[record.request_id] = None
             self._apply(request, transition)
 
@@ -280,14 +306,18 @@ class MemoryBackend(Backend):
                 vertex.ended = time.time()
                 vertex.error = None
                 vertex.output = output
+                request.size += len(output)
+                self._live_bytes += len(output)
             self._apply(request, transition)
             if transition.finished:
                 self._finish(request, Status.COMPLETED, result=transition.result)
 
-    def retry(self, task: Task, address: str, delay: float, error: ErrorInfo) -> None:
+    def retry(
+        self, task: Task, instance: str, address: str, delay: float, error: ErrorInfo
+    ) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None:
+            if request is None or request.run is None or instance in request.run.done:
                 return
             vertex = request.vertex(address)
             vertex.status, vertex.error = Status.QUEUED, error
@@ -297,10 +327,10 @@ class MemoryBackend(Backend):
             )
             self._ready.notify()
 
-    def fail(self, task: Task, address: str, error: ErrorInfo) -> None:
+    def fail(self, task: Task, instance: str, address: str, error: ErrorInfo) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None:
+            if request is None or request.run is None or instance in request.run.done:
                 return
             vertex = request.vertex(address)
             vertex.status, vertex.error, vertex.ended = Status.FAILED, error, time.time()
@@ -331,6 +361,17 @@ class MemoryBackend(Backend):
     def ping(self) -> None:
         """Always answers: the embedded backend lives in this process."""
 
+    def listen(self, listener: Callable[[str, Status], None]) -> Callable[[], None]:
+        with self._lock:
+            self._listeners.append(listener)
+
+        def stop() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return stop
+
     def workers(self) -> list[dict[str, object]]:
         with self._lock:
             describers = list(self._workers.values())
@@ -355,7 +396,9 @@ class MemoryBackend(Backend):
         """Store a change to a finished request (its context, from a hook)."""
         if request.run is None:
             rid = request.record.request_id
-            self._done[rid] = request.pack()
+            old = self._done.get(rid)
+            packed = self._done[rid] = request.pack()
+            self._done_bytes += len(packed[2]) - (len(old[2]) if old else 0)
 
     def _apply(self, request: _Request, transition: Transition) -> None:
         record, run = request.record, request.run
@@ -394,9 +437,12 @@ class MemoryBackend(Backend):
         request.status, request.result, request.error = status, result, error
         request.ended = time.time()
         rid = request.record.request_id
-        self._done[rid] = request.pack()
+        packed = self._done[rid] = request.pack()
         del self._requests[rid]
+        self._live_bytes -= request.size
+        self._done_bytes += len(packed[2])
         self._expiry.append((time.monotonic() + self.retention, rid))
+        self._expire()
         record = request.record
         if record.has_hooks:
             hooks = Task(
@@ -410,14 +456,42 @@ class MemoryBackend(Backend):
             self._queue.append(hooks)
             self._ready.notify()
         self._ended.notify_all()
+        for listener in self._listeners:
+            listener(rid, status)
 
-    def _expire(self) -> None:
+    def _expire(self, room: int = 0) -> None:
+        """Drop finished requests past their retention, and the oldest past
+        ``max_finished`` or while the bytes kept and ``room`` pass ``max_bytes``."""
         now = time.monotonic()
         expiry = self._expiry
-        while expiry and (expiry[0][0] <= now or len(expiry) > self.max_finished):
+        while expiry and (
+            expiry[0][0] <= now
+            or len(expiry) > self.max_finished
+            or self._live_bytes + self._done_bytes + room > self.max_bytes
+        ):
             request_id = expiry.popleft()[1]
-            self._done.pop(request_id, None)
+            done = self._done.pop(request_id, None)
+            if done is not None:
+                self._done_bytes -= len(done[2])
             self._order.pop(request_id, None)
+
+    def _admit(self, size: int) -> None:
+        """Make room for a new request of ``size`` body bytes, or ``Overloaded``."""
+        if len(self._requests) >= self.max_queued:
+            raise Overloaded(
+                f"{len(self._requests)} requests have not ended yet (max_queued): try again later"
+            )
+        self._expire(room=size)
+        if self._live_bytes + size > self.max_bytes:
+            raise Overloaded(
+                f"the requests not ended yet hold {self._live_bytes} bytes; a body of {size} "
+                f"bytes would pass max_bytes ({self.max_bytes}): try again later"
+            )
+
+    def bytes_held(self) -> int:
+        """The bytes of bodies, outputs and results kept now (what ``max_bytes`` caps)."""
+        with self._lock:
+            return self._live_bytes + self._done_bytes
 
     @staticmethod
     def _snapshot(request: _Request) -> RequestState:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
@@ -15,10 +16,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .. import dashboard as dashboard_page
-from . import responses, routes, spec, watching  # noqa: F401 - they add their endpoints
-from .api import Api
+from . import inputs, responses, routes, spec, watching
+from .accesslog import RequestIdLog
+from .api import UNAVAILABLE, Api
 from .auth import BearerAuth
-from .endpoints import ENDPOINTS
+from .endpoints import ENDPOINTS, Endpoint
 from .inputs import BadInput
 from .settings import DEFAULT_MAX_BODY, DEFAULT_WAIT_TIMEOUT, Settings
 from .shapes import encode
@@ -39,6 +41,7 @@ def create_app(
     max_body: int = DEFAULT_MAX_BODY,
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     callbacks: bool = True,
+    callback_allow: str | Iterable[str] | None = None,
     dashboard: bool | None = None,
     trace_url: str | None = None,
 ) -> Starlette:
@@ -46,13 +49,19 @@ def create_app(
 
     ``token``: when set, every endpoint but ``/health`` needs ``Authorization: Bearer
     <token>`` (default: ``service.token``, else the ``FLOWLOOM_TOKEN`` environment variable).
-    ``hmac_secret``: when set, ``POST /flow/{name}`` needs an ``X-Hub-Signature`` of the body
-    (default: ``service.hmac_secret``, else ``FLOWLOOM_HMAC_SECRET``). ``max_body``: larger
-    bodies get 413. ``wait_timeout``: how long ``POST /flow/{name}`` waits for the result
-    before answering 202 (a caller may ask for less with ``X-Wait``). ``callbacks``: honour
-    ``X-Callback-Url``. ``dashboard``: serve the dashboard at ``/dashboard`` (default: when
-    ``service.enable_monitoring`` is on); ``trace_url``: a trace UI's URL with ``{trace_id}``
-    for the dashboard to link to (default: ``FLOWLOOM_TRACE_URL``).
+    ``hmac_secret``: when set, ``POST /flow/{name}`` needs a signature (``X-Flowloom-
+    Signature`` of the whole call, or GoFlow's ``X-Hub-Signature`` of the body), and,
+    when no token is set, every other endpoint but ``/health`` needs an
+    ``X-Flowloom-Signature`` (default: ``service.hmac_secret``, else
+    ``FLOWLOOM_HMAC_SECRET``). ``max_body``: larger bodies get 413. ``wait_timeout``: how
+    long ``POST /flow/{name}`` waits for the result before answering 202 (a caller may
+    ask for less with ``X-Wait``). ``callbacks``: honour ``X-Callback-Url``;
+    ``callback_allow``: the addresses or networks callbacks may go to besides public
+    ones (default: ``service.callback_allow``, else ``FLOWLOOM_CALLBACK_ALLOW``).
+    ``dashboard``: serve the dashboard at ``/dashboard`` (default: when
+    ``service.enable_monitoring`` is on; not with an HMAC secret but no token, as the
+    page cannot sign its calls); ``trace_url``: a trace UI's URL with ``{trace_id}`` for
+    the dashboard to link to (default: ``FLOWLOOM_TRACE_URL``).
     """
     settings = Settings.resolve(
         service,
@@ -61,20 +70,25 @@ def create_app(
         max_body=max_body,
         wait_timeout=wait_timeout,
         callbacks=callbacks,
+        callback_allow=callback_allow,
         dashboard=dashboard,
         trace_url=trace_url,
     )
+    assert routes.__name__  # imported for the endpoints it adds
+    assert watching.__name__  # and this one too
     served = [e for e in ENDPOINTS if e.when(settings)]
     api = Api(service, settings, spec=encode(spec.document(served, settings)))
     app_routes: list[BaseRoute] = [
-        Route(e.path, functools.partial(e.handler, api), methods=[e.method]) for e in served
+        Route(e.path, _handler(api, e), methods=[e.method]) for e in served
     ]
     admit = None
-    if settings.dashboard:
+    if settings.dashboard and settings.hmac_secret and not settings.token:
+        log.warning("no dashboard: with an HMAC secret it needs a token too (FLOWLOOM_TOKEN)")
+    elif settings.dashboard:
         app_routes += dashboard_page.routes(settings.token, settings.trace_url)
         if settings.token:
             admit = functools.partial(dashboard_page.admits, token=settings.token)
-    middleware = []
+    middleware = [Middleware(RequestIdLog)]
     if settings.token:
         public = [e.path for e in served if e.public]
         middleware.append(Middleware(BearerAuth, token=settings.token, public=public, admit=admit))
@@ -92,6 +106,27 @@ def create_app(
     return app
 
 
+def _handler(api: Api, served: Endpoint) -> Callable[[HTTPRequest], Awaitable[Response]]:
+    """The endpoint's handler bound to ``api``; with only an HMAC secret set (no token),
+    it first checks the call's ``X-Flowloom-Signature``."""
+    handler = served.handler
+    secret = api.settings.hmac_secret
+    if secret is None or api.settings.token or served.public or served.checks_signature:
+
+        async def endpoint(request: HTTPRequest) -> Response:
+            return await handler(api, request)
+
+    else:
+
+        async def endpoint(request: HTTPRequest) -> Response:
+            body = await inputs.read_body(request, api.settings.max_body)
+            await routes.check_signature(api, request, body)
+            return await handler(api, request)
+
+    endpoint.__name__ = served.operation_id
+    return endpoint
+
+
 async def _bad_input(request: HTTPRequest, exc: Exception) -> Response:
     assert isinstance(exc, BadInput)
     return responses.error(exc.status, str(exc), exc.headers)
@@ -103,14 +138,7 @@ async def _http_exception(request: HTTPRequest, exc: Exception) -> Response:
 
 
 async def _server_error(request: HTTPRequest, exc: Exception) -> Response:
-    if _unavailable(exc):
-        log.warning("backend unavailable: %s: %s", type(exc).__name__, exc)
-        return responses.error(503, f"the backend is unavailable: {exc}", {"Retry-After": "1"})
-    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    """A bug: a 500 (Starlette then raises ``exc`` again for the server to log)."""
+    if isinstance(exc, UNAVAILABLE):  # from a call outside ``api.call``
+        return responses.error(503, "the backend is unavailable", {"Retry-After": "1"})
     return responses.error(500, "internal server error")
-
-
-def _unavailable(exc: BaseException) -> bool:
-    from redis.exceptions import ConnectionError, TimeoutError
-
-    return isinstance(exc, ConnectionError | TimeoutError | OSError)

@@ -69,7 +69,8 @@ class Endpoint:
     params: tuple[Param, ...] = ()
     answers: Mapping[int, Answer] = field(default_factory=dict)
     body: Callable[[Settings], Schema] | None = None  # the request body's schema
-    public: bool = False  # served without the bearer token
+    public: bool = False  # served without the bearer token or a signature
+    checks_signature: bool = False  # the handler checks the signatures itself
     when: Callable[[Settings], bool] = always
 
     @property
@@ -89,13 +90,25 @@ def endpoint(
     answers: Mapping[int, Answer],
     body: Callable[[Settings], Schema] | None = None,
     public: bool = False,
+    checks_signature: bool = False,
     when: Callable[[Settings], bool] = always,
 ) -> Callable[[Handler], Handler]:
     """Add the decorated handler to ``ENDPOINTS``."""
 
     def add(handler: Handler) -> Handler:
         ENDPOINTS.append(
-            Endpoint(method, path, summary, handler, params, answers, body, public, when)
+            Endpoint(
+                method,
+                path,
+                summary,
+                handler,
+                params,
+                answers,
+                body,
+                public,
+                checks_signature,
+                when,
+            )
         )
         return handler
 

@@ -5,10 +5,12 @@ Every check raises ``BadInput`` with the HTTP status and a message for the calle
 
 from __future__ import annotations
 
+import logging
 import math
 import urllib.parse
 from collections.abc import Mapping
 
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 
 from ..names import NAME, REQUEST_ID
@@ -26,6 +28,8 @@ __all__ = [
     "seconds",
     "status_filter",
 ]
+
+log = logging.getLogger("flowloom.http")
 
 MAX_QUERY_FIELDS = 1000
 
@@ -83,7 +87,10 @@ def seconds(value: str | None, header: str, limit: float, default: float | None 
 def integer(value: str | None, what: str, default: int, low: int, high: int) -> int:
     if value is None:
         return default
-    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
+    digits = len(str(high))  # int() of thousands of digits is slow, or refused outright
+    if not (value.isascii() and value.isdigit() and len(value) <= digits) or not (
+        low <= int(value) <= high
+    ):
         raise BadInput(400, f"{what} must be an integer from {low} to {high}")
     return int(value)
 
@@ -123,9 +130,15 @@ async def read_body(request: HTTPRequest, limit: int) -> bytes:
         raise BadInput(413, f"the body is over the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadInput(413, f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadInput(413, f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        log.info(
+            "%s %s: the client disconnected during the upload", request.method, request.url.path
+        )
+        raise BadInput(400, "the client disconnected during the upload") from None
     return b"".join(chunks)

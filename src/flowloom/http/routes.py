@@ -16,10 +16,10 @@ makes both its route and its part of the OpenAPI document.
 
 from __future__ import annotations
 
+import hmac
 import logging
-import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
@@ -29,7 +29,8 @@ from ..names import NAME, REQUEST_ID
 from ..types import Request, RequestState, Status
 from . import inputs, responses
 from .api import Api, call, http_errors
-from .auth import check_signature
+from .auth import check_body_signature, check_request_signature
+from .callbacks import Target
 from .endpoints import Answer, Param, endpoint
 from .settings import Settings
 from .shapes import Accepted, Control, Error, Flows, Health, Outcome, RequestList, Workers, summary
@@ -41,10 +42,19 @@ log = logging.getLogger("flowloom.http")
 MAX_LIMIT = 1000
 # Never stored with a request: they are credentials, not input.
 PRIVATE_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "cookie", "x-hub-signature", "x-hub-signature-256"}
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "x-hub-signature",
+        "x-hub-signature-256",
+        "x-flowloom-signature",
+        "x-callback-url",
+    }
 )
 
 REQUEST_HEADERS = ("X-Request-Id", "X-Request-Status")
+RETRY = {"Retry-After": "1"}
 NAME_PARAM = Param(
     "name",
     "path",
@@ -87,6 +97,16 @@ def _signed(settings: Settings) -> bool:
     return settings.hmac_secret is not None
 
 
+SIGNATURE_PARAM = Param(
+    "X-Flowloom-Signature",
+    "header",
+    "`t=<unix seconds>,sha256=<hex>`: an HMAC of the timestamp, method, path, query, "
+    "X-Callback-Url, X-Request-Id and body (see docs/http.md).",
+    {"type": "string", "pattern": "^t=[0-9]+,sha256=[0-9a-f]{64}$"},
+    when=_signed,
+)
+
+
 def _callbacks(settings: Settings) -> bool:
     return settings.callbacks
 
@@ -119,26 +139,35 @@ def _callbacks(settings: Settings) -> bool:
         Param(
             "X-Callback-Url",
             "header",
-            "An http(s) URL to POST the final answer to when it ends.",
-            {"type": "string", "format": "uri", "pattern": "^https?://"},
+            "An http(s) URL to POST the final answer to when it ends; its host must "
+            "resolve to public addresses (or ones the operator allows).",
+            {
+                "type": "string",
+                "format": "uri",
+                "pattern": "^https?://[^/?#\\s]+",
+                "maxLength": 2048,
+            },
             when=_callbacks,
         ),
+        SIGNATURE_PARAM,
         Param(
             "X-Hub-Signature",
             "header",
-            "`sha1=<hex>` or `sha256=<hex>`: an HMAC of the body.",
-            {"type": "string", "pattern": "^sha(1|256)=[0-9a-f]+$"},
-            required=True,
+            "`sha1=<hex>`: GoFlow's HMAC of the body only (or `X-Hub-Signature-256: "
+            "sha256=<hex>`).",
+            {"type": "string", "pattern": "^sha1=[0-9a-f]{40}$"},
             when=_signed,
         ),
     ),
     body=lambda s: {"type": "string", "format": "binary", "maxLength": s.max_body},
     answers={
         **_outcomes("Not done within the wait (or `X-Async`): the request id."),
-        400: Answer("Malformed flow name, header or query string.", Error),
-        401: Answer("Missing or wrong X-Hub-Signature.", Error, when=_signed),
+        400: Answer("Malformed flow name, header or query, or a refused callback URL.", Error),
+        401: Answer("Missing or wrong signature.", Error, when=_signed),
         413: Answer("The body is over {max_body} bytes.", Error),
+        429: Answer("Too many requests or callbacks pending: try again later.", Error),
     },
+    checks_signature=True,
 )
 async def execute(api: Api, request: HTTPRequest) -> Response:
     settings = api.settings
@@ -147,11 +176,14 @@ async def execute(api: Api, request: HTTPRequest) -> Response:
     request_id = inputs.optional_request_id(headers.get("x-request-id"))
     run_async = inputs.flag(headers.get("x-async"), "X-Async")
     wait = inputs.seconds(headers.get("x-wait"), "X-Wait", settings.wait_timeout)
-    callback = _callback_url(settings, headers.get("x-callback-url"))
     query = inputs.query_options(request.scope.get("query_string", b""))
     body = await inputs.read_body(request, settings.max_body)
     if settings.hmac_secret is not None:
-        check_signature(headers, body, settings.hmac_secret)
+        if "x-flowloom-signature" in headers:
+            await check_signature(api, request, body)
+        else:
+            check_body_signature(headers, body, settings.hmac_secret)
+    callback = await _callback(api, headers.get("x-callback-url"))
     flow_request = Request(
         body=body,
         request_id=request_id,
@@ -166,7 +198,7 @@ async def execute(api: Api, request: HTTPRequest) -> Response:
         with http_errors():
             request_id, status, result = await api.waiter.execute(name, flow_request, wait)
     if callback is not None:
-        api.callbacks.start(name, request_id, callback)
+        api.callbacks.start(name, request_id, callback, status)
     if result is not None:
         return responses.result(request_id, result)
     if run_async:
@@ -174,19 +206,35 @@ async def execute(api: Api, request: HTTPRequest) -> Response:
     return await api.answer(name, request_id, status)
 
 
-def _callback_url(settings: Settings, value: str | None) -> str | None:
+async def _callback(api: Api, value: str | None) -> Target | None:
+    """The checked target of ``X-Callback-Url``: 400 if it is refused, 429 if too many
+    callbacks are pending."""
     if value is None:
         return None
-    if not settings.callbacks:
+    if not api.settings.callbacks:
         raise inputs.BadInput(400, "X-Callback-Url: callbacks are disabled on this server")
+    if api.callbacks.full():
+        raise inputs.BadInput(
+            429, "too many callbacks are pending: try again later", {"Retry-After": "1"}
+        )
     try:
-        url = urllib.parse.urlsplit(value.strip())
-        url.port  # noqa: B018 - raises on a malformed port
+        return await api.callbacks.target(value)
     except ValueError as exc:
-        raise inputs.BadInput(400, f"X-Callback-Url: {exc}") from exc
-    if url.scheme not in ("http", "https") or not url.hostname or len(value) > 2048:
-        raise inputs.BadInput(400, "X-Callback-Url must be an absolute http(s) URL")
-    return value.strip()
+        raise inputs.BadInput(400, f"X-Callback-Url: {exc}") from None
+
+
+async def check_signature(api: Api, request: HTTPRequest, body: bytes) -> None:
+    """``X-Flowloom-Signature`` must sign this very call (see ``auth``)."""
+    assert api.settings.hmac_secret is not None
+    raw_path = request.scope.get("raw_path") or request.scope["path"].encode()
+    check_request_signature(
+        api.settings.hmac_secret,
+        request.method,
+        raw_path.decode("latin-1"),
+        request.scope.get("query_string", b"").decode("latin-1"),
+        request.headers,
+        body,
+    )
 
 
 # -- watching a request ------------------------------------------------------------------------
@@ -405,9 +453,14 @@ async def workers(api: Api, request: HTTPRequest) -> Response:
     },
 )
 async def health(api: Api, request: HTTPRequest) -> Response:
-    try:
-        await call(api.service.backend.ping)
-    except Exception as exc:
-        log.warning("health check failed: %s: %s", type(exc).__name__, exc)
-        return responses.json(Health("unavailable"), code=503)
-    return responses.json(Health("ok", "embedded" if api.service.embedded else "redis"))
+    """Up or down within about a second. Only a caller with the token (or any caller
+    when none is set) learns the kind of backend; nobody learns its address."""
+    up = await api.ping()
+    token = api.settings.token
+    given = request.headers.get("authorization", "")
+    trusted = token is None or hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+    kind: Literal["embedded", "redis"] = "embedded" if api.service.embedded else "redis"
+    backend = kind if trusted else None
+    if not up:
+        return responses.json(Health("unavailable", backend), code=503, headers=RETRY)
+    return responses.json(Health("ok", backend))

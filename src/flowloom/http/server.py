@@ -1,22 +1,42 @@
-"""``serve``: the app on uvicorn, returning on SIGINT or SIGTERM."""
+"""``serve``: the app on uvicorn, with bounded connections, returning on SIGINT or
+SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import resource
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .accesslog import log_config
 from .app import create_app
 
 if TYPE_CHECKING:
     from ..service import FlowService
 
-__all__ = ["serve"]
+__all__ = [
+    "DEFAULT_HEADER_TIMEOUT",
+    "DEFAULT_KEEP_ALIVE",
+    "DEFAULT_LIMIT_CONCURRENCY",
+    "SHUTDOWN_TIMEOUT",
+    "serve",
+]
+
+log = logging.getLogger("flowloom.http")
+
+DEFAULT_LIMIT_CONCURRENCY = 512  # open connections (or running calls) before 503s
+DEFAULT_KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's whole head
+SHUTDOWN_TIMEOUT = 10  # seconds running calls get to finish once asked to stop
 
 
 def serve(
@@ -27,6 +47,10 @@ def serve(
     log_level: str = "info",
     access_log: bool = True,
     ready: Callable[[], None] | None = None,
+    limit_concurrency: int = DEFAULT_LIMIT_CONCURRENCY,
+    keep_alive: int = DEFAULT_KEEP_ALIVE,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    forwarded_allow_ips: Sequence[str] = (),
     **options: Any,
 ) -> None:
     """Serve ``service`` on ``host:port`` until SIGINT or SIGTERM (blocking); then return.
@@ -34,19 +58,100 @@ def serve(
     ``options`` go to ``create_app``. Sync ``POST /flow/{name}`` calls still waiting answer
     202 with their request id at once when the server is asked to stop. ``ready`` is
     called once the server listens (for tests and tools).
+
+    ``limit_concurrency``: past this many open connections or running calls, new calls
+    get 503. ``keep_alive``: seconds an idle connection stays open. ``header_timeout``:
+    a connection that has not sent a whole request head this many seconds after it
+    opened (or after the previous answer) is closed. ``forwarded_allow_ips``: the proxy
+    addresses whose ``X-Forwarded-For``/``X-Forwarded-Proto`` are trusted (none by
+    default; ``*`` trusts every peer).
     """
+    if limit_concurrency < 1 or keep_alive < 1 or not header_timeout > 0:
+        raise ValueError("limit_concurrency, keep_alive and header_timeout must be positive")
     app = create_app(service, **options)
+    _raise_open_file_limit(limit_concurrency)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=_header_timeout_protocol(header_timeout),
         log_level=log_level,
+        log_config=log_config(),
         access_log=access_log,
         lifespan="on",
-        timeout_graceful_shutdown=10,
+        limit_concurrency=limit_concurrency,
+        timeout_keep_alive=keep_alive,
+        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT,
+        proxy_headers=bool(forwarded_allow_ips),
+        forwarded_allow_ips=list(forwarded_allow_ips) or None,
     )
     server = _Server(config, on_exit=app.state.flowloom.waiter.close, ready=ready)
     server.run()
+
+
+def _raise_open_file_limit(connections: int) -> None:
+    """Raise the soft limit on open files towards the hard one: every connection takes
+    a file, and the callbacks, the backend and the log take more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    wanted = max(soft, ceiling)
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    if connections + 64 > wanted:
+        log.warning(
+            "limit_concurrency %d is close to the open-file limit %d: raise the limit",
+            connections,
+            wanted,
+        )
+
+
+def _header_timeout_protocol(timeout: float) -> type[H11Protocol]:
+    class HeaderTimeout(_HeaderTimeout):
+        header_timeout = timeout
+
+    return HeaderTimeout
+
+
+class _HeaderTimeout(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request head does not arrive
+    within ``header_timeout`` (uvicorn bounds only idle keep-alive connections, and a
+    client trickling a header byte now and then keeps one open for ever)."""
+
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the whole head has arrived
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _expired(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.info("closed a connection: no request head within %g s", self.header_timeout)
+            self.transport.close()
 
 
 class _Server(uvicorn.Server):

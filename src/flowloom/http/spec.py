@@ -62,10 +62,26 @@ def document(endpoints: Iterable[Endpoint], settings: Settings) -> dict[str, Any
     return doc
 
 
+SIGNATURE = Param(
+    "X-Flowloom-Signature",
+    "header",
+    "`t=<unix seconds>,sha256=<hex>`: an HMAC of the timestamp, method, path, query, "
+    "X-Callback-Url, X-Request-Id and body (see docs/http.md).",
+    {"type": "string", "pattern": "^t=[0-9]+,sha256=[0-9a-f]{64}$"},
+    required=True,
+)
+
+
 def _operation(served: Endpoint, settings: Settings, shapes: set[Any]) -> dict[str, Any]:
     answers = {code: a for code, a in served.answers.items() if a.when(settings)}
+    params = [p for p in served.params if p.when(settings)]
     if settings.token and not served.public and 401 not in answers:
         answers[401] = Answer("Missing or wrong bearer token.", Error)
+    signed = settings.hmac_secret and not settings.token and not served.public
+    if signed and not served.checks_signature:
+        answers[401] = Answer("Missing or wrong X-Flowloom-Signature.", Error)
+        answers.setdefault(400, Answer("Malformed X-Flowloom-Signature.", Error))
+        params.append(SIGNATURE)
     operation: dict[str, Any] = {
         "operationId": served.operation_id,
         "summary": served.summary,
@@ -74,9 +90,8 @@ def _operation(served: Endpoint, settings: Settings, shapes: set[Any]) -> dict[s
             for code, answer in sorted(answers.items())
         },
     }
-    params = [_param(p, settings) for p in served.params if p.when(settings)]
     if params:
-        operation["parameters"] = params
+        operation["parameters"] = [_param(p, settings) for p in params]
     if served.body is not None:
         schema = served.body(settings)
         operation["requestBody"] = {"required": False, "content": {"*/*": {"schema": schema}}}

@@ -1,17 +1,18 @@
-"""``RedisBackend``: the request store, the consumer and the heartbeats on one client."""
+"""``RedisBackend``: the request store, the consumer and the heartbeats on one URL."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from ...engine import Transition
 from ...types import ErrorInfo, RequestState, Status
-from ..base import Backend, RequestRecord, Summary, Task
+from ..base import Backend, RequestRecord, Summary, Task, current_deadline
+from .connection import QUICK_TIMEOUT, Guard, Health, make_client, safe_url
 from .consumer import Consumer
 from .heartbeats import Heartbeats
 from .keys import KeyLayout
@@ -22,15 +23,25 @@ __all__ = ["RedisBackend"]
 
 log = logging.getLogger("flowloom.redis")
 
+T = TypeVar("T")
+
 
 class RedisBackend(Backend):
     """Requests and tasks in Redis at ``url``, every key under ``prefix``.
 
     ``retention``: seconds a finished request is kept. ``visibility_timeout``: seconds
     after which a task claimed by a worker that stopped answering goes to another one.
-    ``prefetch``: how many tasks one process holds ready beyond those it runs.
-    ``retry_for``: roughly how many seconds each call keeps retrying while Redis is
-    unreachable (a restart, a fail-over) before it raises ``redis.ConnectionError``.
+    ``prefetch``: at most how many tasks one process reads ahead for its idle threads.
+    ``heartbeat``: seconds between two announcements of a live worker.
+    ``retry_for``: how many seconds a call rides out an unreachable Redis (a restart, a
+    fail-over) before it raises ``BackendUnavailable`` (a worker carries on regardless).
+    ``socket_timeout``, ``connect_timeout``: seconds one Redis command or connection may
+    take. ``max_deliveries``: a task delivered that many times, its worker dying each
+    time, fails its request rather than run again.
+
+    Every failure of Redis surfaces as ``BackendUnavailable`` (never a ``redis``
+    exception), after at most ``retry_for`` seconds, or by the end of an enclosing
+    ``flowloom.backends.deadline`` block if that comes first.
     """
 
     def __init__(
@@ -42,30 +53,48 @@ class RedisBackend(Backend):
         visibility_timeout: float = 30.0,
         prefetch: int = 8,
         heartbeat: float = 2.0,
-        retry_for: float = 30.0,
+        retry_for: float = 10.0,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        max_deliveries: int = 5,
     ) -> None:
         if visibility_timeout <= 0 or prefetch < 0 or heartbeat <= 0:
             raise ValueError("visibility_timeout and heartbeat must be > 0, prefetch >= 0")
+        if retry_for < 0 or socket_timeout <= 0 or connect_timeout <= 0 or max_deliveries < 1:
+            raise ValueError(
+                "retry_for must be >= 0, socket_timeout and connect_timeout > 0, "
+                "max_deliveries >= 1"
+            )
         self.url = url
         self.prefix = prefix
+        self.retry_for = retry_for
         self.keys = KeyLayout.of(prefix)
-        retries = max(1, int(retry_for / 0.5))
-        self._redis = redis.Redis.from_url(
-            url,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), retries),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            health_check_interval=30,
-        )
+        try:
+            self._redis = make_client(
+                url, socket_timeout=socket_timeout, connect_timeout=connect_timeout
+            )
+            # for calls bounded by a caller's deadline: wait, ping
+            self._quick = make_client(
+                url, socket_timeout=QUICK_TIMEOUT, connect_timeout=QUICK_TIMEOUT
+            )
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL: {safe_url(url)}: {exc}") from None
+        self.health = Health(url, grace=3 * heartbeat)
         scripts = Scripts(self._redis)
         self._store = RequestStore(self._redis, scripts, self.keys, retention)
+        self._quick_store = RequestStore(self._quick, Scripts(self._quick), self.keys, retention)
+        self._heartbeats = Heartbeats(self._redis, self.keys, heartbeat, self.health)
         self._consumer = Consumer(
             self._redis,
             scripts,
             self._store,
+            self.health,
             visibility_timeout=visibility_timeout,
             prefetch=prefetch,
+            max_deliveries=max_deliveries,
+            housekeeping=self._heartbeats.workers,
         )
-        self._heartbeats = Heartbeats(self._redis, self.keys, heartbeat)
+        self._guard = Guard(self.health, retry_for, on_nogroup=self._consumer.ensure_group)
 
     @property
     def retention(self) -> float:
@@ -80,127 +109,153 @@ class RedisBackend(Backend):
         return self._consumer.prefetch
 
     @property
+    def max_deliveries(self) -> int:
+        return self._consumer.max_deliveries
+
+    @property
     def heartbeat(self) -> float:
         return self._heartbeats.interval
 
+    @property
+    def degraded(self) -> bool:
+        """Whether this process could not reach Redis lately (see ``Heartbeats``)."""
+        return self.health.degraded
+
+    def _call(self, call: Callable[[], T]) -> T:
+        """``call`` after this thread's deferred completion, under the error policy."""
+
+        def flushed() -> T:
+            self._consumer.flush()
+            return call()
+
+        return self._guard(flushed)
+
+    def _reads(self) -> RequestStore:
+        """The store for reads: on the quick client when a caller's deadline is set."""
+        return self._store if current_deadline() is None else self._quick_store
+
     # -- requests ------------------------------------------------------------------------------
     def submit(self, record: RequestRecord, transition: Transition) -> None:
-        self.flush()
-        self._store.submit(record, transition)
+        self._call(lambda: self._store.submit(record, transition))
 
     def state(self, request_id: str) -> RequestState | None:
-        self.flush()
-        return self._store.state(request_id)
+        return self._call(lambda: self._reads().state(request_id))
 
     def record(self, request_id: str) -> RequestRecord | None:
-        self.flush()
-        return self._store.record(request_id)
+        return self._call(lambda: self._reads().record(request_id))
 
     def summary(self, request_id: str) -> Summary | None:
-        self.flush()
-        return self._store.summary(request_id)
+        return self._call(lambda: self._reads().summary(request_id))
 
     def output(self, request_id: str, address: str) -> bytes | None:
-        self.flush()
-        return self._store.output(request_id, address)
+        return self._call(lambda: self._reads().output(request_id, address))
 
     def result(self, request_id: str) -> bytes | None:
-        self.flush()
-        return self._store.result(request_id)
+        return self._call(lambda: self._reads().result(request_id))
 
     def wait(self, request_id: str, timeout: float | None) -> Status | None:
-        self.flush()
-        return self._store.wait(request_id, timeout)
+        until = None if timeout is None else time.monotonic() + timeout
+        return self._call(lambda: self._quick_store.wait(request_id, until))
 
     def control(self, request_id: str, action: Status) -> Status:
-        self.flush()
-        return self._store.control(request_id, action)
+        return self._call(lambda: self._store.control(request_id, action))
 
     def list_requests(
         self, flow: str | None, status: Status | None, offset: int, limit: int
     ) -> list[RequestState]:
-        self.flush()
-        return self._store.list_requests(flow, status, offset, limit)
+        return self._call(lambda: self._store.list_requests(flow, status, offset, limit))
 
     def sweep(self, limit: int = 1000) -> int:
         """Drop requests that have expired from the listings; how many were dropped."""
-        self.flush()
-        return self._store.sweep(limit)
+        return self._call(lambda: self._store.sweep(limit))
 
     # -- context ---------------------------------------------------------------------------------
     def context_get(self, request_id: str, key: str) -> bytes | None:
-        self.flush()
-        return self._store.context_get(request_id, key)
+        return self._call(lambda: self._store.context_get(request_id, key))
 
     def context_set(self, request_id: str, key: str, value: bytes) -> None:
-        self.flush()
-        self._store.context_set(request_id, key, value)
+        self._call(lambda: self._store.context_set(request_id, key, value))
 
     def context_delete(self, request_id: str, key: str) -> None:
-        self.flush()
-        self._store.context_delete(request_id, key)
+        self._call(lambda: self._store.context_delete(request_id, key))
 
     # -- the worker's side ---------------------------------------------------------------------
     def claim(self, worker: str, timeout: float) -> Task | None:
-        return self._consumer.claim(worker, timeout)
+        return self._guard(lambda: self._consumer.claim(worker, timeout), contacts=False)
 
     def begin(self, task: Task, instance: str, address: str) -> bool:
-        return self._consumer.begin(task, instance, address)
+        return self._guard(lambda: self._consumer.begin(task, instance, address))
 
     def complete(
         self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition
     ) -> None:
-        self._consumer.complete(task, instance, address, output, transition)
+        self._guard(
+            lambda: self._consumer.complete(task, instance, address, output, transition),
+            contacts=False,
+        )
 
-    def retry(self, task: Task, address: str, delay: float, error: ErrorInfo) -> None:
-        self._consumer.retry(task, address, delay, error)
+    def retry(
+        self, task: Task, instance: str, address: str, delay: float, error: ErrorInfo
+    ) -> None:
+        self._guard(lambda: self._consumer.retry(task, instance, address, delay, error))
 
-    def fail(self, task: Task, address: str, error: ErrorInfo) -> None:
-        self._consumer.fail(task, address, error)
+    def fail(self, task: Task, instance: str, address: str, error: ErrorInfo) -> None:
+        self._guard(lambda: self._consumer.fail(task, instance, address, error))
 
     def ack(self, task: Task) -> None:
-        self._consumer.ack(task)
+        self._guard(lambda: self._consumer.ack(task))
 
     def flush(self) -> None:
         """Send this thread's deferred completion, if any (see ``Consumer.complete``)."""
-        self._consumer.flush()
+        self._guard(self._consumer.flush)
 
     # -- workers' heartbeats ---------------------------------------------------------------------
     def register_worker(self, name: str, describe: Callable[[], Mapping[str, object]]) -> None:
         """Announce a live worker until ``unregister_worker``: ``describe()`` is written,
         with a TTL of three heartbeats, every ``heartbeat`` seconds."""
-        self._heartbeats.register(name, describe)
+        self._guard(lambda: self._heartbeats.register(name, describe))
         closing = self._consumer.closing
         self._consumer.start_thread("flowloom-heartbeat", lambda: self._heartbeats.run(closing))
 
     def unregister_worker(self, name: str) -> None:
-        self._heartbeats.unregister(name)
+        self._guard(lambda: self._heartbeats.unregister(name))
 
     def workers(self) -> list[dict[str, object]]:
-        return self._heartbeats.workers()
+        return self._call(self._heartbeats.workers)
 
     def queue_depth(self) -> dict[str, int]:
         self.flush()
         return self._consumer.depth()
 
     def ping(self) -> None:
-        self._redis.ping()
+        """``BackendUnavailable`` unless Redis answers within about a second."""
+        try:
+            self._quick.ping()
+        except redis.RedisError as exc:
+            self.health.failed(exc)
+            raise self._guard.unavailable(exc) from exc
+        self.health.succeeded()
 
     def close(self) -> None:
         """Stop fetching, hand back the tasks this process holds, release connections."""
-        self.flush()
         if self._consumer.closing.is_set():
             return
         try:
+            self._consumer.flush()
             self._consumer.close()
             for name in self._heartbeats.names():
-                self.unregister_worker(name)
-        except redis.RedisError:
-            log.exception("flowloom: handing back tasks failed; they will be taken over later")
+                self._heartbeats.unregister(name)
+        except redis.RedisError as exc:
+            log.warning(
+                "flowloom: could not hand back tasks (%s); they are taken over after the "
+                "visibility timeout",
+                exc,
+            )
         finally:
             self._redis.close()
+            self._quick.close()
 
     # -- for tests and tools ---------------------------------------------------------------------
     def purge(self) -> None:
         """Delete every key under the prefix (tests, tools)."""
-        self._store.purge()
+        self._call(self._store.purge)

@@ -93,7 +93,7 @@ def error_from(raw: bytes | None) -> ErrorInfo | None:
     if not raw:
         return None
     data = json.loads(raw)
-    return ErrorInfo(data["vertex"], data["type"], data["message"])
+    return ErrorInfo(data["vertex"], data["type"], data["message"], data.get("traceback", ""))
 
 
 def to_float(raw: bytes | None) -> float | None:

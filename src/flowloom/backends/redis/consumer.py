@@ -1,10 +1,17 @@
 """The worker side: claim tasks, keep them alive, report their outcomes.
 
-A fetcher thread reads tasks with XREADGROUP (a few at a time, ``prefetch``) into a
-buffer the worker threads claim from; an outcome script acks its task (XACK + XDEL).
-Every ``visibility_timeout / 3`` seconds a keep-alive thread refreshes the idle time of
-the tasks this process still holds (XCLAIM to itself); tasks idle for longer than
-``visibility_timeout`` belong to a worker that died and are taken over with XAUTOCLAIM.
+A fetcher thread reads tasks with XREADGROUP into a buffer the worker threads claim
+from, only as many as threads wait for (at most ``prefetch``); a task read ahead that
+waits for a free thread longer than ``HAND_BACK_AFTER`` goes back on the stream for
+other processes. An outcome script acks its task (XACK + XDEL). Every
+``visibility_timeout / 3`` seconds a keep-alive thread refreshes the idle time of the
+tasks this process still holds (XCLAIM to itself); tasks idle for longer than
+``visibility_timeout`` belong to a worker that died or froze and are taken over. A task
+delivered more than ``max_deliveries`` times (its worker died each time) fails its
+request instead of running again.
+
+Redis failures in the background threads are recorded in ``Health`` (logged once per
+outage) and retried with a back-off; the worker's calls raise and the worker backs off.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from functools import partial
 from typing import Any, cast
 
 import redis
@@ -24,16 +30,21 @@ from ...engine import Transition
 from ...types import ErrorInfo
 from ..base import Task
 from . import codec
+from .connection import Health
 from .keys import GROUP, KeyLayout
 from .scripts import Call, Scripts
 from .store import RequestStore
 
-__all__ = ["Consumer"]
+__all__ = ["HAND_BACK_AFTER", "Consumer"]
 
 log = logging.getLogger("flowloom.redis")
 
-# a deferred script call and what to do with its result
-_Deferred = tuple[Call, Callable[[Any], None]]
+HAND_BACK_AFTER = 1.0  # seconds a task read ahead waits for a free thread here
+SWEEP_EVERY = 5.0  # seconds between two housekeeping passes of a fetcher
+FORGET_AFTER = 120.0  # seconds a consumer holding nothing may idle before it is dropped
+
+# a completion not sent yet, and its task
+_Deferred = tuple[Call, Task]
 
 
 class Consumer:
@@ -44,20 +55,28 @@ class Consumer:
         client: redis.Redis,
         scripts: Scripts,
         store: RequestStore,
+        health: Health,
         *,
         visibility_timeout: float,
         prefetch: int,
+        max_deliveries: int,
+        housekeeping: Callable[[], object] = lambda: None,
     ) -> None:
         self._redis = client
         self._scripts = scripts
         self._store = store
+        self._health = health
+        self._housekeeping = housekeeping
         self.keys: KeyLayout = store.keys
         self.visibility_timeout = visibility_timeout
         self.prefetch = prefetch
+        self.max_deliveries = max_deliveries
         self._cond = threading.Condition()
         self._buffer: deque[tuple[float, Task]] = deque()  # (read at, task), oldest first
         self._held: dict[str, Task] = {}  # receipt -> task (buffered or running)
         self._begun: set[str] = set()  # receipts of tasks marked running when claimed
+        self._redelivered: dict[str, int] = {}  # receipt -> deliveries, of taken-over tasks
+        self._waiting = 0  # worker threads waiting in ``claim``
         self._deferred = threading.local()  # .call: a completion not sent yet (_Deferred)
         self.name: str | None = None  # the consumer's name, once it claims
         self._reclaim_from = "0-0"  # where the next XAUTOCLAIM scan of pending tasks starts
@@ -66,11 +85,25 @@ class Consumer:
 
     # -- sending -----------------------------------------------------------------------------
     def flush(self) -> None:
-        """Send this thread's deferred completion, if any (see ``complete``)."""
-        pending: _Deferred | None = self._deferred.__dict__.pop("call", None)
+        """Send this thread's deferred completion, if any (see ``complete``). If Redis
+        cannot be reached it stays deferred, to be sent by the next call."""
+        pending = self._pop_deferred()
         if pending is not None:
-            (name, keys, args), then = pending
-            then(self._scripts(name, keys, args))
+            call, task = pending
+            self._completed(task, self._send(pending, lambda: self._scripts(*call)))
+
+    def _pop_deferred(self) -> _Deferred | None:
+        return cast(_Deferred | None, self._deferred.__dict__.pop("call", None))
+
+    def _send(self, pending: _Deferred, send: Callable[[], Any]) -> Any:
+        try:
+            return send()
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._deferred.call = pending  # not lost: sent again with the next call
+            raise
+        except BaseException:
+            self._release(pending[1])  # the task is taken over later, and runs again
+            raise
 
     def depth(self) -> dict[str, int]:
         """Tasks no worker has taken yet (stream entries not pending in the group) and
@@ -95,11 +128,13 @@ class Consumer:
     def _with_deferred(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run a script, sending this thread's deferred completion first in the same
         round trip (one pipeline); returns the script's result."""
-        pending: _Deferred | None = self._deferred.__dict__.pop("call", None)
+        pending = self._pop_deferred()
         if pending is None:
             return self._scripts(name, keys, args)
-        first, second = self._scripts.pipelined([pending[0], (name, keys, args)])
-        pending[1](first)
+        first, second = self._send(
+            pending, lambda: self._scripts.pipelined([pending[0], (name, keys, args)])
+        )
+        self._completed(pending[1], first)
         return second
 
     # -- the worker's calls ------------------------------------------------------------------
@@ -109,45 +144,55 @@ class Consumer:
             self.flush()  # nothing to pair it with: send the deferred completion now
         with self._cond:
             if not self._buffer:
+                self._waiting += 1
                 self._cond.notify_all()  # wake the fetcher: someone waits for work
-                self._cond.wait_for(lambda: self._buffer or self.closing.is_set(), timeout)
+                try:
+                    self._cond.wait_for(lambda: self._buffer or self.closing.is_set(), timeout)
+                finally:
+                    self._waiting -= 1
             if not self._buffer:
                 return None
             _, task = self._buffer.popleft()
-            if len(self._buffer) < self.prefetch:
-                self._cond.notify_all()
             return task
 
     def begin(self, task: Task, instance: str, address: str) -> bool:
         with self._cond:
             begun_already = task.receipt in self._begun  # begun when claimed (``complete``)
             self._begun.discard(task.receipt)
+            deliveries = self._redelivered.pop(task.receipt, 1)
         if begun_already:
             self.flush()
             return True
+        if deliveries > self.max_deliveries:
+            message = f"delivered {deliveries - 1} times; the worker died each time"
+            log.error("flowloom: request %s failed at %s: %s", task.request_id, address, message)
+            self.fail(task, instance, address, ErrorInfo(address, "WorkerDied", message))
+            return False
         args = [task.request_id, GROUP, task.receipt, instance, address, task.attempt]
         keys = self.keys.request(task.request_id).script_keys()
-        began = bool(self._with_deferred("begin", keys, args))
-        if not began:
-            self._release(task)
+        began = False
+        try:
+            began = bool(self._with_deferred("begin", keys, args))
+        finally:
+            if not began:
+                self._release(task)
         return began
 
     def complete(
         self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition
     ) -> None:
         self.flush()
-        want = self._want_more()
         args: list[Any] = [
             task.request_id, GROUP, task.receipt, instance, address,
             b"" if output is None else b"d" + output, "1" if transition.finished else "0",
-            transition.result, self._store.retention_ms(), self.name or "", want,
+            transition.result, self._store.retention_ms(), self.name or "", self._want_more(),
             *codec.delivery_args(transition.deliveries),
         ]  # fmt: skip
         # Sent with this thread's next call: a worker thread's next call is nearly always
         # ``begin`` of its next task, so both go in one round trip. A thread about to
         # wait for work sends it first (``claim``), and so does any other call.
         keys = self.keys.request(task.request_id).script_keys()
-        self._deferred.call = (("complete", keys, args), partial(self._completed, task))
+        self._deferred.call = (("complete", keys, args), task)
 
     def _completed(self, task: Task, claimed: Any) -> None:
         self._release(task)
@@ -162,61 +207,84 @@ class Consumer:
                 )
             self._take(kept)
 
-    def retry(self, task: Task, address: str, delay: float, error: ErrorInfo) -> None:
+    def retry(
+        self, task: Task, instance: str, address: str, delay: float, error: ErrorInfo
+    ) -> None:
         blob = codec.encode_task(replace(task, attempt=task.attempt + 1, receipt=""))
-        error_json = codec.error_json(error)
-        args = [task.request_id, GROUP, task.receipt, address, int(delay * 1000), error_json, blob]
-        self._run("retry", self.keys.request(task.request_id).script_keys(), args)
-        self._release(task)
-
-    def fail(self, task: Task, address: str, error: ErrorInfo) -> None:
-        error_json = codec.error_json(error)
         args = [
-            task.request_id, GROUP, task.receipt, address, error_json, self._store.retention_ms()
+            task.request_id, GROUP, task.receipt, instance, address, int(delay * 1000),
+            codec.error_json(error), blob,
         ]  # fmt: skip
-        self._run("fail", self.keys.request(task.request_id).script_keys(), args)
-        self._release(task)
+        try:
+            self._run("retry", self.keys.request(task.request_id).script_keys(), args)
+        finally:
+            self._release(task)
+
+    def fail(self, task: Task, instance: str, address: str, error: ErrorInfo) -> None:
+        args = [
+            task.request_id, GROUP, task.receipt, instance, address, codec.error_json(error),
+            self._store.retention_ms(),
+        ]  # fmt: skip
+        try:
+            self._run("fail", self.keys.request(task.request_id).script_keys(), args)
+        finally:
+            self._release(task)
 
     def ack(self, task: Task) -> None:
-        self.flush()
-        if task.receipt:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.xack(self.keys.tasks, GROUP, task.receipt)
-            pipe.xdel(self.keys.tasks, task.receipt)
-            pipe.execute()
-        self._release(task)
+        try:
+            self.flush()
+            if task.receipt:
+                pipe = self._redis.pipeline(transaction=True)
+                pipe.xack(self.keys.tasks, GROUP, task.receipt)
+                pipe.xdel(self.keys.tasks, task.receipt)
+                pipe.execute()
+        finally:
+            self._release(task)
 
     # -- what this process holds -------------------------------------------------------------
     def _want_more(self) -> int:
-        """How many tasks a completing worker thread may read for this process."""
+        """How many tasks a completing worker thread may read for this process: one, for
+        itself, unless one is waiting already."""
         if self.name is None or self.closing.is_set():
             return 0
         with self._cond:
-            return 1 if len(self._buffer) < max(1, self.prefetch) else 0
+            return 1 if not self._buffer else 0
 
-    def _take(self, entries: Sequence[tuple[bytes, dict[bytes, bytes] | list[bytes]]]) -> None:
+    def _room(self) -> int:
+        """How many tasks the fetcher may read: one per waiting thread, up to ``prefetch``."""
+        with self._cond:
+            return max(0, min(self._waiting, max(1, self.prefetch)) - len(self._buffer))
+
+    def _take(
+        self,
+        entries: Sequence[tuple[bytes, dict[bytes, bytes] | list[bytes]]],
+        deliveries: Sequence[int] = (),
+    ) -> None:
         tasks = []
-        for receipt, fields in entries:
-            if not fields:
-                continue  # deleted meanwhile (its request ended and it was acked)
-            blob = fields[b"t"] if isinstance(fields, dict) else fields[1]
-            tasks.append(codec.decode_task(blob, receipt.decode()))
-        if tasks:
-            with self._cond:
-                for task in tasks:
-                    self._held[task.receipt] = task
-                now = time.monotonic()
-                self._buffer.extend((now, task) for task in tasks)
-                self._cond.notify_all()
+        with self._cond:
+            for n, (receipt, fields) in enumerate(entries):
+                if not fields:
+                    continue  # deleted meanwhile (its request ended and it was acked)
+                blob = fields[b"t"] if isinstance(fields, dict) else fields[1]
+                task = codec.decode_task(blob, receipt.decode())
+                if n < len(deliveries) and deliveries[n] > 1:
+                    self._redelivered[task.receipt] = deliveries[n]
+                tasks.append(task)
+                self._held[task.receipt] = task
+            now = time.monotonic()
+            self._buffer.extend((now, task) for task in tasks)
+            self._cond.notify_all()
 
     def _release(self, task: Task) -> None:
         with self._cond:
             self._held.pop(task.receipt, None)
             self._begun.discard(task.receipt)
+            self._redelivered.pop(task.receipt, None)
 
-    def _room(self) -> int:
+    def held(self) -> int:
+        """How many tasks this process holds (buffered or running)."""
         with self._cond:
-            return max(0, max(1, self.prefetch) - len(self._buffer))
+            return len(self._held)
 
     # -- the background threads --------------------------------------------------------------
     def _start(self, consumer: str) -> None:
@@ -226,7 +294,6 @@ class Consumer:
             if self.name is not None:
                 return
             self.name = consumer
-        self._ensure_group()
         self.start_thread("flowloom-fetcher", self._fetch_loop)
         self.start_thread("flowloom-keepalive", self._keepalive_loop)
 
@@ -238,7 +305,8 @@ class Consumer:
             self._threads.append(thread)
         thread.start()
 
-    def _ensure_group(self) -> None:
+    def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) unless they exist."""
         try:
             self._redis.xgroup_create(self.keys.tasks, GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
@@ -246,87 +314,98 @@ class Consumer:
                 raise
 
     def _fetch_loop(self) -> None:
-        """Keep up to ``prefetch`` tasks ready; move due retries; take over stalled tasks."""
+        """Read tasks for waiting threads; move due retries; take over stalled tasks; hand
+        back what waits here too long; keep the listings and the group tidy. Survives any
+        error: logged once per outage, then retried with a back-off."""
         consumer = cast(str, self.name)
-        next_reclaim = 0.0
-        next_sweep = time.monotonic() + 10.0
-        block = 0.25
+        timers = {"reclaim": 0.0, "sweep": time.monotonic() + 1.0}
+        backoff = 0.0
+        group_ready = False
         while not self.closing.is_set():
             try:
-                now = time.monotonic()
-                moved, due_in = self._run("promote", [self.keys.delayed, self.keys.tasks], [100])
-                block = 0.25 if due_in < 0 else min(0.25, max(0.005, due_in / 1000))
-                if moved:
+                if not group_ready:
+                    self.ensure_group()
+                    group_ready = True
+                self._fetch_once(consumer, timers)
+                self._health.succeeded()
+                backoff = 0.0
+            except Exception as exc:
+                if self.closing.is_set():
+                    return
+                if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
+                    group_ready = False  # Redis lost its data: start over
                     continue
-                if now >= next_reclaim:
-                    self._reclaim(consumer)
-                    next_reclaim = now + min(5.0, self.visibility_timeout / 4)
-                if now >= next_sweep:
-                    self._store.sweep()
-                    self._forget_consumers(consumer)
-                    next_sweep = now + 30.0
-                want = self._room()
-                if want == 0:
-                    with self._cond:
-                        self._cond.wait(block)
-                    continue
-                reply = self._redis.xreadgroup(
-                    GROUP, consumer, {self.keys.tasks: ">"}, count=want, block=int(block * 1000)
-                )
-                if reply:
-                    self._take(cast(Any, reply)[0][1])
-            except redis.ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis lost its data: start over
-                    self._ensure_group()
+                if isinstance(exc, redis.RedisError):
+                    self._health.failed(exc)
                 else:
                     log.exception("flowloom: fetching tasks failed")
-                    self.closing.wait(0.5)
-            except Exception:
-                if not self.closing.is_set():
-                    log.exception("flowloom: fetching tasks failed")
-                    self.closing.wait(0.5)
+                backoff = min(2.0, max(0.05, backoff * 2))
+                self.closing.wait(backoff)
+
+    def _fetch_once(self, consumer: str, timers: dict[str, float]) -> None:
+        now = time.monotonic()
+        moved, due_in = self._run("promote", [self.keys.delayed, self.keys.tasks], [100])
+        block = 0.25 if due_in < 0 else min(0.25, max(0.005, due_in / 1000))
+        if moved:
+            return
+        self._hand_back_stale(HAND_BACK_AFTER)
+        if now >= timers["reclaim"]:
+            self._reclaim(consumer)
+            timers["reclaim"] = now + min(5.0, self.visibility_timeout / 4)
+        if now >= timers["sweep"]:
+            timers["sweep"] = now + SWEEP_EVERY
+            self._tidy(consumer)
+        want = self._room()
+        if want == 0:
+            with self._cond:
+                self._cond.wait(block)
+            return
+        reply = self._redis.xreadgroup(
+            GROUP, consumer, {self.keys.tasks: ">"}, count=want, block=int(block * 1000)
+        )
+        if reply:
+            self._take(cast(Any, reply)[0][1])
+
+    def _tidy(self, consumer: str) -> None:
+        """Sweep the listings (in batches, until what expired is gone), drop consumers long
+        gone from the group, and dead workers from the workers' listing."""
+        for _ in range(100):
+            if self._store.sweep(1000) < 1000:
+                break
+        self._scripts("forget", [self.keys.tasks], [GROUP, consumer, int(FORGET_AFTER * 1000)])
+        self._housekeeping()
 
     def _reclaim(self, consumer: str) -> None:
-        room = self._room()
-        if room == 0:
+        room = self._room()  # only for threads waiting here: held back, it would be handed
+        if room == 0:  # back, and lose its count of deliveries
             return
         idle_ms = int(self.visibility_timeout * 1000)
-        reply = cast(Any, self._redis.xautoclaim(
-            self.keys.tasks, GROUP, consumer, idle_ms, self._reclaim_from, count=room
-        ))  # fmt: skip
-        self._reclaim_from = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        entries = reply[1]
+        start, entries, deliveries = self._scripts(
+            "reclaim", [self.keys.tasks], [GROUP, consumer, idle_ms, self._reclaim_from, room]
+        )
+        self._reclaim_from = start.decode() if isinstance(start, bytes) else str(start)
         if entries:
             log.warning("flowloom: took over %d stalled task(s)", len(entries))
-            self._take(entries)
-
-    def _forget_consumers(self, me: str, idle: float = 3600.0) -> None:
-        """Drop consumers (workers long gone) that hold no task from the group."""
-        for info in self._redis.xinfo_consumers(self.keys.tasks, GROUP):
-            name = info["name"].decode()
-            if name != me and info["pending"] == 0 and info["idle"] > idle * 1000:
-                self._redis.xgroup_delconsumer(self.keys.tasks, GROUP, name)
+            self._take([(e[0], e[1]) for e in entries], deliveries)
 
     def _keepalive_loop(self) -> None:
         interval = self.visibility_timeout / 3
         while not self.closing.wait(interval):
-            try:
-                self._hand_back_stale(interval)
-            except Exception:
-                log.exception("flowloom: handing back waiting tasks failed")
             with self._cond:
                 receipts = list(self._held)
             if not receipts:
                 continue
             try:
                 mine = self._run("keepalive", [self.keys.tasks], [GROUP, self.name, *receipts])
-                kept = {r.decode() for r in mine}
-                with self._cond:  # a task acked meanwhile is done, not lost
-                    lost = [r for r in receipts if r not in kept and r in self._held]
-                if lost:
-                    log.warning("flowloom: %d task(s) were taken over by other workers", len(lost))
-            except Exception:
-                log.exception("flowloom: keeping tasks alive failed")
+                self._health.succeeded()
+            except redis.RedisError as exc:
+                self._health.failed(exc)
+                continue
+            kept = {r.decode() for r in mine}
+            with self._cond:  # a task acked meanwhile is done, not lost
+                lost = [r for r in receipts if r not in kept and r in self._held]
+            if lost:
+                log.warning("flowloom: %d task(s) were taken over by other workers", len(lost))
 
     def _hand_back_stale(self, patience: float) -> None:
         """Tasks read ahead that waited ``patience`` seconds for a free thread here go
@@ -337,11 +416,12 @@ class Consumer:
                 return
             stale = []
             while self._buffer and self._buffer[0][0] <= limit:
-                stale.append(self._buffer.popleft()[1].receipt)
-            for receipt in stale:
-                self._held.pop(receipt, None)
-                self._begun.discard(receipt)
-        self._run("handback", [self.keys.tasks], [GROUP, *stale])
+                stale.append(self._buffer.popleft()[1])
+        try:
+            self._run("handback", [self.keys.tasks], [GROUP, *(t.receipt for t in stale)])
+        finally:
+            for task in stale:  # handed back, or taken over later if that failed
+                self._release(task)
 
     def close(self) -> None:
         """Stop the threads and hand back the tasks this process holds."""
@@ -355,6 +435,7 @@ class Consumer:
             self._held.clear()
             self._buffer.clear()
             self._begun.clear()
+            self._redelivered.clear()
         if receipts:
             self._run("handback", [self.keys.tasks], [GROUP, *receipts])
         if self.name is not None:

@@ -1,4 +1,9 @@
-"""Live workers: each announces itself every ``heartbeat`` seconds, with a TTL of three."""
+"""Live workers: each announces itself every ``heartbeat`` seconds, with a TTL of three.
+
+An entry says ``degraded: true`` while its process cannot reach Redis reliably (a call
+failed within the last three heartbeats); during an outage longer than that the entry
+runs out and the worker is not listed until Redis answers again.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import cast
 import redis
 
 from . import codec
+from .connection import Health
 from .keys import KeyLayout
 
 __all__ = ["Heartbeats"]
@@ -26,10 +32,13 @@ Describe = Callable[[], Mapping[str, object]]
 class Heartbeats:
     """The workers of this process, announced until unregistered; and the listing."""
 
-    def __init__(self, client: redis.Redis, keys: KeyLayout, interval: float) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: KeyLayout, interval: float, health: Health
+    ) -> None:
         self._redis = client
         self.keys = keys
         self.interval = interval
+        self._health = health
         self._lock = threading.Lock()
         self._workers: dict[str, Describe] = {}
 
@@ -51,6 +60,7 @@ class Heartbeats:
             return list(self._workers)
 
     def workers(self) -> list[dict[str, object]]:
+        """Live workers (whose heartbeat has not run out); drops the others' names."""
         names = codec.names(self._redis.zrange(self.keys.workers, 0, -1))
         if not names:
             return []
@@ -69,6 +79,7 @@ class Heartbeats:
         now = time.time()
         info = {"name": name, "host": socket.gethostname(), "pid": os.getpid(), **describe()}
         info["last_seen"] = now
+        info["degraded"] = self._health.degraded
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(self.keys.worker(name), json.dumps(info), px=int(self.interval * 3000))
         pipe.zadd(self.keys.workers, {name: now})
@@ -82,5 +93,8 @@ class Heartbeats:
             for name, describe in workers:
                 try:
                     self.beat(name, describe)
+                    self._health.succeeded()
+                except redis.RedisError as exc:
+                    self._health.failed(exc)
                 except Exception:
                     log.exception("flowloom: worker heartbeat failed")

@@ -17,7 +17,7 @@ from redis.exceptions import NoScriptError
 __all__ = ["REQUEST_SCRIPTS", "SOURCES", "Scripts"]
 
 REQUEST_SCRIPTS = ("submit", "begin", "complete", "retry", "fail", "control", "context_set")
-_OTHER_SCRIPTS = ("promote", "keepalive", "handback", "sweep")
+_OTHER_SCRIPTS = ("promote", "keepalive", "handback", "sweep", "reclaim", "forget")
 
 
 def _load() -> dict[str, str]:

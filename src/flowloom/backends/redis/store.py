@@ -20,6 +20,7 @@ from .scripts import Scripts
 __all__ = ["RequestStore"]
 
 _STATE_FIELDS = ("flow", "status", "created", "ended", "error")
+WAIT_BLOCK = 0.2  # seconds one blocking read of ``wait`` lasts at most
 
 
 class RequestStore:
@@ -110,11 +111,13 @@ class RequestStore:
         )
         return result if status == b"completed" else None
 
-    def wait(self, request_id: str, timeout: float | None) -> Status | None:
-        """Block on the request's end-notification list (BLMOVE onto itself, so that every
-        waiter sees it), re-reading the status after each wake-up."""
+    def wait(self, request_id: str, until: float | None) -> Status | None:
+        """Block until the request has finished or the monotonic time ``until``; its status.
+
+        Blocks on the request's end-notification list (BLMOVE onto itself, so that every
+        waiter sees it) at most ``WAIT_BLOCK`` seconds at a time, re-reading the status
+        after each wake-up, so that no socket read outlasts the deadline by much."""
         keys = self.keys.request(request_id)
-        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             raw = cast(bytes | None, self._redis.hget(keys.request, "status"))
             if raw is None:
@@ -122,10 +125,12 @@ class RequestStore:
             status = Status(raw.decode())
             if status.finished:
                 return status
-            remaining = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
-            if remaining <= 0:
-                return status
-            timeout_s = cast(int, max(0.01, remaining))  # Redis takes fractions of seconds
+            block = WAIT_BLOCK
+            if until is not None:
+                block = min(block, until - time.monotonic())
+                if block <= 0:
+                    return status
+            timeout_s = cast(int, max(0.01, block))  # Redis takes fractions of seconds
             self._redis.blmove(keys.ended, keys.ended, timeout_s, "RIGHT", "LEFT")
 
     def control(self, request_id: str, action: Status) -> Status:
@@ -189,7 +194,8 @@ class RequestStore:
     def sweep(self, limit: int = 1000) -> int:
         """Drop requests that have expired from the listings; how many were dropped."""
         keys = [self.keys.expiries, self.keys.requests]
-        return int(self._scripts("sweep", keys, [self.keys.flow_prefix, limit]))
+        args = [self.keys.flow_prefix, f"{self.keys.prefix}:r:", limit]
+        return int(self._scripts("sweep", keys, args))
 
     # -- context ---------------------------------------------------------------------------
     def context_get(self, request_id: str, key: str) -> bytes | None:

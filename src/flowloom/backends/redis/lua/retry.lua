@@ -1,12 +1,14 @@
--- An attempt failed: queue the next one (`blob`) after `delay_ms`, ack this one.
-local id, group, receipt, address, delay_ms, err, blob =
-  ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
+-- An attempt failed: queue the next one (`blob`) after `delay_ms`, ack this one. A no-op
+-- but the ack if the request has ended or the instance is done (another worker took the
+-- task over and completed it).
+local id, group, receipt, inst, address, delay_ms, err, blob =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8]
 
 local req = load_request(id)
-if req and not FINISHED[req.status] then
+if req and not FINISHED[req.status] and redis.call('HEXISTS', instances_key, 'd|' .. inst) == 0 then
   redis.call('HSET', vertices_key, 's|' .. address, 'queued', 'x|' .. address, err)
   if delay_ms <= 0 then
-    queue(req, blob)
+    queue(req, blob, inst)
   else
     redis.call('ZADD', delayed_key, math.floor(now() * 1000) + delay_ms, blob)
   end

@@ -1,0 +1,158 @@
+"""How the backend talks to Redis when Redis misbehaves.
+
+Two clients on one URL, neither with redis-py's own retries: the main one, and a quick
+one (short socket timeouts) for calls bounded by a caller's deadline (``wait``,
+``ping``, anything inside ``backends.deadline``). ``Guard`` runs a call, riding out a
+connection failure for ``retry_for`` seconds from the first failure (or until the
+caller's deadline, if sooner), and turns every Redis failure into
+``BackendUnavailable`` naming the URL (without its password) and the cause. ``Health``
+records outages: one WARNING when one begins, one INFO when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ...errors import BackendUnavailable
+from ..base import current_deadline
+
+__all__ = ["QUICK_TIMEOUT", "Guard", "Health", "make_client", "safe_url"]
+
+log = logging.getLogger("flowloom.redis")
+
+T = TypeVar("T")
+
+QUICK_TIMEOUT = 0.5  # socket and connect timeout of the quick client (seconds)
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    netloc = f"{user}:***@{host}{port}" if user else f":***@{host}{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def make_client(url: str, *, socket_timeout: float, connect_timeout: float) -> redis.Redis:
+    """A client that fails fast: explicit timeouts, no retries of its own."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_error=[],
+        health_check_interval=30,
+    )
+
+
+class Health:
+    """Whether this process reaches Redis: outages are logged once, at their start and end.
+
+    ``degraded`` is true while calls fail and for ``grace`` seconds after the last failure.
+    """
+
+    def __init__(self, url: str, grace: float) -> None:
+        self.url = safe_url(url)
+        self.grace = grace
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._last_failure = float("-inf")
+
+    def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._last_failure = now
+            if self._down_since is not None:
+                return
+            self._down_since = now
+        log.warning("flowloom: Redis at %s unavailable: %s; retrying", self.url, _cause(exc))
+
+    def succeeded(self) -> None:
+        if self._down_since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            since, self._down_since = self._down_since, None
+        if since is not None:
+            log.info(
+                "flowloom: Redis at %s reconnected after %.1fs", self.url, time.monotonic() - since
+            )
+
+    @property
+    def down(self) -> bool:
+        return self._down_since is not None
+
+    @property
+    def degraded(self) -> bool:
+        return self.down or time.monotonic() - self._last_failure < self.grace
+
+
+class Guard:
+    """Run calls to Redis under the error policy described above."""
+
+    def __init__(
+        self,
+        health: Health,
+        retry_for: float,
+        on_nogroup: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.health = health
+        self.retry_for = retry_for
+        self.on_nogroup = on_nogroup
+
+    def __call__(self, call: Callable[[], T], *, contacts: bool = True) -> T:
+        """``call()``; ``contacts``: whether its success shows that Redis answers (a call
+        that may not talk to Redis at all does not end an outage)."""
+        give_up: float | None = None
+        delay = 0.01
+        regroup = False
+        while True:
+            try:
+                if regroup:
+                    self.on_nogroup()
+                result = call()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self.health.failed(exc)
+                now = time.monotonic()
+                if give_up is None:
+                    deadline = current_deadline()
+                    give_up = now + self.retry_for
+                    give_up = give_up if deadline is None else min(give_up, deadline)
+                if now + delay >= give_up:
+                    raise self.unavailable(exc) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc) and not regroup:
+                    regroup = True  # Redis came back empty: make the group again, once
+                    continue
+                self.health.failed(exc)
+                raise self.unavailable(exc) from exc
+            except redis.RedisError as exc:
+                self.health.failed(exc)
+                raise self.unavailable(exc) from exc
+            if contacts:
+                self.health.succeeded()
+            return result
+
+    def unavailable(self, exc: BaseException) -> BackendUnavailable:
+        return BackendUnavailable(f"Redis at {self.health.url} is unavailable: {_cause(exc)}")
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,30 @@
+"""Logging for flowloom's long-running entry points: workers, the server, the CLI.
+
+flowloom logs to the standard ``logging`` module under ``flowloom.*`` and, as a
+library, configures nothing: an application that runs flows in its own process
+decides where records go. The blocking entry points (``start_worker``, ``start``,
+``start_server``, ``flowloom worker``/``serve``) are programs of their own, so they
+send records to stderr when the application has not configured logging itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["FORMAT", "configure"]
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure(level: int | str | None = None) -> None:
+    """Log flowloom's records to stderr at ``level`` (default ``INFO``), unless logging is
+    configured already; then only an explicit ``level`` is applied, to flowloom's logger.
+
+    Other libraries' records go to stderr at ``WARNING`` and above.
+    """
+    logger = logging.getLogger("flowloom")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format=FORMAT)
+        logger.setLevel(logging.INFO if level is None else level)
+    elif level is not None:
+        logger.setLevel(level)

@@ -1,0 +1,250 @@
+"""`flowloom worker` and `flowloom serve` as an operator meets them: start-up checks,
+the app's own backend, log lines, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from flowloom import FlowService, RequestFailed, Status
+from flowloom.cli import STARTUP_CHECK, _configured, main
+from flowloom.worker import backend_name
+
+APP = """
+import os, time
+from flowloom import FlowService
+from flowloom.backends.redis import RedisBackend
+
+backend = RedisBackend(os.environ["APP_REDIS"], prefix=os.environ["APP_PREFIX"])
+fs = FlowService(backend=backend, token="app-token")  # no redis_url: the app's own backend
+
+def handler(data, options):
+    if data == b"boom":
+        return {}["missing"]
+    if data.startswith(b"sleep"):
+        time.sleep(float(data[5:]))
+    return b"pid %d" % os.getpid()
+
+fs.register("f", lambda wf, ctx: wf.dag.node("n", handler))
+"""
+BOOM_LINE = 11  # the line of `return {}["missing"]` in APP
+
+
+@pytest.fixture
+def app(tmp_path: Path, redis_url: str, redis_prefix: str, monkeypatch: Any) -> str:
+    path = tmp_path / "wapp.py"
+    path.write_text(textwrap.dedent(APP))
+    monkeypatch.setenv("APP_REDIS", redis_url)
+    monkeypatch.setenv("APP_PREFIX", redis_prefix)
+    return str(path)
+
+
+@pytest.fixture
+def client(app: str) -> Iterator[FlowService]:
+    """A service on the app's backend (the same Redis and prefix), running no worker."""
+    from flowloom.cli import load_service
+
+    with load_service(app) as service:
+        yield service
+
+
+class Worker:
+    """`flowloom worker APP ARGS...` as a process; its stderr goes to a file."""
+
+    def __init__(self, app: str, *args: str, tmp: Path) -> None:
+        self.log = tmp / f"worker-{time.monotonic_ns()}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "flowloom.cli", "worker", app, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.text(), re.MULTILINE)
+            if found:
+                return found
+            assert self.proc.poll() is None, self.text()
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in:\n{self.text()}")
+
+    def stop(self) -> float:
+        """SIGTERM; how long the process took to end."""
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 nothing listens on (from this suite's private range)."""
+    for port in range(7290, 7200, -1):
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise AssertionError("no closed port in 7200-7290")
+
+
+# -- start-up ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [["worker"], ["serve", "--no-worker"]])
+def test_an_unreachable_backend_is_one_line_and_status_2(tmp_path: Path, command: list[str]):
+    path = tmp_path / "app.py"
+    path.write_text(
+        "from flowloom import FlowService\n"
+        "fs = FlowService()\nfs.register('f', lambda wf, ctx: wf.dag.node('n', print))\n"
+    )
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "flowloom.cli", *command, str(path), "--redis-url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    took = time.monotonic() - started
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("Error: ")
+    assert url.rsplit("/", 1)[0] in lines[0]
+    assert took < STARTUP_CHECK + 5
+
+
+def test_worker_refuses_an_app_without_redis_url(tmp_path: Path):
+    path = tmp_path / "app.py"
+    path.write_text(
+        "from flowloom import FlowService\n"
+        "fs = FlowService()\nfs.register('f', lambda wf, ctx: wf.dag.node('n', print))\n"
+    )
+    for args in ([], ["--processes", "2"], ["-c", "3"]):
+        result = CliRunner().invoke(main, ["worker", str(path), *args])
+        assert result.exit_code == 2
+        assert "has no redis_url" in result.stderr
+        assert "would serve nobody" in result.stderr
+        assert "Traceback" not in result.output
+
+
+def test_the_command_line_keeps_the_apps_backend_and_settings(tmp_path: Path):
+    path = tmp_path / "keep.py"
+    path.write_text(
+        "from flowloom import FlowService\nfrom flowloom.backends import MemoryBackend\n"
+        "BACKEND = MemoryBackend(retention=5)\n"
+        "fs = FlowService(backend=BACKEND, token='secret', otlp_endpoint='http://127.0.0.1:4318')\n"
+        "fs.register('f', lambda wf, ctx: wf.dag.node('n', print))\n"
+    )
+    service = _configured(str(path), None, 3, 9000, "::1")
+    module = sys.modules["flowloom_app_keep"]
+    assert service.backend is module.BACKEND
+    assert (service.worker_concurrency, service.port, service.host) == (3, 9000, "::1")
+    assert (service.token, service.otlp_endpoint) == ("secret", "http://127.0.0.1:4318")
+    service.close()
+
+
+@pytest.mark.redis
+def test_redis_url_on_the_command_line_replaces_only_the_backend(tmp_path: Path, redis_url: str):
+    path = tmp_path / "swap.py"
+    path.write_text(
+        "from flowloom import FlowService\n"
+        "fs = FlowService(token='secret', worker_concurrency=7)\n"
+        "fs.register('f', lambda wf, ctx: wf.dag.node('n', print))\n"
+    )
+    service = _configured(str(path), redis_url, None, None, None)
+    try:
+        assert not service.embedded
+        assert getattr(service.backend, "url", None) == redis_url
+        assert (service.token, service.worker_concurrency, service.flows()) == ("secret", 7, ["f"])
+    finally:
+        service.close()
+
+
+def test_backend_names_in_log_lines_hide_passwords():
+    class Named:
+        def __init__(self, url: str) -> None:
+            self.url = url
+
+    def name(url: str) -> str:
+        return backend_name(Named(url))  # type: ignore[arg-type]
+
+    assert name("redis://user:s3cret@db.local:6380/2") == "redis://user:***@db.local:6380/2"
+    assert name("redis://:s3cret@db.local/0") == "redis://:***@db.local/0"
+    assert name("rediss://db.local:6380/0") == "rediss://db.local:6380/0"
+    assert "s3cret" not in name("redis://u:s3cret@[::1]:6379/0")
+
+
+# -- a running worker -------------------------------------------------------------------------
+@pytest.mark.redis
+def test_worker_uses_the_apps_backend_and_logs_what_it_does(
+    app: str, client: FlowService, tmp_path: Path
+):
+    worker = Worker(app, "-c", "2", "--log-level", "debug", tmp=tmp_path)
+    try:
+        started = worker.wait_for(
+            r"worker (\S+) starting: backend (\S+), concurrency 2, flows (.*)$"
+        )
+        name, url, flows = started.groups()
+        assert url == os.environ["APP_REDIS"]
+        assert flows == f"f@{client.registry.latest('f').version}"
+        # the request reaches the worker through the app's RedisBackend (not a new embedded one)
+        assert client.run("f", b"x", timeout=30) == b"pid %d" % worker.proc.pid
+        rid = client.execute("f", b"boom")
+        with pytest.raises(RequestFailed):
+            client.result("f", rid, timeout=30)
+        worker.wait_for(
+            rf"ERROR flowloom.worker: request {rid} \(flow f\): n failed: KeyError: 'missing'; "
+            "the request fails$"
+        )
+        worker.wait_for(rf"DEBUG flowloom.worker: request {rid}: traceback of n:$")
+        worker.wait_for(rf'^  File "{re.escape(app)}", line {BOOM_LINE}, in handler$')
+        assert worker.stop() < 10
+        assert worker.proc.returncode == 0
+        assert re.search(rf"INFO flowloom.worker: worker {name} stopped$", worker.text(), re.M)
+    finally:
+        worker.kill()
+
+
+@pytest.mark.redis
+def test_sigterm_grace_is_one_deadline_for_every_running_task(
+    app: str, client: FlowService, tmp_path: Path
+):
+    """Five tasks that outlast the grace: the worker ends after 10 s, not 5 x 10 s."""
+    worker = Worker(app, "-c", "5", tmp=tmp_path)
+    try:
+        worker.wait_for(r"starting: backend")
+        ids = [client.execute("f", b"sleep60") for _ in range(5)]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = [client.state("f", rid).vertices.get("n") for rid in ids]
+            if all(v is not None and v.status is Status.RUNNING for v in states):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the five tasks did not all start:\n{worker.text()}")
+        took = worker.stop()
+        assert 9 < took < 10 + 4, worker.text()
+        assert "stopped with 5 task(s) still running after 10s" in worker.text()
+        assert "traceback of" not in worker.text()  # DEBUG lines are off by default
+    finally:
+        worker.kill()

@@ -400,3 +400,16 @@ def test_the_committed_assets_were_built_from_the_committed_sources() -> None:
         digest.update((root / name).read_bytes())
     built = resources.files("flowloom").joinpath("static", "dashboard", "SOURCES.sha256")
     assert built.read_text().strip() == digest.hexdigest()
+
+
+def test_no_dashboard_when_calls_must_be_signed_and_no_token_is_set() -> None:
+    """The page cannot sign its calls with the HMAC secret; with a token it signs in."""
+    with FlowService(hmac_secret="shared", enable_monitoring=True) as fs:
+        assert AppClient(create_app(fs)).get("/dashboard").status_code == 404
+    with FlowService(hmac_secret="shared", token=TOKEN, enable_monitoring=True) as fs:
+        fs.register("myflow", lambda wf, ctx: wf.dag.node("test", lambda d, o: d))
+        http = AppClient(create_app(fs))
+        assert http.get("/dashboard").status_code == 200
+        assert http.post("/dashboard/login", data={"token": TOKEN}).status_code == 204
+        dash = {"X-Flowloom-Dashboard": "1"}
+        assert http.get("/flows", headers=dash).json() == {"flows": ["myflow"]}

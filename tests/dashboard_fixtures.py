@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from http_fixtures import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "tests" / "apps" / "dashboard_app.py"
 CHROMIUM = os.environ.get("FLOWLOOM_CHROMIUM", "/usr/bin/chromium")
@@ -40,15 +42,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 REDIS_URL = os.environ.get("FLOWLOOM_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -18,29 +18,22 @@ from starlette.responses import Response
 
 from .. import progress
 from ..names import NAME
-from ..types import ErrorInfo, RequestState, Status, VertexState
+from ..types import RequestState, Status, VertexState
 from . import inputs, responses
 from .api import Api, call
 from .endpoints import Answer, Param, endpoint
 from .routes import ID_PARAM, MAX_LIMIT, NAME_PARAM, REQUEST_HEADERS
-from .shapes import Error, RequestList, summary
+from .shapes import Error, RequestList, RequestSummary, summary
 
 __all__ = ["Instances", "Progress", "Queue"]
 
 MAX_VERTEX = 4096  # characters of a vertex path
 
 
-class Progress(msgspec.Struct):
+class Progress(RequestSummary):
     """A request's summary, and how far each vertex it has reached has come: its
     instances counted by status (``{"completed": 987, "failed": 3}``)."""
 
-    request_id: str
-    flow: str
-    status: Status
-    created: float
-    ended: float | None
-    error: ErrorInfo | None
-    trace_id: str | None
     steps: list[progress.VertexProgress]
 
 
@@ -158,16 +151,8 @@ async def _state(api: Api, request: HTTPRequest) -> tuple[RequestState, frozense
 async def steps(api: Api, request: HTTPRequest) -> Response:
     _only(request, set())
     state, foreach = await _state(api, request)
-    body = Progress(
-        request_id=state.request_id,
-        flow=state.flow,
-        status=state.status,
-        created=state.created,
-        ended=state.ended,
-        error=state.error,
-        trace_id=state.trace_id,
-        steps=progress.progress(state, foreach),
-    )
+    fields = msgspec.structs.asdict(summary(state))
+    body = Progress(**fields, steps=progress.progress(state, foreach))
     return responses.json(body, request_id=state.request_id, status=state.status)
 
 

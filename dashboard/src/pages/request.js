@@ -186,20 +186,38 @@ export async function requestPage(main, { args }) {
     return bar;
   }
 
+  // The selected vertex: its instances (one page, refreshed live) and one output.
+  let selectedOffset = 0;
+  const instancesBox = h("div");
+  const outputBox = h("div");
+  mount(detail, h("section", { class: "card" }, instancesBox, outputBox));
+  detail.hidden = true;
+
   async function select(path, offset = 0) {
+    if (path !== selected) mount(outputBox);
     selected = path;
+    selectedOffset = offset;
     renderGraph();
-    const bar = renderGantt();
+    renderGantt();
+    await renderInstances();
+    detail.hidden = false;
+  }
+
+  const showOutput = (address) => async () => {
+    try {
+      const response = await api.output(flow, id, address);
+      mount(outputBox, h("h3", {}, "Output of ", h("span", { class: "mono", text: address })), await preview(response, `${safeName(id)}-${safeName(address)}.bin`));
+    } catch (error) {
+      mount(outputBox, h("p", { class: "error", text: error.message }));
+    }
+  };
+
+  async function renderInstances() {
+    const path = selected;
+    const offset = selectedOffset;
     const page = await api.instances(flow, id, { vertex: path, offset, limit: PAGE });
-    const outputBox = h("div");
-    const showOutput = (address) => async () => {
-      try {
-        const response = await api.output(flow, id, address);
-        mount(outputBox, h("h3", {}, "Output of ", h("span", { class: "mono", text: address })), await preview(response, `${safeName(id)}-${safeName(address)}.bin`));
-      } catch (error) {
-        mount(outputBox, h("p", { class: "error", text: error.message }));
-      }
-    };
+    if (path !== selected || offset !== selectedOffset) return; // another was chosen meanwhile
+    const bar = renderGantt();
     const pager =
       page.total > PAGE
         ? h(
@@ -211,33 +229,28 @@ export async function requestPage(main, { args }) {
           )
         : null;
     mount(
-      detail,
+      instancesBox,
+      h("h2", {}, "Vertex ", h("span", { class: "mono", text: path }), h("span", { class: "muted", text: ` — ${page.total.toLocaleString()} instance${page.total === 1 ? "" : "s"}` })),
+      pager,
       h(
-        "section",
-        { class: "card" },
-        h("h2", {}, "Vertex ", h("span", { class: "mono", text: path }), h("span", { class: "muted", text: ` — ${page.total.toLocaleString()} instance${page.total === 1 ? "" : "s"}` })),
-        pager,
-        h(
-          "div",
-          { class: "instances" },
-          page.instances.map((v) =>
+        "div",
+        { class: "instances" },
+        page.instances.map((v) =>
+          h(
+            "div",
+            { class: "gantt-row", "data-address": v.address },
+            h("span", { class: "gantt-label mono", title: v.address, text: v.address }),
+            h("span", { class: "gantt-track" }, bar(v, v.status)),
             h(
-              "div",
-              { class: "gantt-row", "data-address": v.address },
-              h("span", { class: "gantt-label mono", title: v.address, text: v.address }),
-              h("span", { class: "gantt-track" }, bar(v, v.status)),
-              h(
-                "span",
-                { class: "gantt-note" },
-                badge(v.status),
-                ` ${v.attempts}×`,
-                v.status === "completed" ? h("button", { type: "button", class: "small", text: "Output", onclick: showOutput(v.address) }) : null,
-                v.error ? h("span", { class: "error", title: v.error.traceback || "", text: ` ${v.error.type}: ${v.error.message}` }) : null,
-              ),
+              "span",
+              { class: "gantt-note" },
+              badge(v.status),
+              ` ${v.attempts}×`,
+              v.status === "completed" ? h("button", { type: "button", class: "small", text: "Output", onclick: showOutput(v.address) }) : null,
+              v.error ? h("span", { class: "error", title: v.error.traceback || "", text: ` ${v.error.type}: ${v.error.message}` }) : null,
             ),
           ),
         ),
-        outputBox,
       ),
     );
   }
@@ -247,6 +260,7 @@ export async function requestPage(main, { args }) {
     renderHead();
     renderGraph();
     renderGantt();
+    if (selected) await renderInstances();
     await renderResult();
   }
 

@@ -6,6 +6,8 @@ share the two cores):
 - ``embedded``: ``FlowService()`` in this process;
 - ``redis``: ``--workers`` flowloom worker processes (``python -m bench.worker``)
   on Redis db 12 (``--redis-url``), this process as the client;
+- ``embedded-observed``, ``redis-observed``: the same with tracing and metrics on
+  (``--observability on|compare``), spans exported to ``bench.otlp_sink``;
 - ``celery``: a Celery worker (prefork, ``--concurrency`` = the worker count,
   ``-O fair --without-gossip --without-mingle --without-heartbeat``) with Redis as
   broker and result backend on db 13 (``--celery-url``).
@@ -53,6 +55,9 @@ TARGETS = {
     "redis": {"fanout": 5.0, "chain": 1 / 5, "dags": 5.0},
 }
 
+# Issue 9: with tracing and metrics on, throughput may drop by at most this fraction.
+OVERHEAD_LIMITS = {"embedded": 0.15, "redis": 0.10}
+
 STALL_RETRIES = 5  # runs in a row Celery's get() may stall before giving up
 
 Runner = Callable[[str, int], float]  # (workload, size) -> wall seconds of one checked run
@@ -75,6 +80,8 @@ class Row:
         return {
             "embedded": "flowloom embedded",
             "redis": "flowloom redis",
+            "embedded-observed": "flowloom embedded, observed",
+            "redis-observed": "flowloom redis, observed",
             "celery": "celery prefork",
         }[self.system]
 
@@ -91,6 +98,7 @@ class Config:
     logs: Path
     interleave: bool
     stalls: list[str] = field(default_factory=list)
+    otlp: str = ""  # the span sink's URL, when a system is observed
 
     def size(self, workload: str) -> int:
         return int(getattr(self.sizes, workload))
@@ -114,33 +122,49 @@ def flowloom_runner(fs: object, config: Config) -> Runner:
 
 
 @contextmanager
-def embedded(config: Config) -> Iterator[Runner]:
+def embedded(config: Config, observed: bool = False) -> Iterator[Runner]:
     from flowloom import FlowService
 
-    options = {} if config.threads is None else {"worker_concurrency": config.threads}
+    options: dict[str, object] = {}
+    if config.threads is not None:
+        options["worker_concurrency"] = config.threads
+    if observed:
+        options.update(otlp_endpoint=config.otlp, enable_monitoring=True)
     with FlowService(**options) as fs:  # type: ignore[arg-type]
         workloads.register(fs, config.sizes)
         yield flowloom_runner(fs, config)
 
 
 @contextmanager
-def redis_workers(workers: int, config: Config) -> Iterator[Runner]:
+def redis_workers(workers: int, config: Config, observed: bool = False) -> Iterator[Runner]:
     from flowloom import FlowService
 
-    flush(config.redis_url)
+    url = config.redis_url
+    prefix = "flowloom-observed" if observed else "flowloom"  # both may share the db
+    if observed:
+        purge(url, prefix)
+    else:
+        flush(url)
     command = [
         sys.executable,
         "-m",
         "bench.worker",
         "--redis-url",
-        config.redis_url,
+        url,
         "--chain-n",
         str(config.sizes.chain),
+        "--prefix",
+        prefix,
     ]
     if config.threads is not None:
         command += ["--threads", str(config.threads)]
-    with processes([command] * workers, config.logs / f"redis-{workers}", {}):
-        fs = FlowService(redis_url=config.redis_url)
+    client: dict[str, object] = {"redis_prefix": prefix}
+    if observed:
+        command += ["--observe", config.otlp]
+        client.update(otlp_endpoint=config.otlp, enable_monitoring=True)
+    logs = config.logs / f"redis{'-observed' if observed else ''}-{workers}"
+    with processes([command] * workers, logs, {}):
+        fs = FlowService(redis_url=url, **client)  # type: ignore[arg-type]
         try:
             workloads.register(fs, config.sizes)
             yield flowloom_runner(fs, config)
@@ -195,10 +219,12 @@ System = tuple[str, int | None]  # ("embedded" | "redis" | "celery", worker proc
 
 def session(system: System, config: Config) -> AbstractContextManager[Runner]:
     name, workers = system
-    if name == "embedded":
-        return embedded(config)
+    if name in ("embedded", "embedded-observed"):
+        return embedded(config, observed=name == "embedded-observed")
     assert workers is not None
-    return redis_workers(workers, config) if name == "redis" else celery_worker(workers, config)
+    if name in ("redis", "redis-observed"):
+        return redis_workers(workers, config, observed=name == "redis-observed")
+    return celery_worker(workers, config)
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -242,6 +268,19 @@ def report(row: Row) -> Row:
 
 
 # -- processes and Redis ------------------------------------------------------------------------
+def purge(url: str, prefix: str) -> None:
+    """Delete the keys under ``prefix`` in the Redis db of ``url``."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+    finally:
+        client.close()
+
+
 def flush(url: str) -> None:
     """Empty the Redis db of ``url`` (only that db)."""
     import redis
@@ -339,7 +378,7 @@ def table(rows: list[Row]) -> str:
         "target",
     )
     lines = [header]
-    order = {"embedded": 0, "redis": 1, "celery": 2}
+    order = {"embedded": 0, "embedded-observed": 1, "redis": 2, "redis-observed": 3, "celery": 4}
     for row in sorted(
         rows,
         key=lambda r: (WORKLOADS.index(r.timing.workload), r.workers or 0, order[r.system]),
@@ -371,6 +410,37 @@ def table(rows: list[Row]) -> str:
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def overhead(rows: list[Row]) -> list[str]:
+    """Throughput observed / plain for each observed row, against its limit."""
+    lines = []
+    for row in rows:
+        if not row.system.endswith("-observed"):
+            continue
+        plain_system = row.system.removesuffix("-observed")
+        plain = [
+            r
+            for r in rows
+            if r.system == plain_system
+            and r.workers == row.workers
+            and r.timing.workload == row.timing.workload
+        ]
+        if not plain:
+            continue
+        observed_figure, plain_figure = row.timing.figures()[0], plain[0].timing.figures()[0]
+        ratio = (
+            observed_figure / plain_figure
+            if row.timing.higher_is_better
+            else plain_figure / observed_figure
+        )
+        limit = OVERHEAD_LIMITS[plain_system]
+        verdict = "met" if ratio >= 1 - limit else "MISSED"
+        lines.append(
+            f"observed/plain throughput, {plain[0].where} {row.timing.workload}: {ratio:.3f} "
+            f"(at least {1 - limit:.2f} wanted: {verdict})"
+        )
+    return lines
 
 
 def _load() -> str:
@@ -442,6 +512,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--json", type=Path, default=None, help="also write the figures to this file"
     )
     parser.add_argument(
+        "--observability",
+        choices=("off", "on", "compare"),
+        default="off",
+        help="flowloom with tracing and metrics on; compare: both, taking turns (default: off)",
+    )
+    parser.add_argument(
         "--sequential",
         action="store_true",
         help="measure one system after another instead of taking turns run by run",
@@ -488,12 +564,15 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     rows: list[Row] = []
-    for i, workers in enumerate(worker_counts):
-        group: list[System] = [("embedded", None)] if "embedded" in names and i == 0 else []
-        group += [(name, workers) for name in names if name != "embedded"]
-        rows += measure_group(group, config)
+    with _span_sink(config, args.observability):
+        for i, workers in enumerate(worker_counts):
+            group: list[System] = [("embedded", None)] if "embedded" in names and i == 0 else []
+            group += [(name, workers) for name in names if name != "embedded"]
+            rows += measure_group(_observed(group, args.observability), config)
     print()
     print(table(rows))
+    for line in overhead(rows):
+        print(line)
     dags = [r for r in rows if r.timing.workload == "dags"]
     for row in dags:
         print(f"dags on {row.where}: {row.timing.requests_per_s():,.0f} requests/s")
@@ -508,6 +587,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(to_json(rows, config, command), indent=2) + "\n")
     return 0
+
+
+def _observed(group: list[System], observability: str) -> list[System]:
+    if observability == "off":
+        return group
+    out: list[System] = []
+    for name, workers in group:
+        if name == "celery":
+            out.append((name, workers))
+            continue
+        if observability == "compare":
+            out.append((name, workers))
+        out.append((f"{name}-observed", workers))
+    return out
+
+
+@contextmanager
+def _span_sink(config: Config, observability: str) -> Iterator[None]:
+    if observability == "off":
+        yield
+        return
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config.otlp = f"http://127.0.0.1:{port}"
+    with processes(
+        [[sys.executable, "-m", "bench.otlp_sink", str(port)]], config.logs / "sink", {}
+    ):
+        yield
 
 
 if __name__ == "__main__":

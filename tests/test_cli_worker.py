@@ -130,7 +130,7 @@ def test_an_unreachable_backend_is_one_line_and_status_2(tmp_path: Path, command
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("Error: ")
     assert url.rsplit("/", 1)[0] in lines[0]
-    assert took < STARTUP_CHECK + 5
+    assert took < STARTUP_CHECK  # the backend gave up on its own, before the backstop
 
 
 def test_worker_refuses_an_app_without_redis_url(tmp_path: Path):
@@ -243,7 +243,7 @@ def test_sigterm_grace_is_one_deadline_for_every_running_task(
         else:
             raise AssertionError(f"the five tasks did not all start:\n{worker.text()}")
         took = worker.stop()
-        assert 9 < took < 10 + 4, worker.text()
+        assert 9 < took < 10 + 8, worker.text()  # one 10 s deadline; two would be 20 s
         assert "stopped with 5 task(s) still running after 10s" in worker.text()
         assert "traceback of" not in worker.text()  # DEBUG lines are off by default
     finally:

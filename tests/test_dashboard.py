@@ -3,6 +3,7 @@ page and its assets, and the login that keeps the token out of URLs."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from importlib import resources
@@ -254,42 +255,41 @@ def test_requests_across_flows(client: tuple[FlowService, AppClient]) -> None:
     assert http.get("/requests", params={"page": "2"}).status_code == 400
 
 
-def test_queue_depth(client: tuple[FlowService, AppClient]) -> None:
-    _, http = client
-    depth = http.get("/queue").json()
-    assert depth == {"ready": 0, "delayed": 0}
+def test_queue_depth_counts_tasks_held_by_a_paused_request(
+    client: tuple[FlowService, AppClient],
+) -> None:
+    fs, http = client
+    assert http.get("/queue").json() == {"ready": 0, "delayed": 0, "held": 0}
+    gate = threading.Event()
+
+    def wait(data: bytes, options: dict[str, list[str]]) -> bytes:
+        assert gate.wait(20)
+        return data
+
+    def gated(wf, ctx):  # type: ignore[no-untyped-def]
+        wf.dag.node("wait", wait).node("after", lambda d, o: d)
+        wf.dag.edge("wait", "after")
+
+    fs.register("gated", gated)
+    request_id = fs.execute("gated", Request(request_id="q-depth"))
+    deadline = time.monotonic() + 10
+    while fs.state("gated", request_id).status is not Status.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    fs.pause("gated", request_id)
+    gate.set()  # "wait" ends; "after" is held
+    _wait_held(fs)
+    assert http.get("/queue").json() == {"ready": 0, "delayed": 0, "held": 1}
+    fs.resume("gated", request_id)
+    _wait(fs, "gated", request_id)
+    assert http.get("/queue").json() == {"ready": 0, "delayed": 0, "held": 0}
 
 
-def test_queue_depth_counts_ready_tasks_before_any_worker_takes_them() -> None:
-    with FlowService() as fs:
-        fs.register("myflow", lambda wf, ctx: wf.dag.node("test", lambda d, o: d))
-        plan = fs.registry.latest("myflow")
-        from flowloom import engine
-        from flowloom.backends import RequestRecord
-
-        for n in range(3):  # submitted straight to the backend: no worker starts
-            record = RequestRecord(f"r{n}", "myflow", plan.version, b"", {}, created=time.time())
-            fs.backend.submit(record, engine.start(plan, b""))
-        assert fs.backend.queue_depth() == {"ready": 3, "delayed": 0}
-
-
-@pytest.mark.redis
-def test_redis_queue_depth_counts_what_no_worker_has_taken(make_redis_backend) -> None:  # type: ignore[no-untyped-def]
-    from flowloom import engine
-    from flowloom.backends import RequestRecord
-
-    backend = make_redis_backend()
-    fs = FlowService(backend=backend)
-    fs.register("myflow", lambda wf, ctx: wf.dag.node("test", lambda d, o: d))
-    plan = fs.registry.latest("myflow")
-    assert backend.queue_depth() == {"ready": 0, "delayed": 0}
-    for n in range(3):
-        record = RequestRecord(f"r{n}", "myflow", plan.version, b"", {}, created=time.time())
-        backend.submit(record, engine.start(plan, b""))
-    assert backend.queue_depth() == {"ready": 3, "delayed": 0}
-    task = backend.claim("w1", 5)
-    assert task is not None
-    assert backend.queue_depth()["ready"] <= 2
+def _wait_held(fs: FlowService) -> None:
+    deadline = time.monotonic() + 10
+    while not fs.backend.depth().get("held"):
+        assert time.monotonic() < deadline, fs.backend.depth()
+        time.sleep(0.02)
 
 
 # -- the page, its assets, and the session ---------------------------------------------------

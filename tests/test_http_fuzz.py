@@ -3,6 +3,7 @@ gets a server error, and every answer matches the spec. Bounded in examples and 
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,26 +14,36 @@ from starlette.applications import Starlette
 
 from flowloom import FlowService, Request
 from flowloom.http import create_app
+from flowloom.http.addresses import Address
 from http_fixtures import Gate, register_flows
 
 TOKEN = "fuzz-token"
 
 
-@pytest.fixture(scope="module", params=["open", "token"])
+async def loopback_resolver(host: str, port: int) -> list[Address]:
+    """Every name is 127.0.0.1 here: generated callback URLs reach loopback only."""
+    return [ipaddress.ip_address("127.0.0.1")]
+
+
+@pytest.fixture(scope="module", params=["open", "token", "callbacks"])
 def app(request: pytest.FixtureRequest) -> Iterator[Starlette]:
     gate = Gate()
     gate.opened.set()  # "gated" runs straight through here
     with FlowService(worker_concurrency=4) as fs:
         register_flows(fs, gate)
         fs.execute("myflow", Request(b"seed", request_id="order-1001"))  # the spec's example
-        # callbacks off: generated URLs must not make the server call out
-        yield create_app(
+        callbacks = request.param == "callbacks"
+        app = create_app(
             fs,
             token=TOKEN if request.param == "token" else None,
             max_body=4096,
             wait_timeout=0.5,
-            callbacks=False,
+            callbacks=callbacks,
+            callback_allow="127.0.0.1",
         )
+        # generated URLs resolve to loopback (and go nowhere else)
+        app.state.flowloom.callbacks.resolver = loopback_resolver
+        yield app
 
 
 @pytest.fixture(scope="module")

@@ -329,6 +329,10 @@ def test_a_handler_that_raises_hangs_or_returns_garbage(
         assert (error.vertex, error.type) == ("faulty", kind)
         assert message in error.message
         assert fs.state("faulty", ids[body]).vertices["faulty"].attempts == 2  # retried once
+    raised = fs.state("faulty", ids["raise"]).error
+    assert raised is not None
+    assert "fault_worker.py" in raised.traceback  # the file and line of the handler
+    assert 'raise RuntimeError("asked to raise")' in raised.traceback
     assert fs.result("faulty", ids["fine"], timeout=30) == b"fine"
     assert runs(redis_url, redis_prefix, "faulty") == {
         ids["raise"]: 2, ids["hang"]: 2, ids["garbage"]: 2, ids["fine"]: 1,

@@ -24,9 +24,12 @@ from .errors import (
 from .service import FlowService
 from .types import ErrorInfo, Request, RequestState, Status, VertexState
 
-__version__ = "0.1.0.dev0"
+# A library configures no logging: an application that runs flows in its own process decides
+# where records go. The blocking entry points (start*, flowloom.http.serve, the CLI) log to
+# stderr through flowloom.logs.configure.
+_logging.getLogger("flowloom").addHandler(_logging.NullHandler())
 
-_logging.getLogger("flowloom").addHandler(_logging.NullHandler())  # a library configures nothing
+__version__ = "0.1.0.dev0"
 
 __all__ = [
     "BackendUnavailable",

@@ -116,6 +116,12 @@ def _configured(
     return service
 
 
+def _monitor(service: FlowService, monitoring: bool, metrics_port: int | None) -> None:
+    service.enable_monitoring = monitoring
+    if metrics_port is not None:
+        service.metrics_port = metrics_port
+
+
 def _check_backend(service: FlowService) -> None:
     """Exit (status 2, one line) unless the backend answers within ``STARTUP_CHECK`` s."""
     answer: list[BaseException | None] = []
@@ -131,20 +137,36 @@ def _check_backend(service: FlowService) -> None:
     thread = threading.Thread(target=ping, name="flowloom-startup-check", daemon=True)
     thread.start()
     thread.join(STARTUP_CHECK)
+    if answer == [None]:
+        return
     where = backend_name(service.backend)
     if not answer:
         raise AppError(f"the backend at {where} did not answer within {STARTUP_CHECK:g}s")
     error = answer[0]
     if isinstance(error, FlowloomError):
-        raise AppError(str(error))
-    if error is not None:
-        raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {error}")
+        raise AppError(" ".join(str(error).split()))  # one line, whatever the cause says
+    cause = " ".join(str(error).split())
+    raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {cause}")
 
 
 def _flow(service: FlowService, flow: str) -> None:
     if flow not in service.flows():
         known = ", ".join(service.flows()) or "none"
         raise AppError(f"no flow {flow!r} (flows: {known})")
+
+
+_MONITORING = click.option(
+    "--monitoring/--no-monitoring",
+    default=True,
+    show_default=True,
+    help="Keep Prometheus metrics (needs the otel extra); serve also serves the dashboard.",
+)
+_METRICS_PORT = click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve the metrics on this port too, without token (K processes: PORT..PORT+K-1).",
+)
 
 
 @click.group()
@@ -259,12 +281,6 @@ def flows(app: str) -> None:
     show_default=True,
     help="Also run a worker in this process.",
 )
-@click.option(
-    "--monitoring/--no-monitoring",
-    default=True,
-    show_default=True,
-    help="Serve the dashboard at /dashboard (the service's enable_monitoring).",
-)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 @click.option(
     "--limit-concurrency",
@@ -292,6 +308,8 @@ def flows(app: str) -> None:
     default="",
     help="Comma-separated proxy addresses whose X-Forwarded-For is trusted (default: none).",
 )
+@_MONITORING
+@_METRICS_PORT
 def serve(
     app: str,
     host: str | None,
@@ -304,12 +322,13 @@ def serve(
     header_timeout: float,
     forwarded_allow_ips: str,
     monitoring: bool,
+    metrics_port: int | None,
 ) -> None:
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
-    logs.configure(log_level.upper())
     service = _configured(app, redis_url, None, port, host)
-    service.enable_monitoring = monitoring
+    _monitor(service, monitoring, metrics_port)
     _check_backend(service)
+    logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     options = {
         "limit_concurrency": limit_concurrency,
         "keep_alive": keep_alive,
@@ -344,13 +363,21 @@ def serve(
 )
 @click.option("--redis-url", default=None, help="Use this Redis instead of the app's backend.")
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@_MONITORING
+@_METRICS_PORT
 def worker(
-    app: str, concurrency: int | None, processes: int, redis_url: str | None, log_level: str
+    app: str,
+    concurrency: int | None,
+    processes: int,
+    redis_url: str | None,
+    log_level: str,
+    monitoring: bool,
+    metrics_port: int | None,
 ) -> None:
     """Run a worker for APP's flows until SIGINT/SIGTERM (SIGTERM lets running tasks
     finish, for 10 s at most)."""
-    logs.configure(log_level.upper())
     service = _configured(app, redis_url, concurrency, None, None)
+    _monitor(service, monitoring, metrics_port)
     if service.embedded:
         service.close()
         raise AppError(
@@ -359,6 +386,7 @@ def worker(
             "pass --redis-url (or run `flowloom serve`, which runs a worker beside the server)"
         )
     _check_backend(service)
+    logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     try:
         run_worker_processes(service, processes)
     except FlowloomError as exc:

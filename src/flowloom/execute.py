@@ -21,6 +21,7 @@ from typing import Any
 
 from .engine import unescape_key
 from .errors import StepError
+from .observe import CallSpan
 from .plan import PASSTHROUGH, Step, StepKind
 from .types import ErrorInfo, Options
 
@@ -71,12 +72,20 @@ def to_bytes(value: object, what: str) -> bytes:
 
 class Caller:
     """Calls user functions from a worker thread; ``async def`` ones run on a loop kept
-    per thread."""
+    per thread. ``around(kind, fn)``, when given, wraps each call (a tracing span)."""
 
-    def __init__(self) -> None:
+    def __init__(self, around: CallSpan | None = None) -> None:
         self._local = threading.local()
+        self.around = around
 
-    def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def __call__(self, fn: Callable[..., Any], *args: Any, kind: str = "") -> Any:
+        """Call ``fn(*args)``; ``kind`` names the call for ``around`` ("": not wrapped)."""
+        if self.around is None or not kind:
+            return self._call(fn, args)
+        with self.around(kind, fn):
+            return self._call(fn, args)
+
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         result = fn(*args)
         if inspect.isawaitable(result):
             return self.run(_awaited(result))
@@ -107,7 +116,7 @@ def run_step(
     data = _input(step, inputs, call)
     if step.kind is StepKind.SPLIT:
         return Outcome(data, _split(step, data, call))
-    attempt = None if step.timeout is None else _TimedAttempt(step.timeout)
+    attempt = None if step.timeout is None else _TimedAttempt(step.timeout, call.around)
     try:
         if attempt is None:
             return Outcome(_pipe(step, data, options, call))
@@ -124,26 +133,29 @@ def _input(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> byte
             raise StepError(f"input {slot!r} is missing")
         forwarder = step.forwarders.get(slot)
         if forwarder is not None:
-            data = to_bytes(call(forwarder, data), f"forwarder of edge {slot!r}")
+            forwarded = call(forwarder, data, kind="forwarder")
+            data = to_bytes(forwarded, f"forwarder of edge {slot!r}")
         received[slot] = data
     if step.aggregator is not None:
-        return to_bytes(call(step.aggregator, received), "aggregator")
+        return to_bytes(call(step.aggregator, received, kind="aggregator"), "aggregator")
     if len(received) == 1:
         return next(iter(received.values()))
     return b""
 
 
 def _pipe(step: Step, data: bytes, options: Options, call: Caller) -> bytes:
+    kind = "handler" if len(step.handlers) > 1 else ""  # one handler: the vertex's span is its
     for handler in step.handlers:
         data = to_bytes(
-            call(handler, data, options), f"handler {getattr(handler, '__name__', handler)!r}"
+            call(handler, data, options, kind=kind),
+            f"handler {getattr(handler, '__name__', handler)!r}",
         )
     return data
 
 
 def _split(step: Step, data: bytes, call: Caller) -> tuple[tuple[str, bytes], ...]:
     if step.condition is not None:
-        keys = call(step.condition, data)
+        keys = call(step.condition, data, kind="condition")
         if isinstance(keys, str) or not isinstance(keys, list | tuple | set | frozenset):
             raise StepError(f"condition returned {type(keys).__name__}, expected a list of keys")
         chosen: dict[str, bytes] = {}
@@ -154,7 +166,7 @@ def _split(step: Step, data: bytes, call: Caller) -> tuple[tuple[str, bytes], ..
             chosen[key] = data
         return tuple(chosen.items())
     assert step.foreach is not None
-    items = call(step.foreach, data)
+    items = call(step.foreach, data, kind="foreach")
     if not isinstance(items, Mapping):
         raise StepError(f"foreach returned {type(items).__name__}, expected a dict of key -> bytes")
     branches = []
@@ -173,7 +185,7 @@ def _join(step: Step, inputs: Mapping[str, bytes | None], call: Caller) -> bytes
         unescape_key(slot): data or b"" for slot, data in inputs.items() if slot != PASSTHROUGH
     }
     if step.aggregator is not None:
-        return to_bytes(call(step.aggregator, outputs), "aggregator")
+        return to_bytes(call(step.aggregator, outputs, kind="aggregator"), "aggregator")
     if step.branch == "foreach":
         return passthrough
     if len(outputs) > 1:
@@ -191,8 +203,9 @@ class _TimedAttempt:
     is kept for the error: where it was stuck is what its author needs to know.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, around: CallSpan | None = None) -> None:
         self.timeout = timeout
+        self.around = around  # wraps each handler of a piped node (a tracing span)
         self.thread: threading.Thread | None = None  # the sync handler's thread, if running
         self.stack = ""  # where the handler was when the time ran out
 
@@ -208,13 +221,15 @@ class _TimedAttempt:
         raise TimeoutError(f"timed out after {self.timeout:g}s")
 
     async def _pipe(self, step: Step, data: bytes, options: Options) -> bytes:
+        around = self.around if len(step.handlers) > 1 else None
         for handler in step.handlers:
-            if inspect.iscoroutinefunction(handler):
-                result = await handler(data, options)
-            else:
-                result = await self._in_thread(handler, data, options)
-                if inspect.isawaitable(result):
-                    result = await result
+            with around("handler", handler) if around else contextlib.nullcontext():
+                if inspect.iscoroutinefunction(handler):
+                    result = await handler(data, options)
+                else:
+                    result = await self._in_thread(handler, data, options)
+                    if inspect.isawaitable(result):
+                        result = await result
             data = to_bytes(result, f"handler {getattr(handler, '__name__', handler)!r}")
         return data
 

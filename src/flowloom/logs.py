@@ -2,9 +2,10 @@
 
 flowloom logs to the standard ``logging`` module under ``flowloom.*`` and, as a
 library, configures nothing: an application that runs flows in its own process
-decides where records go. The blocking entry points (``start_worker``, ``start``,
-``start_server``, ``flowloom worker``/``serve``) are programs of their own, so they
-send records to stderr when the application has not configured logging itself.
+decides where records go (left alone, Python shows warnings and errors on stderr).
+The blocking entry points (``start_worker``, ``start``, ``start_server``,
+``flowloom worker``/``serve``) are programs of their own, so they send records to
+stderr from ``INFO`` up when the application has not configured logging itself.
 """
 
 from __future__ import annotations

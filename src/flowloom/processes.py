@@ -50,19 +50,21 @@ def run_worker_processes(service: FlowService, processes: int, *, restart: bool 
     children: dict[int, int] = {}  # pid -> slot
     try:
         for slot in range(processes):
-            children[_fork(service, previous)] = slot
+            children[_fork(service, previous, slot)] = slot
         _supervise(service, children, stopping, restart, previous)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _fork(service: FlowService, handlers: Mapping[signal.Signals, Any]) -> int:
+def _fork(service: FlowService, handlers: Mapping[signal.Signals, Any], slot: int) -> int:
     pid = os.fork()
     if pid:
         return pid
     code = 0
     try:
+        if service.metrics_port:  # each process serves its own metrics: PORT + slot
+            service.metrics_port += slot
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         service.start_worker()
@@ -96,7 +98,7 @@ def _supervise(
         log.warning("flowloom: worker process %d ended (status %d); starting another", pid, status)
         time.sleep(1.0)
         if not stopping.is_set():
-            children[_fork(service, handlers)] = slot
+            children[_fork(service, handlers, slot)] = slot
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -11,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import engine, logs
 from .backends import Backend, MemoryBackend, RequestRecord, Summary, deadline
@@ -26,11 +27,18 @@ from .errors import (
     ResultTimeout,
 )
 from .names import REQUEST_ID
+from .observe import Observer, Observers, RequestInfo
 from .registry import DefineWorkflow, Registry
+from .traceparent import TraceContext, parse_traceparent, tracing_configured
 from .types import Options, Request, RequestState, Status
 from .worker import Worker
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 __all__ = ["FlowService"]
+
+log = logging.getLogger("flowloom.service")
 
 
 class FlowService:
@@ -55,10 +63,15 @@ class FlowService:
     addresses or networks (``"127.0.0.1"``, ``"10.0.0.0/8"``) HTTP callbacks may go to besides
     public ones (else ``FLOWLOOM_CALLBACK_ALLOW``, comma-separated). ``max_bytes`` and
     ``max_queued``: the embedded backend's caps on the bytes it keeps and on the
-    requests not yet ended (``Overloaded`` past them; see ``MemoryBackend``). ``enable_monitoring``:
-    the server also serves the dashboard at ``/dashboard`` (docs/dashboard.md).
-    ``otlp_endpoint`` is accepted (GoFlow's name) but not used yet: tracing is not
-    built.
+    requests not yet ended (``Overloaded`` past them; see ``MemoryBackend``).
+
+    Observability (needs ``pip install 'flowloom[otel]'``; see docs/observability.md):
+    ``otlp_endpoint="http://HOST:4318"`` exports one OpenTelemetry trace per request
+    over OTLP/HTTP (the standard ``OTEL_EXPORTER_OTLP_*`` variables work too);
+    ``enable_monitoring`` keeps Prometheus metrics, served at ``GET /metrics`` and, with
+    ``metrics_port``, on a port of their own (a worker process's only way to serve them).
+    It also has the HTTP server serve the dashboard at ``/dashboard`` (no extra needed;
+    docs/dashboard.md).
     """
 
     def __init__(
@@ -79,6 +92,7 @@ class FlowService:
         callback_allow: str | Iterable[str] | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        metrics_port: int | None = None,
     ) -> None:
         self.port = port
         self.host = host
@@ -94,6 +108,10 @@ class FlowService:
         self.callback_allow = callback_allow
         self.max_bytes = max_bytes
         self.max_queued = max_queued
+        self.metrics_port = metrics_port
+        self._metrics: Metrics | None = None
+        self._observers: Observers | None = None
+        self._observers_lock = threading.Lock()
         self.registry = Registry()
         self.backend = backend or self._make_backend()
         self.embedded = isinstance(self.backend, MemoryBackend)
@@ -130,7 +148,13 @@ class FlowService:
 
     # -- requests ----------------------------------------------------------------------------
     def execute(self, name: str, request: Request | bytes | str | None = None) -> str:
-        """Queue a request of flow ``name``; returns its id (the caller's, if given)."""
+        """Queue a request of flow ``name``; returns its id (the caller's, if given).
+
+        A W3C ``traceparent`` among the request's headers makes the request's trace a
+        child of the caller's (``state(...).trace_id`` is then the caller's trace id)."""
+        return self._submit(name, request).request_id
+
+    def _submit(self, name: str, request: Request | bytes | str | None) -> RequestRecord:
         plan = self.registry.latest(name)
         request = _as_request(request)
         request_id = uuid.uuid4().hex if request.request_id is None else request.request_id
@@ -148,11 +172,15 @@ class FlowService:
             headers=dict(request.headers),
             created=time.time(),
             has_hooks=plan.has_hooks,
+            trace=TraceContext.new(_caller_trace(request.headers)).encode(),
         )
         if self.embedded:
             self._ensure_worker()
         self.backend.submit(record, engine.start(plan, request.body))
-        return request_id
+        observers = self.observers
+        if observers:
+            observers.request_started(record)
+        return record
 
     def state(self, name: str, request_id: str) -> RequestState:
         """Status, timings and per-vertex states of a request (``RequestNotFound`` if none)."""
@@ -217,7 +245,13 @@ class FlowService:
     def stop(self, name: str, request_id: str) -> Status:
         """End the request: nothing more of it runs; its state records ``stopped``."""
         self._summary(name, request_id)
-        return self.backend.control(request_id, Status.STOPPED)
+        status = self.backend.control(request_id, Status.STOPPED)
+        observers = self.observers
+        if observers:
+            record = self.backend.record(request_id)
+            if record is not None:
+                observers.request_ended(RequestInfo.of(record), Status.STOPPED, None)
+        return status
 
     def requests(
         self,
@@ -245,7 +279,9 @@ class FlowService:
             if self._closed:
                 raise FlowloomError("the flow service is closed")
             if self._worker is None:
-                self._worker = Worker(self.backend, self.registry, self.worker_concurrency)
+                self._worker = Worker(
+                    self.backend, self.registry, self.worker_concurrency, self.observers
+                )
                 self._worker.start()
                 self.backend.register_worker(self._worker.name, self._describe_worker)
             return self._worker
@@ -266,9 +302,56 @@ class FlowService:
         ``host``, ``pid``, ``flows`` (and their ``versions``), ``concurrency``, ``last_seen``."""
         return self.backend.workers()
 
+    # -- observability -----------------------------------------------------------------------
+    @property
+    def observers(self) -> Observers:
+        """Tracing and metrics as configured, made on first use (in the process using them:
+        after a fork, not before)."""
+        observers = self._observers
+        if observers is None:
+            with self._observers_lock:
+                if self._observers is None:
+                    self._observers = Observers(self._make_observers())
+                observers = self._observers
+        return observers
+
+    @property
+    def metrics(self) -> Metrics | None:
+        """This process's Prometheus metrics (``metrics.exposition()`` is the text format),
+        or None when ``enable_monitoring`` is off or the otel extra is missing."""
+        return self._metrics if self.observers else None
+
+    def _make_observers(self) -> list[Observer]:
+        made: list[Observer] = []
+        if self.enable_monitoring:
+            try:
+                from .metrics import Metrics
+            except ImportError as exc:
+                log.warning(_MISSING, "enable_monitoring (Prometheus metrics)", exc.name)
+            else:
+                self._metrics = Metrics(self.backend)
+                made.append(self._metrics)
+        if tracing_configured(self.otlp_endpoint):
+            try:
+                from .tracing import Tracing
+            except ImportError as exc:
+                log.warning(_MISSING, "otlp_endpoint (OpenTelemetry tracing)", exc.name)
+            else:
+                made.append(Tracing(self.otlp_endpoint))
+        return made
+
+    def _start_observing(self) -> None:
+        """At start-up: make the observers (saying what is missing) and serve the metrics
+        on ``metrics_port`` if asked."""
+        observers = self.observers  # made now, so that a missing extra is told at start-up
+        if observers and self.metrics_port is not None and self._metrics is not None:
+            self._metrics.serve(self.host, self.metrics_port)
+            log.info("flowloom: metrics on http://%s:%d/metrics", self.host, self.metrics_port)
+
     def start_worker(self) -> None:
         """Run a worker until SIGINT or SIGTERM (blocking)."""
         logs.configure()
+        self._start_observing()
         self._ensure_worker()
         _wait_for_signal()
         self.close()
@@ -287,6 +370,7 @@ class FlowService:
         from .http import serve
 
         logs.configure()
+        self._start_observing()
         if with_worker:
             self._ensure_worker()
         try:
@@ -308,6 +392,8 @@ class FlowService:
                 for task in self.backend.take_hooks():
                     worker.execute(task)
             self.backend.unregister_worker(worker.name)
+        if self._observers is not None:
+            self._observers.close()
         self.backend.close()
 
     def __enter__(self) -> FlowService:
@@ -346,6 +432,19 @@ def _options(query: Mapping[str, Any]) -> Options:
             raise InvalidRequest(f"query values must be str or lists of str, got {value!r}")
         options[key] = values
     return options
+
+
+_MISSING = (
+    "flowloom: %s needs the otel extra (pip install 'flowloom[otel]'): %s is not "
+    "installed, so it is OFF"
+)
+
+
+def _caller_trace(headers: Mapping[str, str]) -> tuple[int, int, bool] | None:
+    for key, value in headers.items():
+        if key.lower() == "traceparent":
+            return parse_traceparent(value)
+    return None
 
 
 def _wait_for_signal() -> None:

@@ -14,6 +14,7 @@ import uuid
 from . import context, engine
 from .backends import HOOKS, Backend, MemoryBackend, Task
 from .execute import Caller, NodeFailed, Outcome, error_info, run_step, to_bytes
+from .observe import Attempt, Observers, RequestInfo
 from .plan import Plan, Step, StepKind
 from .registry import Registry
 from .types import ErrorInfo, Options, Status
@@ -27,10 +28,17 @@ class Worker:
     """``concurrency`` threads, each running one task at a time.
 
     Sync handlers run on the worker's threads (never on an event loop); ``async def``
-    handlers run on a loop kept per thread.
+    handlers run on a loop kept per thread. ``observers`` (tracing, metrics) are told of
+    every attempt and of every request this worker ends.
     """
 
-    def __init__(self, backend: Backend, registry: Registry, concurrency: int = 5) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        registry: Registry,
+        concurrency: int = 5,
+        observers: Observers | None = None,
+    ) -> None:
         if concurrency < 1:
             raise ValueError("worker concurrency must be >= 1")
         self.backend = backend
@@ -39,8 +47,9 @@ class Worker:
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._call = Caller()
-        self._queries: dict[str, Options] = {}  # request id -> handler options, recent ones
+        self.observers = observers or Observers()
+        self._call = Caller(self.observers.call_span)
+        self._known: dict[str, tuple[Options, RequestInfo]] = {}  # request id -> recent ones
         self._outage = _Outage()
 
     def start(self) -> None:
@@ -123,21 +132,27 @@ class Worker:
 
     def _run(self, plan: Plan, step: Step, task: Task) -> None:
         instance, address = step.names(task.keys)
+        if task.redelivered:
+            self.observers.task_redelivered(task)
         if not self.backend.begin(task, instance, address):
             return
-        record_options = self._options(task)
+        options, request = self._request(task)
+        attempt = None
+        if self.observers:
+            attempt = Attempt(task, request, step.kind.value, address, self.name)
+            self.observers.attempt_started(attempt)
         token = context.enter(
-            context.RequestScope(task.request_id, task.flow, record_options, self.backend)
+            context.RequestScope(task.request_id, task.flow, options, self.backend)
         )
         try:
             outcome: Outcome | None = None
             failure: Exception | None = None
             try:
-                outcome = run_step(step, task.inputs, record_options, self._call)
+                outcome = run_step(step, task.inputs, options, self._call)
             except Exception as exc:
                 failure = exc
             if failure is not None:  # outside the except: an on_failure error is not chained
-                outcome = self._recover(step, task, instance, address, failure)
+                outcome = self._recover(step, task, instance, address, failure, attempt)
             if outcome is None:
                 return
             if outcome.branches is not None:
@@ -148,26 +163,45 @@ class Worker:
             else:
                 transition = engine.after_output(plan, step, task.keys, outcome.output)
                 self.backend.complete(task, instance, address, outcome.output, transition)
+            if attempt is not None:
+                attempt.outcome = "completed"
+                if transition.finished:
+                    attempt.ended = (Status.COMPLETED, None)
         finally:
             context.leave(token)
+            if attempt is not None:
+                self.observers.attempt_ended(attempt)
+                if attempt.ended is not None:
+                    self.observers.request_ended(request, *attempt.ended)
 
     def _recover(
-        self, step: Step, task: Task, instance: str, address: str, exc: Exception
+        self,
+        step: Step,
+        task: Task,
+        instance: str,
+        address: str,
+        exc: Exception,
+        attempt: Attempt | None = None,
     ) -> Outcome | None:
         """After a failed attempt: retry, fall back to the node's failure handler, or fail."""
         data, stack = b"", ""
         if isinstance(exc, NodeFailed) and isinstance(exc.__cause__, Exception):
             data, stack, exc = exc.data, exc.stack, exc.__cause__
+        if attempt is not None:
+            attempt.error = exc
         error = error_info(address, exc, stack)
         if step.kind is StepKind.RUN and task.attempt <= step.retries:
             delay = engine.retry_delay(task.attempt, step.backoff)
             _log_failure(task, step, error, f"retrying in {delay:g}s", logging.WARNING)
             self.backend.retry(task, instance, address, delay, error)
+            if attempt is not None:
+                attempt.outcome = "retried"
             return None
         if step.on_failure is not None:
             _log_failure(task, step, error, "running its on_failure handler", logging.WARNING)
             try:
-                return Outcome(to_bytes(self._call(step.on_failure, exc, data), "on_failure"))
+                fallback = self._call(step.on_failure, exc, data, kind="on_failure")
+                return Outcome(to_bytes(fallback, "on_failure"))
             except Exception as fallback_exc:
                 error = error_info(address, fallback_exc)
                 _log_failure(
@@ -176,18 +210,27 @@ class Worker:
         else:
             _log_failure(task, step, error, "the request fails", logging.ERROR)
         self.backend.fail(task, instance, address, error)
+        if attempt is not None:
+            attempt.ended = (Status.FAILED, error)
         return None
 
     def _options(self, task: Task) -> Options:
-        options = self._queries.get(task.request_id)
-        if options is None:
+        return self._request(task)[0]
+
+    def _request(self, task: Task) -> tuple[Options, RequestInfo]:
+        """The request's handler options and what observers need of it, cached."""
+        known = self._known.get(task.request_id)
+        if known is None:
             record = self.backend.record(task.request_id)
-            options = {k: list(v) for k, v in record.query.items()} if record else {}
-            if len(self._queries) >= 4096:
+            if record is None:
+                known = ({}, RequestInfo(task.request_id, task.flow, 0.0, None))
+            else:
+                known = ({k: list(v) for k, v in record.query.items()}, RequestInfo.of(record))
+            if len(self._known) >= 4096:
                 with contextlib.suppress(RuntimeError, StopIteration):  # another thread trimmed
-                    self._queries.pop(next(iter(self._queries)), None)
-            self._queries[task.request_id] = options
-        return options
+                    self._known.pop(next(iter(self._known)), None)
+            self._known[task.request_id] = known
+        return known
 
     def _run_hooks(self, plan: Plan | None, task: Task) -> None:
         try:
@@ -212,7 +255,7 @@ class Worker:
 
     def _hook(self, hook: object, arg: object) -> None:
         try:
-            self._call(hook, arg)  # type: ignore[arg-type]
+            self._call(hook, arg, kind="hook")  # type: ignore[arg-type]
         except Exception:
             log.exception("flowloom: a workflow hook raised")
 
@@ -223,7 +266,10 @@ class Worker:
             else f"flow {task.flow!r} is not registered on worker"
         )
         log.error("request %s: %s", task.request_id, why)
-        self.backend.fail(task, "", task.step, ErrorInfo(task.step, "FlowNotFound", why))
+        error = ErrorInfo(task.step, "FlowNotFound", why)
+        self.backend.fail(task, "", task.step, error)
+        if self.observers:
+            self.observers.request_ended(self._request(task)[1], Status.FAILED, error)
 
 
 class _Outage:

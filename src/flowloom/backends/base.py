@@ -68,6 +68,7 @@ class Task:
     inputs: Mapping[str, bytes | None]
     attempt: int = 1
     receipt: str = ""  # backend-specific handle for acknowledging the task
+    redelivered: bool = False  # taken over from a worker that did not finish it
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class RequestRecord:
     headers: Mapping[str, str] = field(default_factory=dict)
     created: float = 0.0
     has_hooks: bool = False
+    trace: str = ""  # the request's TraceContext, encoded (see traceparent.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,11 +201,10 @@ class Backend(abc.ABC):
         """Live workers, each ``describe()`` plus ``last_seen`` (epoch seconds)."""
         return []
 
-    def queue_depth(self) -> dict[str, int]:
-        """Tasks waiting for a worker: ``ready`` (queued, not yet taken by any worker) and
-        ``delayed`` (retries waiting for their time). Held tasks of paused requests are not
-        counted."""
-        return {"ready": 0, "delayed": 0}
+    def depth(self) -> Mapping[str, int]:
+        """Tasks waiting: ``ready`` (queued, not yet claimed), ``delayed`` (retries waiting
+        for their time) and ``held`` (of paused requests). Empty if the backend cannot tell."""
+        return {}
 
     def listen(self, listener: Callable[[str, Status], None]) -> Callable[[], None] | None:
         """Call ``listener(request_id, status)`` when a request ends, from the thread that

@@ -20,6 +20,7 @@ __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_QUEUED", "MemoryBackend"]
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_QUEUED = 10_000
+RESULT_GRACE = 1.0  # seconds a finished request is kept whatever the bytes
 
 
 @dataclass(slots=True)
@@ -62,6 +63,7 @@ class _Request:
     run: _Run | None = field(default_factory=_Run)
     frozen: tuple[_Frozen, ...] = ()
     size: int = 0  # the bytes counted for it: body and outputs, or its packed form
+    reserve: int = 0  # room still set aside for its outputs
 
     def vertex(self, address: str) -> _Vertex:
         assert self.run is not None
@@ -83,15 +85,15 @@ class _Request:
         blob = marshal.dumps((
             r.request_id, r.flow, r.version, r.body, dict(r.query), dict(r.headers), r.created,
             r.has_hooks, self.status.value, self.ended, self.result, error, vertices,
-            self.context,
+            self.context, r.trace,
         ))  # fmt: skip
         return r.flow, self.status.value, blob
 
     @classmethod
     def unpack(cls, blob: bytes) -> _Request:
         (rid, flow, version, body, query, headers, created, hooks, status, ended, result,
-         error, vertices, context) = marshal.loads(blob)  # fmt: skip
-        record = RequestRecord(rid, flow, version, body, query, headers, created, hooks)
+         error, vertices, context, trace) = marshal.loads(blob)  # fmt: skip
+        record = RequestRecord(rid, flow, version, body, query, headers, created, hooks, trace)
         return cls(
             record, Status(status), ended, result, ErrorInfo(*error) if error else None,
             context, None, vertices,
@@ -123,10 +125,12 @@ class MemoryBackend(Backend):
     """Everything in dictionaries. Finished requests are dropped ``retention`` seconds
     after they end, or sooner, oldest first, when more than ``max_finished`` are kept
     or the bytes kept (bodies, outputs and results of every request, running or
-    finished) pass ``max_bytes``. A request is refused with ``Overloaded`` when
-    ``max_queued`` requests have not ended yet, or when its body would take the bytes of
-    the unfinished requests past ``max_bytes``. Outputs of running requests are counted
-    but never refused: a running request can take the total past the cap until it ends."""
+    finished) pass ``max_bytes`` (a request that ended less than ``RESULT_GRACE`` ago is
+    kept, for its caller to read). A request is refused with ``Overloaded`` when
+    ``max_queued`` requests have not ended yet, or when its body and as many bytes again
+    for its outputs would not fit under ``max_bytes`` even after dropping what may be
+    dropped. Outputs are never refused: a request whose outputs are larger than its body
+    can take the total past the cap until it ends."""
 
     def __init__(
         self,
@@ -141,6 +145,7 @@ class MemoryBackend(Backend):
         self.max_bytes = max_bytes
         self.max_queued = max_queued
         self._live_bytes = 0  # bodies and outputs of the requests not yet ended
+        self._reserved = 0  # room set aside for their outputs still to come
         self._done_bytes = 0  # the packed finished requests
         self._listeners: list[Callable[[str, Status], None]] = []
         self._lock = threading.Lock()
@@ -161,9 +166,11 @@ class MemoryBackend(Backend):
             self._expire()
             if record.request_id in self._order:
                 raise DuplicateRequest(f"request {record.request_id!r} exists already")
-            self._admit(len(record.body))
-            request = self._requests[record.request_id] = _Request(record, size=len(record.body))
-            self._live_bytes += request.size
+            size = len(record.body)
+            self._admit(size)
+            request = self._requests[record.request_id] = _Request(record, size=size, reserve=size)
+            self._live_bytes += size
+            self._reserved += size
             self._order[record.request_id] = None
             self._apply(request, transition)
 
@@ -308,6 +315,9 @@ class MemoryBackend(Backend):
                 vertex.output = output
                 request.size += len(output)
                 self._live_bytes += len(output)
+                used = min(request.reserve, len(output))
+                request.reserve -= used
+                self._reserved -= used
             self._apply(request, transition)
             if transition.finished:
                 self._finish(request, Status.COMPLETED, result=transition.result)
@@ -354,9 +364,10 @@ class MemoryBackend(Backend):
         with self._lock:
             self._workers.pop(name, None)
 
-    def queue_depth(self) -> dict[str, int]:
+    def depth(self) -> Mapping[str, int]:
         with self._lock:
-            return {"ready": len(self._queue), "delayed": len(self._delayed)}
+            held = sum(len(r.run.held) for r in self._requests.values() if r.run is not None)
+            return {"ready": len(self._queue), "delayed": len(self._delayed), "held": held}
 
     def ping(self) -> None:
         """Always answers: the embedded backend lives in this process."""
@@ -440,6 +451,8 @@ class MemoryBackend(Backend):
         packed = self._done[rid] = request.pack()
         del self._requests[rid]
         self._live_bytes -= request.size
+        self._reserved -= request.reserve
+        request.reserve = 0
         self._done_bytes += len(packed[2])
         self._expiry.append((time.monotonic() + self.retention, rid))
         self._expire()
@@ -461,13 +474,18 @@ class MemoryBackend(Backend):
 
     def _expire(self, room: int = 0) -> None:
         """Drop finished requests past their retention, and the oldest past
-        ``max_finished`` or while the bytes kept and ``room`` pass ``max_bytes``."""
+        ``max_finished`` or while the bytes kept and ``room`` pass ``max_bytes`` (but not
+        one that ended less than ``RESULT_GRACE`` ago: its caller is reading it)."""
         now = time.monotonic()
         expiry = self._expiry
+        grace = self.retention - RESULT_GRACE  # dropped for bytes only once read, likely
         while expiry and (
             expiry[0][0] <= now
             or len(expiry) > self.max_finished
-            or self._live_bytes + self._done_bytes + room > self.max_bytes
+            or (
+                self._live_bytes + self._reserved + self._done_bytes + room > self.max_bytes
+                and expiry[0][0] - now <= grace
+            )
         ):
             request_id = expiry.popleft()[1]
             done = self._done.pop(request_id, None)
@@ -476,16 +494,19 @@ class MemoryBackend(Backend):
             self._order.pop(request_id, None)
 
     def _admit(self, size: int) -> None:
-        """Make room for a new request of ``size`` body bytes, or ``Overloaded``."""
+        """Make room for a new request of ``size`` body bytes and as many for its outputs,
+        or ``Overloaded``."""
         if len(self._requests) >= self.max_queued:
             raise Overloaded(
                 f"{len(self._requests)} requests have not ended yet (max_queued): try again later"
             )
-        self._expire(room=size)
-        if self._live_bytes + size > self.max_bytes:
+        self._expire(room=2 * size)
+        held = self._live_bytes + self._reserved + self._done_bytes
+        if held + 2 * size > self.max_bytes:
             raise Overloaded(
-                f"the requests not ended yet hold {self._live_bytes} bytes; a body of {size} "
-                f"bytes would pass max_bytes ({self.max_bytes}): try again later"
+                f"the requests kept hold (or may soon hold) {held} bytes; a body of {size} "
+                f"bytes and its output would pass max_bytes ({self.max_bytes}): "
+                "try again later"
             )
 
     def bytes_held(self) -> int:
@@ -503,4 +524,5 @@ class MemoryBackend(Backend):
             ended=request.ended,
             error=request.error,
             vertices=request.vertex_states(),
+            trace_id=request.record.trace[:32] or None,
         )

@@ -16,12 +16,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .. import dashboard as dashboard_page
-from . import inputs, responses, routes, spec, watching
+from . import inputs, observability, responses, routes, spec, watching
 from .accesslog import RequestIdLog
 from .api import UNAVAILABLE, Api
 from .auth import BearerAuth
 from .endpoints import ENDPOINTS, Endpoint
 from .inputs import BadInput
+from .observability import HttpMetrics
 from .settings import DEFAULT_MAX_BODY, DEFAULT_WAIT_TIMEOUT, Settings
 from .shapes import encode
 
@@ -75,12 +76,12 @@ def create_app(
         trace_url=trace_url,
     )
     assert routes.__name__  # imported for the endpoints it adds
-    assert watching.__name__  # and this one too
+    assert watching.__name__  # and this one
+    assert observability.__name__  # likewise
     served = [e for e in ENDPOINTS if e.when(settings)]
     api = Api(service, settings, spec=encode(spec.document(served, settings)))
-    app_routes: list[BaseRoute] = [
-        Route(e.path, _handler(api, e), methods=[e.method]) for e in served
-    ]
+    served_routes = [Route(e.path, _handler(api, e), methods=[e.method]) for e in served]
+    app_routes: list[BaseRoute] = list(served_routes)
     admit = None
     if settings.dashboard and settings.hmac_secret and not settings.token:
         log.warning("no dashboard: with an HMAC secret it needs a token too (FLOWLOOM_TOKEN)")
@@ -89,6 +90,10 @@ def create_app(
         if settings.token:
             admit = functools.partial(dashboard_page.admits, token=settings.token)
     middleware = [Middleware(RequestIdLog)]
+    if service.observers:
+        middleware.append(
+            Middleware(HttpMetrics, observers=service.observers, routes=served_routes)
+        )
     if settings.token:
         public = [e.path for e in served if e.public]
         middleware.append(Middleware(BearerAuth, token=settings.token, public=public, admit=admit))

@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ __all__ = ["Callbacks", "Target", "parse_url"]
 log = logging.getLogger("flowloom.http")
 
 MAX_URL = 2048
+HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 FINAL = "final"  # the receiver refused for good
 SEND_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError)
 
@@ -78,6 +80,8 @@ def parse_url(value: str) -> Target:
         raise ValueError(str(exc) or "malformed URL") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError("must be an absolute http(s) URL")
+    if not (HOSTNAME.fullmatch(url.raw_host.decode("ascii")) or ":" in url.host):
+        raise ValueError(f"{url.host!r} is not a host name or address")
     if url.port is not None and not 0 < url.port < 65536:
         raise ValueError("the port must be from 1 to 65535")
     return Target(url)
@@ -209,6 +213,7 @@ class Callbacks:
                 pending.request_id,
                 pending.target.shown,
             )
+            self.api.service.observers.callback_sent("failed")
             return
         task = asyncio.get_running_loop().create_task(self._send(pending, status))
         self.sending.add(task)
@@ -223,6 +228,7 @@ class Callbacks:
             answer = await self.api.answer(name, request_id, status)
         except Exception as exc:  # the request expired, the backend is down...
             log.warning("callback for request %s to %s not sent: %s", request_id, target.shown, exc)
+            self.api.service.observers.callback_sent("failed")
             return
         body = bytes(answer.body)
         headers = {
@@ -245,6 +251,8 @@ class Callbacks:
                 await anyio.sleep(self.backoff * 2 ** (attempt - 1))
             outcome = await self._attempt(target, body, headers)
             if outcome is None or outcome == FINAL:
+                sent = "delivered" if outcome is None else "rejected"
+                self.api.service.observers.callback_sent(sent)
                 return
             reason = outcome
         log.warning(
@@ -254,6 +262,7 @@ class Callbacks:
             self.attempts,
             reason,
         )
+        self.api.service.observers.callback_sent("failed")
 
     async def _attempt(self, target: Target, body: bytes, headers: dict[str, str]) -> str | None:
         """One POST within the deadline: None once the receiver took it (2xx), "final"

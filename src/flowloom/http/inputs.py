@@ -137,8 +137,6 @@ async def read_body(request: HTTPRequest, limit: int) -> bytes:
                 raise BadInput(413, f"the body is over the limit of {limit} bytes")
             chunks.append(chunk)
     except ClientDisconnect:
-        log.info(
-            "%s %s: the client disconnected during the upload", request.method, request.url.path
-        )
+        log.info("%s %s: client disconnected during upload", request.method, request.scope["path"])
         raise BadInput(400, "the client disconnected during the upload") from None
     return b"".join(chunks)

@@ -54,6 +54,7 @@ PRIVATE_HEADERS = frozenset(
 )
 
 REQUEST_HEADERS = ("X-Request-Id", "X-Request-Status")
+RUN_HEADERS = (*REQUEST_HEADERS, "X-Trace-Id")
 RETRY = {"Retry-After": "1"}
 NAME_PARAM = Param(
     "name",
@@ -82,14 +83,14 @@ def _wait_param(default: str) -> Param:
     )
 
 
-def _outcomes(accepted: str) -> dict[int, Answer]:
+def _outcomes(accepted: str, headers: tuple[str, ...] = REQUEST_HEADERS) -> dict[int, Answer]:
     """The answers of execute and result: the result, or where the request stands."""
     return {
-        200: Answer("The request completed: its result's bytes.", bytes, REQUEST_HEADERS),
-        202: Answer(accepted, Accepted, (*REQUEST_HEADERS, "Location")),
+        200: Answer("The request completed: its result's bytes.", bytes, headers),
+        202: Answer(accepted, Accepted, (*headers, "Location")),
         404: Answer("No such flow or request.", Error),
         409: Answer("The request was stopped (or, on execute, its id is taken).", (Outcome, Error)),
-        424: Answer("The request failed: `error` says where and why.", Outcome),
+        424: Answer("The request failed: `error` says where and why.", Outcome, headers),
     }
 
 
@@ -137,6 +138,13 @@ def _callbacks(settings: Settings) -> bool:
             lambda s: {"type": "number", "minimum": 0, "maximum": s.wait_timeout},
         ),
         Param(
+            "traceparent",
+            "header",
+            "A W3C trace context (`00-TRACEID-SPANID-FLAGS`): the request's trace becomes a "
+            "child of the caller's. An invalid one is ignored, as the W3C spec asks.",
+            {"type": "string"},
+        ),
+        Param(
             "X-Callback-Url",
             "header",
             "An http(s) URL to POST the final answer to when it ends; its host must "
@@ -161,7 +169,7 @@ def _callbacks(settings: Settings) -> bool:
     ),
     body=lambda s: {"type": "string", "format": "binary", "maxLength": s.max_body},
     answers={
-        **_outcomes("Not done within the wait (or `X-Async`): the request id."),
+        **_outcomes("Not done within the wait (or `X-Async`): the request id.", RUN_HEADERS),
         400: Answer("Malformed flow name, header or query, or a refused callback URL.", Error),
         401: Answer("Missing or wrong signature.", Error, when=_signed),
         413: Answer("The body is over {max_body} bytes.", Error),
@@ -184,26 +192,31 @@ async def execute(api: Api, request: HTTPRequest) -> Response:
         else:
             check_body_signature(headers, body, settings.hmac_secret)
     callback = await _callback(api, headers.get("x-callback-url"))
-    flow_request = Request(
-        body=body,
-        request_id=request_id,
-        query=query,
-        headers={k: v for k, v in headers.items() if k not in PRIVATE_HEADERS},
-    )
-    result: bytes | None = None
-    if run_async or wait == 0:
-        request_id = await call(api.service.execute, name, flow_request)
-        status = Status.QUEUED
-    else:
-        with http_errors():
-            request_id, status, result = await api.waiter.execute(name, flow_request, wait)
+    kept = {k: v for k, v in headers.items() if k not in PRIVATE_HEADERS}
+    # with tracing on, this server's span for the call is the request's parent
+    with api.service.observers.http_span(f"POST /flow/{name}", kept.get("traceparent")) as parent:
+        if parent is not None:
+            kept["traceparent"] = parent
+        flow_request = Request(body=body, request_id=request_id, query=query, headers=kept)
+        result: bytes | None = None
+        if run_async or wait == 0:
+            record = await call(api.service._submit, name, flow_request)
+            status = Status.QUEUED
+        else:
+            with http_errors():
+                record, status, result = await api.waiter.execute(name, flow_request, wait)
+    request_id = record.request_id
     if callback is not None:
         api.callbacks.start(name, request_id, callback, status)
     if result is not None:
-        return responses.result(request_id, result)
-    if run_async:
-        return responses.accepted(name, request_id, status)
-    return await api.answer(name, request_id, status)
+        answer = responses.result(request_id, result)
+    elif run_async:
+        answer = responses.accepted(name, request_id, status)
+    else:
+        answer = await api.answer(name, request_id, status)
+    if record.trace:
+        answer.headers["X-Trace-Id"] = record.trace[:32]
+    return answer
 
 
 async def _callback(api: Api, value: str | None) -> Target | None:

@@ -17,6 +17,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .. import logs
 from .accesslog import log_config
 from .app import create_app
 
@@ -68,6 +69,7 @@ def serve(
     """
     if limit_concurrency < 1 or keep_alive < 1 or not header_timeout > 0:
         raise ValueError("limit_concurrency, keep_alive and header_timeout must be positive")
+    logs.configure()  # a program of its own: flowloom's records reach stderr unless set up
     app = create_app(service, **options)
     _raise_open_file_limit(limit_concurrency)
     config = uvicorn.Config(

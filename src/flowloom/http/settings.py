@@ -28,6 +28,7 @@ class Settings:
     wait_timeout: float
     callbacks: bool
     callback_allow: tuple[Network, ...] = ()
+    monitoring: bool = False  # GET /metrics: the service keeps Prometheus metrics
     dashboard: bool = False
     trace_url: str | None = None  # a trace UI's URL with "{trace_id}", for the dashboard
 
@@ -64,6 +65,7 @@ class Settings:
             wait_timeout=float(wait_timeout),
             callbacks=callbacks,
             callback_allow=networks(callback_allow),
+            monitoring=getattr(service, "metrics", None) is not None,
             dashboard=service.enable_monitoring if dashboard is None else dashboard,
             trace_url=trace_url or os.environ.get("FLOWLOOM_TRACE_URL") or None,
         )

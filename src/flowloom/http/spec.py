@@ -31,6 +31,10 @@ HEADERS: dict[str, Any] = {
         "schema": {"$ref": "#/components/schemas/Status"},
     },
     "Location": {"description": "The request's state.", "schema": {"type": "string"}},
+    "X-Trace-Id": {
+        "description": "The request's OpenTelemetry trace id (32 hex digits).",
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+    },
 }
 
 
@@ -53,7 +57,9 @@ def document(endpoints: Iterable[Endpoint], settings: Settings) -> dict[str, Any
         "paths": paths,
         "components": {
             "schemas": schemas(sorted(shapes, key=lambda s: getattr(s, "__name__", str(s)))),
-            "headers": {name: HEADERS[name] for name in ("X-Request-Id", "X-Request-Status")},
+            "headers": {
+                name: HEADERS[name] for name in ("X-Request-Id", "X-Request-Status", "X-Trace-Id")
+            },
         },
     }
     if settings.token:

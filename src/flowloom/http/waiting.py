@@ -13,6 +13,7 @@ from ..errors import RequestNotFound
 from ..types import Request, Status
 
 if TYPE_CHECKING:
+    from ..backends import RequestRecord
     from ..service import FlowService
 
 __all__ = ["Waiter"]
@@ -41,29 +42,29 @@ class Waiter:
 
     async def execute(
         self, name: str, request: Request, timeout: float
-    ) -> tuple[str, Status, bytes | None]:
-        """Execute, and wait for the request up to ``timeout``: its id, its status then,
-        and its result if it completed within the first slice (one thread hop for a
-        quick flow: execute, wait and read the result together)."""
+    ) -> tuple[RequestRecord, Status, bytes | None]:
+        """Execute, and wait for the request up to ``timeout``: its record (id, trace),
+        its status then, and its result if it completed within the first slice (one
+        thread hop for a quick flow: execute, wait and read the result together)."""
         if timeout > 0 and self._blocking():
             first = min(timeout, self.slice)
-            request_id, status, result = await anyio.to_thread.run_sync(
+            record, status, result = await anyio.to_thread.run_sync(
                 self._execute_and_wait, name, request, first, limiter=self.limiter
             )
             if result is not None:
-                return request_id, status, result
-            return request_id, await self.wait(request_id, timeout - first, status), None
-        request_id = await anyio.to_thread.run_sync(self.service.execute, name, request)
-        return request_id, await self.wait(request_id, timeout, Status.QUEUED), None
+                return record, status, result
+            return record, await self.wait(record.request_id, timeout - first, status), None
+        record = await anyio.to_thread.run_sync(self.service._submit, name, request)
+        return record, await self.wait(record.request_id, timeout, Status.QUEUED), None
 
     def _execute_and_wait(
         self, name: str, request: Request, timeout: float
-    ) -> tuple[str, Status, bytes | None]:
+    ) -> tuple[RequestRecord, Status, bytes | None]:
         backend = self.service.backend
-        request_id = self.service.execute(name, request)
-        status = backend.wait(request_id, timeout) or Status.QUEUED
-        result = backend.result(request_id) if status is Status.COMPLETED else None
-        return request_id, status, result
+        record = self.service._submit(name, request)
+        status = backend.wait(record.request_id, timeout) or Status.QUEUED
+        result = backend.result(record.request_id) if status is Status.COMPLETED else None
+        return record, status, result
 
     async def wait(
         self, request_id: str, timeout: float | None, status: Status = Status.QUEUED

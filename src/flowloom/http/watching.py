@@ -52,10 +52,12 @@ class Instances(msgspec.Struct):
 
 
 class Queue(msgspec.Struct):
-    """Tasks queued that no worker has taken yet, and retries waiting for their time."""
+    """Tasks queued that no worker has taken yet, retries waiting for their time, and
+    tasks held by paused requests (each None if the backend cannot tell)."""
 
-    ready: int
-    delayed: int
+    ready: int | None
+    delayed: int | None
+    held: int | None
 
 
 def _paging(limit: int, what: str) -> tuple[Param, ...]:
@@ -205,9 +207,10 @@ async def instances(api: Api, request: HTTPRequest) -> Response:
 @endpoint(
     "GET",
     "/queue",
-    "Tasks waiting for a worker: ready ones and delayed retries.",
+    "Tasks waiting: ready for a worker, delayed retries, held by paused requests.",
     answers={200: Answer("The queue's depth.", Queue)},
 )
 async def queue(api: Api, request: HTTPRequest) -> Response:
-    depth = await call(api.service.backend.queue_depth)
-    return responses.json(Queue(ready=depth["ready"], delayed=depth["delayed"]))
+    depth = await call(api.service.backend.depth)
+    body = Queue(ready=depth.get("ready"), delayed=depth.get("delayed"), held=depth.get("held"))
+    return responses.json(body)

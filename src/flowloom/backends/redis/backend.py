@@ -15,7 +15,7 @@ from ..base import Backend, RequestRecord, Summary, Task, current_deadline
 from .connection import QUICK_TIMEOUT, Guard, Health, make_client, safe_url
 from .consumer import Consumer
 from .heartbeats import Heartbeats
-from .keys import KeyLayout
+from .keys import GROUP, KeyLayout
 from .scripts import Scripts
 from .store import RequestStore
 
@@ -223,16 +223,27 @@ class RedisBackend(Backend):
     def workers(self) -> list[dict[str, object]]:
         return self._call(self._heartbeats.workers)
 
-    def queue_depth(self) -> dict[str, int]:
-        self.flush()
-        return self._consumer.depth()
+    def depth(self) -> Mapping[str, int]:
+        """Ready: on the stream and not yet delivered to any worker (delivered entries are
+        pending until acked, and deleted then); delayed: retries; held: of paused requests."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xlen(self.keys.tasks)
+        pipe.xpending(self.keys.tasks, GROUP)
+        pipe.zcard(self.keys.delayed)
+        pipe.get(self.keys.held)
+        try:
+            length, pending, delayed, held = pipe.execute()
+        except redis.ResponseError:  # no stream or group yet: nothing has been queued
+            return {"ready": 0, "delayed": 0, "held": 0}
+        ready = max(0, int(length) - int(pending["pending"] if pending else 0))
+        return {"ready": ready, "delayed": int(delayed), "held": max(0, int(held or 0))}
 
     def ping(self) -> None:
-        """``BackendUnavailable`` unless Redis answers within about a second."""
+        """``BackendUnavailable`` unless Redis answers within about a second. A probe: the
+        caller reports the answer, so a failure is not logged here."""
         try:
             self._quick.ping()
         except redis.RedisError as exc:
-            self.health.failed(exc)
             raise self._guard.unavailable(exc) from exc
         self.health.succeeded()
 

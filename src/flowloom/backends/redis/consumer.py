@@ -105,22 +105,6 @@ class Consumer:
             self._release(pending[1])  # the task is taken over later, and runs again
             raise
 
-    def depth(self) -> dict[str, int]:
-        """Tasks no worker has taken yet (stream entries not pending in the group) and
-        retries waiting for their time."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.xlen(self.keys.tasks)
-        pipe.zcard(self.keys.delayed)
-        length, delayed = pipe.execute()
-        taken = 0
-        if length:
-            try:
-                taken = int(self._redis.xpending(self.keys.tasks, GROUP)["pending"])
-            except redis.ResponseError as exc:  # no worker has made the group yet
-                if "NOGROUP" not in str(exc):
-                    raise
-        return {"ready": max(0, int(length) - taken), "delayed": int(delayed)}
-
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         self.flush()
         return self._scripts(name, keys, args)
@@ -269,6 +253,7 @@ class Consumer:
                 task = codec.decode_task(blob, receipt.decode())
                 if n < len(deliveries) and deliveries[n] > 1:
                     self._redelivered[task.receipt] = deliveries[n]
+                    task = replace(task, redelivered=True)
                 tasks.append(task)
                 self._held[task.receipt] = task
             now = time.monotonic()

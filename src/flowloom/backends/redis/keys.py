@@ -7,11 +7,12 @@
                                    (consumer group ``workers``; a pending entry is a
                                    task some worker has claimed and not acked yet)
     P:delayed            zset      retries waiting for their time: blob -> due (ms)
+    P:held               string    how many tasks are held over all paused requests
     P:requests           zset      every live request id -> created (s), for listings
     P:flow:{name}        zset      the same, per flow
     P:expiries           zset      "flow\\0id" of ended requests -> when they expire (ms)
     P:r:{id}             hash      the request: flow, version, body, query, headers,
-                                   created, hooks, status, ended, result, error
+                                   created, hooks, trace, status, ended, result, error
     P:r:{id}:v           hash      vertex states: s|ADDR status, b|ADDR began,
                                    e|ADDR ended, a|ADDR attempts, x|ADDR error (JSON)
     P:r:{id}:i           hash      instance marks: f|INST fired (queued once),
@@ -76,6 +77,7 @@ class KeyLayout:
     requests: str
     expiries: str
     workers: str
+    held: str
 
     @classmethod
     def of(cls, prefix: str) -> KeyLayout:
@@ -86,6 +88,7 @@ class KeyLayout:
             requests=f"{prefix}:requests",
             expiries=f"{prefix}:expiries",
             workers=f"{prefix}:workers",
+            held=f"{prefix}:held",
         )
 
     @property

@@ -19,7 +19,7 @@ from .scripts import Scripts
 
 __all__ = ["RequestStore"]
 
-_STATE_FIELDS = ("flow", "status", "created", "ended", "error")
+_STATE_FIELDS = ("flow", "status", "created", "ended", "error", "trace")
 WAIT_BLOCK = 0.2  # seconds one blocking read of ``wait`` lasts at most
 
 
@@ -52,6 +52,7 @@ class RequestStore:
             json.dumps(dict(record.headers)),
             repr(record.created),
             "1" if record.has_hooks else "0",
+            record.trace,
             *codec.delivery_args(transition.deliveries),
         ]
         if not self._scripts("submit", keys, args):
@@ -66,13 +67,13 @@ class RequestStore:
         return _state(request_id, fields, vertices)
 
     def record(self, request_id: str) -> RequestRecord | None:
-        names = ("flow", "version", "body", "query", "headers", "created", "hooks")
+        names = ("flow", "version", "body", "query", "headers", "created", "hooks", "trace")
         raw = cast(
             list[bytes | None], self._redis.hmget(self.keys.request(request_id).request, names)
         )
         if raw[0] is None:
             return None
-        flow, version, body, query, headers, created, hooks = (v or b"" for v in raw)
+        flow, version, body, query, headers, created, hooks, trace = (v or b"" for v in raw)
         return RequestRecord(
             request_id=request_id,
             flow=flow.decode(),
@@ -82,6 +83,7 @@ class RequestStore:
             headers=json.loads(headers or b"{}"),
             created=float(created or 0.0),
             has_hooks=hooks == b"1",
+            trace=trace.decode(),
         )
 
     def summary(self, request_id: str) -> Summary | None:
@@ -237,7 +239,7 @@ class RequestStore:
 def _state(
     request_id: str, fields: list[bytes | None], raw_vertices: dict[bytes, bytes]
 ) -> RequestState | None:
-    flow, status, created, ended, error = fields
+    flow, status, created, ended, error, trace = fields
     if flow is None or status is None:
         return None
     parts: dict[str, dict[str, bytes]] = {}
@@ -263,4 +265,5 @@ def _state(
         ended=codec.to_float(ended),
         error=codec.error_from(error),
         vertices=vertices,
+        trace_id=trace[:32].decode() if trace else None,
     )

@@ -20,6 +20,9 @@ elseif action == 'running' then
   for _, blob in ipairs(held) do
     redis.call('XADD', tasks_key, '*', 't', blob)
   end
+  if #held > 0 then
+    redis.call('DECRBY', held_count_key, #held)
+  end
   redis.call('DEL', held_key)
   return { 'ok', 'running' }
 end

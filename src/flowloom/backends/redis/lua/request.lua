@@ -11,6 +11,8 @@ local outputs_key = KEYS[8]    -- P:r:{id}:o    hash   outputs of completed inst
 local tasks_key = KEYS[9]      -- P:tasks       stream ready tasks
 local expiries_key = KEYS[10]  -- P:expiries    zset   when ended requests leave listings
 local delayed_key = KEYS[11]   -- P:delayed     zset   retries waiting for their time
+-- P:held (string): tasks held over all paused requests, for the queue-depth metric
+local held_count_key = string.sub(tasks_key, 1, -6) .. 'held'
 --
 -- A task is one binary-safe blob of netstrings ("<len>:<bytes>"): request id, flow,
 -- version, step, keys (each followed by "\0"), attempt, then (slot, value) pairs where
@@ -37,6 +39,7 @@ end
 local function queue(req, blob, inst)
   if req.status == 'paused' then
     redis.call('RPUSH', held_key, blob)
+    redis.call('INCR', held_count_key)
   else
     redis.call('XADD', tasks_key, '*', 't', blob, 'i', inst)
   end
@@ -55,6 +58,7 @@ local function begin_task(r, group, receipt, blob, inst, attempt)
   if status == 'paused' then
     if blob ~= '' then
       redis.call('RPUSH', r .. ':h', blob)
+      redis.call('INCR', held_count_key)
     end
     ack(group, receipt)
     return 0
@@ -139,6 +143,10 @@ local function finish(req, status, retention_ms, result, err)
   end
   if err then
     redis.call('HSET', request_key, 'error', err)
+  end
+  local held = redis.call('LLEN', held_key)
+  if held > 0 then
+    redis.call('DECRBY', held_count_key, held)
   end
   redis.call('DEL', instances_key, inputs_key, held_key)
   redis.call('RPUSH', ended_key, status)

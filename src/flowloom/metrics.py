@@ -1,0 +1,249 @@
+"""Prometheus metrics of one process, with prometheus-client (the ``otel`` extra).
+
+Each process counts what happens in it, in a registry of its own: the HTTP server
+counts the requests it starts and the HTTP calls it answers, each worker process
+the tasks it runs and the requests it ends. Prometheus scrapes every process and
+sums (``sum by (flow) (...)``). Label values are bounded: flow names, step ids
+(vertex paths without item keys: ``users[]/verify``, ``users:split``), outcomes,
+route templates; never a request id or a foreach item key. Every metric is listed
+in docs/observability.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from .backends import Backend, RequestRecord, Task
+from .observe import Attempt, Observer, RequestInfo
+from .types import ErrorInfo, Status
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+log = logging.getLogger("flowloom.metrics")
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_TASK_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_REQUEST_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+class Metrics(Observer):
+    """The process's metrics. ``backend``: also report its queue depth and live workers,
+    read from it at each scrape."""
+
+    def __init__(self, backend: Backend | None = None) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests_started = Counter(
+            "flowloom_requests_started", "Requests executed (by this process).", ["flow"],
+            registry=registry,
+        )  # fmt: skip
+        self.requests_ended = Counter(
+            "flowloom_requests_ended",
+            "Requests ended (by this process), by final status.",
+            ["flow", "status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "flowloom_request_duration_seconds",
+            "From execute to the request's end.",
+            ["flow"],
+            buckets=_REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.tasks = _TaskStats()
+        registry.register(self.tasks)
+        self.callbacks = Counter(
+            "flowloom_callbacks", "X-Callback-Url calls, by outcome.", ["outcome"],
+            registry=registry,
+        )  # fmt: skip
+        self.http_requests = Counter(
+            "flowloom_http_requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.http_seconds = Histogram(
+            "flowloom_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template.",
+            ["route", "method"],
+            registry=registry,
+        )
+        if backend is not None:
+            registry.register(_BackendCollector(backend))
+        # labelled children, looked up once per label values (all bounded)
+        self._started = functools.cache(self.requests_started.labels)
+        self._ended = functools.cache(self.requests_ended.labels)
+        self._request_seconds = functools.cache(self.request_seconds.labels)
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format (``CONTENT_TYPE``)."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> WSGIServer:
+        """Serve ``/metrics`` (and every other path) on ``host:port`` from a daemon thread."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server
+
+    # -- hooks -------------------------------------------------------------------------------
+    def request_started(self, record: RequestRecord) -> None:
+        self._started(record.flow).inc()
+
+    def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
+        self._ended(request.flow, status.value).inc()
+        self._request_seconds(request.flow).observe(max(0.0, time.time() - request.created))
+
+    def attempt_started(self, attempt: Attempt) -> None:
+        self.tasks.started()
+
+    def attempt_ended(self, attempt: Attempt) -> None:
+        task = attempt.task
+        self.tasks.ended(task.flow, task.step, attempt.outcome, attempt.started)
+
+    def task_redelivered(self, task: Task) -> None:
+        self.tasks.redelivered(task.flow, task.step)
+
+    def callback_sent(self, outcome: str) -> None:
+        self.callbacks.labels(outcome).inc()
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        method = method if method in _METHODS else "other"
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_seconds.labels(route, method).observe(seconds)
+
+
+class _BackendCollector(Collector):
+    """Queue depth and live workers, asked of the backend at scrape time."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily("flowloom_backend_up", "1 if the backend answered this scrape.")
+        try:
+            depth = self.backend.depth()
+            workers = len(self.backend.workers())
+        except Exception as exc:
+            log.warning("flowloom: metrics could not read the backend: %s", exc)
+            up.add_metric([], 0)
+            return [up]
+        up.add_metric([], 1)
+        queue = GaugeMetricFamily(
+            "flowloom_queue_tasks",
+            "Tasks waiting in the backend: ready to run, delayed (retries), held (paused).",
+            labels=["state"],
+        )
+        for state in ("ready", "delayed", "held"):
+            queue.add_metric([state], depth.get(state, 0))
+        live = GaugeMetricFamily("flowloom_workers_live", "Live workers seen by the backend.")
+        live.add_metric([], workers)
+        return [up, queue, live]
+
+
+_OUTCOMES = ("completed", "failed", "retried", "redelivered")
+_SUM = len(_OUTCOMES)  # the slot of the duration sum; the bucket counts follow it
+_FIRST_BUCKET = _SUM + 1
+
+
+class _TaskStats(Collector):
+    """Task attempts, task durations and running tasks, counted without a lock.
+
+    Every task passes here, so this is the hot path: each worker thread counts into a
+    table of its own (one list per flow and step: a count per outcome, the duration sum,
+    a count per histogram bucket) and the tables are added up at scrape time, when
+    prometheus-client writes them out as a counter, a histogram and a gauge.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._tables: list[dict[tuple[str, str], list[float]]] = []
+        self._running: list[list[int]] = []  # per thread: [began, ended]
+
+    def _table(self) -> dict[tuple[str, str], list[float]]:
+        table: dict[tuple[str, str], list[float]] | None = getattr(self._local, "table", None)
+        if table is None:
+            table = self._local.table = {}
+            self._local.running = running = [0, 0]
+            self._tables.append(table)  # list.append is atomic: no lock needed
+            self._running.append(running)
+        return table
+
+    def _row(self, flow: str, step: str) -> list[float]:
+        table = self._table()
+        row = table.get((flow, step))
+        if row is None:
+            row = table[(flow, step)] = [0.0] * (_FIRST_BUCKET + len(_TASK_BUCKETS) + 1)
+        return row
+
+    def started(self) -> None:
+        self._table()
+        self._local.running[0] += 1
+
+    def ended(self, flow: str, step: str, outcome: str, began: float) -> None:
+        seconds = time.perf_counter() - began
+        row = self._row(flow, step)
+        self._local.running[1] += 1
+        row[_OUTCOMES.index(outcome)] += 1
+        row[_SUM] += seconds
+        row[_FIRST_BUCKET + bisect.bisect_left(_TASK_BUCKETS, seconds)] += 1
+
+    def redelivered(self, flow: str, step: str) -> None:
+        self._row(flow, step)[_OUTCOMES.index("redelivered")] += 1
+
+    def collect(self) -> Iterable[Metric]:
+        totals: dict[tuple[str, str], list[float]] = {}
+        for table in list(self._tables):
+            for key, row in list(table.items()):
+                total = totals.get(key)
+                if total is None:
+                    totals[key] = list(row)
+                else:
+                    for i, value in enumerate(row):
+                        total[i] += value
+        attempts = CounterMetricFamily(
+            "flowloom_task_attempts",
+            "Task attempts by outcome: completed, failed, retried, redelivered.",
+            labels=["flow", "vertex", "outcome"],
+        )
+        seconds = HistogramMetricFamily(
+            "flowloom_task_duration_seconds",
+            "Time to run one task attempt (its user code and its report).",
+            labels=["flow", "vertex"],
+        )
+        for (flow, step), row in sorted(totals.items()):
+            for i, outcome in enumerate(_OUTCOMES):
+                if row[i]:
+                    attempts.add_metric([flow, step, outcome], row[i])
+            counts = row[_FIRST_BUCKET:]
+            if sum(counts):
+                cumulative = list(itertools.accumulate(counts))
+                bounds = [*map(floatToGoString, _TASK_BUCKETS), "+Inf"]
+                seconds.add_metric(
+                    [flow, step], list(zip(bounds, cumulative, strict=True)), row[_SUM]
+                )
+        running = GaugeMetricFamily("flowloom_tasks_running", "Tasks running now in this process.")
+        running.add_metric([], float(sum(began - ended for began, ended in list(self._running))))
+        return [attempts, seconds, running]

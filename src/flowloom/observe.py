@@ -1,0 +1,189 @@
+"""The named points where tracing and metrics hook into flowloom.
+
+An ``Observer`` has a no-op method per point; ``tracing.Tracing`` and
+``metrics.Metrics`` override the ones they need. The worker, the service and the
+HTTP app call them through ``Observers``, which runs each observer inside
+``try``/``except``: an observability failure is logged, never a task's or a
+request's failure. With no observer (tracing and monitoring off) every call is a
+loop over an empty tuple.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backends import RequestRecord, Task
+from .traceparent import TraceContext
+from .types import ErrorInfo, Status
+
+__all__ = ["Attempt", "CallSpan", "Observer", "Observers", "RequestInfo"]
+
+log = logging.getLogger("flowloom.observe")
+
+# Wraps one call of user code (``kind`` is "handler", "aggregator", ...; ``fn`` the callee).
+CallSpan = Callable[[str, Callable[..., Any]], AbstractContextManager[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What an observer needs to know of a request: whose it is, when it began, its trace."""
+
+    request_id: str
+    flow: str
+    created: float
+    trace: TraceContext | None
+
+    @classmethod
+    def of(cls, record: RequestRecord) -> RequestInfo:
+        return cls(
+            record.request_id, record.flow, record.created, TraceContext.decode(record.trace)
+        )
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One attempt at one task, from ``attempt_started`` to ``attempt_ended``.
+
+    ``task.step`` names the step without item keys (``each[]/double``, ``each:split``:
+    a bounded metric label); ``address`` the vertex instance's (``each[k1]/double``).
+    The worker sets ``outcome`` ("completed", "failed" or "retried"), ``error`` and
+    ``ended`` before ``attempt_ended``; ``span`` and ``scope`` belong to the tracing
+    observer.
+    """
+
+    task: Task
+    request: RequestInfo
+    kind: str  # "run", "split" or "join"
+    address: str
+    worker: str
+    outcome: str = "failed"
+    error: BaseException | None = None
+    started: float = field(default_factory=time.perf_counter)
+    ended: tuple[Status, ErrorInfo | None] | None = None  # the request ended with this attempt
+    span: Any = None
+    scope: Any = None
+
+
+class Observer:
+    """No-op hooks; override the ones you need. Each is called inside try/except."""
+
+    def request_started(self, record: RequestRecord) -> None:
+        """``execute`` has queued the request (in the process that called it)."""
+
+    def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
+        """The request ended (in the process that ended it: the worker that ran its last
+        or failing task, or the one that stopped it)."""
+
+    def attempt_started(self, attempt: Attempt) -> None:
+        """A worker thread is about to run the user code of a task (same thread as
+        ``attempt_ended``)."""
+
+    def attempt_ended(self, attempt: Attempt) -> None: ...
+
+    def task_redelivered(self, task: Task) -> None:
+        """A task was taken over from a worker that did not finish it."""
+
+    def callback_sent(self, outcome: str) -> None:
+        """An ``X-Callback-Url`` call ended: "delivered" or "failed"."""
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None: ...
+
+    def call_span(self) -> CallSpan | None:
+        """A wrapper for each call of user code (to trace it), or None."""
+        return None
+
+    def http_span(self, name: str, traceparent: str | None) -> AbstractContextManager[str] | None:
+        """A span around an HTTP call that executes a flow, child of the caller's
+        ``traceparent``; it yields the traceparent that names it (the request's parent).
+        None: this observer does not trace."""
+        return None
+
+    def close(self) -> None:
+        """Flush and release what the observer holds (exporters, threads)."""
+
+
+class Observers:
+    """Every configured observer, each called inside try/except."""
+
+    def __init__(self, observers: Sequence[Observer] = ()) -> None:
+        self.all = tuple(observers)
+        self.call_span = next((s for o in self.all if (s := o.call_span()) is not None), None)
+
+    def __bool__(self) -> bool:
+        return bool(self.all)
+
+    def http_span(self, name: str, traceparent: str | None) -> AbstractContextManager[str | None]:
+        for observer in self.all:
+            try:
+                span = observer.http_span(name, traceparent)
+            except Exception:
+                _failed(observer, "http_span")
+                continue
+            if span is not None:
+                return span
+        return nullcontext(None)
+
+    def request_started(self, record: RequestRecord) -> None:
+        for observer in self.all:
+            try:
+                observer.request_started(record)
+            except Exception:
+                _failed(observer, "request_started")
+
+    def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
+        for observer in self.all:
+            try:
+                observer.request_ended(request, status, error)
+            except Exception:
+                _failed(observer, "request_ended")
+
+    def attempt_started(self, attempt: Attempt) -> None:
+        for observer in self.all:
+            try:
+                observer.attempt_started(attempt)
+            except Exception:
+                _failed(observer, "attempt_started")
+
+    def attempt_ended(self, attempt: Attempt) -> None:
+        for observer in reversed(self.all):
+            try:
+                observer.attempt_ended(attempt)
+            except Exception:
+                _failed(observer, "attempt_ended")
+
+    def task_redelivered(self, task: Task) -> None:
+        for observer in self.all:
+            try:
+                observer.task_redelivered(task)
+            except Exception:
+                _failed(observer, "task_redelivered")
+
+    def callback_sent(self, outcome: str) -> None:
+        for observer in self.all:
+            try:
+                observer.callback_sent(outcome)
+            except Exception:
+                _failed(observer, "callback_sent")
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        for observer in self.all:
+            try:
+                observer.http_request(route, method, status, seconds)
+            except Exception:
+                _failed(observer, "http_request")
+
+    def close(self) -> None:
+        for observer in self.all:
+            try:
+                observer.close()
+            except Exception:
+                _failed(observer, "close")
+
+
+def _failed(observer: Observer, point: str) -> None:
+    log.exception("flowloom: %s.%s failed (ignored)", type(observer).__name__, point)

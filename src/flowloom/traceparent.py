@@ -1,0 +1,104 @@
+"""A request's place in a distributed trace, and the W3C ``traceparent`` header.
+
+Every request gets a ``TraceContext`` when it is executed: the trace it belongs
+to, the id its root span will have, and the caller's span (when an incoming
+``traceparent`` made the request a child of another trace). It is stored with
+the request, so any process that runs a task of the request can parent its spans
+on the root span, and the process that ends the request can emit the root span
+under the id the others already used. Pure code: no OpenTelemetry needed here.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import dataclass
+
+__all__ = ["TraceContext", "parse_traceparent", "traces_url", "tracing_configured"]
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+_STORED = re.compile(r"([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{2})")
+_random = random.SystemRandom()
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """``trace_id`` (128 bits), the root span's ``span_id`` (64 bits), the caller's span
+    ``parent_id`` (0 when the request starts its own trace) and the ``sampled`` flag."""
+
+    trace_id: int
+    span_id: int
+    parent_id: int = 0
+    sampled: bool = True
+
+    @classmethod
+    def new(cls, parent: tuple[int, int, bool] | None = None) -> TraceContext:
+        """A fresh root span id, in a new trace or under ``parent`` (trace id, span id,
+        sampled), as ``parse_traceparent`` returns it."""
+        span_id = _random.getrandbits(64) or 1
+        if parent is not None:
+            return cls(parent[0], span_id, parent[1], parent[2])
+        return cls(_random.getrandbits(128) or 1, span_id)
+
+    @property
+    def trace_hex(self) -> str:
+        return f"{self.trace_id:032x}"
+
+    def encode(self) -> str:
+        """As stored with the request: ``TRACE-ROOTSPAN-PARENTSPAN-FLAGS`` in hex."""
+        return f"{self.trace_id:032x}-{self.span_id:016x}-{self.parent_id:016x}-{self.flags:02x}"
+
+    @classmethod
+    def decode(cls, text: str) -> TraceContext | None:
+        """The stored form back; None for an empty or malformed one."""
+        match = _STORED.fullmatch(text)
+        if match is None:
+            return None
+        trace, span, parent, flags = match.groups()
+        return cls(int(trace, 16), int(span, 16), int(parent, 16), bool(int(flags, 16) & 1))
+
+    @property
+    def flags(self) -> int:
+        return 1 if self.sampled else 0
+
+    def traceparent(self) -> str:
+        """The W3C header naming the request's root span (to hand on to a callee)."""
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.flags:02x}"
+
+
+def parse_traceparent(header: str | None) -> tuple[int, int, bool] | None:
+    """(trace id, span id, sampled) of a W3C ``traceparent`` header, or None when it is
+    missing or invalid (an invalid one is ignored, as the W3C spec asks)."""
+    if not header:
+        return None
+    match = _TRACEPARENT.fullmatch(header.strip().lower())
+    if match is None:
+        return None
+    version, trace, span, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    trace_id, span_id = int(trace, 16), int(span, 16)
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, bool(int(flags, 16) & 1)
+
+
+_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def tracing_configured(endpoint: str | None) -> bool:
+    """Whether tracing is asked for: an endpoint given, or set in the standard
+    ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` variables (``OTEL_SDK_DISABLED=true`` and
+    ``OTEL_TRACES_EXPORTER=none`` turn it off). Importable without the extra."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return False
+    return bool(endpoint) or any(os.environ.get(name) for name in _ENDPOINT_VARIABLES)
+
+
+def traces_url(endpoint: str) -> str:
+    """``http://HOST:4318`` -> ``http://HOST:4318/v1/traces`` (a full URL is kept)."""
+    endpoint = endpoint.rstrip("/")
+    return endpoint if endpoint.endswith("/v1/traces") else endpoint + "/v1/traces"

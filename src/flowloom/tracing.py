@@ -1,0 +1,234 @@
+"""Tracing with OpenTelemetry: one trace per request, across every process.
+
+Needs the ``otel`` extra. The span tree of a request (see docs/observability.md):
+
+    flow NAME                       root span, from execute to the request's end
+    ├── vertex ADDRESS              one per attempt of a node instance
+    │   ├── handler FN              one per handler of a piped node (2 handlers or more)
+    │   ├── forwarder FN | aggregator FN | on_failure FN
+    │   └── (the handlers' own spans, made with the ordinary OpenTelemetry API, under
+    │        the handler's span, or the vertex span for a node of one handler)
+    ├── split ADDRESS               a conditional or foreach vertex choosing its branches
+    │   └── condition FN | foreach FN
+    └── join ADDRESS                the same vertex combining its branches
+        └── aggregator FN
+
+A span cannot be ended by another process, so the root span is not opened at
+``execute``: its ids are chosen there and stored with the request
+(``RequestRecord.trace``), every vertex span names it as parent, and the process
+that ends the request emits it, with the request's creation time as its start,
+under the id chosen at first. Spans are batched and exported off the hot path
+(OTLP over HTTP, protobuf) by the SDK's ``BatchSpanProcessor``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
+
+from .observe import Attempt, CallSpan, Observer, RequestInfo
+from .traceparent import TraceContext, parse_traceparent, traces_url
+from .types import ErrorInfo, Status
+
+__all__ = ["Tracing"]
+
+log = logging.getLogger("flowloom.tracing")
+
+
+class _Ids(RandomIdGenerator):
+    """Random ids, except while ``fixed`` is in force in this thread: then the ids chosen
+    for a request's root span when it was executed."""
+
+    def __init__(self) -> None:
+        self._fixed = threading.local()
+
+    @contextlib.contextmanager
+    def fixed(self, trace_id: int, span_id: int) -> Iterator[None]:
+        self._fixed.ids = (trace_id, span_id)
+        try:
+            yield
+        finally:
+            self._fixed.ids = None
+
+    def generate_trace_id(self) -> int:
+        ids = getattr(self._fixed, "ids", None)
+        return ids[0] if ids else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        ids = getattr(self._fixed, "ids", None)
+        return ids[1] if ids else super().generate_span_id()
+
+
+class Tracing(Observer):
+    """Spans of requests, vertex attempts and user-code calls, exported over OTLP/HTTP.
+
+    ``endpoint``: the collector's base URL (``http://HOST:4318``; ``/v1/traces`` is
+    added), else the standard ``OTEL_EXPORTER_OTLP_*`` variables. ``exporter``: another
+    span exporter (tests). The provider is made the global one unless the application
+    has set its own, so that handlers' spans made with ``trace.get_tracer(...)`` are
+    exported too (under the vertex span either way).
+    """
+
+    def __init__(self, endpoint: str | None = None, exporter: SpanExporter | None = None) -> None:
+        if exporter is None:
+            exporter = OTLPSpanExporter(endpoint=traces_url(endpoint)) if endpoint else None
+            exporter = exporter or OTLPSpanExporter()
+        named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
+            "OTEL_RESOURCE_ATTRIBUTES", ""
+        )
+        attributes: dict[str, str | int] = {"process.pid": os.getpid()}
+        if not named:
+            attributes["service.name"] = "flowloom"
+        resource = Resource.create(attributes)
+        self._ids = _Ids()
+        self.provider = TracerProvider(resource=resource, id_generator=self._ids)
+        self.provider.add_span_processor(BatchSpanProcessor(exporter))
+        self.tracer = self.provider.get_tracer("flowloom")
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            trace.set_tracer_provider(self.provider)
+
+    # -- the request's root span ---------------------------------------------------------------
+    def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
+        ids = request.trace
+        if ids is None:
+            return
+        parent = otel_context.Context()
+        if ids.parent_id:
+            caller = SpanContext(ids.trace_id, ids.parent_id, True, TraceFlags(ids.flags))
+            parent = trace.set_span_in_context(NonRecordingSpan(caller), parent)
+        with self._ids.fixed(ids.trace_id, ids.span_id):
+            span = self.tracer.start_span(
+                f"flow {request.flow}",
+                context=parent,
+                kind=SpanKind.SERVER,
+                start_time=int(request.created * 1e9),
+                attributes={
+                    "flowloom.flow": request.flow,
+                    "flowloom.request_id": request.request_id,
+                    "flowloom.status": status.value,
+                },
+            )
+        if error is not None:
+            span.add_event(
+                "exception",
+                {
+                    "exception.type": error.type,
+                    "exception.message": error.message,
+                    "exception.stacktrace": error.traceback,
+                    "flowloom.vertex": error.vertex,
+                },
+            )
+            span.set_status(StatusCode.ERROR, f"{error.vertex}: {error.type}: {error.message}")
+        span.end()
+
+    # -- one span per attempt, current while the user code runs ------------------------------
+    def attempt_started(self, attempt: Attempt) -> None:
+        ids = attempt.request.trace
+        sampled = ids is not None and self._sampled(ids)
+        if ids is not None and not sampled:
+            # a dropped request costs no span: its root, unsampled, is made current, so
+            # that the handlers' own spans are dropped with it
+            attempt.scope = otel_context.attach(_under_root(ids, False))
+            return
+        span = self.tracer.start_span(
+            f"{'vertex' if attempt.kind == 'run' else attempt.kind} {attempt.address}",
+            context=_under_root(ids, sampled),
+            attributes={
+                "flowloom.flow": attempt.task.flow,
+                "flowloom.request_id": attempt.task.request_id,
+                "flowloom.vertex": attempt.address,
+                "flowloom.step": attempt.kind,
+                "flowloom.attempt": attempt.task.attempt,
+                "flowloom.worker": attempt.worker,
+            },
+        )
+        attempt.span = span
+        attempt.scope = otel_context.attach(trace.set_span_in_context(span))
+
+    def attempt_ended(self, attempt: Attempt) -> None:
+        if attempt.scope is not None:
+            otel_context.detach(attempt.scope)
+        span = attempt.span
+        if span is None:
+            return
+        span.set_attribute("flowloom.status", attempt.outcome)
+        if attempt.error is not None:
+            span.record_exception(attempt.error)
+            span.set_status(StatusCode.ERROR, f"{type(attempt.error).__name__}: {attempt.error}")
+        span.end()
+
+    def _sampled(self, ids: TraceContext) -> bool:
+        """Whether the request's spans are recorded: the caller's decision, else the
+        sampler's for a root span of this trace id. The standard samplers decide a root
+        by its trace id alone (``traceidratio``), so every process decides alike."""
+        if ids.parent_id:
+            return ids.sampled
+        result = self.provider.sampler.should_sample(None, ids.trace_id, "flow")
+        return result.decision in (Decision.RECORD_AND_SAMPLE,)
+
+    def call_span(self) -> CallSpan:
+        return self._call
+
+    @contextlib.contextmanager
+    def http_span(self, name: str, traceparent: str | None) -> Iterator[str]:
+        caller = parse_traceparent(traceparent)
+        parent = otel_context.Context()
+        if caller is not None:
+            remote = SpanContext(caller[0], caller[1], True, TraceFlags(1 if caller[2] else 0))
+            parent = trace.set_span_in_context(NonRecordingSpan(remote), parent)
+        with self.tracer.start_as_current_span(
+            name, context=parent, kind=SpanKind.SERVER, record_exception=False
+        ) as span:
+            ids = span.get_span_context()
+            yield f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{int(ids.trace_flags):02x}"
+
+    @contextlib.contextmanager
+    def _call(self, kind: str, fn: Callable[..., Any]) -> Iterator[None]:
+        current = trace.get_current_span().get_span_context()
+        if current.is_valid and not current.trace_flags.sampled:  # a dropped request
+            yield
+            return
+        try:
+            span = self.tracer.start_span(f"{kind} {getattr(fn, '__name__', '')}".rstrip())
+            scope = otel_context.attach(trace.set_span_in_context(span))
+        except Exception:
+            log.exception("flowloom: starting a span failed (ignored)")
+            yield
+            return
+        try:
+            yield
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            otel_context.detach(scope)
+            span.end()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        return self.provider.force_flush(int(timeout * 1000))
+
+    def close(self) -> None:
+        self.provider.shutdown()
+
+
+def _under_root(ids: TraceContext | None, sampled: bool) -> otel_context.Context:
+    """A context whose current span is the request's root span (not yet emitted)."""
+    if ids is None:
+        return otel_context.Context()
+    root = SpanContext(ids.trace_id, ids.span_id, True, TraceFlags(1 if sampled else 0))
+    return trace.set_span_in_context(NonRecordingSpan(root), otel_context.Context())

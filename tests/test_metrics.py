@@ -1,0 +1,205 @@
+"""Prometheus metrics, parsed with prometheus-client's own parser, on both backends.
+
+Worker processes with their own ``--metrics-port`` and the HTTP server's ``GET /metrics``
+are in test_metrics_processes.py and test_metrics_http.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from apps import observed_app
+from flowloom import FlowService, RequestFailed
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over every sample of ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def wait_until(read: Callable[[], Samples], done: Callable[[Samples], bool]) -> Samples:
+    deadline = time.monotonic() + 20
+    samples = read()
+    while not done(samples) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        samples = read()
+    return samples
+
+
+@pytest.fixture
+def service(backend_kind: str, request: pytest.FixtureRequest) -> Iterator[FlowService]:
+    if backend_kind == "memory":
+        fs = FlowService(enable_monitoring=True)
+    else:
+        fs = FlowService(
+            redis_url=request.getfixturevalue("redis_url"),
+            redis_prefix=request.getfixturevalue("redis_prefix"),
+            enable_monitoring=True,
+        )
+        fs._ensure_worker()  # a worker in this process, as `flowloom serve` runs one
+    yield observed_app.register(fs)
+    fs.close()
+
+
+def scrape(fs: FlowService) -> Samples:
+    assert fs.metrics is not None
+    return parse(fs.metrics.exposition().decode())
+
+
+def test_counters_move_by_exactly_the_expected_amounts(service):
+    before = scrape(service)
+    assert total(before, "flowloom_requests_started_total") == 0
+    for body in (b"x", b"y"):
+        assert service.run("diamond", body, timeout=20).startswith(b"L")
+    service.run("fanout", b"3", timeout=20)
+    service.run("flaky", b"ok", timeout=20)
+    with pytest.raises(RequestFailed):
+        service.run("broken", b"bad", timeout=20)
+
+    samples = wait_until(
+        lambda: scrape(service), lambda s: total(s, "flowloom_requests_ended_total") >= 5
+    )
+    started = "flowloom_requests_started_total"
+    assert value(samples, started, flow="diamond") == 2
+    assert value(samples, started, flow="fanout") == 1
+    assert value(samples, started, flow="flaky") == 1
+    assert value(samples, started, flow="broken") == 1
+    ended = "flowloom_requests_ended_total"
+    assert value(samples, ended, flow="diamond", status="completed") == 2
+    assert value(samples, ended, flow="fanout", status="completed") == 1
+    assert value(samples, ended, flow="flaky", status="completed") == 1
+    assert value(samples, ended, flow="broken", status="failed") == 1
+    assert total(samples, ended) == 5
+    assert value(samples, "flowloom_request_duration_seconds_count", flow="diamond") == 2
+    assert value(samples, "flowloom_request_duration_seconds_count", flow="broken") == 1
+
+    attempts = "flowloom_task_attempts_total"
+    for vertex in "abcd":
+        assert value(samples, attempts, flow="diamond", vertex=vertex, outcome="completed") == 2
+    assert total(samples, attempts, flow="diamond") == 8
+    assert value(samples, attempts, flow="fanout", vertex="each:split", outcome="completed") == 1
+    assert value(samples, attempts, flow="fanout", vertex="each[]/double", outcome="completed") == 3
+    assert value(samples, attempts, flow="fanout", vertex="each:join", outcome="completed") == 1
+    assert value(samples, attempts, flow="flaky", vertex="wobble", outcome="retried") == 1
+    assert value(samples, attempts, flow="flaky", vertex="wobble", outcome="completed") == 1
+    assert value(samples, attempts, flow="broken", vertex="explode", outcome="failed") == 1
+    assert total(samples, attempts) == 8 + 5 + 2 + 1
+    duration = "flowloom_task_duration_seconds_count"
+    assert value(samples, duration, flow="fanout", vertex="each[]/double") == 3
+    assert value(samples, duration, flow="flaky", vertex="wobble") == 2
+    assert total(samples, "flowloom_task_duration_seconds_count") == 16
+    assert value(samples, "flowloom_tasks_running") == 0
+    assert value(samples, "flowloom_backend_up") == 1
+    assert value(samples, "flowloom_workers_live") == 1
+    for state in ("ready", "delayed", "held"):
+        assert value(samples, "flowloom_queue_tasks", state=state) == 0
+
+    # bounded label sets: no foreach item key, no request id
+    label_values = {v for _, labels in samples for _, v in labels}
+    assert not any("k0" in v or "[k" in v for v in label_values), label_values
+
+    # the next request moves each counter by exactly one more
+    service.run("diamond", b"z", timeout=20)
+    after = wait_until(
+        lambda: scrape(service),
+        lambda s: value(s, ended, flow="diamond", status="completed") >= 3,
+    )
+    assert value(after, started, flow="diamond") == 3
+    assert value(after, ended, flow="diamond", status="completed") == 3
+    assert value(after, attempts, flow="diamond", vertex="a", outcome="completed") == 3
+    assert total(after, attempts) == total(samples, attempts) + 4
+
+
+def test_tasks_running_and_paused_requests_held(service):
+    entered, release = threading.Event(), threading.Event()
+
+    def wait(data, options):
+        entered.set()
+        release.wait(20)
+        return data
+
+    def define(wf, ctx):
+        wf.dag.node("wait", wait).node("after", lambda d, o: d)
+        wf.dag.edge("wait", "after")
+
+    service.register("gated", define)
+    rid = service.execute("gated", b"")
+    assert entered.wait(20)
+    running = scrape(service)
+    assert value(running, "flowloom_tasks_running") == 1
+    service.pause("gated", rid)
+    release.set()
+    held = wait_until(
+        lambda: scrape(service),
+        lambda s: (
+            value(s, "flowloom_queue_tasks", state="held") == 1
+            and value(s, "flowloom_tasks_running") == 0
+        ),
+    )
+    assert value(held, "flowloom_queue_tasks", state="held") == 1
+    assert value(held, "flowloom_tasks_running") == 0
+    service.resume("gated", rid)
+    service.result("gated", rid, timeout=20)
+    done = wait_until(
+        lambda: scrape(service),
+        lambda s: value(s, "flowloom_requests_ended_total", flow="gated", status="completed"),
+    )
+    assert value(done, "flowloom_queue_tasks", state="held") == 0
+
+
+def test_a_stopped_request_counts_as_stopped(service):
+    release = threading.Event()
+
+    def define(wf, ctx):
+        wf.dag.node("wait", lambda d, o: release.wait(20) and d).node("after", lambda d, o: d)
+        wf.dag.edge("wait", "after")
+
+    service.register("slow", define)
+    rid = service.execute("slow", b"")
+    service.stop("slow", rid)
+    release.set()
+    samples = scrape(service)
+    assert value(samples, "flowloom_requests_ended_total", flow="slow", status="stopped") == 1
+
+
+def test_monitoring_is_off_by_default_for_the_library():
+    with FlowService() as fs:
+        observed_app.register(fs)
+        assert fs.run("diamond", b"x", timeout=10)
+        assert fs.metrics is None
+        assert not fs.observers
+
+
+def test_an_unreachable_backend_is_a_gauge_not_a_failed_scrape():
+    from flowloom.metrics import Metrics
+
+    with FlowService() as fs:
+        broken = fs.backend
+
+        def depth() -> dict[str, int]:
+            raise ConnectionError("backend down")
+
+        broken.depth = depth  # type: ignore[method-assign]
+        samples = parse(Metrics(broken).exposition().decode())
+    assert value(samples, "flowloom_backend_up") == 0
+    assert ("flowloom_queue_tasks", frozenset({("state", "ready")})) not in samples

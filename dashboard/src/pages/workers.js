@@ -11,6 +11,14 @@ function flowsCell(worker) {
   );
 }
 
+const stat = (name, value, label) =>
+  h(
+    "div",
+    { class: "stat" },
+    h("span", { class: "stat-value", "data-queue": name, text: value === null || value === undefined ? "—" : value.toLocaleString() }),
+    h("span", { class: "muted", text: label }),
+  );
+
 export async function workersPage(main) {
   const queueBox = h("div", { class: "queue" });
   const body = h("tbody");
@@ -19,8 +27,9 @@ export async function workersPage(main) {
     const now = Date.now() / 1000;
     mount(
       queueBox,
-      h("div", { class: "stat" }, h("span", { class: "stat-value", "data-queue": "ready", text: queue.ready.toLocaleString() }), h("span", { class: "muted", text: "tasks ready" })),
-      h("div", { class: "stat" }, h("span", { class: "stat-value", "data-queue": "delayed", text: queue.delayed.toLocaleString() }), h("span", { class: "muted", text: "retries waiting" })),
+      stat("ready", queue.ready, "tasks ready"),
+      stat("delayed", queue.delayed, "retries waiting"),
+      stat("held", queue.held, "held by paused requests"),
       h("div", { class: "stat" }, h("span", { class: "stat-value", text: String(workers.length) }), h("span", { class: "muted", text: "live workers" })),
     );
     mount(

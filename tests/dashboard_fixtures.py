@@ -108,10 +108,11 @@ def serve(
     sleep: float = 1.5,
     app: Path = APP,
     options: tuple[str, ...] = (),
+    environment: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     """``flowloom serve APP`` on a free loopback port, on ``kind`` ("embedded" or "redis")."""
     port = free_port()
-    env = {**os.environ, "DASH_SLEEP": str(sleep), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "DASH_SLEEP": str(sleep), "PYTHONUNBUFFERED": "1", **(environment or {})}
     env.pop("FLOWLOOM_TOKEN", None)
     prefix = None
     if token:

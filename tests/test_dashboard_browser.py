@@ -269,3 +269,22 @@ def test_with_a_token_the_page_asks_for_it_and_keeps_it_out_of_urls(browser: Any
         context.close()
         assert watch.errors == [], watch.errors
         assert watch.foreign == [], watch.foreign
+
+
+def test_the_trace_id_links_to_the_configured_trace_ui(browser: Any) -> None:
+    template = "http://127.0.0.1:16686/trace/{trace_id}"  # never opened: only linked
+    with serve("embedded", environment={"FLOWLOOM_TRACE_URL": template}) as server:
+        page = browser.new_page()
+        watch = Watch(server.url)
+        page.on("console", watch.console)
+        page.on("request", watch.request)
+        request_id = server.execute("orders", b"x")
+        server.wait_status("orders", request_id, "completed")
+        trace_id = server.state("orders", request_id)["trace_id"]
+        assert trace_id
+        request_page(page, server, "orders", request_id)
+        link = page.locator("dl.facts a", has_text=trace_id)
+        expect(link).to_have_attribute("href", template.format(trace_id=trace_id))
+        page.close()
+        assert watch.errors == []
+        assert watch.foreign == []

@@ -19,6 +19,7 @@ from .backends import Backend, MemoryBackend, RequestRecord, Summary, deadline
 from .backends.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_QUEUED
 from .errors import (
     FlowloomError,
+    FlowNotFound,
     InvalidRequest,
     NoOutput,
     RequestFailed,
@@ -253,6 +254,34 @@ class FlowService:
                 observers.request_ended(RequestInfo.of(record), Status.STOPPED, None)
         return status
 
+    def retry(self, name: str, request_id: str) -> Status:
+        """Take a failed or stopped request back to ``running`` under the same id, going on
+        from where it ended: vertex instances that completed keep their outputs and do not
+        run again; the failed ones, and those queued or held when it ended, run again with
+        fresh attempt counts; its hooks run again when it ends. ``state(...).retries`` holds
+        the time of each retry.
+
+        Raises ``RequestNotFound``; ``NotRunning`` if it is running, paused, queued or
+        completed (of two concurrent retries one wins, the other gets ``NotRunning``);
+        ``FlowNotFound`` if the flow's version the request runs is not registered in this
+        process while it is (a retry runs the request's own version, never a newer one; on
+        Redis a worker without that version fails it again, saying so).
+
+            fs.retry("myflow", request_id)   # after what made it fail is fixed
+        """
+        self._summary(name, request_id)
+        record = self.backend.record(request_id)
+        registered = record is not None and name in self.registry.names()
+        if registered and record and self.registry.version(name, record.version) is None:
+            raise FlowNotFound(
+                f"request {request_id!r} runs version {record.version} of flow {name!r}, "
+                f"which is not registered any more (registered: version "
+                f"{self.registry.latest(name).version}); it cannot be retried here"
+            )
+        if self.embedded:
+            self._ensure_worker()
+        return self.backend.rerun(request_id)
+
     def requests(
         self,
         name: str | None = None,
@@ -269,6 +298,9 @@ class FlowService:
 
     async def aresult(self, name: str, request_id: str, timeout: float | None = None) -> bytes:
         return await asyncio.to_thread(self.result, name, request_id, timeout)
+
+    async def aretry(self, name: str, request_id: str) -> Status:
+        return await asyncio.to_thread(self.retry, name, request_id)
 
     async def astate(self, name: str, request_id: str) -> RequestState:
         return await asyncio.to_thread(self.state, name, request_id)

@@ -44,6 +44,7 @@ class _Run:
     done: set[str] = field(default_factory=set)
     held: list[Task] = field(default_factory=list)
     lost: list[Task] = field(default_factory=list)  # set aside once it ended, for a retry
+    stale: set[str] = field(default_factory=set)  # addresses running when it was retried
 
 
 # A finished vertex: (address, status, started, ended, attempts, (vertex, type, message) | None,
@@ -263,7 +264,9 @@ class MemoryBackend(Backend):
             self._live_bytes += request.size
             request.status, request.ended, request.error = Status.RUNNING, None, None
             request.retries = (*request.retries, time.time())
-            for vertex in run.vertices.values():
+            for address, vertex in run.vertices.items():
+                if vertex.status is Status.RUNNING:  # an attempt begun before the retry
+                    run.stale.add(address)
                 if vertex.status in (Status.FAILED, Status.RUNNING):
                     vertex.status = Status.QUEUED
             tasks, run.lost = requeued(run.lost), []
@@ -401,6 +404,11 @@ class MemoryBackend(Backend):
                     self._repack(halted)
                 return
             if request.run is None or instance in request.run.done:
+                return
+            if address in request.run.stale:  # begun before a retry: runs again instead
+                request.run.stale.discard(address)
+                self._queue.append(replace(task, attempt=1, receipt="", redelivered=False))
+                self._ready.notify()
                 return
             vertex = request.vertex(address)
             vertex.status, vertex.error, vertex.ended = Status.FAILED, error, time.time()

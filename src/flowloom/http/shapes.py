@@ -56,8 +56,9 @@ class Outcome(msgspec.Struct, omit_defaults=True):
 
 
 class Control(msgspec.Struct, omit_defaults=True):
-    """The request's status after pause, resume or stop (with ``error`` if it had
-    ended already)."""
+    """The request's status after pause, resume, stop or retry (with ``error`` if the
+    action did not apply: it had ended already, or, for a retry, had not failed or
+    stopped)."""
 
     request_id: str
     flow: str

@@ -19,7 +19,8 @@
                                    e|ADDR ended, a|ADDR attempts, x|ADDR error (JSON)
     P:r:{id}:i           hash      instance marks: f|INST fired (queued once),
                                    d|INST done (completed once), n|INST inputs needed,
-                                   c|INST inputs received
+                                   c|INST inputs received, r|ADDR running when the
+                                   request was retried (a failure then re-queues it)
     P:r:{id}:s           hash      inputs of instances still waiting: INST\\0SLOT -> value
     P:r:{id}:h           list      tasks held while the request is paused
     P:r:{id}:l           list      tasks a failed or stopped request set aside (held,

@@ -89,6 +89,19 @@ local function begin_task(r, group, receipt, blob, inst, attempt)
   return 1
 end
 
+-- `blob` with its attempt set back to 1; also its step and keys (which name its instance)
+local function fresh(blob)
+  local pos, parts = 1, {}
+  for n = 1, 6 do
+    local colon = string.find(blob, ':', pos, true)
+    local len = tonumber(string.sub(blob, pos, colon - 1))
+    parts[n] = string.sub(blob, colon + 1, colon + len)
+    pos = colon + 1 + len
+  end
+  return ns(parts[1]) .. ns(parts[2]) .. ns(parts[3]) .. ns(parts[4]) .. ns(parts[5]) .. ns('1')
+    .. string.sub(blob, pos), parts[4], parts[5]
+end
+
 local function glob_escape(s)
   return (string.gsub(s, '[%*%?%[%]\\]', '\\%0'))
 end

@@ -29,29 +29,23 @@ repeat
   cursor = res[1]
   for j = 1, #res[2], 2 do
     local state = res[2][j + 1]
+    if state == 'running' then -- an attempt begun before the retry: marked stale
+      redis.call('HSET', instances_key, 'r|' .. string.sub(res[2][j], 3), '1')
+    end
     if state == 'failed' or state == 'running' then
       redis.call('HSET', vertices_key, res[2][j], 'queued')
     end
   end
 until cursor == '0'
 
--- a task blob: id, flow, version, step, keys, attempt, inputs...: the instance is the
--- step and the keys; the attempt starts again at 1
+-- each set-aside task once per step instance (its step and keys), with attempt 1
 local seen = {}
 for _, blob in ipairs(redis.call('LRANGE', lost_key, 0, -1)) do
-  local pos, parts = 1, {}
-  for n = 1, 6 do
-    local colon = string.find(blob, ':', pos, true)
-    local len = tonumber(string.sub(blob, pos, colon - 1))
-    parts[n] = string.sub(blob, colon + 1, colon + len)
-    pos = colon + 1 + len
-  end
-  local instance = parts[4] .. '\0' .. parts[5]
-  if parts[4] ~= '!hooks' and not seen[instance] then
+  local task, step, keys = fresh(blob)
+  local instance = step .. '\0' .. keys
+  if step ~= '!hooks' and not seen[instance] then
     seen[instance] = true
-    local fresh = ns(parts[1]) .. ns(parts[2]) .. ns(parts[3]) .. ns(parts[4]) .. ns(parts[5])
-      .. ns('1') .. string.sub(blob, pos)
-    redis.call('XADD', tasks_key, '*', 't', fresh)
+    redis.call('XADD', tasks_key, '*', 't', task)
   end
 end
 redis.call('DEL', lost_key)

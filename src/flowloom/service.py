@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -151,12 +152,18 @@ class FlowService:
     def execute(self, name: str, request: Request | bytes | str | None = None) -> str:
         """Queue a request of flow ``name``; returns its id (the caller's, if given).
 
+        On Redis a client that has not registered ``name`` may execute it too, as long as
+        a live worker serves it: the request then starts with a task that such a worker
+        expands from its plan (the version most live workers serve). ``FlowNotFound``
+        names the flows served if none does.
+
         A W3C ``traceparent`` among the request's headers makes the request's trace a
         child of the caller's (``state(...).trace_id`` is then the caller's trace id)."""
         return self._submit(name, request).request_id
 
     def _submit(self, name: str, request: Request | bytes | str | None) -> RequestRecord:
-        plan = self.registry.latest(name)
+        plan = None if self._client_mode(name) else self.registry.latest(name)
+        version = plan.version if plan is not None else self._served_version(name)
         request = _as_request(request)
         request_id = uuid.uuid4().hex if request.request_id is None else request.request_id
         if not REQUEST_ID.fullmatch(request_id):
@@ -167,21 +174,47 @@ class FlowService:
         record = RequestRecord(
             request_id=request_id,
             flow=name,
-            version=plan.version,
+            version=version,
             body=request.body,
             query=_options(request.query),
             headers=dict(request.headers),
             created=time.time(),
-            has_hooks=plan.has_hooks,
+            has_hooks=True if plan is None else plan.has_hooks,  # a client cannot tell
             trace=TraceContext.new(_caller_trace(request.headers)).encode(),
         )
         if self.embedded:
             self._ensure_worker()
-        self.backend.submit(record, engine.start(plan, request.body))
+        start = (
+            engine.start_task(request.body) if plan is None else engine.start(plan, request.body)
+        )
+        self.backend.submit(record, start)
         observers = self.observers
         if observers:
             observers.request_started(record)
         return record
+
+    def _client_mode(self, name: str) -> bool:
+        """Whether ``name`` is to be executed without its definition: it is not registered
+        here and the backend is shared with workers that may serve it."""
+        return not self.embedded and name not in self.registry.names()
+
+    def _served_version(self, name: str) -> str:
+        """The version of ``name`` that most live workers serve, or ``FlowNotFound``."""
+        served: Counter[str] = Counter()
+        flows: set[str] = set()
+        for worker in self.backend.workers():
+            versions = worker.get("versions")
+            if isinstance(versions, Mapping):
+                flows.update(str(flow) for flow in versions)
+                if isinstance(versions.get(name), str):
+                    served[versions[name]] += 1
+        if not served:
+            known = ", ".join(map(repr, sorted(flows))) or "none"
+            raise FlowNotFound(
+                f"no flow named {name!r} is registered here, and no live worker serves it "
+                f"(flows served: {known})"
+            )
+        return max(served, key=lambda version: (served[version], version))
 
     def state(self, name: str, request_id: str) -> RequestState:
         """Status, timings and per-vertex states of a request (``RequestNotFound`` if none)."""

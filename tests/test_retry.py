@@ -239,3 +239,27 @@ def test_a_retry_needs_the_requests_own_version(make_backend: Callable[..., Back
             second.retry("chain", request_id)
         assert second.state("chain", request_id).status is Status.FAILED  # nothing changed
         assert second.state("chain", request_id).retries == ()
+
+
+@pytest.mark.redis
+def test_a_request_that_failed_before_retries_existed_says_so(
+    make_redis_backend: Callable[..., Any], redis_url: str
+) -> None:
+    import redis
+
+    calls, up, ends = Calls(), threading.Event(), []
+    backend = make_redis_backend()
+    with FlowService(worker_concurrency=2, backend=backend) as fs:
+        fs.register("chain", flaky_chain(calls, up, ends))
+        fs._ensure_worker()
+        request_id = fs.execute("chain", b"")
+        with pytest.raises(RequestFailed):
+            fs.result("chain", request_id, timeout=20)
+        client = redis.Redis.from_url(redis_url)
+        try:  # as a request that failed under an older flowloom looks
+            client.hdel(backend.keys.request(request_id).request, "retryable")
+        finally:
+            client.close()
+        with pytest.raises(NotRunning, match="before flowloom kept what a retry needs"):
+            fs.retry("chain", request_id)
+        assert fs.state("chain", request_id).status is Status.FAILED

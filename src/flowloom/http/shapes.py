@@ -91,6 +91,7 @@ class RequestSummary(msgspec.Struct):
     ended: float | None
     error: ErrorInfo | None
     trace_id: str | None
+    retries: list[float]  # when it was retried (epoch seconds), oldest first
 
 
 class RequestList(msgspec.Struct):
@@ -114,6 +115,7 @@ def summary(state: RequestState) -> RequestSummary:
         ended=state.ended,
         error=state.error,
         trace_id=state.trace_id,
+        retries=list(state.retries),
     )
 
 

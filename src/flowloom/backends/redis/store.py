@@ -163,6 +163,11 @@ class RequestStore:
         kind = outcome[0].decode()
         if kind == "missing":
             raise RequestNotFound(f"no request {request_id!r}")
+        if kind == "kept-nothing":
+            raise NotRunning(
+                f"request {request_id!r} {outcome[1].decode()} before flowloom kept what a "
+                "retry needs: execute it again"
+            )
         if kind == "not":
             status = outcome[1].decode()
             raise NotRunning(

@@ -1,14 +1,18 @@
 -- Take a failed or stopped request back to running (a retry): keep what completed, queue
 -- the tasks it set aside again (once per step instance, attempt 1), record the time.
--- Returns {'missing'}, {'not', status} or {'ok', 'running'}.
+-- Returns {'missing'}, {'not', status}, {'kept-nothing', status} (it ended before this
+-- version of flowloom kept what a retry needs) or {'ok', 'running'}.
 local id = ARGV[1]
 
 local req = load_request(id)
 if not req then
   return { 'missing' }
 end
-if not HALTED[req.status] or redis.call('HGET', request_key, 'retryable') ~= '1' then
+if not HALTED[req.status] then
   return { 'not', req.status }
+end
+if redis.call('HGET', request_key, 'retryable') ~= '1' then
+  return { 'kept-nothing', req.status } -- ended before retries were possible
 end
 local t = now()
 local retries = redis.call('HGET', request_key, 'retries')

@@ -5,6 +5,7 @@ Each test runs on the embedded and on the Redis backend, with a worker in this p
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -162,7 +163,7 @@ def test_retry_of_a_stopped_request_runs_what_it_had_left(service: FlowService) 
     eventually(lambda: service.state("gated", request_id).vertices["slow"].status
                is Status.COMPLETED)  # fmt: skip
     assert calls.counts == {"slow": 1}  # "after" does not run while it is stopped
-    assert service.retry("gated", request_id) is Status.RUNNING
+    assert asyncio.run(service.aretry("gated", request_id)) is Status.RUNNING
     assert service.result("gated", request_id, timeout=20) == b"x|slow|after"
     assert calls.counts == {"slow": 1, "after": 1}
 

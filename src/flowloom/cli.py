@@ -170,7 +170,7 @@ _MONITORING = click.option(
     "--monitoring/--no-monitoring",
     default=True,
     show_default=True,
-    help="Keep Prometheus metrics (needs the otel extra).",
+    help="Keep Prometheus metrics (needs the otel extra); serve also serves the dashboard.",
 )
 _METRICS_PORT = click.option(
     "--metrics-port",

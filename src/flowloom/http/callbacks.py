@@ -322,8 +322,9 @@ class Callbacks:
 
     def _http(self) -> httpcore.AsyncConnectionPool:
         if self._client is None:
+            # no connection kept open: receivers are many and each is called rarely
             self._client = httpcore.AsyncConnectionPool(
-                max_connections=self._in_flight, max_keepalive_connections=4
+                max_connections=self._in_flight, max_keepalive_connections=0
             )
         return self._client
 

@@ -87,6 +87,20 @@ def test_failed_request_shows_the_traceback_of_the_user_code(app):
     assert "flowloom" not in result.stderr.replace(app, "")  # no frames of flowloom itself
 
 
+def test_run_is_local_even_for_an_app_on_redis(tmp_path):
+    path = tmp_path / "onredis.py"
+    path.write_text(
+        "from flowloom import FlowService\n"
+        "fs = FlowService(redis_url='redis://127.0.0.1:1/0')\n"  # nothing listens there
+        "fs.register('f', lambda wf, ctx: wf.dag.node('n', lambda d, o: d + b'!'))\n"
+    )
+    started = time.monotonic()
+    result = invoke("run", str(path), "f", "--data", "local")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "local!\n"
+    assert time.monotonic() - started < 5
+
+
 def test_unknown_flow(app):
     result = invoke("run", app, "nope")
     assert result.exit_code == 2

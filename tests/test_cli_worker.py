@@ -248,3 +248,26 @@ def test_sigterm_grace_is_one_deadline_for_every_running_task(
         assert "traceback of" not in worker.text()  # DEBUG lines are off by default
     finally:
         worker.kill()
+
+
+@pytest.mark.redis
+def test_log_level_warning_keeps_only_warnings_and_errors(
+    app: str, client: FlowService, tmp_path: Path
+):
+    worker = Worker(app, "--log-level", "warning", tmp=tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not client.workers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.workers(), worker.text()
+        rid = client.execute("f", b"boom")
+        with pytest.raises(RequestFailed):
+            client.result("f", rid, timeout=30)
+        worker.wait_for(rf"ERROR flowloom.worker: request {rid} \(flow f\): n failed")
+        assert worker.stop() < 10
+    finally:
+        worker.kill()
+    text = worker.text()
+    assert "INFO" not in text
+    assert "starting:" not in text
+    assert "traceback of" not in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 import time
@@ -236,14 +237,27 @@ def test_workflow_hooks_run_once_with_error_and_status(fs):
     assert events == [("finally", rid, Status.COMPLETED)]
 
 
-def test_raising_hook_does_not_harm_the_worker(fs):
+def test_raising_hook_does_not_harm_the_worker(fs, caplog):
+    caplog.set_level(logging.DEBUG, logger="flowloom")
+
     def define(wf, ctx):
         wf.dag.node("n", ok)
         wf.finally_(lambda status: 1 / 0)
 
     fs.register("flow", define)
+    ids = []
     for _ in range(3):
-        assert fs.run("flow", b"x", timeout=10) == b"x"
+        ids.append(fs.execute("flow", b"x"))
+        assert fs.result("flow", ids[-1], timeout=10) == b"x"
+    fs.close()  # the hooks have run
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"request {rid} (flow flow): hook test_raising_hook_does_not_harm_the_worker"
+        ".<locals>.define.<locals>.<lambda> raised ZeroDivisionError: division by zero; ignored"
+        for rid in ids
+    ]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(f'File "{__file__}"' in text and "1 / 0" in text for text in debug)
 
 
 # -- tracebacks -------------------------------------------------------------------------------
@@ -447,3 +461,112 @@ def test_timed_handlers_see_their_request_context(fs):
 
     rid = fs.execute("flow", Request(body=b"in", query={"q": "v"}))
     assert fs.result("flow", rid, timeout=10) == b"in|%s|%s|v" % (rid.encode(), rid.encode())
+
+
+# -- user code that raises what is not an Exception ---------------------------------------------
+def exits(data, options):
+    raise SystemExit(3)
+
+
+async def cancelled(data, options):
+    raise asyncio.CancelledError()
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+
+
+def unprintable(data, options):
+    raise Unprintable()
+
+
+@pytest.mark.parametrize(
+    ("build", "kind", "message"),
+    [
+        (lambda d: d.node("n", exits), "SystemExit", "3"),
+        (lambda d: d.node("n", exits, timeout=5), "SystemExit", "3"),
+        (lambda d: d.node("n", cancelled), "CancelledError", "CancelledError()"),
+        (lambda d: d.node("n", cancelled, timeout=5), "CancelledError", "CancelledError()"),
+        (
+            lambda d: d.foreach_branch(
+                "n", lambda x: {"a": x}, aggregator=lambda r: exits(1, 2)
+            ).node("m", ok),
+            "SystemExit",
+            "3",
+        ),
+        (
+            lambda d: d.node("n", unprintable),
+            "Unprintable",
+            "<Unprintable: str() raised RuntimeError>",
+        ),
+    ],
+    ids=["exit", "exit-timeout", "cancelled", "cancelled-timeout", "exit-aggregator", "no-str"],
+)
+def test_what_is_not_an_exception_fails_the_request_not_the_worker(build, kind, message):
+    with FlowService(worker_concurrency=1) as fs:  # one thread: it must survive
+        fs.register("flow", lambda wf, ctx: build(wf.dag))
+        error = failure(fs)
+        assert (error.vertex, error.type, error.message) == ("n", kind, message)
+        fs.register("flow", lambda wf, ctx: wf.dag.node("n", ok))
+        assert fs.run("flow", b"still here", timeout=10) == b"still here"
+
+
+def test_on_failure_sees_a_system_exit_and_a_hook_raising_one_is_ignored():
+    seen = []
+    done = threading.Event()
+
+    def define(wf, ctx):
+        wf.dag.node("n", exits, on_failure=lambda error, data: seen.append(error) or b"saved")
+        wf.finally_(lambda status: done.set() or exits(1, 2))
+
+    with FlowService(worker_concurrency=1) as fs:
+        fs.register("flow", define)
+        assert fs.run("flow", b"", timeout=10) == b"saved"
+        assert done.wait(10)
+        assert fs.run("flow", b"", timeout=10) == b"saved"  # the thread lived on
+    assert [type(error) for error in seen] == [SystemExit, SystemExit]
+
+
+def test_a_huge_message_is_cut():
+    from flowloom.execute import MESSAGE_LIMIT
+
+    def huge(data, options):
+        raise ValueError("y" * (MESSAGE_LIMIT * 3))
+
+    with FlowService() as fs:
+        fs.register("flow", lambda wf, ctx: wf.dag.node("n", huge))
+        error = failure(fs)
+    assert error.message.startswith("y" * MESSAGE_LIMIT + "... (")
+    assert error.message.endswith(f"({2 * MESSAGE_LIMIT} characters left out)")
+
+
+# -- numbers in a definition --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"backoff": float("nan")}, "backoff must be a finite number >= 0, got nan"),
+        ({"backoff": float("inf")}, "backoff must be a finite number >= 0, got inf"),
+        ({"backoff": 10**5000}, "backoff must be a finite number >= 0, got an int of 16,610 bits"),
+        ({"backoff": True}, "backoff must be a finite number"),
+        ({"timeout": float("nan")}, "timeout must be a finite number > 0, got nan"),
+        ({"timeout": float("inf")}, "timeout must be a finite number > 0"),
+        ({"retries": 10**5000}, "retries must be an int from 0 to 1,000,000, got an int of"),
+        ({"retries": 1_000_001}, "retries must be an int from 0 to 1,000,000, got 1000001"),
+    ],
+)
+def test_numbers_that_would_break_a_retry_or_a_timeout_are_refused(options, words):
+    from flowloom import Dag, DefinitionError
+
+    with pytest.raises(DefinitionError) as info:
+        Dag().node("n", ok, **options)
+    assert words in str(info.value)
+    assert info.value.vertex == "n"
+
+
+def test_many_zero_backoff_retries_do_not_overflow_the_delay():
+    from flowloom.engine import retry_delay
+
+    assert retry_delay(5000, 0.0) == 0.0
+    assert retry_delay(5000, 0.5) == 300.0
+    assert retry_delay(3, 0.5) == 2.0

@@ -36,3 +36,24 @@ def test_a_completion_reads_and_begins_the_next_task(
     complete(backend, plan, second, b"B")
     assert backend.wait("r1", 5) is Status.COMPLETED
     assert backend.result("r1") == b"B"
+
+
+def test_a_submit_sent_again_is_not_its_own_duplicate(
+    make_redis_backend: Callable[..., Any],
+) -> None:
+    """A submit whose reply was lost (a timeout) is sent again: it finds its own request,
+    which is no duplicate; another request under the same id is."""
+    from flowloom import DuplicateRequest, engine
+    from flowloom.backends import RequestRecord
+
+    backend: Backend = make_redis_backend()
+    plan = plan_of(linear)
+    record = RequestRecord("same", plan.name, plan.version, b"in", {}, created=1234.5)
+    backend.submit(record, engine.start(plan, b"in"))
+    backend.submit(record, engine.start(plan, b"in"))
+    other = RequestRecord("same", plan.name, plan.version, b"in", {}, created=1234.6)
+    with pytest.raises(DuplicateRequest):
+        backend.submit(other, engine.start(plan, b"in"))
+    first = claim(backend)
+    assert first.step == "a"
+    assert backend.claim("w", 0.3) is None  # its first task was queued once

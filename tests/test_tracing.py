@@ -409,3 +409,21 @@ def test_a_ratio_sampler_keeps_or_drops_whole_requests(receiver):
             "vertex d",
         ]
     assert {s.trace_id for s in receiver.spans} == set(kept)
+
+
+def test_handler_spans_follow_the_open_service(receiver):
+    """The global provider is set once per process; a service opened after another was
+    closed still gets its handlers' spans."""
+    second = OtlpReceiver().start()
+    try:
+        for endpoint in (receiver.endpoint, second.endpoint):
+            with FlowService(otlp_endpoint=endpoint) as fs:
+                observed_app.register(fs)
+                rid = fs.execute("diamond", b"x")
+                fs.result("diamond", rid, timeout=10)
+                trace_id = fs.state("diamond", rid).trace_id
+        spans = second.trace(trace_id)
+    finally:
+        second.stop()
+    assert one(spans, "user-work").parent_id == one(spans, "vertex b").span_id
+    assert all(s.trace_id != trace_id for s in receiver.spans)

@@ -15,6 +15,7 @@ from typing import IO
 import click
 
 from . import logs
+from .backends import Backend, MemoryBackend
 from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
 from .http.server import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LIMIT_CONCURRENCY
@@ -108,12 +109,16 @@ def _configured(
     if concurrency is not None:
         service.worker_concurrency = concurrency
     if redis_url is not None:
-        previous = service.backend
         service.redis_url = redis_url
-        service.backend = service._make_backend()
-        service.embedded = False
-        previous.close()
+        _use_backend(service, service._make_backend())
     return service
+
+
+def _use_backend(service: FlowService, backend: Backend) -> None:
+    """Give ``service`` (which has started nothing yet) ``backend`` instead of its own."""
+    previous, service.backend = service.backend, backend
+    service.embedded = isinstance(backend, MemoryBackend)
+    previous.close()
 
 
 def _monitor(service: FlowService, monitoring: bool, metrics_port: int | None) -> None:
@@ -159,7 +164,7 @@ _MONITORING = click.option(
     "--monitoring/--no-monitoring",
     default=True,
     show_default=True,
-    help="Keep Prometheus metrics (needs the otel extra).",
+    help="Keep Prometheus metrics (needs the otel extra); serve also serves the dashboard.",
 )
 _METRICS_PORT = click.option(
     "--metrics-port",
@@ -196,9 +201,14 @@ def run(
     timeout: float,
     timings: bool,
 ) -> None:
-    """Run one request of FLOW from APP on the embedded backend and print its result."""
+    """Run one request of FLOW from APP on the embedded backend and print its result.
+
+    The request runs here, in this process, whatever backend the app uses (a Redis
+    the app names is not touched)."""
     service = load_service(app)
     _flow(service, flow)
+    if not service.embedded:
+        _use_backend(service, MemoryBackend(retention=service.retention))
     body = data_file.read() if data_file is not None else data.encode()
     options: dict[str, list[str]] = {}
     for item in query:

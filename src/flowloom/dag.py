@@ -7,6 +7,7 @@ and turns it into the immutable plan the engine runs.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,26 @@ def _check_callable(fn: object, what: str, vertex: str, params: tuple[str, ...] 
         raise DefinitionError(
             f"{what} {callable_name(fn)!r} must accept ({', '.join(params)}): {exc}", vertex
         ) from None
+
+
+MAX_RETRIES = 1_000_000  # with the 300 s backoff cap, years of attempts
+
+
+def _finite(value: object) -> bool:
+    """An int or float that is a finite float (a 5,000-digit int is not)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` for a message: a huge int (which ``repr`` refuses) by its size."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length():,} bits"
+    return repr(value)
 
 
 def callable_name(fn: object) -> str:
@@ -150,12 +171,18 @@ class Dag:
             _check_callable(aggregator, "aggregator", name, ("responses",))
         if on_failure is not None:
             _check_callable(on_failure, "on_failure", name, ("error", "data"))
-        if not isinstance(retries, int) or retries < 0:
-            raise DefinitionError(f"retries must be an int >= 0, got {retries!r}", name)
-        if not isinstance(backoff, int | float) or backoff < 0:
-            raise DefinitionError(f"backoff must be a number >= 0, got {backoff!r}", name)
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-            raise DefinitionError(f"timeout must be a number > 0, got {timeout!r}", name)
+        if not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+            raise DefinitionError(
+                f"retries must be an int from 0 to {MAX_RETRIES:,}, got {_shown(retries)}", name
+            )
+        if not _finite(backoff) or backoff < 0:
+            raise DefinitionError(
+                f"backoff must be a finite number >= 0, got {_shown(backoff)}", name
+            )
+        if timeout is not None and (not _finite(timeout) or timeout <= 0):
+            raise DefinitionError(
+                f"timeout must be a finite number > 0, got {_shown(timeout)}", name
+            )
         self._add(
             NodeSpec(name, handlers, aggregator, retries, float(backoff), timeout, on_failure)
         )

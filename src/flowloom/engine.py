@@ -109,4 +109,4 @@ def _deliver(step: Step, keys: tuple[str, ...], slot: str, data: bytes | None) -
 
 def retry_delay(attempt: int, backoff: float, cap: float = 300.0) -> float:
     """Seconds to wait before attempt ``attempt + 1``: ``backoff`` doubled per failed attempt."""
-    return float(min(cap, backoff * 2 ** (attempt - 1)))
+    return float(min(cap, backoff * 2.0 ** min(attempt - 1, 64)))  # 2 ** 1024: no float

@@ -32,6 +32,7 @@ __all__ = [
     "Outcome",
     "StepError",
     "error_info",
+    "internal_error",
     "run_step",
     "to_bytes",
     "user_traceback",
@@ -39,6 +40,7 @@ __all__ = [
 
 CANCEL_GRACE = 1.0  # seconds a timed-out async handler has to run its cleanup once cancelled
 TRACEBACK_LIMIT = 16_000  # characters of a traceback kept in a request's state
+MESSAGE_LIMIT = 64_000  # characters of an error message kept in a request's state
 
 
 class NodeFailed(Exception):
@@ -121,7 +123,7 @@ def run_step(
         if attempt is None:
             return Outcome(_pipe(step, data, options, call))
         return Outcome(call.run(attempt.run(step, data, options)))
-    except Exception as exc:
+    except BaseException as exc:  # a SystemExit or CancelledError of the handler's too
         raise NodeFailed(data, attempt.stack if attempt else "") from exc
 
 
@@ -310,7 +312,26 @@ def error_info(address: str, exc: BaseException, stack: str = "") -> ErrorInfo:
     code's traceback (``stack`` instead, for a timeout: where the handler was then)."""
     kind = "StepError" if isinstance(exc, StepError) else type(exc).__name__
     trace = _capped(stack) if stack else user_traceback(exc)
-    return ErrorInfo(address, kind, str(exc) or repr(exc), trace)
+    return ErrorInfo(address, kind, _message(exc), trace)
+
+
+def internal_error(address: str, exc: BaseException) -> ErrorInfo:
+    """What a step records when flowloom itself failed running it: the whole traceback."""
+    message = f"flowloom could not run this step: {type(exc).__name__}: {_message(exc)}"
+    return ErrorInfo(
+        address, "InternalError", message, _capped("".join(traceback.format_exception(exc)))
+    )
+
+
+def _message(exc: BaseException) -> str:
+    """``str(exc)`` (``repr`` if empty), at most ``MESSAGE_LIMIT`` characters; never raises."""
+    try:
+        text = str(exc) or repr(exc)
+    except Exception as broken:
+        text = f"<{type(exc).__name__}: str() raised {type(broken).__name__}>"
+    if len(text) <= MESSAGE_LIMIT:
+        return text
+    return f"{text[:MESSAGE_LIMIT]}... ({len(text) - MESSAGE_LIMIT} characters left out)"
 
 
 def user_traceback(exc: BaseException) -> str:

@@ -70,6 +70,8 @@ class FlowService:
     over OTLP/HTTP (the standard ``OTEL_EXPORTER_OTLP_*`` variables work too);
     ``enable_monitoring`` keeps Prometheus metrics, served at ``GET /metrics`` and, with
     ``metrics_port``, on a port of their own (a worker process's only way to serve them).
+    It also has the HTTP server serve the dashboard at ``/dashboard`` (no extra needed;
+    docs/dashboard.md).
     """
 
     def __init__(

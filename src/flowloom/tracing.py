@@ -98,8 +98,7 @@ class Tracing(Observer):
         self.provider = TracerProvider(resource=resource, id_generator=self._ids)
         self.provider.add_span_processor(BatchSpanProcessor(exporter))
         self.tracer = self.provider.get_tracer("flowloom")
-        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-            trace.set_tracer_provider(self.provider)
+        _CURRENT.install(self.provider)
 
     # -- the request's root span ---------------------------------------------------------------
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
@@ -223,7 +222,66 @@ class Tracing(Observer):
         return self.provider.force_flush(int(timeout * 1000))
 
     def close(self) -> None:
+        _CURRENT.remove(self.provider)
         self.provider.shutdown()
+
+
+class _Current(trace.TracerProvider):
+    """The global tracer provider flowloom installs, unless the application set one: the
+    handlers' spans go to the provider of the service opened last and still open (the
+    global provider can be set only once in a process, and services come and go)."""
+
+    def __init__(self) -> None:
+        self.providers: list[TracerProvider] = []
+        self._lock = threading.Lock()
+        self._installed = False
+
+    def install(self, provider: TracerProvider) -> None:
+        with self._lock:
+            if not self._installed:
+                if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+                    return  # the application's own provider gets the handlers' spans
+                trace.set_tracer_provider(self)
+                self._installed = True
+            self.providers.append(provider)
+
+    def remove(self, provider: TracerProvider) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self.providers.remove(provider)
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Any = None,
+    ) -> trace.Tracer:
+        return _CurrentTracer(
+            self, instrumenting_module_name, instrumenting_library_version, schema_url, attributes
+        )
+
+
+class _CurrentTracer(trace.Tracer):
+    """A tracer of the current provider, looked up at each span."""
+
+    def __init__(self, owner: _Current, *scope: Any) -> None:
+        self.owner = owner
+        self.scope = scope
+
+    def _tracer(self) -> trace.Tracer:
+        providers = self.owner.providers
+        if not providers:
+            return trace.NoOpTracer()
+        return providers[-1].get_tracer(*self.scope)
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        return self._tracer().start_span(*args, **kwargs)
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tracer().start_as_current_span(*args, **kwargs)
+
+
+_CURRENT = _Current()
 
 
 def _under_root(ids: TraceContext | None, sampled: bool) -> otel_context.Context:

@@ -13,7 +13,17 @@ import uuid
 
 from . import context, engine
 from .backends import HOOKS, Backend, MemoryBackend, Task
-from .execute import Caller, NodeFailed, Outcome, error_info, run_step, to_bytes
+from .errors import BackendUnavailable
+from .execute import (
+    Caller,
+    NodeFailed,
+    Outcome,
+    error_info,
+    internal_error,
+    run_step,
+    to_bytes,
+    user_traceback,
+)
 from .observe import Attempt, Observers, RequestInfo
 from .plan import Plan, Step, StepKind
 from .registry import Registry
@@ -127,8 +137,29 @@ class Worker:
                 self._fail_unknown_plan(task)
                 return
             self._run(plan, plan.steps[task.step], task)
-        except Exception:
+        except BackendUnavailable as exc:
+            log.warning(
+                "request %s: %s not reported (%s); the backend hands the task on",
+                task.request_id,
+                task.step,
+                exc,
+            )
+        except Exception as exc:
             log.exception("flowloom: internal error running %s of %s", task.step, task.request_id)
+            self._fail_internal(task, exc)
+
+    def _fail_internal(self, task: Task, exc: Exception) -> None:
+        """Fail the request of a task flowloom itself could not run (a bug), rather than
+        leave it waiting for ever."""
+        if task.step == HOOKS:
+            return  # acknowledged already; the request has ended
+        plan = self.registry.version(task.flow, task.version)
+        step = plan.steps.get(task.step) if plan is not None else None
+        instance, address = step.names(task.keys) if step is not None else ("", task.step)
+        try:
+            self.backend.fail(task, instance, address, internal_error(address, exc))
+        except Exception:
+            log.exception("flowloom: could not fail request %s either", task.request_id)
 
     def _run(self, plan: Plan, step: Step, task: Task) -> None:
         instance, address = step.names(task.keys)
@@ -146,10 +177,10 @@ class Worker:
         )
         try:
             outcome: Outcome | None = None
-            failure: Exception | None = None
+            failure: BaseException | None = None
             try:
                 outcome = run_step(step, task.inputs, options, self._call)
-            except Exception as exc:
+            except BaseException as exc:  # user code's: a SystemExit fails the request too
                 failure = exc
             if failure is not None:  # outside the except: an on_failure error is not chained
                 outcome = self._recover(step, task, instance, address, failure, attempt)
@@ -180,12 +211,12 @@ class Worker:
         task: Task,
         instance: str,
         address: str,
-        exc: Exception,
+        exc: BaseException,
         attempt: Attempt | None = None,
     ) -> Outcome | None:
         """After a failed attempt: retry, fall back to the node's failure handler, or fail."""
         data, stack = b"", ""
-        if isinstance(exc, NodeFailed) and isinstance(exc.__cause__, Exception):
+        if isinstance(exc, NodeFailed) and exc.__cause__ is not None:
             data, stack, exc = exc.data, exc.stack, exc.__cause__
         if attempt is not None:
             attempt.error = exc
@@ -202,7 +233,7 @@ class Worker:
             try:
                 fallback = self._call(step.on_failure, exc, data, kind="on_failure")
                 return Outcome(to_bytes(fallback, "on_failure"))
-            except Exception as fallback_exc:
+            except BaseException as fallback_exc:
                 error = error_info(address, fallback_exc)
                 _log_failure(
                     task, step, error, "on_failure raised: the request fails", logging.ERROR
@@ -245,19 +276,30 @@ class Worker:
             try:
                 if status is Status.FAILED and state is not None and state.error is not None:
                     for failure_hook in plan.failure_hooks:
-                        self._hook(failure_hook, state.error)
+                        self._hook(task, failure_hook, state.error)
                 for finally_hook in plan.finally_hooks:
-                    self._hook(finally_hook, status)
+                    self._hook(task, finally_hook, status)
             finally:
                 context.leave(token)
         finally:
             self.backend.ack(task)
 
-    def _hook(self, hook: object, arg: object) -> None:
+    def _hook(self, task: Task, hook: object, arg: object) -> None:
         try:
             self._call(hook, arg, kind="hook")  # type: ignore[arg-type]
-        except Exception:
-            log.exception("flowloom: a workflow hook raised")
+        except BaseException as exc:  # user code's: a SystemExit must not end the thread
+            name = getattr(hook, "__qualname__", repr(hook))
+            log.warning(
+                "request %s (flow %s): hook %s raised %s: %s; ignored",
+                task.request_id,
+                task.flow,
+                name,
+                type(exc).__name__,
+                exc,
+            )
+            log.debug(
+                "request %s: traceback of hook %s:\n%s", task.request_id, name, user_traceback(exc)
+            )
 
     def _fail_unknown_plan(self, task: Task) -> None:
         why = (

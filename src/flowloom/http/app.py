@@ -3,6 +3,7 @@ endpoint table."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
@@ -12,9 +13,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from . import inputs, observability, responses, routes, spec
+from .. import dashboard as dashboard_page
+from . import inputs, observability, responses, routes, spec, watching
 from .accesslog import RequestIdLog
 from .api import UNAVAILABLE, Api
 from .auth import BearerAuth
@@ -41,6 +43,8 @@ def create_app(
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     callbacks: bool = True,
     callback_allow: str | Iterable[str] | None = None,
+    dashboard: bool | None = None,
+    trace_url: str | None = None,
 ) -> Starlette:
     """The ASGI app serving ``service``.
 
@@ -55,6 +59,10 @@ def create_app(
     ask for less with ``X-Wait``). ``callbacks``: honour ``X-Callback-Url``;
     ``callback_allow``: the addresses or networks callbacks may go to besides public
     ones (default: ``service.callback_allow``, else ``FLOWLOOM_CALLBACK_ALLOW``).
+    ``dashboard``: serve the dashboard at ``/dashboard`` (default: when
+    ``service.enable_monitoring`` is on; not with an HMAC secret but no token, as the
+    page cannot sign its calls); ``trace_url``: a trace UI's URL with ``{trace_id}`` for
+    the dashboard to link to (default: ``FLOWLOOM_TRACE_URL``).
     """
     settings = Settings.resolve(
         service,
@@ -64,12 +72,23 @@ def create_app(
         wait_timeout=wait_timeout,
         callbacks=callbacks,
         callback_allow=callback_allow,
+        dashboard=dashboard,
+        trace_url=trace_url,
     )
     assert routes.__name__  # imported for the endpoints it adds
+    assert watching.__name__  # and this one
     assert observability.__name__  # likewise
     served = [e for e in ENDPOINTS if e.when(settings)]
     api = Api(service, settings, spec=encode(spec.document(served, settings)))
     served_routes = [Route(e.path, _handler(api, e), methods=[e.method]) for e in served]
+    app_routes: list[BaseRoute] = list(served_routes)
+    admit = None
+    if settings.dashboard and settings.hmac_secret and not settings.token:
+        log.warning("no dashboard: with an HMAC secret it needs a token too (FLOWLOOM_TOKEN)")
+    elif settings.dashboard:
+        app_routes += dashboard_page.routes(settings.token, settings.trace_url)
+        if settings.token:
+            admit = functools.partial(dashboard_page.admits, token=settings.token)
     middleware = [Middleware(RequestIdLog)]
     if service.observers:
         middleware.append(
@@ -77,9 +96,9 @@ def create_app(
         )
     if settings.token:
         public = [e.path for e in served if e.public]
-        middleware.append(Middleware(BearerAuth, token=settings.token, public=public))
+        middleware.append(Middleware(BearerAuth, token=settings.token, public=public, admit=admit))
     app = Starlette(
-        routes=served_routes,
+        routes=app_routes,
         middleware=middleware,
         exception_handlers={
             BadInput: _bad_input,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -39,18 +39,29 @@ HUB_HEADERS = {"x-hub-signature": "sha1", "x-hub-signature-256": "sha256"}
 
 
 class BearerAuth:
-    """Refuses every request but those to ``public`` paths without the bearer token."""
+    """Refuses every request but those to ``public`` paths without the bearer token.
+    ``admit(path, headers)``, if given, lets in other requests too (the dashboard's
+    page and its session cookie)."""
 
-    def __init__(self, app: ASGIApp, token: str, public: Collection[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str,
+        public: Collection[str],
+        admit: Callable[[str, Headers], bool] | None = None,
+    ) -> None:
         self.app = app
         self.token = token.encode()
         self.public = frozenset(public)
+        self.admit = admit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.public:
-            scheme, _, credentials = Headers(scope=scope).get("authorization", "").partition(" ")
+            headers = Headers(scope=scope)
+            scheme, _, credentials = headers.get("authorization", "").partition(" ")
             given = credentials.strip().encode("latin-1")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given, self.token):
+            bearer = scheme.lower() == "bearer" and hmac.compare_digest(given, self.token)
+            if not bearer and not (self.admit and self.admit(scope["path"], headers)):
                 response = error(
                     401,
                     "missing or wrong bearer token",

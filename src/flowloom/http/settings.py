@@ -29,6 +29,8 @@ class Settings:
     callbacks: bool
     callback_allow: tuple[Network, ...] = ()
     monitoring: bool = False  # GET /metrics: the service keeps Prometheus metrics
+    dashboard: bool = False
+    trace_url: str | None = None  # a trace UI's URL with "{trace_id}", for the dashboard
 
     @classmethod
     def resolve(
@@ -41,9 +43,13 @@ class Settings:
         wait_timeout: float,
         callbacks: bool,
         callback_allow: str | Iterable[str] | None = None,
+        dashboard: bool | None = None,
+        trace_url: str | None = None,
     ) -> Settings:
         """Explicit arguments first, then the service's, then the environment:
-        ``FLOWLOOM_TOKEN``, ``FLOWLOOM_HMAC_SECRET``, ``FLOWLOOM_CALLBACK_ALLOW``."""
+        ``FLOWLOOM_TOKEN``, ``FLOWLOOM_HMAC_SECRET``, ``FLOWLOOM_CALLBACK_ALLOW``,
+        ``FLOWLOOM_TRACE_URL``. The dashboard is served when the service has
+        ``enable_monitoring`` on, unless ``dashboard`` says otherwise."""
         if max_body < 0 or not (0 <= wait_timeout < math.inf):
             raise ValueError("max_body and wait_timeout must be >= 0 and finite")
         token = token or service.token or os.environ.get("FLOWLOOM_TOKEN") or None
@@ -60,4 +66,6 @@ class Settings:
             callbacks=callbacks,
             callback_allow=networks(callback_allow),
             monitoring=getattr(service, "metrics", None) is not None,
+            dashboard=service.enable_monitoring if dashboard is None else dashboard,
+            trace_url=trace_url or os.environ.get("FLOWLOOM_TRACE_URL") or None,
         )

@@ -93,10 +93,10 @@ class RequestSummary(msgspec.Struct):
 
 
 class RequestList(msgspec.Struct):
-    """One page of a flow's requests, newest first; ``next_offset`` while there may be
-    more."""
+    """One page of a flow's requests (``flow`` None: of every flow), newest first;
+    ``next_offset`` while there may be more."""
 
-    flow: str
+    flow: str | None
     status: Status | None
     offset: int
     limit: int

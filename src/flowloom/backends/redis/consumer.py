@@ -77,7 +77,7 @@ class Consumer:
         self._begun: set[str] = set()  # receipts of tasks marked running when claimed
         self._redelivered: dict[str, int] = {}  # receipt -> deliveries, of taken-over tasks
         self._waiting = 0  # worker threads waiting in ``claim``
-        self._deferred = threading.local()  # .call: a completion not sent yet (_Deferred)
+        self._deferred = threading.local()  # .calls: completions not sent yet (_Deferred)
         self.name: str | None = None  # the consumer's name, once it claims
         self._reclaim_from = "0-0"  # where the next XAUTOCLAIM scan of pending tasks starts
         self.closing = threading.Event()
@@ -85,41 +85,35 @@ class Consumer:
 
     # -- sending -----------------------------------------------------------------------------
     def flush(self) -> None:
-        """Send this thread's deferred completion, if any (see ``complete``). If Redis
-        cannot be reached it stays deferred, to be sent by the next call."""
-        pending = self._pop_deferred()
-        if pending is not None:
-            call, task = pending
-            self._completed(task, self._send(pending, lambda: self._scripts(*call)))
-
-    def _pop_deferred(self) -> _Deferred | None:
-        return cast(_Deferred | None, self._deferred.__dict__.pop("call", None))
-
-    def _send(self, pending: _Deferred, send: Callable[[], Any]) -> Any:
-        try:
-            return send()
-        except (redis.ConnectionError, redis.TimeoutError):
-            self._deferred.call = pending  # not lost: sent again with the next call
-            raise
-        except BaseException:
-            self._release(pending[1])  # the task is taken over later, and runs again
-            raise
+        """Send this thread's deferred completions, if any (see ``complete``). If Redis
+        cannot be reached they stay deferred, to be sent with the next call."""
+        self._with_deferred(None)
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         self.flush()
         return self._scripts(name, keys, args)
 
-    def _with_deferred(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a script, sending this thread's deferred completion first in the same
-        round trip (one pipeline); returns the script's result."""
-        pending = self._pop_deferred()
-        if pending is None:
-            return self._scripts(name, keys, args)
-        first, second = self._send(
-            pending, lambda: self._scripts.pipelined([pending[0], (name, keys, args)])
-        )
-        self._completed(pending[1], first)
-        return second
+    def _with_deferred(self, call: Call | None) -> Any:
+        """Run ``call`` (if any) after this thread's deferred completions, all in one
+        round trip (one pipeline); returns the result of ``call``. A completion that
+        cannot be sent for want of Redis stays deferred; one that fails otherwise lets
+        its task go (it is taken over later and runs again)."""
+        pending: list[_Deferred] = self._deferred.__dict__.pop("calls", [])
+        if not pending:
+            return None if call is None else self._scripts(*call)
+        calls = [deferred[0] for deferred in pending] + ([] if call is None else [call])
+        try:
+            results = self._scripts.pipelined(calls)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._deferred.calls = pending  # not lost: sent with the next call
+            raise
+        except BaseException:
+            for _, task in pending:
+                self._release(task)
+            raise
+        for (_, task), result in zip(pending, results[: len(pending)], strict=True):
+            self._completed(task, result)
+        return results[-1] if call is not None else None
 
     # -- the worker's calls ------------------------------------------------------------------
     def claim(self, worker: str, timeout: float) -> Task | None:
@@ -145,7 +139,10 @@ class Consumer:
             self._begun.discard(task.receipt)
             deliveries = self._redelivered.pop(task.receipt, 1)
         if begun_already:
-            self.flush()
+            try:
+                self.flush()
+            except redis.RedisError as exc:  # the completions stay deferred; the task runs
+                self._health.failed(exc)
             return True
         if deliveries > self.max_deliveries:
             message = f"delivered {deliveries - 1} times; the worker died each time"
@@ -156,7 +153,7 @@ class Consumer:
         keys = self.keys.request(task.request_id).script_keys()
         began = False
         try:
-            began = bool(self._with_deferred("begin", keys, args))
+            began = bool(self._with_deferred(("begin", keys, args)))
         finally:
             if not began:
                 self._release(task)
@@ -165,7 +162,6 @@ class Consumer:
     def complete(
         self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition
     ) -> None:
-        self.flush()
         args: list[Any] = [
             task.request_id, GROUP, task.receipt, instance, address,
             b"" if output is None else b"d" + output, "1" if transition.finished else "0",
@@ -174,9 +170,11 @@ class Consumer:
         ]  # fmt: skip
         # Sent with this thread's next call: a worker thread's next call is nearly always
         # ``begin`` of its next task, so both go in one round trip. A thread about to
-        # wait for work sends it first (``claim``), and so does any other call.
+        # wait for work sends it first (``claim``), and so does any other call. While
+        # Redis cannot be reached, completions queue up here (one per task run).
         keys = self.keys.request(task.request_id).script_keys()
-        self._deferred.call = (("complete", keys, args), task)
+        calls: list[_Deferred] = self._deferred.__dict__.setdefault("calls", [])
+        calls.append((("complete", keys, args), task))
 
     def _completed(self, task: Task, claimed: Any) -> None:
         self._release(task)

@@ -55,8 +55,16 @@ class RequestStore:
             record.trace,
             *codec.delivery_args(transition.deliveries),
         ]
-        if not self._scripts("submit", keys, args):
+        if not self._scripts("submit", keys, args) and not self._is_ours(record):
             raise DuplicateRequest(f"request {record.request_id!r} exists already")
+
+    def _is_ours(self, record: RequestRecord) -> bool:
+        """Whether the request that exists is ``record`` itself: a submit sent again after
+        its reply was lost (a timeout) must not report its own request as a duplicate."""
+        flow, created = self._redis.hmget(
+            self.keys.request(record.request_id).request, "flow", "created"
+        )
+        return flow == record.flow.encode() and created == repr(record.created).encode()
 
     def state(self, request_id: str) -> RequestState | None:
         keys = self.keys.request(request_id)
@@ -153,10 +161,16 @@ class RequestStore:
     def list_requests(
         self, flow: str | None, status: Status | None, offset: int, limit: int
     ) -> list[RequestState]:
+        """Without ``status``, reads the page straight from the index; with it, scans the
+        index reading only each request's status, then reads the page's states (deep
+        pages of 100,000 requests cost reads of ids and statuses, not of states)."""
         self.sweep()
         index = self.keys.requests if flow is None else self.keys.flow(flow)
-        chosen: list[RequestState] = []
-        skip, start, chunk = offset, 0, max(50, limit + offset if status is None else 200)
+        if status is None:
+            ids = codec.names(self._redis.zrevrange(index, offset, offset + limit - 1))
+            return self._states(ids)
+        chosen: list[str] = []
+        skip, start, chunk = offset, 0, 1000
         while len(chosen) < limit:
             ids = codec.names(self._redis.zrevrange(index, start, start + chunk - 1))
             if not ids:
@@ -164,21 +178,28 @@ class RequestStore:
             start += len(ids)
             pipe = self._redis.pipeline(transaction=False)
             for request_id in ids:
-                keys = self.keys.request(request_id)
-                pipe.hmget(keys.request, *_STATE_FIELDS)
-                pipe.hgetall(keys.vertices)
-            replies = pipe.execute()
-            for n, request_id in enumerate(ids):
-                state = _state(request_id, replies[2 * n], replies[2 * n + 1])
-                if state is None or (status is not None and state.status is not status):
+                pipe.hget(self.keys.request(request_id).request, "status")
+            for request_id, found in zip(ids, pipe.execute(), strict=True):
+                if found is None or found.decode() != status.value:
                     continue
                 if skip:
                     skip -= 1
                     continue
-                chosen.append(state)
+                chosen.append(request_id)
                 if len(chosen) == limit:
                     break
-        return chosen
+        return [s for s in self._states(chosen) if s.status is status]
+
+    def _states(self, ids: list[str]) -> list[RequestState]:
+        """The states of ``ids`` that still exist, in order."""
+        pipe = self._redis.pipeline(transaction=False)
+        for request_id in ids:
+            keys = self.keys.request(request_id)
+            pipe.hmget(keys.request, *_STATE_FIELDS)
+            pipe.hgetall(keys.vertices)
+        replies = pipe.execute()
+        states = (_state(r, replies[2 * n], replies[2 * n + 1]) for n, r in enumerate(ids))
+        return [s for s in states if s is not None]
 
     def sweep(self, limit: int = 1000) -> int:
         """Drop requests that have expired from the listings; how many were dropped."""

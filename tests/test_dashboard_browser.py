@@ -267,6 +267,10 @@ def test_with_a_token_the_page_asks_for_it_and_keeps_it_out_of_urls(browser: Any
         assert cookies[0]["sameSite"] == "Strict"
         assert token not in cookies[0]["value"]
         assert all(token not in url for url in urls), urls
+        page.click("#signout")
+        expect(page.locator("form.login")).to_be_visible()
+        assert context.cookies() == []
+        expect(page.locator("#signout")).to_be_hidden()
         context.close()
         assert watch.errors == [], watch.errors
         assert watch.foreign == [], watch.foreign

@@ -10,9 +10,10 @@ from typing import TypeVar
 import redis
 
 from ...engine import Transition
+from ...logs import safe_url
 from ...types import ErrorInfo, RequestState, Status
 from ..base import Backend, RequestRecord, Summary, Task, current_deadline
-from .connection import QUICK_TIMEOUT, Guard, Health, make_client, safe_url
+from .connection import QUICK_TIMEOUT, Guard, Health, make_client
 from .consumer import Consumer
 from .heartbeats import Heartbeats
 from .keys import GROUP, KeyLayout

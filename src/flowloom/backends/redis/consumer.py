@@ -137,7 +137,7 @@ class Consumer:
         with self._cond:
             begun_already = task.receipt in self._begun  # begun when claimed (``complete``)
             self._begun.discard(task.receipt)
-            deliveries = self._redelivered.pop(task.receipt, 1)
+            deliveries = self._redelivered.get(task.receipt, 1)  # forgotten on release
         if begun_already:
             try:
                 self.flush()

@@ -185,7 +185,11 @@ class RedisBackend(Backend):
         return self._guard(lambda: self._consumer.claim(worker, timeout), contacts=False)
 
     def begin(self, task: Task, instance: str, address: str) -> bool:
-        return self._guard(lambda: self._consumer.begin(task, instance, address))
+        try:
+            return self._guard(lambda: self._consumer.begin(task, instance, address))
+        except BaseException:  # given up: the task goes, to be taken over
+            self._consumer.release(task)
+            raise
 
     def complete(
         self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition

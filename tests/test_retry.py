@@ -264,3 +264,66 @@ def test_a_request_that_failed_before_retries_existed_says_so(
         with pytest.raises(NotRunning, match="before flowloom kept what a retry needs"):
             fs.retry("chain", request_id)
         assert fs.state("chain", request_id).status is Status.FAILED
+
+
+def test_what_a_retry_requeues_is_one_fresh_task_per_instance() -> None:
+    from flowloom.backends import HOOKS, Task
+    from flowloom.backends.base import requeued
+
+    def task(step: str, keys: tuple[str, ...], attempt: int, data: bytes) -> Task:
+        return Task("r", "f", "v1", step, keys, {"": data}, attempt, "1-0", True)
+
+    tasks = [
+        task("work", ("a",), 3, b"first"),
+        task("work", ("b",), 1, b"b"),
+        task("work", ("a",), 1, b"again"),  # the same instance set aside twice
+        task(HOOKS, (), 1, b"failed"),
+    ]
+    assert requeued(tasks) == [
+        Task("r", "f", "v1", "work", ("a",), {"": b"first"}, 1, "", False),
+        Task("r", "f", "v1", "work", ("b",), {"": b"b"}, 1, "", False),
+    ]
+
+
+@pytest.mark.redis
+def test_two_processes_retrying_at_once_one_wins(
+    make_redis_backend: Callable[..., Any], redis_url: str, redis_prefix: str, tmp_path: Any
+) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    calls, up, ends = Calls(), threading.Event(), []
+    with FlowService(worker_concurrency=2, backend=make_redis_backend()) as fs:
+        fs.register("chain", flaky_chain(calls, up, ends))
+        fs._ensure_worker()
+        request_id = fs.execute("chain", b"")
+        with pytest.raises(RequestFailed):
+            fs.result("chain", request_id, timeout=20)
+        up.set()
+        script = tmp_path / "retry_once.py"
+        script.write_text(
+            textwrap.dedent(
+                """
+                import sys, time
+                from flowloom import FlowService, NotRunning
+                url, prefix, request_id, at = sys.argv[1:5]
+                with FlowService(redis_url=url, redis_prefix=prefix) as client:
+                    client.state("chain", request_id)  # connected before the start line
+                    time.sleep(max(0.0, float(at) - time.time()))
+                    try:
+                        print(client.retry("chain", request_id).value)
+                    except NotRunning as exc:
+                        print("NotRunning:", exc)
+                """
+            )
+        )
+        at = str(time.time() + 2.0)
+        args = [sys.executable, str(script), redis_url, redis_prefix, request_id, at]
+        processes = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        answers = sorted(p.communicate(timeout=30)[0].strip() for p in processes)
+        assert answers[1] == "running", answers
+        assert answers[0].startswith("NotRunning:"), answers
+        assert "only a failed or stopped request can be retried" in answers[0]
+        assert fs.result("chain", request_id, timeout=20) == b"abc"
+        assert calls.counts == {"a": 1, "b": 2, "c": 1}

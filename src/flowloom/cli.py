@@ -27,7 +27,6 @@ from .worker import backend_name
 __all__ = ["STARTUP_CHECK", "load_service", "main"]
 
 STARTUP_CHECK = 10.0  # seconds `worker` and `serve` wait for the backend to answer at start-up
-LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
 class AppError(click.ClickException):
@@ -160,6 +159,13 @@ def _flow(service: FlowService, flow: str) -> None:
         raise AppError(f"no flow {flow!r} (flows: {known})")
 
 
+_LOG_LEVEL = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Log from this level up, on stderr (debug: with the tracebacks of failures).",
+)
 _MONITORING = click.option(
     "--monitoring/--no-monitoring",
     default=True,
@@ -291,7 +297,7 @@ def flows(app: str) -> None:
     show_default=True,
     help="Also run a worker in this process.",
 )
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@_LOG_LEVEL
 @click.option(
     "--limit-concurrency",
     type=click.IntRange(min=1),
@@ -372,7 +378,7 @@ def serve(
     help="Worker processes to fork (needs Redis); each runs --concurrency tasks.",
 )
 @click.option("--redis-url", default=None, help="Use this Redis instead of the app's backend.")
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@_LOG_LEVEL
 @_MONITORING
 @_METRICS_PORT
 def worker(

@@ -10,9 +10,10 @@ from typing import TypeVar
 import redis
 
 from ...engine import Transition
+from ...logs import safe_url
 from ...types import ErrorInfo, RequestState, Status
 from ..base import Backend, RequestRecord, Summary, Task, current_deadline
-from .connection import QUICK_TIMEOUT, Guard, Health, make_client, safe_url
+from .connection import QUICK_TIMEOUT, Guard, Health, make_client
 from .consumer import Consumer
 from .heartbeats import Heartbeats
 from .keys import GROUP, KeyLayout
@@ -184,7 +185,11 @@ class RedisBackend(Backend):
         return self._guard(lambda: self._consumer.claim(worker, timeout), contacts=False)
 
     def begin(self, task: Task, instance: str, address: str) -> bool:
-        return self._guard(lambda: self._consumer.begin(task, instance, address))
+        try:
+            return self._guard(lambda: self._consumer.begin(task, instance, address))
+        except BaseException:  # given up: the task goes, to be taken over
+            self._consumer.release(task)
+            raise
 
     def complete(
         self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition
@@ -226,6 +231,9 @@ class RedisBackend(Backend):
     def depth(self) -> Mapping[str, int]:
         """Ready: on the stream and not yet delivered to any worker (delivered entries are
         pending until acked, and deleted then); delayed: retries; held: of paused requests."""
+        return self._call(self._depth)
+
+    def _depth(self) -> Mapping[str, int]:
         pipe = self._redis.pipeline(transaction=False)
         pipe.xlen(self.keys.tasks)
         pipe.xpending(self.keys.tasks, GROUP)
@@ -233,7 +241,9 @@ class RedisBackend(Backend):
         pipe.get(self.keys.held)
         try:
             length, pending, delayed, held = pipe.execute()
-        except redis.ResponseError:  # no stream or group yet: nothing has been queued
+        except redis.ResponseError as exc:  # no stream or group yet: nothing has been queued
+            if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
+                raise
             return {"ready": 0, "delayed": 0, "held": 0}
         ready = max(0, int(length) - int(pending["pending"] if pending else 0))
         return {"ready": ready, "delayed": int(delayed), "held": max(0, int(held or 0))}

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 import threading
-import traceback
-from pathlib import Path
-from types import ModuleType
 from typing import IO
 
 import click
 
 from . import logs
+from .apps import AppError, load_app, load_service
 from .backends import Backend, MemoryBackend
 from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
@@ -28,72 +23,6 @@ __all__ = ["STARTUP_CHECK", "load_service", "main"]
 
 STARTUP_CHECK = 10.0  # seconds `worker` and `serve` wait for the backend to answer at start-up
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
-
-
-class AppError(click.ClickException):
-    exit_code = 2
-
-
-def _import(app: str) -> ModuleType:
-    path = Path(app)
-    if app.endswith(".py") or path.exists():
-        if not path.is_file():
-            raise AppError(f"no such file: {app}")
-        spec = importlib.util.spec_from_file_location(f"flowloom_app_{path.stem}", path)
-        if spec is None or spec.loader is None:
-            raise AppError(f"cannot load {app} as Python")
-        module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, str(path.resolve().parent))
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-    return importlib.import_module(app)
-
-
-def load_service(app: str) -> FlowService:
-    """Load ``PATH.py`` or ``package.module``, optionally ``:attribute``, and find its
-    ``FlowService`` (or a ``flows`` dict of name -> define_workflow, registered on a new one)."""
-    target, _, attribute = app.partition(":") if not Path(app).exists() else (app, "", "")
-    try:
-        module = _import(target)
-    except AppError:
-        raise
-    except FlowloomError as exc:
-        raise AppError(f"{target}: {exc}") from exc
-    except Exception as exc:
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = next(
-            (f"{f.filename}:{f.lineno}" for f in reversed(frames) if target in f.filename), ""
-        )
-        if isinstance(exc, SyntaxError):
-            where = f"{exc.filename}:{exc.lineno}"
-        raise AppError(
-            f"could not load {target}{' at ' + where if where else ''}: {type(exc).__name__}: {exc}"
-        ) from exc
-    if attribute:
-        found = getattr(module, attribute, None)
-        if not isinstance(found, FlowService):
-            raise AppError(f"{target}:{attribute} is not a FlowService")
-        return found
-    services = [v for v in vars(module).values() if isinstance(v, FlowService)]
-    if len(services) == 1:
-        return services[0]
-    if len(services) > 1:
-        raise AppError(f"{target} holds several FlowService objects: name one as {target}:NAME")
-    flows = getattr(module, "flows", None)
-    if isinstance(flows, dict) and flows:
-        service = FlowService()
-        for name, define in flows.items():
-            _register(service, name, define)
-        return service
-    raise AppError(f"{target} defines no FlowService and no `flows` dict")
-
-
-def _register(service: FlowService, name: str, define: object) -> None:
-    try:
-        service.register(name, define)  # type: ignore[arg-type]
-    except FlowloomError as exc:
-        raise AppError(str(exc)) from exc
 
 
 def _configured(
@@ -154,12 +83,6 @@ def _check_backend(service: FlowService) -> None:
     raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {cause}")
 
 
-def _flow(service: FlowService, flow: str) -> None:
-    if flow not in service.flows():
-        known = ", ".join(service.flows()) or "none"
-        raise AppError(f"no flow {flow!r} (flows: {known})")
-
-
 _MONITORING = click.option(
     "--monitoring/--no-monitoring",
     default=True,
@@ -205,8 +128,9 @@ def run(
 
     The request runs here, in this process, whatever backend the app uses (a Redis
     the app names is not touched)."""
-    service = load_service(app)
-    _flow(service, flow)
+    loaded = load_app(app)
+    loaded.check_flow(flow)
+    service = loaded.service
     if not service.embedded:
         _use_backend(service, MemoryBackend(retention=service.retention))
     body = data_file.read() if data_file is not None else data.encode()
@@ -260,8 +184,9 @@ def _print_timings(service: FlowService, flow: str, request_id: str) -> None:
 )
 def graph(app: str, flow: str, fmt: str) -> None:
     """Print FLOW's definition as Mermaid, Graphviz DOT or JSON."""
-    service = load_service(app)
-    _flow(service, flow)
+    loaded = load_app(app)
+    loaded.check_flow(flow)
+    service = loaded.service
     definition = service.definition(flow)
     if fmt == "json":
         click.echo(json.dumps(definition, indent=2))

@@ -157,6 +157,7 @@ class FlowService:
     def _submit(self, name: str, request: Request | bytes | str | None) -> RequestRecord:
         plan = self.registry.latest(name)
         request = _as_request(request)
+        body = _body(request.body)
         request_id = uuid.uuid4().hex if request.request_id is None else request.request_id
         if not REQUEST_ID.fullmatch(request_id):
             raise InvalidRequest(
@@ -167,7 +168,7 @@ class FlowService:
             request_id=request_id,
             flow=name,
             version=plan.version,
-            body=request.body,
+            body=body,
             query=_options(request.query),
             headers=dict(request.headers),
             created=time.time(),
@@ -176,7 +177,7 @@ class FlowService:
         )
         if self.embedded:
             self._ensure_worker()
-        self.backend.submit(record, engine.start(plan, request.body))
+        self.backend.submit(record, engine.start(plan, body))
         observers = self.observers
         if observers:
             observers.request_started(record)
@@ -412,25 +413,40 @@ def _as_request(request: Request | bytes | str | None) -> Request:
     if request is None:
         return Request()
     if isinstance(request, Request):
-        if not isinstance(request.body, bytes):
-            raise InvalidRequest(f"request body must be bytes, got {type(request.body).__name__}")
         return request
-    if isinstance(request, str):
-        return Request(body=request.encode())
-    if isinstance(request, bytes):
+    if isinstance(request, bytes | str):
         return Request(body=request)
     raise InvalidRequest(f"expected a Request, bytes or str, got {type(request).__name__}")
 
 
-def _options(query: Mapping[str, Any]) -> Options:
+def _body(body: object) -> bytes:
+    """A request body as bytes: ``str`` is encoded as UTF-8."""
+    if isinstance(body, str):
+        return body.encode()
+    if not isinstance(body, bytes):
+        raise InvalidRequest(f"request body must be bytes or str, got {type(body).__name__}")
+    return body
+
+
+def _options(query: object) -> Options:
+    """A request's query as handler options; ``InvalidRequest`` unless it maps str keys
+    to a str or a list (or tuple) of str."""
+    if not isinstance(query, Mapping):
+        raise InvalidRequest(
+            f"query must be a mapping of str to str or list of str, got {type(query).__name__}"
+        )
     options: Options = {}
     for key, value in query.items():
         if not isinstance(key, str):
             raise InvalidRequest(f"query keys must be str, got {key!r}")
-        values = [value] if isinstance(value, str) else list(value)
-        if not all(isinstance(v, str) for v in values):
-            raise InvalidRequest(f"query values must be str or lists of str, got {value!r}")
-        options[key] = values
+        if isinstance(value, str):
+            options[key] = [value]
+        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            options[key] = list(value)
+        else:
+            raise InvalidRequest(
+                f"query value of {key!r} must be a str or a list of str, got {value!r}"
+            )
     return options
 
 

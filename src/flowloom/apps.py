@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,22 @@ from types import ModuleType
 
 import click
 
+from .backends import Backend, MemoryBackend
 from .errors import FlowloomError
 from .service import FlowService
+from .worker import backend_name
 
-__all__ = ["App", "AppError", "load_app", "load_service"]
+__all__ = [
+    "STARTUP_CHECK",
+    "App",
+    "AppError",
+    "check_backend",
+    "load_app",
+    "load_service",
+    "use_backend",
+]
+
+STARTUP_CHECK = 10.0  # seconds the command line waits for the backend to answer at start-up
 
 
 class AppError(click.ClickException):
@@ -125,3 +138,38 @@ def _import(app: str) -> ModuleType:
                 f"no module or file {app!r} (looked in {os.getcwd()} and on the import path)"
             ) from exc
         raise
+
+
+def use_backend(service: FlowService, backend: Backend) -> None:
+    """Give ``service`` (which has started nothing yet) ``backend`` instead of its own."""
+    previous, service.backend = service.backend, backend
+    service.embedded = isinstance(backend, MemoryBackend)
+    previous.close()
+
+
+def check_backend(service: FlowService) -> None:
+    """``AppError`` (exit status 2, one line) unless the backend answers within
+    ``STARTUP_CHECK`` seconds."""
+    answer: list[BaseException | None] = []
+
+    def ping() -> None:
+        try:
+            service.backend.ping()
+        except Exception as exc:
+            answer.append(exc)
+        else:
+            answer.append(None)
+
+    thread = threading.Thread(target=ping, name="flowloom-startup-check", daemon=True)
+    thread.start()
+    thread.join(STARTUP_CHECK)
+    if answer == [None]:
+        return
+    where = backend_name(service.backend)
+    if not answer:
+        raise AppError(f"the backend at {where} did not answer within {STARTUP_CHECK:g}s")
+    error = answer[0]
+    if isinstance(error, FlowloomError):
+        raise AppError(" ".join(str(error).split()))  # one line, whatever the cause says
+    cause = " ".join(str(error).split())
+    raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {cause}")

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import json
-import threading
 from typing import IO
 
 import click
 
 from . import logs
-from .apps import AppError, load_app, load_service
-from .backends import Backend, MemoryBackend
+from .apps import STARTUP_CHECK, AppError, check_backend, load_app, load_service, use_backend
+from .backends import MemoryBackend
 from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
 from .http.server import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LIMIT_CONCURRENCY
+from .operate import commands, read_request, wait_showing_progress
 from .processes import run_worker_processes
 from .service import FlowService
-from .types import Request
-from .worker import backend_name
 
 __all__ = ["STARTUP_CHECK", "load_service", "main"]
 
-STARTUP_CHECK = 10.0  # seconds `worker` and `serve` wait for the backend to answer at start-up
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
@@ -39,48 +36,14 @@ def _configured(
         service.worker_concurrency = concurrency
     if redis_url is not None:
         service.redis_url = redis_url
-        _use_backend(service, service._make_backend())
+        use_backend(service, service._make_backend())
     return service
-
-
-def _use_backend(service: FlowService, backend: Backend) -> None:
-    """Give ``service`` (which has started nothing yet) ``backend`` instead of its own."""
-    previous, service.backend = service.backend, backend
-    service.embedded = isinstance(backend, MemoryBackend)
-    previous.close()
 
 
 def _monitor(service: FlowService, monitoring: bool, metrics_port: int | None) -> None:
     service.enable_monitoring = monitoring
     if metrics_port is not None:
         service.metrics_port = metrics_port
-
-
-def _check_backend(service: FlowService) -> None:
-    """Exit (status 2, one line) unless the backend answers within ``STARTUP_CHECK`` s."""
-    answer: list[BaseException | None] = []
-
-    def ping() -> None:
-        try:
-            service.backend.ping()
-        except Exception as exc:
-            answer.append(exc)
-        else:
-            answer.append(None)
-
-    thread = threading.Thread(target=ping, name="flowloom-startup-check", daemon=True)
-    thread.start()
-    thread.join(STARTUP_CHECK)
-    if answer == [None]:
-        return
-    where = backend_name(service.backend)
-    if not answer:
-        raise AppError(f"the backend at {where} did not answer within {STARTUP_CHECK:g}s")
-    error = answer[0]
-    if isinstance(error, FlowloomError):
-        raise AppError(" ".join(str(error).split()))  # one line, whatever the cause says
-    cause = " ".join(str(error).split())
-    raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {cause}")
 
 
 _MONITORING = click.option(
@@ -132,21 +95,15 @@ def run(
     loaded.check_flow(flow)
     service = loaded.service
     if not service.embedded:
-        _use_backend(service, MemoryBackend(retention=service.retention))
-    body = data_file.read() if data_file is not None else data.encode()
-    options: dict[str, list[str]] = {}
-    for item in query:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--query")
-        options.setdefault(key, []).append(value)
+        use_backend(service, MemoryBackend(retention=service.retention))
+    request = read_request(data, data_file, query)
     with service:
         try:
-            request_id = service.execute(flow, Request(body=body, query=options))
+            request_id = service.execute(flow, request)
         except FlowloomError as exc:  # a bad request, an unreachable backend
             raise AppError(str(exc)) from exc
         try:
-            result = service.result(flow, request_id, timeout=timeout)
+            result = wait_showing_progress(service, flow, request_id, timeout)
         except FlowloomError as exc:
             if timings:
                 _print_timings(service, flow, request_id)
@@ -262,7 +219,7 @@ def serve(
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
     service = _configured(app, redis_url, None, port, host)
     _monitor(service, monitoring, metrics_port)
-    _check_backend(service)
+    check_backend(service)
     logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     options = {
         "limit_concurrency": limit_concurrency,
@@ -320,13 +277,16 @@ def worker(
             "its own would serve nobody; give the FlowService a redis_url (or a backend) or "
             "pass --redis-url (or run `flowloom serve`, which runs a worker beside the server)"
         )
-    _check_backend(service)
+    check_backend(service)
     logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     try:
         run_worker_processes(service, processes)
     except FlowloomError as exc:
         raise AppError(str(exc)) from exc
 
+
+for _command in commands:
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -118,3 +118,38 @@ def test_define_workflow_may_return_what_it_built_on_workflow_dag() -> None:
     with FlowService() as fs:  # a lambda returns dag.node(...)'s Dag: the flow is filled
         fs.register("chained", lambda wf, ctx: wf.dag.node("n", lambda d, o: d + b"."))
         assert fs.run("chained", b"x", timeout=10) == b"x."
+
+
+def test_serve_says_where_it_listens_and_how_to_listen_everywhere(tmp_path: Path) -> None:
+    import signal
+    import socket
+    import time
+
+    def free(port: int) -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) != 0
+
+    port = next(p for p in range(7790, 7700, -1) if free(p))
+    path = tmp_path / "served.py"
+    path.write_text("flows = {'echo': lambda wf, ctx: wf.dag.node('n', lambda d, o: d)}\n")
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flowloom.cli", "serve", str(path), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "serving on" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    line = next(x for x in log.read_text().splitlines() if "serving on" in x)
+    assert line.endswith(
+        f"flowloom: serving on http://127.0.0.1:{port} "
+        "(this machine only; --host 0.0.0.0 listens on every interface)"
+    )

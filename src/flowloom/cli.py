@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 from typing import IO
 
 import click
@@ -19,6 +21,7 @@ from .service import FlowService
 
 __all__ = ["STARTUP_CHECK", "load_service", "main"]
 
+log = logging.getLogger("flowloom.cli")
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
@@ -227,6 +230,7 @@ def serve(
         "header_timeout": header_timeout,
         "forwarded_allow_ips": [ip.strip() for ip in forwarded_allow_ips.split(",") if ip.strip()],
     }
+    log.info("flowloom: serving on http://%s", _listening(service.host, service.port))
     try:
         if worker:
             service.start(**options)
@@ -234,6 +238,18 @@ def serve(
             service.start_server(**options)
     except FlowloomError as exc:
         raise AppError(str(exc)) from exc
+
+
+def _listening(host: str, port: int) -> str:
+    """``HOST:PORT``, and who can reach it: loopback only, or every interface."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return f"{where} (this machine only; --host 0.0.0.0 listens on every interface)"
+    return f"{where}"
 
 
 @main.command()

@@ -6,6 +6,7 @@ Redis servers that are stopped or killed are private ones on ports 7100-7199."""
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import subprocess
@@ -49,7 +50,7 @@ def fs(redis_url: str, redis_prefix: str) -> Iterator[FlowService]:
 
 # -- private Redis servers -------------------------------------------------------------------
 def free_port() -> int:
-    for port in range(7100, 7200):
+    for port in random.sample(range(7100, 7200), 100):
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -79,8 +80,10 @@ class PrivateRedis:
         probe = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
         try:
             eventually(lambda: _answers(probe), 10, "the private Redis answers")
+            pid = probe.info("server")["process_id"]  # type: ignore[index]
         finally:
             probe.close()
+        assert pid == self.proc.pid, f"port {self.port} is another Redis's (pid {pid})"
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -118,7 +121,10 @@ def private_redis(tmp_path: Path) -> Iterator[Callable[[bool], PrivateRedis]]:
 
 def closed_port() -> int:
     """A port in the private range nothing listens on."""
-    return free_port()
+    port = free_port()
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, f"something listens on {port}"
+    return port
 
 
 # -- errors and deadlines --------------------------------------------------------------------

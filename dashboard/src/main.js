@@ -52,7 +52,7 @@ async function route() {
   }
   const args = re.exec(path).slice(1).map((a) => (a === undefined ? a : decodeURIComponent(a)));
   try {
-    const stop = await page()(main, { args, params, alive: () => mine === generation });
+    const stop = await page()(main, { args, params });
     if (mine === generation) leave = stop || (() => {});
     else if (stop) stop();
   } catch (error) {
@@ -60,7 +60,7 @@ async function route() {
   }
 }
 
-export function showError(error) {
+function showError(error) {
   if (error instanceof ApiError && error.status === 401) {
     config = null; // the session has expired: ask again
     loginForm();
@@ -83,8 +83,8 @@ function loginForm() {
         try {
           await api.login(input.value);
           config = null;
+          await route();
           showBackend();
-          route();
         } catch (error) {
           message.textContent = error.status === 401 ? "Wrong token." : error.message;
           message.className = "error";
@@ -102,6 +102,8 @@ function loginForm() {
 }
 
 async function showBackend() {
+  const out = document.getElementById("signout");
+  out.hidden = !(config && config.auth && config.signed_in);
   try {
     if (config && !config.signed_in) return;
     const health = await api.health();
@@ -110,6 +112,14 @@ async function showBackend() {
     // the page says what is wrong once it loads
   }
 }
+
+document.getElementById("signout").addEventListener("click", async () => {
+  await api.logout().catch(() => {});
+  config = null;
+  document.getElementById("backend").textContent = "";
+  await route();
+  showBackend();
+});
 
 window.addEventListener("hashchange", route);
 route().then(showBackend);

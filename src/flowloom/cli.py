@@ -22,7 +22,6 @@ from .service import FlowService
 __all__ = ["STARTUP_CHECK", "load_service", "main"]
 
 log = logging.getLogger("flowloom.cli")
-LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
 def _configured(
@@ -49,6 +48,13 @@ def _monitor(service: FlowService, monitoring: bool, metrics_port: int | None) -
         service.metrics_port = metrics_port
 
 
+_LOG_LEVEL = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Log from this level up, on stderr (debug: with the tracebacks of failures).",
+)
 _MONITORING = click.option(
     "--monitoring/--no-monitoring",
     default=True,
@@ -176,7 +182,7 @@ def flows(app: str) -> None:
     show_default=True,
     help="Also run a worker in this process.",
 )
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@_LOG_LEVEL
 @click.option(
     "--limit-concurrency",
     type=click.IntRange(min=1),
@@ -270,7 +276,7 @@ def _listening(host: str, port: int) -> str:
     help="Worker processes to fork (needs Redis); each runs --concurrency tasks.",
 )
 @click.option("--redis-url", default=None, help="Use this Redis instead of the app's backend.")
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+@_LOG_LEVEL
 @_MONITORING
 @_METRICS_PORT
 def worker(

@@ -2,8 +2,8 @@
 
 flowloom logs to the standard ``logging`` module under ``flowloom.*`` and, as a
 library, configures nothing: an application that runs flows in its own process
-decides where records go (left alone, Python shows warnings and errors on stderr).
-The blocking entry points (``start_worker``, ``start``, ``start_server``,
+decides where records go (``flowloom`` has a ``NullHandler``). The blocking entry
+points (``start_worker``, ``start``, ``start_server``, ``flowloom.http.serve``,
 ``flowloom worker``/``serve``) are programs of their own, so they send records to
 stderr from ``INFO`` up when the application has not configured logging itself.
 """

@@ -6,12 +6,15 @@
 - ``flaky``: ``wobble`` fails on its first attempt (retries=1), then succeeds.
 - ``broken``: ``explode`` always raises ``ValueError``.
 - ``picky``: a conditional branch that picks ``yes``.
+- ``sleepy``: ``nap`` sleeps ``float(body)`` seconds on its first delivery only (it
+  notes in the context that it began): a worker killed meanwhile leaves it to another.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from flowloom import Context, FlowService, Workflow
@@ -99,7 +102,24 @@ def picky(workflow: Workflow, context: Context) -> None:
     branches["no"].node("refuse", upper)
 
 
-FLOWS = {"diamond": diamond, "fanout": fanout, "flaky": flaky, "broken": broken, "picky": picky}
+def sleepy(workflow: Workflow, context: Context) -> None:
+    def nap(data: bytes, options: Any) -> bytes:
+        if context.get("began") is None:
+            context.set("began", "yes")
+            time.sleep(float(data))
+        return b"awake"
+
+    workflow.dag.node("nap", nap)
+
+
+FLOWS = {
+    "diamond": diamond,
+    "fanout": fanout,
+    "flaky": flaky,
+    "broken": broken,
+    "picky": picky,
+    "sleepy": sleepy,
+}
 
 
 def register(service: FlowService) -> FlowService:

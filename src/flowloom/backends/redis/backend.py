@@ -226,6 +226,9 @@ class RedisBackend(Backend):
     def depth(self) -> Mapping[str, int]:
         """Ready: on the stream and not yet delivered to any worker (delivered entries are
         pending until acked, and deleted then); delayed: retries; held: of paused requests."""
+        return self._call(self._depth)
+
+    def _depth(self) -> Mapping[str, int]:
         pipe = self._redis.pipeline(transaction=False)
         pipe.xlen(self.keys.tasks)
         pipe.xpending(self.keys.tasks, GROUP)
@@ -233,7 +236,9 @@ class RedisBackend(Backend):
         pipe.get(self.keys.held)
         try:
             length, pending, delayed, held = pipe.execute()
-        except redis.ResponseError:  # no stream or group yet: nothing has been queued
+        except redis.ResponseError as exc:  # no stream or group yet: nothing has been queued
+            if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
+                raise
             return {"ready": 0, "delayed": 0, "held": 0}
         ready = max(0, int(length) - int(pending["pending"] if pending else 0))
         return {"ready": ready, "delayed": int(delayed), "held": max(0, int(held or 0))}

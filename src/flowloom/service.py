@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -10,7 +11,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -352,9 +353,11 @@ class FlowService:
     def start_worker(self) -> None:
         """Run a worker until SIGINT or SIGTERM (blocking)."""
         logs.configure()
-        self._start_observing()
-        self._ensure_worker()
-        _wait_for_signal()
+        with _signals() as stopping:  # from the start: a SIGTERM during start-up stops it too
+            self._start_observing()
+            self._ensure_worker()
+            while not stopping.wait(0.5):
+                pass
         self.close()
 
     def start_server(self, **http_options: Any) -> None:
@@ -463,14 +466,15 @@ def _caller_trace(headers: Mapping[str, str]) -> tuple[int, int, bool] | None:
     return None
 
 
-def _wait_for_signal() -> None:
+@contextlib.contextmanager
+def _signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM while in the block (the handlers then restored)."""
     done = threading.Event()
     previous = {
         sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        while not done.wait(0.5):
-            pass
+        yield done
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -282,7 +282,16 @@ def test_workers_table_and_json(app: str, cli: Any, client: FlowService) -> None
     listed = cli("workers")
     assert listed.exit_code == 0
     header, row = listed.stdout.splitlines()
-    assert header.split() == ["WORKER", "HOST", "PID", "CONCURRENCY", "FLOWS", "LAST", "SEEN"]
+    assert header.split() == [
+        "WORKER",
+        "HOST",
+        "PID",
+        "CONCURRENCY",
+        "FLOWS",
+        "LAST",
+        "SEEN",
+        "STATE",
+    ]
     found = json.loads(cli("workers", "--json").stdout)["workers"]
     assert len(found) == 1
     assert found[0]["concurrency"] == 4
@@ -290,6 +299,8 @@ def test_workers_table_and_json(app: str, cli: Any, client: FlowService) -> None
     assert row.split()[0] == found[0]["name"]
     assert str(found[0]["pid"]) in row.split()
     assert "hello@" in row
+    assert row.split()[-1] == ("degraded" if found[0]["degraded"] else "ok")
+    assert found[0]["degraded"] is False
 
 
 def test_unknown_request_is_status_1(cli: Any) -> None:
@@ -414,3 +425,22 @@ def test_progress_line_counts_vertices_and_foreach_items() -> None:
     assert line == (
         "running: 7/12 vertices done; users: 1/3 items done; users[]/inner: 2/3 items done"
     )
+
+
+def test_workers_table_marks_a_degraded_worker() -> None:
+    from rich.console import Console
+
+    from flowloom.console import workers_table
+
+    console = Console(width=300, record=True)
+    rows = [
+        {"name": "a-1", "flows": ["f"], "versions": {"f": "v1"}, "degraded": True},
+        {"name": "b-2", "flows": ["f"], "degraded": False, "last_seen": time.time()},
+    ]
+    console.print(workers_table(rows))
+    lines = console.export_text().splitlines()
+    assert lines[1].split()[0] == "a-1"
+    assert lines[1].split()[-1] == "degraded"
+    assert "f@v1" in lines[1]
+    assert lines[2].split()[-1] == "ok"
+    assert " f " in lines[2]

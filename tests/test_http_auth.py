@@ -279,5 +279,8 @@ async def test_a_failing_backend_is_a_503_without_its_address(
                 executed = await client.post("/flow/myflow", content=b"x", headers=headers)
                 assert executed.status_code == 503
                 assert "10.1.2.3" not in executed.text
+            spec = (await client.get("/openapi.json")).json()
+            state = spec["paths"]["/flow/{name}/requests/{request_id}"]["get"]
+            assert "503" in state["responses"]  # the spec says so
     assert "10.1.2.3" in caplog.text  # the operator's log has the cause
     assert "Traceback" not in caplog.text

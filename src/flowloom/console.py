@@ -101,7 +101,7 @@ def requests_table(states: list[RequestState]) -> Table:
 
 def workers_table(workers: Sequence[Mapping[str, object]]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("WORKER", "HOST", "PID", "CONCURRENCY", "FLOWS", "LAST SEEN"):
+    for column in ("WORKER", "HOST", "PID", "CONCURRENCY", "FLOWS", "LAST SEEN", "STATE"):
         table.add_column(column, overflow="fold")
     now = time.time()
     for worker in workers:
@@ -123,6 +123,7 @@ def workers_table(workers: Sequence[Mapping[str, object]]) -> Table:
                 str(worker.get("concurrency", "")),
                 ", ".join(named),
                 f"{now - seen:.0f}s ago" if isinstance(seen, int | float) else "-",
+                Text("degraded", style="bold red") if worker.get("degraded") else "ok",
             )
         )
     return table

@@ -11,8 +11,9 @@ stderr from ``INFO`` up when the application has not configured logging itself.
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["FORMAT", "configure"]
+__all__ = ["FORMAT", "configure", "safe_url"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -29,3 +30,17 @@ def configure(level: int | str | None = None) -> None:
         logger.setLevel(logging.INFO if level is None else level)
     elif level is not None:
         logger.setLevel(level)
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    netloc = f"{user}:***@{host}{port}" if user else f":***@{host}{port}"
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -8,10 +8,9 @@ import os
 import socket
 import threading
 import time
-import urllib.parse
 import uuid
 
-from . import context, engine
+from . import context, engine, logs
 from .backends import HOOKS, Backend, MemoryBackend, Task
 from .errors import BackendUnavailable
 from .execute import (
@@ -369,8 +368,4 @@ def backend_name(backend: Backend) -> str:
     url = getattr(backend, "url", None)
     if not isinstance(url, str):
         return type(backend).__name__
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    return logs.safe_url(url)

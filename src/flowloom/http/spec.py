@@ -83,6 +83,8 @@ def _operation(served: Endpoint, settings: Settings, shapes: set[Any]) -> dict[s
     params = [p for p in served.params if p.when(settings)]
     if settings.token and not served.public and 401 not in answers:
         answers[401] = Answer("Missing or wrong bearer token.", Error)
+    if served.path != "/openapi.json":  # every other endpoint may read the backend
+        answers.setdefault(503, Answer("The backend is unavailable: try again.", Error))
     signed = settings.hmac_secret and not settings.token and not served.public
     if signed and not served.checks_signature:
         answers[401] = Answer("Missing or wrong X-Flowloom-Signature.", Error)

@@ -10,9 +10,10 @@ from typing import TypeVar
 import redis
 
 from ...engine import Transition
+from ...logs import safe_url
 from ...types import ErrorInfo, RequestState, Status
 from ..base import Backend, RequestRecord, Summary, Task, current_deadline
-from .connection import QUICK_TIMEOUT, Guard, Health, make_client, safe_url
+from .connection import QUICK_TIMEOUT, Guard, Health, make_client
 from .consumer import Consumer
 from .heartbeats import Heartbeats
 from .keys import GROUP, KeyLayout
@@ -184,7 +185,11 @@ class RedisBackend(Backend):
         return self._guard(lambda: self._consumer.claim(worker, timeout), contacts=False)
 
     def begin(self, task: Task, instance: str, address: str) -> bool:
-        return self._guard(lambda: self._consumer.begin(task, instance, address))
+        try:
+            return self._guard(lambda: self._consumer.begin(task, instance, address))
+        except BaseException:  # given up: the task goes, to be taken over
+            self._consumer.release(task)
+            raise
 
     def complete(
         self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition

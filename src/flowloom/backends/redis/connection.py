@@ -16,36 +16,22 @@ import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ...errors import BackendUnavailable
+from ...logs import safe_url
 from ..base import current_deadline
 
-__all__ = ["QUICK_TIMEOUT", "Guard", "Health", "make_client", "safe_url"]
+__all__ = ["QUICK_TIMEOUT", "Guard", "Health", "make_client"]
 
 log = logging.getLogger("flowloom.redis")
 
 T = TypeVar("T")
 
 QUICK_TIMEOUT = 0.5  # socket and connect timeout of the quick client (seconds)
-
-
-def safe_url(url: str) -> str:
-    """``url`` without its password (for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port is not None else ""
-    netloc = f"{user}:***@{host}{port}" if user else f":***@{host}{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def make_client(url: str, *, socket_timeout: float, connect_timeout: float) -> redis.Redis:

@@ -137,7 +137,7 @@ class Consumer:
         with self._cond:
             begun_already = task.receipt in self._begun  # begun when claimed (``complete``)
             self._begun.discard(task.receipt)
-            deliveries = self._redelivered.pop(task.receipt, 1)
+            deliveries = self._redelivered.get(task.receipt, 1)  # forgotten on release
         if begun_already:
             try:
                 self.flush()
@@ -151,12 +151,9 @@ class Consumer:
             return False
         args = [task.request_id, GROUP, task.receipt, instance, address, task.attempt]
         keys = self.keys.request(task.request_id).script_keys()
-        began = False
-        try:
-            began = bool(self._with_deferred(("begin", keys, args)))
-        finally:
-            if not began:
-                self._release(task)
+        began = bool(self._with_deferred(("begin", keys, args)))
+        if not began:
+            self._release(task)
         return began
 
     def complete(
@@ -257,6 +254,10 @@ class Consumer:
             now = time.monotonic()
             self._buffer.extend((now, task) for task in tasks)
             self._cond.notify_all()
+
+    def release(self, task: Task) -> None:
+        """Let ``task`` go: no longer kept alive, taken over after the visibility timeout."""
+        self._release(task)
 
     def _release(self, task: Task) -> None:
         with self._cond:

@@ -153,3 +153,15 @@ def test_serve_says_where_it_listens_and_how_to_listen_everywhere(tmp_path: Path
         f"flowloom: serving on http://127.0.0.1:{port} "
         "(this machine only; --host 0.0.0.0 listens on every interface)"
     )
+
+
+def test_running_system_commands_refuse_an_embedded_app(tmp_path: Path) -> None:
+    path = tmp_path / "embedded.py"
+    path.write_text("flows = {'echo': lambda wf, ctx: wf.dag.node('n', lambda d, o: d)}\n")
+    for args in (["submit", str(path), "echo"], ["requests", "--app", str(path)]):
+        result = invoke(*args)
+        assert result.exit_code == 2
+        assert result.stderr == (
+            f"Error: {path}'s backend is embedded (no redis_url): there is no running system "
+            "to reach; pass --redis-url, or use `flowloom run`\n"
+        )

@@ -265,13 +265,20 @@ def test_pause_resume_stop(app: str, cli: Any, client: FlowService, tmp_path: Pa
 
     submit(app, "gated", "-d", str(tmp_path / "never"), "--request-id", "p-2")
     wait_status(client, "gated", "p-2", Status.RUNNING)
+    paused = json.loads(cli("pause", "gated", "p-2", "--json").stdout)
+    assert paused == {"request_id": "p-2", "flow": "gated", "status": "paused"}
+    assert cli("resume", "gated", "p-2").stdout == "p-2: running\n"
     stopped = json.loads(cli("stop", "gated", "p-2", "--json").stdout)
     assert stopped["status"] == "stopped"
     again = cli("stop", "gated", "p-2")
     assert again.exit_code == 1
     assert again.stderr.startswith("Error: ")
     assert len(again.stderr.splitlines()) == 1
-    (tmp_path / "never").touch()  # let the worker's thread go
+    submit(app, "gated", "-d", str(tmp_path / "never"), "--request-id", "p-3")
+    wait_status(client, "gated", "p-3", Status.RUNNING)
+    assert cli("stop", "gated", "p-3").stdout == "p-3: stopped\n"
+    assert client.state("gated", "p-3").status is Status.STOPPED
+    (tmp_path / "never").touch()  # let the worker's threads go
 
 
 def test_workers_table_and_json(app: str, cli: Any, client: FlowService) -> None:

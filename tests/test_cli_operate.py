@@ -58,8 +58,14 @@ def boom(wf, ctx):
 def binary(wf, ctx):
     wf.dag.node("bytes", lambda d, o: bytes(range(256)))
 
+def slow(wf, ctx):
+    each = wf.dag.foreach_branch(
+        "users", lambda d: {str(i): b"x" for i in range(6)}, aggregator=lambda r: b"%d" % len(r)
+    )
+    each.node("wait", lambda d, o: time.sleep(0.4) or d)
+
 for name, define in [("hello", hello), ("each", each), ("gated", gated), ("boom", boom),
-                     ("binary", binary)]:
+                     ("binary", binary), ("slow", slow)]:
     fs.register(name, define)
 """
 FAIL_LINE = (
@@ -302,7 +308,7 @@ def test_workers_table_and_json(app: str, cli: Any, client: FlowService) -> None
     found = json.loads(cli("workers", "--json").stdout)["workers"]
     assert len(found) == 1
     assert found[0]["concurrency"] == 4
-    assert sorted(found[0]["flows"]) == ["binary", "boom", "each", "gated", "hello"]
+    assert sorted(found[0]["flows"]) == ["binary", "boom", "each", "gated", "hello", "slow"]
     assert row.split()[0] == found[0]["name"]
     assert str(found[0]["pid"]) in row.split()
     assert "hello@" in row
@@ -451,3 +457,13 @@ def test_workers_table_marks_a_degraded_worker() -> None:
     assert "f@v1" in lines[1]
     assert lines[2].split()[-1] == "ok"
     assert " f " in lines[2]
+
+
+def test_submit_wait_shows_a_progress_line_on_a_terminal(
+    app: str, worker: object, tmp_path: Path
+) -> None:
+    args = [sys.executable, "-m", "flowloom.cli", "submit", app, "slow", "--wait"]
+    on_terminal = run_in_terminal(args, tmp_path)
+    assert " vertices done; users: " in on_terminal
+    assert "/6 items done" in on_terminal
+    assert on_terminal.rstrip().endswith("6")

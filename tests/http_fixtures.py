@@ -12,8 +12,11 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import httpx
 import pytest
+from starlette.applications import Starlette
 
 from flowloom import FlowService
 
@@ -286,3 +289,18 @@ class SilentReceiver:
         for conn in self.connections:
             conn.close()
         self.sock.close()
+
+
+class AppClient(httpx.AsyncClient):
+    """An httpx client of an ASGI app in this process. On leaving it cancels the app's
+    callbacks still pending, as the server's shutdown does (ASGITransport runs no
+    lifespan), so that none outlives its test's event loop with a socket open."""
+
+    def __init__(self, app: Starlette, **options: Any) -> None:
+        options.setdefault("base_url", "http://flowloom")
+        super().__init__(transport=httpx.ASGITransport(app=app), **options)
+        self.app = app
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.app.state.flowloom.callbacks.close()
+        await super().__aexit__(*exc)

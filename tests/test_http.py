@@ -23,7 +23,15 @@ from starlette.routing import Route
 from flowloom import FlowService, Request, RequestFailed, RequestStopped, Status, Workflow
 from flowloom.http import create_app
 from flowloom.http.auth import sign_request
-from http_fixtures import BACKENDS, Gate, Receiver, free_port, make_service, register_flows
+from http_fixtures import (
+    BACKENDS,
+    AppClient,
+    Gate,
+    Receiver,
+    free_port,
+    make_service,
+    register_flows,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -50,8 +58,7 @@ def fs(request: pytest.FixtureRequest, gate: Gate) -> Iterator[FlowService]:
 
 def client_for(fs: FlowService, **options: object) -> httpx.AsyncClient:
     options.setdefault("callback_allow", "127.0.0.1")  # the test receivers are on loopback
-    app = create_app(fs, **options)  # type: ignore[arg-type]
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://flowloom")
+    return AppClient(create_app(fs, **options))  # type: ignore[arg-type]
 
 
 @pytest.fixture

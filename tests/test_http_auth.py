@@ -21,7 +21,7 @@ from flowloom.backends import MemoryBackend, RequestRecord
 from flowloom.engine import Transition
 from flowloom.http import create_app
 from flowloom.http.auth import WINDOW, sign_request
-from http_fixtures import Gate, Receiver, register_flows
+from http_fixtures import AppClient, Gate, Receiver, register_flows
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -43,8 +43,7 @@ def fs() -> Iterator[FlowService]:
 
 
 def client_for(fs: FlowService, **options: object) -> httpx.AsyncClient:
-    app = create_app(fs, **options)  # type: ignore[arg-type]
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://flowloom")
+    return AppClient(create_app(fs, **options))  # type: ignore[arg-type]
 
 
 def signed(

@@ -18,7 +18,7 @@ from flowloom import FlowService
 from flowloom.http import create_app
 from flowloom.http.addresses import Address, check, networks, refusal
 from flowloom.http.callbacks import parse_url
-from http_fixtures import Gate, Receiver, ServerProcess, SilentReceiver, register_flows
+from http_fixtures import AppClient, Gate, Receiver, ServerProcess, SilentReceiver, register_flows
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -44,8 +44,7 @@ def fs(gate: Gate) -> Iterator[FlowService]:
 
 
 def client_for(fs: FlowService, **options: object) -> httpx.AsyncClient:
-    app = create_app(fs, **options)  # type: ignore[arg-type]
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://flowloom")
+    return AppClient(create_app(fs, **options))  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -168,9 +167,7 @@ async def test_names_are_checked_by_every_address_they_resolve_to() -> None:
 async def test_the_app_refuses_a_name_that_resolves_inside(fs: FlowService) -> None:
     app = create_app(fs)
     app.state.flowloom.callbacks.resolver = stub_resolver({"hooks.corp": ["10.9.8.7"]})
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://flowloom"
-    ) as client:
+    async with AppClient(app) as client:
         response = await client.post(
             "/flow/myflow", headers={"X-Callback-Url": "https://hooks.corp/done"}
         )
@@ -227,7 +224,7 @@ async def test_credentials_reach_the_receiver_but_never_the_log(
     with Receiver(answer=503) as receiver:
         url = receiver.url.replace("http://", "http://alice:pa55word@") + "/in?token=t0ps3cret"
         async with client_for(fs, callback_allow="127.0.0.1") as client:
-            api = client._transport.app.state.flowloom  # type: ignore[attr-defined]
+            api = client.app.state.flowloom
             api.callbacks.backoff = 0.05
             response = await client.post(
                 "/flow/myflow", content=b"c", headers={"X-Callback-Url": url}
@@ -256,7 +253,7 @@ async def test_credentials_reach_the_receiver_but_never_the_log(
 async def test_a_final_refusal_is_not_retried(fs: FlowService) -> None:
     with Receiver(answer=404) as receiver:
         async with client_for(fs, callback_allow="127.0.0.1") as client:
-            api = client._transport.app.state.flowloom  # type: ignore[attr-defined]
+            api = client.app.state.flowloom
             api.callbacks.backoff = 0.01
             await client.post("/flow/myflow", headers={"X-Callback-Url": receiver.url})
             await anyio.to_thread.run_sync(lambda: receiver.received.get(timeout=10))
@@ -271,7 +268,7 @@ async def test_a_final_refusal_is_not_retried(fs: FlowService) -> None:
 async def test_pending_callbacks_are_capped(fs: FlowService, gate: Gate) -> None:
     with Receiver() as receiver:
         async with client_for(fs, callback_allow="127.0.0.1") as client:
-            api = client._transport.app.state.flowloom  # type: ignore[attr-defined]
+            api = client.app.state.flowloom
             api.callbacks.max_pending = 2
             headers = {"X-Async": "true", "X-Callback-Url": receiver.url}
             for _ in range(2):

@@ -17,7 +17,7 @@ import pytest
 from flowloom import FlowService, Overloaded
 from flowloom.backends import MemoryBackend
 from flowloom.http import create_app
-from http_fixtures import Gate, ServerProcess, register_flows
+from http_fixtures import AppClient, Gate, ServerProcess, register_flows
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,10 +37,7 @@ def gate() -> Iterator[Gate]:
 
 
 def client_for(fs: FlowService, **options: object) -> httpx.AsyncClient:
-    app = create_app(fs, **options)  # type: ignore[arg-type]
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://flowloom", timeout=60
-    )
+    return AppClient(create_app(fs, **options), timeout=60)  # type: ignore[arg-type]
 
 
 # -- memory --------------------------------------------------------------------------------------

@@ -720,3 +720,157 @@ def test_outputs_of_foreach_items_through_the_service(service: FlowService) -> N
         service.output("flow", request_id, "each[q]/up")
     with pytest.raises(RequestNotFound):
         service.output("other", request_id, "each")
+
+
+# -- retry of a failed or stopped request (``rerun``) ------------------------------------------
+def failed_diamond(backend: Backend) -> tuple[Plan, Task]:
+    """A diamond whose ``b`` failed while ``c`` ran: ``c`` completes after the failure."""
+    plan = plan_of(diamond)
+    submit(backend, plan)
+    run(backend, plan, claim(backend), b"A")
+    b, c = sorted(claim_all(backend, 2), key=lambda t: t.step)
+    assert begin(backend, plan, b)
+    assert begin(backend, plan, c)
+    backend.fail(b, *ids(plan, b), ErrorInfo("b", "ValueError", "boom"))
+    complete(backend, plan, c, b"C")  # in flight when b failed: completes into the state
+    assert backend.wait("r1", 5) is Status.FAILED
+    return plan, b
+
+
+def test_rerun_runs_only_what_did_not_complete(backend: Backend) -> None:
+    plan, b = failed_diamond(backend)
+    assert backend.output("r1", "c") == b"C"
+    assert nothing_ready(backend)  # nothing of a failed request is queued
+    assert backend.rerun("r1") is Status.RUNNING
+    state = backend.state("r1")
+    assert state is not None
+    assert state.status is Status.RUNNING
+    assert state.error is None
+    assert state.ended is None
+    assert len(state.retries) == 1
+    assert state.retries[0] >= state.created
+    assert state.vertices["b"].status is Status.QUEUED
+    again = claim(backend)
+    assert (again.step, again.attempt, again.inputs) == ("b", 1, b.inputs)
+    assert nothing_ready(backend)  # a and c completed: they do not run again
+    run(backend, plan, again, b"B")
+    d = claim(backend)
+    assert d.step == "d"
+    assert d.inputs == {"b": b"B", "c": b"C"}
+    run(backend, plan, d, b"D")
+    assert backend.wait("r1", 5) is Status.COMPLETED
+    assert backend.result("r1") == b"D"
+    done = backend.state("r1")
+    assert done is not None
+    assert len(done.retries) == 1
+    assert done.error is None
+
+
+def test_rerun_of_a_request_that_is_not_failed_or_stopped_is_refused(backend: Backend) -> None:
+    plan = plan_of(linear)
+    with pytest.raises(RequestNotFound):
+        backend.rerun("nope")
+    submit(backend, plan)
+    with pytest.raises(NotRunning, match="queued"):
+        backend.rerun("r1")
+    run(backend, plan, claim(backend))
+    with pytest.raises(NotRunning, match="running"):
+        backend.rerun("r1")
+    run(backend, plan, claim(backend))
+    assert backend.wait("r1", 5) is Status.COMPLETED
+    with pytest.raises(NotRunning, match="completed"):
+        backend.rerun("r1")
+
+
+def test_tasks_claimed_after_the_failure_run_on_the_retry(backend: Backend) -> None:
+    plan = plan_of(diamond)
+    submit(backend, plan)
+    run(backend, plan, claim(backend), b"A")
+    b, c = sorted(claim_all(backend, 2), key=lambda t: t.step)
+    assert begin(backend, plan, b)
+    backend.fail(b, *ids(plan, b), ErrorInfo("b", "ValueError", "boom"))
+    assert not begin(backend, plan, c)  # queued when b failed: set aside, not run
+    backend.rerun("r1")
+    again = sorted(claim_all(backend, 2), key=lambda t: t.step)
+    assert [(t.step, t.attempt) for t in again] == [("b", 1), ("c", 1)]
+    assert nothing_ready(backend)
+
+
+def test_a_retry_attempt_after_the_failure_runs_afresh_on_the_retry(backend: Backend) -> None:
+    plan = plan_of(diamond)
+    submit(backend, plan)
+    run(backend, plan, claim(backend), b"A")
+    b, c = sorted(claim_all(backend, 2), key=lambda t: t.step)
+    assert begin(backend, plan, b)
+    assert begin(backend, plan, c)
+    backend.fail(b, *ids(plan, b), ErrorInfo("b", "ValueError", "boom"))
+    backend.retry(c, *ids(plan, c), 0.0, ErrorInfo("c", "X", "flaky"))
+    assert nothing_ready(backend)
+    backend.rerun("r1")
+    again = sorted(claim_all(backend, 2), key=lambda t: t.step)
+    assert [(t.step, t.attempt) for t in again] == [("b", 1), ("c", 1)]
+
+
+def test_rerun_of_a_stopped_request_releases_what_it_held(backend: Backend) -> None:
+    plan = plan_of(diamond)
+    submit(backend, plan)
+    a = claim(backend)
+    assert begin(backend, plan, a)
+    backend.control("r1", Status.PAUSED)
+    complete(backend, plan, a, b"A")  # b and c become ready: held
+    assert nothing_ready(backend)
+    assert backend.control("r1", Status.STOPPED) is Status.STOPPED
+    assert nothing_ready(backend)
+    assert backend.rerun("r1") is Status.RUNNING
+    b, c = sorted(claim_all(backend, 2), key=lambda t: t.step)
+    run(backend, plan, b, b"B")
+    run(backend, plan, c, b"C")
+    run(backend, plan, claim(backend), b"D")
+    assert backend.wait("r1", 5) is Status.COMPLETED
+    assert backend.output("r1", "a") == b"A"
+
+
+def test_a_request_fails_again_after_a_retry_and_is_retried_again(backend: Backend) -> None:
+    plan, _ = failed_diamond(backend)
+    backend.rerun("r1")
+    b = claim(backend)
+    assert begin(backend, plan, b)
+    backend.fail(b, *ids(plan, b), ErrorInfo("b", "ValueError", "again"))
+    assert backend.wait("r1", 5) is Status.FAILED
+    failed = backend.state("r1")
+    assert failed is not None
+    assert failed.error is not None
+    assert failed.error.message == "again"
+    assert backend.rerun("r1") is Status.RUNNING
+    b = claim(backend)
+    assert b.attempt == 1
+    run(backend, plan, b, b"B")
+    run(backend, plan, claim(backend), b"D")
+    assert backend.wait("r1", 5) is Status.COMPLETED
+    state = backend.state("r1")
+    assert state is not None
+    assert len(state.retries) == 2
+    assert state.retries[0] <= state.retries[1]
+
+
+def test_concurrent_reruns_one_wins(backend: Backend) -> None:
+    failed_diamond(backend)
+    barrier = threading.Barrier(8)
+    outcomes: list[object] = []
+
+    def retry() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(backend.rerun("r1"))
+        except NotRunning as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=retry) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count(Status.RUNNING) == 1
+    assert sum(isinstance(o, NotRunning) for o in outcomes) == 7
+    claim(backend)
+    assert nothing_ready(backend)  # b queued once

@@ -15,6 +15,7 @@ from urllib.parse import quote, unquote
 from .plan import END, PASSTHROUGH, SCOPE_INPUT, Plan, Step
 
 __all__ = [
+    "START",
     "Delivery",
     "Transition",
     "after_output",
@@ -22,8 +23,12 @@ __all__ = [
     "escape_key",
     "retry_delay",
     "start",
+    "start_task",
     "unescape_key",
 ]
+
+
+START = "!start"  # the step id of the task that starts a request queued by a client
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,12 @@ def start(plan: Plan, body: bytes) -> Transition:
     return Transition(
         tuple(_deliver(plan.steps[sid], (), SCOPE_INPUT, body) for sid in plan.entries)
     )
+
+
+def start_task(body: bytes) -> Transition:
+    """What a client without the flow's definition queues: one ``START`` task with the
+    body, which a worker holding the plan expands (``start``) into the first steps."""
+    return Transition((Delivery(START, START, (), SCOPE_INPUT, body, 1),))
 
 
 def after_output(plan: Plan, step: Step, keys: tuple[str, ...], output: bytes) -> Transition:

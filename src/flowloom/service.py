@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from .backends import Backend, MemoryBackend, RequestRecord, Summary, deadline
 from .backends.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_QUEUED
 from .errors import (
     FlowloomError,
+    FlowNotFound,
     InvalidRequest,
     NoOutput,
     RequestFailed,
@@ -151,12 +153,18 @@ class FlowService:
     def execute(self, name: str, request: Request | bytes | str | None = None) -> str:
         """Queue a request of flow ``name``; returns its id (the caller's, if given).
 
+        On Redis a client that has not registered ``name`` may execute it too, as long as
+        a live worker serves it: the request then starts with a task that such a worker
+        expands from its plan (the version most live workers serve). ``FlowNotFound``
+        names the flows served if none does.
+
         A W3C ``traceparent`` among the request's headers makes the request's trace a
         child of the caller's (``state(...).trace_id`` is then the caller's trace id)."""
         return self._submit(name, request).request_id
 
     def _submit(self, name: str, request: Request | bytes | str | None) -> RequestRecord:
-        plan = self.registry.latest(name)
+        plan = None if self._client_mode(name) else self.registry.latest(name)
+        version = plan.version if plan is not None else self._served_version(name)
         request = _as_request(request)
         body = _body(request.body)
         request_id = uuid.uuid4().hex if request.request_id is None else request.request_id
@@ -168,21 +176,45 @@ class FlowService:
         record = RequestRecord(
             request_id=request_id,
             flow=name,
-            version=plan.version,
+            version=version,
             body=body,
             query=_options(request.query),
             headers=dict(request.headers),
             created=time.time(),
-            has_hooks=plan.has_hooks,
+            has_hooks=True if plan is None else plan.has_hooks,  # a client cannot tell
             trace=TraceContext.new(_caller_trace(request.headers)).encode(),
         )
         if self.embedded:
             self._ensure_worker()
-        self.backend.submit(record, engine.start(plan, body))
+        start = engine.start_task(body) if plan is None else engine.start(plan, body)
+        self.backend.submit(record, start)
         observers = self.observers
         if observers:
             observers.request_started(record)
         return record
+
+    def _client_mode(self, name: str) -> bool:
+        """Whether ``name`` is to be executed without its definition: it is not registered
+        here and the backend is shared with workers that may serve it."""
+        return not self.embedded and name not in self.registry.names()
+
+    def _served_version(self, name: str) -> str:
+        """The version of ``name`` that most live workers serve, or ``FlowNotFound``."""
+        served: Counter[str] = Counter()
+        flows: set[str] = set()
+        for worker in self.backend.workers():
+            versions = worker.get("versions")
+            if isinstance(versions, Mapping):
+                flows.update(str(flow) for flow in versions)
+                if isinstance(versions.get(name), str):
+                    served[versions[name]] += 1
+        if not served:
+            known = ", ".join(map(repr, sorted(flows))) or "none"
+            raise FlowNotFound(
+                f"no flow named {name!r} is registered here, and no live worker serves it "
+                f"(flows served: {known})"
+            )
+        return max(served, key=lambda version: (served[version], version))
 
     def state(self, name: str, request_id: str) -> RequestState:
         """Status, timings and per-vertex states of a request (``RequestNotFound`` if none)."""
@@ -255,6 +287,34 @@ class FlowService:
                 observers.request_ended(RequestInfo.of(record), Status.STOPPED, None)
         return status
 
+    def retry(self, name: str, request_id: str) -> Status:
+        """Take a failed or stopped request back to ``running`` under the same id, going on
+        from where it ended: vertex instances that completed keep their outputs and do not
+        run again; the failed ones, and those queued or held when it ended, run again with
+        fresh attempt counts; its hooks run again when it ends. ``state(...).retries`` holds
+        the time of each retry.
+
+        Raises ``RequestNotFound``; ``NotRunning`` if it is running, paused, queued or
+        completed (of two concurrent retries one wins, the other gets ``NotRunning``);
+        ``FlowNotFound`` if the flow's version the request runs is not registered in this
+        process while it is (a retry runs the request's own version, never a newer one; on
+        Redis a worker without that version fails it again, saying so).
+
+            fs.retry("myflow", request_id)   # after what made it fail is fixed
+        """
+        self._summary(name, request_id)
+        record = self.backend.record(request_id)
+        registered = record is not None and name in self.registry.names()
+        if registered and record and self.registry.version(name, record.version) is None:
+            raise FlowNotFound(
+                f"request {request_id!r} runs version {record.version} of flow {name!r}, "
+                f"which is not registered any more (registered: version "
+                f"{self.registry.latest(name).version}); it cannot be retried here"
+            )
+        if self.embedded:
+            self._ensure_worker()
+        return self.backend.rerun(request_id)
+
     def requests(
         self,
         name: str | None = None,
@@ -271,6 +331,9 @@ class FlowService:
 
     async def aresult(self, name: str, request_id: str, timeout: float | None = None) -> bytes:
         return await asyncio.to_thread(self.result, name, request_id, timeout)
+
+    async def aretry(self, name: str, request_id: str) -> Status:
+        return await asyncio.to_thread(self.retry, name, request_id)
 
     async def astate(self, name: str, request_id: str) -> RequestState:
         return await asyncio.to_thread(self.state, name, request_id)

@@ -109,7 +109,8 @@ class VertexState:
 
 @dataclass(frozen=True)
 class RequestState:
-    """A request's status, timings, error and per-vertex states (keyed by address)."""
+    """A request's status, timings, error and per-vertex states (keyed by address), and
+    when it was retried (``retries``: one epoch time per ``FlowService.retry``)."""
 
     request_id: str
     flow: str
@@ -119,6 +120,7 @@ class RequestState:
     error: ErrorInfo | None = None
     vertices: Mapping[str, VertexState] = field(default_factory=dict)
     trace_id: str | None = None  # the request's OpenTelemetry trace id (hex), when traced
+    retries: tuple[float, ...] = ()  # when the request was retried (epoch seconds), oldest first
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -130,4 +132,5 @@ class RequestState:
             "error": self.error.to_json() if self.error else None,
             "vertices": {a: v.to_json() for a, v in self.vertices.items()},
             "trace_id": self.trace_id,
+            "retries": list(self.retries),
         }

@@ -24,7 +24,7 @@ from .execute import (
     user_traceback,
 )
 from .observe import Attempt, Observers, RequestInfo
-from .plan import Plan, Step, StepKind
+from .plan import SCOPE_INPUT, Plan, Step, StepKind
 from .registry import Registry
 from .types import ErrorInfo, Options, Status
 
@@ -134,6 +134,10 @@ class Worker:
                 return
             if plan is None:
                 self._fail_unknown_plan(task)
+                return
+            if task.step == engine.START:  # queued by a client: the first steps, from the plan
+                body = task.inputs.get(SCOPE_INPUT) or b""
+                self.backend.complete(task, engine.START, "", None, engine.start(plan, body))
                 return
             self._run(plan, plan.steps[task.step], task)
         except BackendUnavailable as exc:

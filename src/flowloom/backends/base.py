@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..engine import Transition
 from ..types import ErrorInfo, RequestState, Status
@@ -27,6 +27,7 @@ __all__ = [
     "Task",
     "current_deadline",
     "deadline",
+    "requeued",
 ]
 
 HOOKS = "!hooks"  # the step id of the task that runs a flow's on_failure/finally hooks
@@ -69,6 +70,20 @@ class Task:
     attempt: int = 1
     receipt: str = ""  # backend-specific handle for acknowledging the task
     redelivered: bool = False  # taken over from a worker that did not finish it
+
+
+def requeued(tasks: Iterable[Task]) -> list[Task]:
+    """What a retry of a request queues again, given the tasks it dropped when it ended
+    (held, queued, failed): one task per step instance (the first one seen), each with a
+    fresh attempt count. Completed instances never appear here: their tasks completed."""
+    chosen: dict[tuple[str, tuple[str, ...]], Task] = {}
+    for task in tasks:
+        if task.step != HOOKS:
+            chosen.setdefault(
+                (task.step, task.keys),
+                replace(task, attempt=1, receipt="", redelivered=False),
+            )
+    return list(chosen.values())
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,19 @@ class Backend(abc.ABC):
 
         Returns the new status; raises ``RequestNotFound`` or ``NotRunning``.
         """
+
+    @abc.abstractmethod
+    def rerun(self, request_id: str) -> Status:
+        """Take a failed or stopped request back to ``RUNNING`` under the same id, atomically:
+        completed instances keep their outputs; the tasks it dropped when it ended (failed,
+        queued, held) are queued again with fresh attempt counts; its ``retries`` gains the
+        time. Raises ``RequestNotFound``, or ``NotRunning`` if it is running or completed
+        (of two concurrent calls, one wins and the other gets ``NotRunning``).
+
+        A request that ended failed or stopped keeps its bookkeeping (inputs waiting at
+        fan-ins, which instances fired and completed) for this. Tasks that run on after it
+        ended complete into its state (outputs recorded, nothing queued: what they make
+        ready is set aside for a retry), fail or retry into the set-aside tasks."""
 
     @abc.abstractmethod
     def list_requests(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from ..engine import Transition
 from ..errors import DuplicateRequest, NotRunning, Overloaded, RequestNotFound
 from ..types import ErrorInfo, RequestState, Status, VertexState
-from .base import HOOKS, Backend, RequestRecord, Summary, Task
+from .base import HOOKS, Backend, RequestRecord, Summary, Task, requeued
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_QUEUED", "MemoryBackend"]
 
@@ -43,6 +43,8 @@ class _Run:
     fired: set[str] = field(default_factory=set)
     done: set[str] = field(default_factory=set)
     held: list[Task] = field(default_factory=list)
+    lost: list[Task] = field(default_factory=list)  # set aside once it ended, for a retry
+    stale: set[str] = field(default_factory=set)  # addresses running when it was retried
 
 
 # A finished vertex: (address, status, started, ended, attempts, (vertex, type, message) | None,
@@ -60,6 +62,7 @@ class _Request:
     result: bytes | None = None
     error: ErrorInfo | None = None
     context: dict[str, bytes] = field(default_factory=dict)
+    retries: tuple[float, ...] = ()
     run: _Run | None = field(default_factory=_Run)
     frozen: tuple[_Frozen, ...] = ()
     size: int = 0  # the bytes counted for it: body and outputs, or its packed form
@@ -85,18 +88,18 @@ class _Request:
         blob = marshal.dumps((
             r.request_id, r.flow, r.version, r.body, dict(r.query), dict(r.headers), r.created,
             r.has_hooks, self.status.value, self.ended, self.result, error, vertices,
-            self.context, r.trace,
+            self.context, r.trace, self.retries,
         ))  # fmt: skip
         return r.flow, self.status.value, blob
 
     @classmethod
     def unpack(cls, blob: bytes) -> _Request:
         (rid, flow, version, body, query, headers, created, hooks, status, ended, result,
-         error, vertices, context, trace) = marshal.loads(blob)  # fmt: skip
+         error, vertices, context, trace, retries) = marshal.loads(blob)  # fmt: skip
         record = RequestRecord(rid, flow, version, body, query, headers, created, hooks, trace)
         return cls(
             record, Status(status), ended, result, ErrorInfo(*error) if error else None,
-            context, None, vertices,
+            context, retries, None, vertices,
         )  # fmt: skip
 
     def vertex_states(self) -> dict[str, VertexState]:
@@ -126,7 +129,8 @@ class MemoryBackend(Backend):
     after they end, or sooner, oldest first, when more than ``max_finished`` are kept
     or the bytes kept (bodies, outputs and results of every request, running or
     finished) pass ``max_bytes`` (a request that ended less than ``RESULT_GRACE`` ago is
-    kept, for its caller to read). A request is refused with ``Overloaded`` when
+    kept, for its caller to read). A failed or stopped request also keeps its bookkeeping
+    (for ``rerun``) until it is dropped. A request is refused with ``Overloaded`` when
     ``max_queued`` requests have not ended yet, or when its body and as many bytes again
     for its outputs would not fit under ``max_bytes`` even after dropping what may be
     dropped. Outputs are never refused: a request whose outputs are larger than its body
@@ -155,6 +159,8 @@ class MemoryBackend(Backend):
         self._delayed: list[tuple[float, int, Task]] = []
         self._seq = itertools.count()
         self._requests: dict[str, _Request] = {}  # running, paused or queued
+        self._halted: dict[str, _Request] = {}  # failed or stopped, kept whole for a retry
+        self._stale: dict[str, int] = {}  # expiry entries of requests retried since
         self._done: dict[str, tuple[str, str, bytes]] = {}  # finished: (flow, status, blob)
         self._order: dict[str, None] = {}  # every request id, oldest first
         self._expiry: deque[tuple[float, str]] = deque()
@@ -233,6 +239,42 @@ class MemoryBackend(Backend):
                 raise ValueError(f"not a control action: {action}")
             return request.status
 
+    def rerun(self, request_id: str) -> Status:
+        with self._lock:
+            running = self._requests.get(request_id)
+            if running is not None:
+                raise NotRunning(
+                    f"request {request_id!r} is {running.status.value}: "
+                    "only a failed or stopped request can be retried"
+                )
+            request = self._halted.pop(request_id, None)
+            if request is None or request.run is None:
+                done = self._done.get(request_id)
+                if done is None:
+                    raise RequestNotFound(f"no request {request_id!r}")
+                raise NotRunning(
+                    f"request {request_id!r} has {done[1]}: "
+                    "only a failed or stopped request can be retried"
+                )
+            run = request.run
+            packed = self._done.pop(request_id)
+            self._done_bytes -= len(packed[2])
+            self._stale[request_id] = self._stale.get(request_id, 0) + 1
+            self._requests[request_id] = request
+            self._live_bytes += request.size
+            request.status, request.ended, request.error = Status.RUNNING, None, None
+            request.retries = (*request.retries, time.time())
+            for address, vertex in run.vertices.items():
+                if vertex.status is Status.RUNNING:  # an attempt begun before the retry
+                    run.stale.add(address)
+                if vertex.status in (Status.FAILED, Status.RUNNING):
+                    vertex.status = Status.QUEUED
+            tasks, run.lost = requeued(run.lost), []
+            self._queue.extend(tasks)
+            if tasks:
+                self._ready.notify_all()
+            return request.status
+
     def list_requests(
         self, flow: str | None, status: Status | None, offset: int, limit: int
     ) -> list[RequestState]:
@@ -286,7 +328,10 @@ class MemoryBackend(Backend):
     def begin(self, task: Task, instance: str, address: str) -> bool:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None or request.run is None or instance in request.run.done:
+            if request is None:
+                self._set_aside(task, instance)
+                return False
+            if request.run is None or instance in request.run.done:
                 return False
             if request.status is Status.PAUSED:
                 request.run.held.append(task)
@@ -304,6 +349,9 @@ class MemoryBackend(Backend):
     ) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
+            halted = request is None
+            if request is None:  # ended meanwhile: completes into its state, for a retry
+                request = self._halted.get(task.request_id)
             if request is None or request.run is None or instance in request.run.done:
                 return
             request.run.done.add(instance)
@@ -314,12 +362,15 @@ class MemoryBackend(Backend):
                 vertex.error = None
                 vertex.output = output
                 request.size += len(output)
-                self._live_bytes += len(output)
-                used = min(request.reserve, len(output))
-                request.reserve -= used
-                self._reserved -= used
+                if not halted:
+                    self._live_bytes += len(output)
+                    used = min(request.reserve, len(output))
+                    request.reserve -= used
+                    self._reserved -= used
             self._apply(request, transition)
-            if transition.finished:
+            if halted:
+                self._repack(request)
+            elif transition.finished:
                 self._finish(request, Status.COMPLETED, result=transition.result)
 
     def retry(
@@ -327,7 +378,10 @@ class MemoryBackend(Backend):
     ) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None or request.run is None or instance in request.run.done:
+            if request is None:
+                self._set_aside(replace(task, attempt=task.attempt + 1), instance)
+                return
+            if request.run is None or instance in request.run.done:
                 return
             vertex = request.vertex(address)
             vertex.status, vertex.error = Status.QUEUED, error
@@ -340,10 +394,25 @@ class MemoryBackend(Backend):
     def fail(self, task: Task, instance: str, address: str, error: ErrorInfo) -> None:
         with self._lock:
             request = self._requests.get(task.request_id)
-            if request is None or request.run is None or instance in request.run.done:
+            if request is None:  # ended meanwhile: the task is kept for a retry
+                halted = self._halted.get(task.request_id)
+                run = None if halted is None else halted.run
+                if halted is not None and run is not None and instance not in run.done:
+                    run.lost.append(task)
+                    vertex = halted.vertex(address)
+                    vertex.status, vertex.error, vertex.ended = Status.FAILED, error, time.time()
+                    self._repack(halted)
+                return
+            if request.run is None or instance in request.run.done:
+                return
+            if address in request.run.stale:  # begun before a retry: runs again instead
+                request.run.stale.discard(address)
+                self._queue.append(replace(task, attempt=1, receipt="", redelivered=False))
+                self._ready.notify()
                 return
             vertex = request.vertex(address)
             vertex.status, vertex.error, vertex.ended = Status.FAILED, error, time.time()
+            request.run.lost.append(task)
             self._finish(request, Status.FAILED, error=error)
 
     def ack(self, task: Task) -> None:
@@ -389,8 +458,14 @@ class MemoryBackend(Backend):
         return [{**describe(), "last_seen": time.time()} for describe in describers]
 
     # -- internals (lock held) ---------------------------------------------------------------
+    def _set_aside(self, task: Task, instance: str) -> None:
+        """A task of a request that ended failed or stopped, not run: kept for a retry."""
+        request = self._halted.get(task.request_id)
+        if request is not None and request.run is not None and instance not in request.run.done:
+            request.run.lost.append(task)
+
     def _get(self, request_id: str) -> _Request | None:
-        request = self._requests.get(request_id)
+        request = self._requests.get(request_id) or self._halted.get(request_id)
         if request is None:
             done = self._done.get(request_id)
             if done is not None:
@@ -404,8 +479,8 @@ class MemoryBackend(Backend):
         return request
 
     def _repack(self, request: _Request) -> None:
-        """Store a change to a finished request (its context, from a hook)."""
-        if request.run is None:
+        """Store a change to a finished request (its context, from a hook; a late output)."""
+        if request.record.request_id not in self._requests:
             rid = request.record.request_id
             old = self._done.get(rid)
             packed = self._done[rid] = request.pack()
@@ -432,7 +507,9 @@ class MemoryBackend(Backend):
                 del run.slots[d.instance]
                 run.needed.pop(d.instance, None)
                 task = Task(record.request_id, record.flow, record.version, d.step, d.keys, slots)
-                if request.status is Status.PAUSED:
+                if request.status in (Status.FAILED, Status.STOPPED):
+                    run.lost.append(task)
+                elif request.status is Status.PAUSED:
                     run.held.append(task)
                 else:
                     self._queue.append(task)
@@ -448,6 +525,10 @@ class MemoryBackend(Backend):
         request.status, request.result, request.error = status, result, error
         request.ended = time.time()
         rid = request.record.request_id
+        if status is not Status.COMPLETED and request.run is not None:
+            request.run.lost.extend(request.run.held)
+            request.run.held.clear()
+            self._halted[rid] = request
         packed = self._done[rid] = request.pack()
         del self._requests[rid]
         self._live_bytes -= request.size
@@ -488,6 +569,12 @@ class MemoryBackend(Backend):
             )
         ):
             request_id = expiry.popleft()[1]
+            stale = self._stale.pop(request_id, 0)
+            if stale:  # retried since: this entry is not its expiry any more
+                if stale > 1:
+                    self._stale[request_id] = stale - 1
+                continue
+            self._halted.pop(request_id, None)
             done = self._done.pop(request_id, None)
             if done is not None:
                 self._done_bytes -= len(done[2])
@@ -525,4 +612,5 @@ class MemoryBackend(Backend):
             error=request.error,
             vertices=request.vertex_states(),
             trace_id=request.record.trace[:32] or None,
+            retries=request.retries,
         )

@@ -7,7 +7,7 @@
     GET  /flow/{name}/requests/{id}                  one request's state
     GET  /flow/{name}/requests/{id}/result           its result
     GET  /flow/{name}/requests/{id}/output?vertex=A  one vertex instance's output
-    POST /flow/{name}/requests/{id}/pause|resume|stop
+    POST /flow/{name}/requests/{id}/pause|resume|stop|retry
     GET  /workers, /health
 
 Each handler is described where it is defined (``endpoint``): that one description
@@ -425,6 +425,27 @@ async def resume(api: Api, request: HTTPRequest) -> Response:
 )
 async def stop(api: Api, request: HTTPRequest) -> Response:
     return await _control(api, request, api.service.stop)
+
+
+@endpoint(
+    "POST",
+    "/flow/{name}/requests/{request_id}/retry",
+    "Go on with a failed or stopped request from where it ended, under the same id: "
+    "completed vertices keep their outputs; the failed ones (and those queued or held "
+    "when it ended) run again.",
+    params=(NAME_PARAM, ID_PARAM),
+    answers={
+        200: Answer("The request runs again.", Control, REQUEST_HEADERS),
+        400: Answer("Malformed flow name or request id.", Error),
+        404: Answer(
+            "No such flow or request, or the flow's version it runs is not registered any more.",
+            Error,
+        ),
+        409: Answer("The request is not failed or stopped (running, or completed).", Control),
+    },
+)
+async def retry(api: Api, request: HTTPRequest) -> Response:
+    return await _control(api, request, api.service.retry)
 
 
 # -- the service ---------------------------------------------------------------------------------

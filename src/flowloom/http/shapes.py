@@ -56,8 +56,9 @@ class Outcome(msgspec.Struct, omit_defaults=True):
 
 
 class Control(msgspec.Struct, omit_defaults=True):
-    """The request's status after pause, resume or stop (with ``error`` if it had
-    ended already)."""
+    """The request's status after pause, resume, stop or retry (with ``error`` if the
+    action did not apply: it had ended already, or, for a retry, had not failed or
+    stopped)."""
 
     request_id: str
     flow: str
@@ -90,6 +91,7 @@ class RequestSummary(msgspec.Struct):
     ended: float | None
     error: ErrorInfo | None
     trace_id: str | None
+    retries: list[float]  # when it was retried (epoch seconds), oldest first
 
 
 class RequestList(msgspec.Struct):
@@ -113,6 +115,7 @@ def summary(state: RequestState) -> RequestSummary:
         ended=state.ended,
         error=state.error,
         trace_id=state.trace_id,
+        retries=list(state.retries),
     )
 
 

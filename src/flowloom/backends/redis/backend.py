@@ -161,6 +161,9 @@ class RedisBackend(Backend):
     def control(self, request_id: str, action: Status) -> Status:
         return self._call(lambda: self._store.control(request_id, action))
 
+    def rerun(self, request_id: str) -> Status:
+        return self._call(lambda: self._store.rerun(request_id))
+
     def list_requests(
         self, flow: str | None, status: Status | None, offset: int, limit: int
     ) -> list[RequestState]:

@@ -202,7 +202,7 @@ class Consumer:
     def fail(self, task: Task, instance: str, address: str, error: ErrorInfo) -> None:
         args = [
             task.request_id, GROUP, task.receipt, instance, address, codec.error_json(error),
-            self._store.retention_ms(),
+            self._store.retention_ms(), codec.encode_task(replace(task, receipt="")),
         ]  # fmt: skip
         try:
             self._run("fail", self.keys.request(task.request_id).script_keys(), args)

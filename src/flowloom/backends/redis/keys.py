@@ -12,23 +12,30 @@
     P:flow:{name}        zset      the same, per flow
     P:expiries           zset      "flow\\0id" of ended requests -> when they expire (ms)
     P:r:{id}             hash      the request: flow, version, body, query, headers,
-                                   created, hooks, trace, status, ended, result, error
+                                   created, hooks, trace, status, ended, result, error,
+                                   retries (comma-separated times), retryable (1 once it
+                                   failed or stopped)
     P:r:{id}:v           hash      vertex states: s|ADDR status, b|ADDR began,
                                    e|ADDR ended, a|ADDR attempts, x|ADDR error (JSON)
     P:r:{id}:i           hash      instance marks: f|INST fired (queued once),
                                    d|INST done (completed once), n|INST inputs needed,
-                                   c|INST inputs received
+                                   c|INST inputs received, r|ADDR running when the
+                                   request was retried (a failure then re-queues it)
     P:r:{id}:s           hash      inputs of instances still waiting: INST\\0SLOT -> value
     P:r:{id}:h           list      tasks held while the request is paused
+    P:r:{id}:l           list      tasks a failed or stopped request set aside (held,
+                                   failed, or claimed after it ended), for a retry
     P:r:{id}:c           hash      the request's context store
     P:r:{id}:e           list      gets the final status when the request ends (wait)
     P:r:{id}:o           hash      each completed vertex instance's output: ADDR -> bytes
     P:worker:{name}      string    a live worker's description (JSON), with a TTL
     P:workers            zset      worker names -> last heartbeat (s)
 
-When a request ends its ``i``, ``s`` and ``h`` keys are deleted and ``r``, ``v``, ``c``,
-``e`` and ``o`` get a TTL of ``retention`` seconds; ``P:expiries`` lets a sweep drop it from
-the listings then. Request ids cannot hold ``{`` or ``}``, so no two requests' keys meet.
+When a request completes its ``i``, ``s``, ``h`` and ``l`` keys are deleted and ``r``,
+``v``, ``c``, ``e`` and ``o`` get a TTL of ``retention`` seconds (when it fails or stops,
+``i``, ``s`` and ``l`` are kept with that TTL too, for a retry, which removes the TTLs);
+``P:expiries`` lets a sweep drop it from the listings then. Request ids cannot hold ``{``
+or ``}``, so no two requests' keys meet.
 
 Every script about one request (``lua/request.lua``) takes ``RequestKeys.script_keys()``
 as its first KEYS and names them as the fields below do (``vertices_key``...).

@@ -19,7 +19,7 @@ from .scripts import Scripts
 
 __all__ = ["RequestStore"]
 
-_STATE_FIELDS = ("flow", "status", "created", "ended", "error", "trace")
+_STATE_FIELDS = ("flow", "status", "created", "ended", "error", "trace", "retries")
 WAIT_BLOCK = 0.2  # seconds one blocking read of ``wait`` lasts at most
 
 
@@ -158,6 +158,24 @@ class RequestStore:
             raise NotRunning(f"request {request_id!r} has ended: {outcome[1].decode()}")
         return Status(outcome[1].decode())
 
+    def rerun(self, request_id: str) -> Status:
+        outcome = self._scripts("rerun", self.keys.request(request_id).script_keys(), [request_id])
+        kind = outcome[0].decode()
+        if kind == "missing":
+            raise RequestNotFound(f"no request {request_id!r}")
+        if kind == "kept-nothing":
+            raise NotRunning(
+                f"request {request_id!r} {outcome[1].decode()} before flowloom kept what a "
+                "retry needs: execute it again"
+            )
+        if kind == "not":
+            status = outcome[1].decode()
+            raise NotRunning(
+                f"request {request_id!r} is {status}: only a failed or stopped request "
+                "can be retried"
+            )
+        return Status.RUNNING
+
     def list_requests(
         self, flow: str | None, status: Status | None, offset: int, limit: int
     ) -> list[RequestState]:
@@ -247,7 +265,7 @@ class RequestStore:
 def _state(
     request_id: str, fields: list[bytes | None], raw_vertices: dict[bytes, bytes]
 ) -> RequestState | None:
-    flow, status, created, ended, error, trace = fields
+    flow, status, created, ended, error, trace, retries = fields
     if flow is None or status is None:
         return None
     parts: dict[str, dict[str, bytes]] = {}
@@ -274,4 +292,5 @@ def _state(
         error=codec.error_from(error),
         vertices=vertices,
         trace_id=trace[:32].decode() if trace else None,
+        retries=tuple(float(t) for t in retries.split(b",")) if retries else (),
     )

@@ -2,6 +2,7 @@
 -- The key layout is documented in flowloom/backends/redis/keys.py.
 
 local FINISHED = { completed = true, failed = true, stopped = true }
+local HALTED = { failed = true, stopped = true } -- ended, but may be retried
 
 local function now()
   local t = redis.call('TIME')

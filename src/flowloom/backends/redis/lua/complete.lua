@@ -7,8 +7,10 @@ local id, group, receipt, inst, address, output, finished, result, retention_ms,
 local DELIVERIES = 13 -- deliveries follow in ARGV from here on (see apply)
 -- output is '' (a split: no output of its own) or 'd' .. bytes
 
+-- a request that failed or stopped meanwhile records the completion too (for a retry),
+-- setting aside what it makes ready
 local req = load_request(id)
-if req and not FINISHED[req.status] and redis.call('HEXISTS', instances_key, 'd|' .. inst) == 0 then
+if req and req.status ~= 'completed' and redis.call('HEXISTS', instances_key, 'd|' .. inst) == 0 then
   redis.call('HSET', instances_key, 'd|' .. inst, '1')
   if output ~= '' then
     redis.call('HSET', vertices_key, 's|' .. address, 'completed', 'e|' .. address, fmt(now()))
@@ -16,7 +18,14 @@ if req and not FINISHED[req.status] and redis.call('HEXISTS', instances_key, 'd|
     redis.call('HSET', outputs_key, address, string.sub(output, 2))
   end
   apply(req, DELIVERIES, ndeliveries)
-  if finished == '1' then
+  if HALTED[req.status] then
+    local ttl = redis.call('PTTL', request_key)
+    if ttl > 0 then
+      for _, key in ipairs({ vertices_key, instances_key, inputs_key, outputs_key }) do
+        redis.call('PEXPIRE', key, ttl)
+      end
+    end
+  elseif finished == '1' then
     finish(req, 'completed', retention_ms, result, nil)
   end
 end

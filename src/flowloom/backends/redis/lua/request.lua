@@ -13,6 +13,8 @@ local expiries_key = KEYS[10]  -- P:expiries    zset   when ended requests leave
 local delayed_key = KEYS[11]   -- P:delayed     zset   retries waiting for their time
 -- P:held (string): tasks held over all paused requests, for the queue-depth metric
 local held_count_key = string.sub(tasks_key, 1, -6) .. 'held'
+-- P:r:{id}:l (list): tasks a failed or stopped request set aside, for a retry
+local lost_key = request_key .. ':l'
 --
 -- A task is one binary-safe blob of netstrings ("<len>:<bytes>"): request id, flow,
 -- version, step, keys (each followed by "\0"), attempt, then (slot, value) pairs where
@@ -34,10 +36,22 @@ local function ack(group, receipt)
   end
 end
 
+-- keep a task of the failed or stopped request `r` (its hash key) for a retry; the list
+-- expires with the request
+local function set_aside(r, blob)
+  redis.call('RPUSH', r .. ':l', blob)
+  local ttl = redis.call('PTTL', r)
+  if ttl > 0 then
+    redis.call('PEXPIRE', r .. ':l', ttl)
+  end
+end
+
 -- a ready task: on the stream (with its instance, so that it can be begun on claim),
--- or aside while the request is paused
+-- aside while the request is paused, or set aside for a retry once it failed or stopped
 local function queue(req, blob, inst)
-  if req.status == 'paused' then
+  if HALTED[req.status] then
+    set_aside(request_key, blob)
+  elseif req.status == 'paused' then
     redis.call('RPUSH', held_key, blob)
     redis.call('INCR', held_count_key)
   else
@@ -52,6 +66,9 @@ end
 local function begin_task(r, group, receipt, blob, inst, attempt)
   local status = redis.call('HGET', r, 'status')
   if not status or FINISHED[status] or redis.call('HEXISTS', r .. ':i', 'd|' .. inst) == 1 then
+    if HALTED[status] and blob ~= '' and redis.call('HEXISTS', r .. ':i', 'd|' .. inst) == 0 then
+      set_aside(r, blob)
+    end
     ack(group, receipt)
     return 0
   end
@@ -70,6 +87,19 @@ local function begin_task(r, group, receipt, blob, inst, attempt)
   redis.call('HSET', r .. ':v', 's|' .. address, 'running', 'a|' .. address, attempt)
   redis.call('HSETNX', r .. ':v', 'b|' .. address, fmt(now()))
   return 1
+end
+
+-- `blob` with its attempt set back to 1; also its step and keys (which name its instance)
+local function fresh(blob)
+  local pos, parts = 1, {}
+  for n = 1, 6 do
+    local colon = string.find(blob, ':', pos, true)
+    local len = tonumber(string.sub(blob, pos, colon - 1))
+    parts[n] = string.sub(blob, colon + 1, colon + len)
+    pos = colon + 1 + len
+  end
+  return ns(parts[1]) .. ns(parts[2]) .. ns(parts[3]) .. ns(parts[4]) .. ns(parts[5]) .. ns('1')
+    .. string.sub(blob, pos), parts[4], parts[5]
 end
 
 local function glob_escape(s)
@@ -144,13 +174,24 @@ local function finish(req, status, retention_ms, result, err)
   if err then
     redis.call('HSET', request_key, 'error', err)
   end
-  local held = redis.call('LLEN', held_key)
-  if held > 0 then
-    redis.call('DECRBY', held_count_key, held)
+  local held = redis.call('LRANGE', held_key, 0, -1)
+  if #held > 0 then
+    redis.call('DECRBY', held_count_key, #held)
   end
-  redis.call('DEL', instances_key, inputs_key, held_key)
+  local kept = { request_key, vertices_key, context_key, ended_key, outputs_key }
+  if HALTED[status] then
+    -- kept for a retry: what fired and completed, the inputs waiting, the held tasks
+    chunked('RPUSH', lost_key, held)
+    redis.call('HSET', request_key, 'retryable', '1')
+    for _, key in ipairs({ instances_key, inputs_key, lost_key }) do
+      kept[#kept + 1] = key
+    end
+    redis.call('DEL', held_key)
+  else
+    redis.call('DEL', instances_key, inputs_key, held_key, lost_key)
+  end
   redis.call('RPUSH', ended_key, status)
-  for _, key in ipairs({ request_key, vertices_key, context_key, ended_key, outputs_key }) do
+  for _, key in ipairs(kept) do
     redis.call('PEXPIRE', key, retention_ms)
   end
   -- the index sweep drops the request from the listings once it has expired

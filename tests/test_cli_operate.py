@@ -50,7 +50,9 @@ def gated(wf, ctx):
     wf.dag.edge("wait", "after")
 
 def fail(data, options):
-    raise ValueError("bad " + data.decode())
+    if not Path(data.decode()).exists():
+        raise ValueError("bad " + data.decode())
+    return b"fixed"
 
 def boom(wf, ctx):
     wf.dag.node("start", lambda d, o: d).node("fail", fail).edge("start", "fail")
@@ -69,7 +71,7 @@ for name, define in [("hello", hello), ("each", each), ("gated", gated), ("boom"
     fs.register(name, define)
 """
 FAIL_LINE = (
-    textwrap.dedent(APP).splitlines().index('    raise ValueError("bad " + data.decode())') + 1
+    textwrap.dedent(APP).splitlines().index('        raise ValueError("bad " + data.decode())') + 1
 )
 
 
@@ -467,3 +469,25 @@ def test_submit_wait_shows_a_progress_line_on_a_terminal(
     assert " vertices done; users: " in on_terminal
     assert "/6 items done" in on_terminal
     assert on_terminal.rstrip().endswith("6")
+
+
+def test_retry_goes_on_from_the_failure(
+    app: str, cli: Any, client: FlowService, tmp_path: Path
+) -> None:
+    flag = tmp_path / "fixed"
+    failed = submit(app, "boom", "-d", str(flag), "--request-id", "t-1", "--wait")
+    assert failed.exit_code == 1
+    flag.touch()  # what made it fail is fixed
+    retried = cli("retry", "boom", "t-1")
+    assert (retried.exit_code, retried.stdout) == (0, "t-1: running\n")
+    assert client.result("boom", "t-1", timeout=30) == b"fixed"
+    state = client.state("boom", "t-1")
+    assert state.vertices["start"].attempts == 1  # completed before: not run again
+    again = cli("retry", "boom", "t-1", "--json")
+    assert again.exit_code == 1  # completed: nothing to retry
+    assert again.stderr.startswith("Error: ")
+    submit(app, "boom", "-d", str(tmp_path / "no"), "--request-id", "t-2", "--wait")
+    (tmp_path / "no").touch()
+    as_json = json.loads(cli("retry", "boom", "t-2", "--json").stdout)
+    assert as_json == {"request_id": "t-2", "flow": "boom", "status": "running"}
+    assert client.result("boom", "t-2", timeout=30) == b"fixed"

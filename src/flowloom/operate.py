@@ -1,5 +1,5 @@
-"""The command line's commands for a running system: submit, list, inspect and control
-requests, and list the workers, on Redis (``--redis-url``) or an app's own backend.
+"""The command line's commands for a running system: submit, list, inspect, control and
+retry requests, and list the workers, on Redis (``--redis-url``) or an app's own backend.
 
 Exit status: 0 done; 1 the command was understood but failed (no such request, a
 request that failed or cannot be paused any more); 2 a usage error, an app that does
@@ -351,5 +351,10 @@ commands: list[click.Command] = [
     _control("pause", "Hold a request once its running tasks finish."),
     _control("resume", "Continue a paused request."),
     _control("stop", "End a request: nothing more of it runs."),
+    _control(
+        "retry",
+        "Run a failed or stopped request again from where it ended: completed vertices "
+        "keep their outputs, the others run again.",
+    ),
     workers,
 ]

@@ -2,97 +2,26 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import ipaddress
 import json
-import sys
-import threading
-import traceback
-from pathlib import Path
-from types import ModuleType
+import logging
 from typing import IO
 
 import click
 
 from . import logs
-from .backends import Backend, MemoryBackend
+from .apps import STARTUP_CHECK, AppError, check_backend, load_app, load_service, use_backend
+from .backends import MemoryBackend
 from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
 from .http.server import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LIMIT_CONCURRENCY
+from .operate import commands, read_request, wait_showing_progress
 from .processes import run_worker_processes
 from .service import FlowService
-from .types import Request
-from .worker import backend_name
 
 __all__ = ["STARTUP_CHECK", "load_service", "main"]
 
-STARTUP_CHECK = 10.0  # seconds `worker` and `serve` wait for the backend to answer at start-up
-
-
-class AppError(click.ClickException):
-    exit_code = 2
-
-
-def _import(app: str) -> ModuleType:
-    path = Path(app)
-    if app.endswith(".py") or path.exists():
-        if not path.is_file():
-            raise AppError(f"no such file: {app}")
-        spec = importlib.util.spec_from_file_location(f"flowloom_app_{path.stem}", path)
-        if spec is None or spec.loader is None:
-            raise AppError(f"cannot load {app} as Python")
-        module = importlib.util.module_from_spec(spec)
-        sys.path.insert(0, str(path.resolve().parent))
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-    return importlib.import_module(app)
-
-
-def load_service(app: str) -> FlowService:
-    """Load ``PATH.py`` or ``package.module``, optionally ``:attribute``, and find its
-    ``FlowService`` (or a ``flows`` dict of name -> define_workflow, registered on a new one)."""
-    target, _, attribute = app.partition(":") if not Path(app).exists() else (app, "", "")
-    try:
-        module = _import(target)
-    except AppError:
-        raise
-    except FlowloomError as exc:
-        raise AppError(f"{target}: {exc}") from exc
-    except Exception as exc:
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = next(
-            (f"{f.filename}:{f.lineno}" for f in reversed(frames) if target in f.filename), ""
-        )
-        if isinstance(exc, SyntaxError):
-            where = f"{exc.filename}:{exc.lineno}"
-        raise AppError(
-            f"could not load {target}{' at ' + where if where else ''}: {type(exc).__name__}: {exc}"
-        ) from exc
-    if attribute:
-        found = getattr(module, attribute, None)
-        if not isinstance(found, FlowService):
-            raise AppError(f"{target}:{attribute} is not a FlowService")
-        return found
-    services = [v for v in vars(module).values() if isinstance(v, FlowService)]
-    if len(services) == 1:
-        return services[0]
-    if len(services) > 1:
-        raise AppError(f"{target} holds several FlowService objects: name one as {target}:NAME")
-    flows = getattr(module, "flows", None)
-    if isinstance(flows, dict) and flows:
-        service = FlowService()
-        for name, define in flows.items():
-            _register(service, name, define)
-        return service
-    raise AppError(f"{target} defines no FlowService and no `flows` dict")
-
-
-def _register(service: FlowService, name: str, define: object) -> None:
-    try:
-        service.register(name, define)  # type: ignore[arg-type]
-    except FlowloomError as exc:
-        raise AppError(str(exc)) from exc
+log = logging.getLogger("flowloom.cli")
 
 
 def _configured(
@@ -109,54 +38,14 @@ def _configured(
         service.worker_concurrency = concurrency
     if redis_url is not None:
         service.redis_url = redis_url
-        _use_backend(service, service._make_backend())
+        use_backend(service, service._make_backend())
     return service
-
-
-def _use_backend(service: FlowService, backend: Backend) -> None:
-    """Give ``service`` (which has started nothing yet) ``backend`` instead of its own."""
-    previous, service.backend = service.backend, backend
-    service.embedded = isinstance(backend, MemoryBackend)
-    previous.close()
 
 
 def _monitor(service: FlowService, monitoring: bool, metrics_port: int | None) -> None:
     service.enable_monitoring = monitoring
     if metrics_port is not None:
         service.metrics_port = metrics_port
-
-
-def _check_backend(service: FlowService) -> None:
-    """Exit (status 2, one line) unless the backend answers within ``STARTUP_CHECK`` s."""
-    answer: list[BaseException | None] = []
-
-    def ping() -> None:
-        try:
-            service.backend.ping()
-        except Exception as exc:
-            answer.append(exc)
-        else:
-            answer.append(None)
-
-    thread = threading.Thread(target=ping, name="flowloom-startup-check", daemon=True)
-    thread.start()
-    thread.join(STARTUP_CHECK)
-    if answer == [None]:
-        return
-    where = backend_name(service.backend)
-    if not answer:
-        raise AppError(f"the backend at {where} did not answer within {STARTUP_CHECK:g}s")
-    error = answer[0]
-    if isinstance(error, FlowloomError):
-        raise AppError(" ".join(str(error).split()))  # one line, whatever the cause says
-    cause = " ".join(str(error).split())
-    raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {cause}")
-
-
-def _flow(service: FlowService, flow: str) -> None:
-    if flow not in service.flows():
-        known = ", ".join(service.flows()) or "none"
-        raise AppError(f"no flow {flow!r} (flows: {known})")
 
 
 _LOG_LEVEL = click.option(
@@ -211,24 +100,19 @@ def run(
 
     The request runs here, in this process, whatever backend the app uses (a Redis
     the app names is not touched)."""
-    service = load_service(app)
-    _flow(service, flow)
+    loaded = load_app(app)
+    loaded.check_flow(flow)
+    service = loaded.service
     if not service.embedded:
-        _use_backend(service, MemoryBackend(retention=service.retention))
-    body = data_file.read() if data_file is not None else data.encode()
-    options: dict[str, list[str]] = {}
-    for item in query:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--query")
-        options.setdefault(key, []).append(value)
+        use_backend(service, MemoryBackend(retention=service.retention))
+    request = read_request(data, data_file, query)
     with service:
         try:
-            request_id = service.execute(flow, Request(body=body, query=options))
+            request_id = service.execute(flow, request)
         except FlowloomError as exc:  # a bad request, an unreachable backend
             raise AppError(str(exc)) from exc
         try:
-            result = service.result(flow, request_id, timeout=timeout)
+            result = wait_showing_progress(service, flow, request_id, timeout)
         except FlowloomError as exc:
             if timings:
                 _print_timings(service, flow, request_id)
@@ -266,8 +150,9 @@ def _print_timings(service: FlowService, flow: str, request_id: str) -> None:
 )
 def graph(app: str, flow: str, fmt: str) -> None:
     """Print FLOW's definition as Mermaid, Graphviz DOT or JSON."""
-    service = load_service(app)
-    _flow(service, flow)
+    loaded = load_app(app)
+    loaded.check_flow(flow)
+    service = loaded.service
     definition = service.definition(flow)
     if fmt == "json":
         click.echo(json.dumps(definition, indent=2))
@@ -343,7 +228,7 @@ def serve(
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
     service = _configured(app, redis_url, None, port, host)
     _monitor(service, monitoring, metrics_port)
-    _check_backend(service)
+    check_backend(service)
     logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     options = {
         "limit_concurrency": limit_concurrency,
@@ -351,6 +236,7 @@ def serve(
         "header_timeout": header_timeout,
         "forwarded_allow_ips": [ip.strip() for ip in forwarded_allow_ips.split(",") if ip.strip()],
     }
+    log.info("flowloom: serving on http://%s", _listening(service.host, service.port))
     try:
         if worker:
             service.start(**options)
@@ -358,6 +244,18 @@ def serve(
             service.start_server(**options)
     except FlowloomError as exc:
         raise AppError(str(exc)) from exc
+
+
+def _listening(host: str, port: int) -> str:
+    """``HOST:PORT``, and who can reach it: loopback only, or every interface."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return f"{where} (this machine only; --host 0.0.0.0 listens on every interface)"
+    return f"{where}"
 
 
 @main.command()
@@ -401,13 +299,16 @@ def worker(
             "its own would serve nobody; give the FlowService a redis_url (or a backend) or "
             "pass --redis-url (or run `flowloom serve`, which runs a worker beside the server)"
         )
-    _check_backend(service)
+    check_backend(service)
     logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     try:
         run_worker_processes(service, processes)
     except FlowloomError as exc:
         raise AppError(str(exc)) from exc
 
+
+for _command in commands:
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -30,13 +30,19 @@ class Registry:
             raise DefinitionError(f"flow {name!r}: define_workflow must be callable")
         workflow = Workflow(name)
         try:
-            define_workflow(workflow, Context())
+            returned = define_workflow(workflow, Context())
         except FlowloomError:
             raise
         except Exception as exc:
             raise DefinitionError(
                 f"flow {name!r}: define_workflow raised {type(exc).__name__}: {exc}"
             ) from exc
+        if returned is not None and not workflow.dag.vertices:
+            raise DefinitionError(
+                f"flow {name!r}: define_workflow returned a {type(returned).__name__} and left "
+                "workflow.dag empty; it must fill workflow.dag in (e.g. "
+                "workflow.dag.subdag('main', dag)) and return nothing"
+            )
         plan = compile_workflow(workflow)
         with self._lock:
             self._latest[name] = plan

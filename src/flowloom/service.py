@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -11,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +166,7 @@ class FlowService:
         plan = None if self._client_mode(name) else self.registry.latest(name)
         version = plan.version if plan is not None else self._served_version(name)
         request = _as_request(request)
+        body = _body(request.body)
         request_id = uuid.uuid4().hex if request.request_id is None else request.request_id
         if not REQUEST_ID.fullmatch(request_id):
             raise InvalidRequest(
@@ -175,7 +177,7 @@ class FlowService:
             request_id=request_id,
             flow=name,
             version=version,
-            body=request.body,
+            body=body,
             query=_options(request.query),
             headers=dict(request.headers),
             created=time.time(),
@@ -184,9 +186,7 @@ class FlowService:
         )
         if self.embedded:
             self._ensure_worker()
-        start = (
-            engine.start_task(request.body) if plan is None else engine.start(plan, request.body)
-        )
+        start = engine.start_task(body) if plan is None else engine.start(plan, body)
         self.backend.submit(record, start)
         observers = self.observers
         if observers:
@@ -416,9 +416,11 @@ class FlowService:
     def start_worker(self) -> None:
         """Run a worker until SIGINT or SIGTERM (blocking)."""
         logs.configure()
-        self._start_observing()
-        self._ensure_worker()
-        _wait_for_signal()
+        with _signals() as stopping:  # from the start: a SIGTERM during start-up stops it too
+            self._start_observing()
+            self._ensure_worker()
+            while not stopping.wait(0.5):
+                pass
         self.close()
 
     def start_server(self, **http_options: Any) -> None:
@@ -477,25 +479,40 @@ def _as_request(request: Request | bytes | str | None) -> Request:
     if request is None:
         return Request()
     if isinstance(request, Request):
-        if not isinstance(request.body, bytes):
-            raise InvalidRequest(f"request body must be bytes, got {type(request.body).__name__}")
         return request
-    if isinstance(request, str):
-        return Request(body=request.encode())
-    if isinstance(request, bytes):
+    if isinstance(request, bytes | str):
         return Request(body=request)
     raise InvalidRequest(f"expected a Request, bytes or str, got {type(request).__name__}")
 
 
-def _options(query: Mapping[str, Any]) -> Options:
+def _body(body: object) -> bytes:
+    """A request body as bytes: ``str`` is encoded as UTF-8."""
+    if isinstance(body, str):
+        return body.encode()
+    if not isinstance(body, bytes):
+        raise InvalidRequest(f"request body must be bytes or str, got {type(body).__name__}")
+    return body
+
+
+def _options(query: object) -> Options:
+    """A request's query as handler options; ``InvalidRequest`` unless it maps str keys
+    to a str or a list (or tuple) of str."""
+    if not isinstance(query, Mapping):
+        raise InvalidRequest(
+            f"query must be a mapping of str to str or list of str, got {type(query).__name__}"
+        )
     options: Options = {}
     for key, value in query.items():
         if not isinstance(key, str):
             raise InvalidRequest(f"query keys must be str, got {key!r}")
-        values = [value] if isinstance(value, str) else list(value)
-        if not all(isinstance(v, str) for v in values):
-            raise InvalidRequest(f"query values must be str or lists of str, got {value!r}")
-        options[key] = values
+        if isinstance(value, str):
+            options[key] = [value]
+        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            options[key] = list(value)
+        else:
+            raise InvalidRequest(
+                f"query value of {key!r} must be a str or a list of str, got {value!r}"
+            )
     return options
 
 
@@ -512,14 +529,15 @@ def _caller_trace(headers: Mapping[str, str]) -> tuple[int, int, bool] | None:
     return None
 
 
-def _wait_for_signal() -> None:
+@contextlib.contextmanager
+def _signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM while in the block (the handlers then restored)."""
     done = threading.Event()
     previous = {
         sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        while not done.wait(0.5):
-            pass
+        yield done
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

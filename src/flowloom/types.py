@@ -56,10 +56,11 @@ class Status(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Request:
-    """One execution of a flow: the input ``body``, the handlers' ``query`` options,
-    and optionally a caller-chosen ``request_id``."""
+    """One execution of a flow: the input ``body`` (``str`` is encoded as UTF-8), the
+    handlers' ``query`` options (each a ``str`` or a list of them), and optionally a
+    caller-chosen ``request_id``."""
 
-    body: bytes = b""
+    body: bytes | str = b""
     request_id: str | None = None
     query: Mapping[str, list[str] | str] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict)

@@ -1,0 +1,360 @@
+"""The command line's commands for a running system: submit, list, inspect, control and
+retry requests, and list the workers, on Redis (``--redis-url``) or an app's own backend.
+
+Exit status: 0 done; 1 the command was understood but failed (no such request, a
+request that failed or cannot be paused any more); 2 a usage error, an app that does
+not load, or a backend that does not answer."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from .apps import AppError, check_backend, load_app, use_backend
+from .console import (
+    bytes_json,
+    inspect_view,
+    progress_line,
+    request_row_json,
+    requests_table,
+    workers_table,
+)
+from .errors import BackendUnavailable, FlowloomError, RequestFailed, ResultTimeout
+from .progress import foreach_paths
+from .service import FlowService
+from .types import Request, Status
+
+__all__ = ["commands", "read_request", "wait_showing_progress"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+PROGRESS_EVERY = 0.5  # seconds between two looks at a request's state for its progress line
+
+
+class Failed(click.ClickException):
+    """The command failed (one line, exit status 1)."""
+
+    exit_code = 1
+
+
+def _connection(command: F) -> F:
+    command = click.option(
+        "--app",
+        "app",
+        default=None,
+        help="Use this app's backend (a file or module, as for `run`).",
+    )(command)
+    command = click.option(
+        "--redis-prefix",
+        default="flowloom",
+        show_default=True,
+        envvar="FLOWLOOM_REDIS_PREFIX",
+        help="The prefix of every Redis key (with --redis-url).",
+    )(command)
+    command = click.option(
+        "--redis-url",
+        default=None,
+        envvar="FLOWLOOM_REDIS_URL",
+        help="The Redis of the running system (else FLOWLOOM_REDIS_URL, or --app's backend).",
+    )(command)
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")(command)
+
+
+def _client(
+    app: str | None, redis_url: str | None, redis_prefix: str, loaded: FlowService | None = None
+) -> FlowService:
+    """A service on the running system's backend, checked to answer; it runs no worker.
+    ``loaded``: the app's service, when it is loaded already."""
+    if app is not None:
+        service = loaded or load_app(app).service
+        if redis_url is not None:
+            service.redis_url, service.redis_prefix = redis_url, redis_prefix
+            use_backend(service, service._make_backend())
+    elif redis_url is not None:
+        service = FlowService(redis_url=redis_url, redis_prefix=redis_prefix)
+    else:
+        raise AppError("give --redis-url (or FLOWLOOM_REDIS_URL) or --app APP")
+    if service.embedded:
+        service.close()
+        raise AppError(
+            f"{app}'s backend is embedded (no redis_url): there is no running system to reach; "
+            "pass --redis-url, or use `flowloom run`"
+        )
+    try:
+        check_backend(service)
+    except AppError:
+        service.close()
+        raise
+    return service
+
+
+def _echo_json(value: object) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def _console() -> Console:
+    """The terminal's width when stdout is one; else wide enough that no row wraps (a row is
+    a line for ``grep`` and ``awk``), and no colours."""
+    wide = None if sys.stdout.isatty() else 100_000
+    return Console(highlight=False, width=wide)
+
+
+def read_request(data: str, data_file: IO[bytes] | None, query: tuple[str, ...]) -> Request:
+    """The request of ``--data``/``--data-file`` and ``-q KEY=VALUE`` options."""
+    body = data_file.read() if data_file is not None else data.encode()
+    options: dict[str, list[str]] = {}
+    for item in query:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--query")
+        options.setdefault(key, []).append(value)
+    return Request(body=body, query=options)
+
+
+def wait_showing_progress(
+    service: FlowService, flow: str, request_id: str, timeout: float
+) -> bytes:
+    """``service.result(...)``, showing a live progress line (vertices done, foreach items
+    done) while it waits when stdout is a terminal; plain waiting when it is not."""
+    if not sys.stdout.isatty():
+        return service.result(flow, request_id, timeout=timeout)
+    foreach = foreach_paths(service.definition(flow)) if flow in service.flows() else frozenset()
+    until = time.monotonic() + timeout
+    console = _console()
+    with Live("", console=console, transient=True, refresh_per_second=4) as live:
+        while True:
+            left = until - time.monotonic()
+            try:
+                return service.result(flow, request_id, timeout=max(0.0, min(PROGRESS_EVERY, left)))
+            except ResultTimeout:
+                if left <= PROGRESS_EVERY:
+                    raise ResultTimeout(request_id, timeout) from None
+            state = service.state(flow, request_id)
+            line = f"{request_id} {progress_line(state, foreach)}"
+            live.update(Text(line, no_wrap=True, overflow="ellipsis"))
+
+
+def _fail(exc: FlowloomError) -> click.ClickException:
+    message = " ".join(str(exc).split())
+    if isinstance(exc, BackendUnavailable):
+        return AppError(message)
+    return Failed(message)
+
+
+@click.command()
+@click.argument("app")
+@click.argument("flow")
+@click.option("--data", "-d", default="", help="The request body (text).")
+@click.option(
+    "--data-file", type=click.File("rb"), help="Read the request body from a file ('-': stdin)."
+)
+@click.option(
+    "--query", "-q", multiple=True, metavar="KEY=VALUE", help="A handler option; repeatable."
+)
+@click.option("--request-id", default=None, help="The request's id (default: a random one).")
+@click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")
+@click.option(
+    "--redis-url",
+    default=None,
+    envvar="FLOWLOOM_REDIS_URL",
+    help="Use this Redis instead of the app's backend.",
+)
+@click.option("--redis-prefix", default=None, help="With --redis-url: the key prefix.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+def submit(
+    app: str,
+    flow: str,
+    data: str,
+    data_file: IO[bytes] | None,
+    query: tuple[str, ...],
+    request_id: str | None,
+    wait: bool,
+    timeout: float,
+    redis_url: str | None,
+    redis_prefix: str | None,
+    as_json: bool,
+) -> None:
+    """Execute a request of FLOW on APP's backend (or --redis-url) for its workers to run;
+    print its id, or with --wait its result."""
+    loaded = load_app(app)
+    loaded.check_flow(flow)
+    request = read_request(data, data_file, query)
+    prefix = redis_prefix or loaded.service.redis_prefix
+    with _client(app, redis_url, prefix, loaded.service) as service:
+        try:
+            request_id = service.execute(
+                flow, Request(body=request.body, request_id=request_id, query=request.query)
+            )
+        except FlowloomError as exc:
+            raise _fail(exc) from exc
+        if not wait:
+            if as_json:
+                _echo_json({"request_id": request_id, "flow": flow, "status": "queued"})
+            else:
+                click.echo(request_id)
+            return
+        try:
+            result = wait_showing_progress(service, flow, request_id, timeout)
+        except FlowloomError as exc:
+            if as_json:
+                _echo_json(service.state(flow, request_id).to_json())
+            elif isinstance(exc, RequestFailed) and exc.error and exc.error.traceback:
+                click.echo(exc.error.traceback.rstrip("\n"), err=True)
+            raise _fail(exc) from exc
+        if as_json:
+            _echo_json(
+                {"request_id": request_id, "flow": flow, "status": "completed"}
+                | bytes_json("result", result)
+            )
+        else:
+            click.echo(result.decode(errors="replace"))
+
+
+@click.command()
+@click.argument("flow", required=False)
+@click.option(
+    "--status", type=click.Choice([s.value for s in Status]), default=None, help="Only these."
+)
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@_connection
+def requests(
+    flow: str | None,
+    status: str | None,
+    limit: int,
+    as_json: bool,
+    redis_url: str | None,
+    redis_prefix: str,
+    app: str | None,
+) -> None:
+    """List requests, newest first (of FLOW if given)."""
+    with _client(app, redis_url, redis_prefix) as service:
+        try:
+            states = service.requests(flow, Status(status) if status else None, 0, limit)
+        except FlowloomError as exc:
+            raise _fail(exc) from exc
+    if as_json:
+        _echo_json({"requests": [request_row_json(s) for s in states]})
+    elif states:
+        _console().print(requests_table(states))
+    else:
+        click.echo("no requests")
+
+
+@click.command()
+@click.argument("flow")
+@click.argument("request_id")
+@_connection
+def inspect(
+    flow: str,
+    request_id: str,
+    as_json: bool,
+    redis_url: str | None,
+    redis_prefix: str,
+    app: str | None,
+) -> None:
+    """Show a request: status, timings, each vertex instance, error and traceback."""
+    with _client(app, redis_url, redis_prefix) as service:
+        try:
+            state = service.state(flow, request_id)
+        except FlowloomError as exc:
+            raise _fail(exc) from exc
+    if as_json:
+        _echo_json(state.to_json())
+    else:
+        _console().print(inspect_view(state))
+
+
+@click.command()
+@click.argument("flow")
+@click.argument("request_id")
+@click.argument("vertex")
+@_connection
+def output(
+    flow: str,
+    request_id: str,
+    vertex: str,
+    as_json: bool,
+    redis_url: str | None,
+    redis_prefix: str,
+    app: str | None,
+) -> None:
+    """Print the output of one vertex instance (by its address, as `inspect` lists them)."""
+    with _client(app, redis_url, redis_prefix) as service:
+        try:
+            data = service.output(flow, request_id, vertex)
+        except FlowloomError as exc:
+            raise _fail(exc) from exc
+    if as_json:
+        _echo_json({"request_id": request_id, "vertex": vertex} | bytes_json("output", data))
+    else:
+        stdout = click.get_binary_stream("stdout")
+        stdout.write(data)
+        stdout.flush()
+
+
+def _control(action: str, help_text: str) -> click.Command:
+    @click.command(name=action, help=help_text)
+    @click.argument("flow")
+    @click.argument("request_id")
+    @_connection
+    def command(
+        flow: str,
+        request_id: str,
+        as_json: bool,
+        redis_url: str | None,
+        redis_prefix: str,
+        app: str | None,
+    ) -> None:
+        with _client(app, redis_url, redis_prefix) as service:
+            try:
+                status = getattr(service, action)(flow, request_id)
+            except FlowloomError as exc:
+                raise _fail(exc) from exc
+        if as_json:
+            _echo_json({"request_id": request_id, "flow": flow, "status": status.value})
+        else:
+            click.echo(f"{request_id}: {status.value}")
+
+    return command
+
+
+@click.command()
+@_connection
+def workers(as_json: bool, redis_url: str | None, redis_prefix: str, app: str | None) -> None:
+    """List the live workers: name, host, pid, concurrency, flows and versions."""
+    with _client(app, redis_url, redis_prefix) as service:
+        try:
+            found = service.workers()
+        except FlowloomError as exc:
+            raise _fail(exc) from exc
+    if as_json:
+        _echo_json({"workers": found})
+    elif found:
+        _console().print(workers_table(found))
+    else:
+        click.echo("no live workers")
+
+
+commands: list[click.Command] = [
+    submit,
+    requests,
+    inspect,
+    output,
+    _control("pause", "Hold a request once its running tasks finish."),
+    _control("resume", "Continue a paused request."),
+    _control("stop", "End a request: nothing more of it runs."),
+    _control(
+        "retry",
+        "Run a failed or stopped request again from where it ended: completed vertices "
+        "keep their outputs, the others run again.",
+    ),
+    workers,
+]

@@ -146,6 +146,23 @@ def test_stop_with_the_button(page: Any, server: Server) -> None:
     assert server.state("slow", request_id)["status"] == "stopped"
 
 
+def test_retry_with_the_button_goes_on_from_where_the_request_stopped(
+    page: Any, server: Server
+) -> None:
+    request_id = server.execute("slow", b"go")
+    request_page(page, server, "slow", request_id)
+    expect(page.locator("button[data-action=retry]")).to_be_disabled()  # running: no retry
+    page.click("button[data-action=stop]")
+    expect(page.locator("h1 .badge")).to_have_text("stopped")
+    page.click("button[data-action=retry]")
+    expect(page.locator("h1 .badge")).not_to_have_text("stopped")
+    expect(page.locator("h1 .badge")).to_have_text("completed", timeout=30_000)
+    state = server.state("slow", request_id)
+    assert state["status"] == "completed"
+    assert len(state["retries"]) == 1
+    expect(page.locator("button[data-action=retry]")).to_be_disabled()
+
+
 def test_a_failed_request_shows_its_error_and_traceback(page: Any, server: Server) -> None:
     request_id = server.execute("fails", b"c-42")
     server.wait_status("fails", request_id, "failed")

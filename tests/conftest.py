@@ -103,3 +103,19 @@ def make_backend(
 @pytest.fixture
 def backend(make_backend: Callable[..., Backend]) -> Backend:
     return make_backend()
+
+
+# -- HTTP and async tests --------------------------------------------------------------------
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def gate() -> Iterator[Any]:
+    """A gate the HTTP tests' ``gated`` flow waits on; opened at the end of the test."""
+    from http_fixtures import Gate
+
+    gate = Gate()
+    yield gate
+    gate.opened.set()

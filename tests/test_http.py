@@ -36,18 +36,6 @@ from http_fixtures import (
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def gate() -> Iterator[Gate]:
-    gate = Gate()
-    yield gate
-    gate.opened.set()
-
-
 @pytest.fixture(params=BACKENDS)
 def fs(request: pytest.FixtureRequest, gate: Gate) -> Iterator[FlowService]:
     with make_service(request.param) as service:

@@ -29,11 +29,6 @@ SECRET = b"shared"
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def fs() -> Iterator[FlowService]:
     gate = Gate()
     gate.opened.set()

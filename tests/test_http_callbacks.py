@@ -24,18 +24,6 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def gate() -> Iterator[Gate]:
-    gate = Gate()
-    yield gate
-    gate.opened.set()
-
-
-@pytest.fixture
 def fs(gate: Gate) -> Iterator[FlowService]:
     with FlowService(worker_concurrency=4) as service:
         register_flows(service, gate)

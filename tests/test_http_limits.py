@@ -8,7 +8,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import anyio
 import httpx
@@ -22,18 +21,6 @@ from http_fixtures import AppClient, Gate, ServerProcess, register_flows
 pytestmark = pytest.mark.timeout(120)
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def gate() -> Iterator[Gate]:
-    gate = Gate()
-    yield gate
-    gate.opened.set()
 
 
 def client_for(fs: FlowService, **options: object) -> httpx.AsyncClient:

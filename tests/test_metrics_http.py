@@ -24,11 +24,6 @@ CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 TRACEPARENT = f"00-{CALLER_TRACE}-b7ad6b7169203331-01"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def client_for(fs: FlowService) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=create_app(fs))
     return httpx.AsyncClient(transport=transport, base_url="http://flowloom")

@@ -295,9 +295,7 @@ def output(
     if as_json:
         _echo_json({"request_id": request_id, "vertex": vertex} | bytes_json("output", data))
     else:
-        stdout = click.get_binary_stream("stdout")
-        stdout.write(data)
-        stdout.flush()
+        click.echo(data, nl=False)  # bytes go out as they are
 
 
 def _control(action: str, help_text: str) -> click.Command:

@@ -152,7 +152,9 @@ def _callbacks(settings: Settings) -> bool:
             {
                 "type": "string",
                 "format": "uri",
-                "pattern": "^https?://[^/?#\\s]+",
+                # printable ASCII, as any header value: a host (no "/", "?" or "#"), then
+                # the path and query
+                "pattern": "^https?://[\\x21\\x22\\x24-\\x2e\\x30-\\x3e\\x40-\\x7e]+[\\x21-\\x7e]*$",
                 "maxLength": 2048,
             },
             when=_callbacks,

@@ -15,7 +15,7 @@ from .backends import MemoryBackend
 from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
 from .http.server import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LIMIT_CONCURRENCY
-from .operate import commands, read_request, wait_showing_progress
+from .operate import commands, read_request, request_options, wait_showing_progress
 from .processes import run_worker_processes
 from .service import FlowService
 
@@ -78,13 +78,7 @@ def main() -> None:
 @main.command()
 @click.argument("app")
 @click.argument("flow")
-@click.option("--data", "-d", default="", help="The request body (text).")
-@click.option(
-    "--data-file", type=click.File("rb"), help="Read the request body from a file ('-': stdin)."
-)
-@click.option(
-    "--query", "-q", multiple=True, metavar="KEY=VALUE", help="A handler option; repeatable."
-)
+@request_options
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")
 @click.option("--timings", is_flag=True, help="Also print each vertex's status and timings.")
 def run(

@@ -32,7 +32,7 @@ from .progress import foreach_paths
 from .service import FlowService
 from .types import Request, Status
 
-__all__ = ["commands", "read_request", "wait_showing_progress"]
+__all__ = ["commands", "read_request", "request_options", "wait_showing_progress"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 PROGRESS_EVERY = 0.5  # seconds between two looks at a request's state for its progress line
@@ -106,6 +106,30 @@ def _console() -> Console:
     return Console(highlight=False, width=wide)
 
 
+def request_options(command: F) -> F:
+    """``--data``, ``--data-file`` and ``-q KEY=VALUE``: a request's body and query (read
+    them with ``read_request``)."""
+    for option in reversed(
+        (
+            click.option("--data", "-d", default="", help="The request body (text)."),
+            click.option(
+                "--data-file",
+                type=click.File("rb"),
+                help="Read the request body from a file ('-': stdin).",
+            ),
+            click.option(
+                "--query",
+                "-q",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="A handler option; repeatable.",
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
 def read_request(data: str, data_file: IO[bytes] | None, query: tuple[str, ...]) -> Request:
     """The request of ``--data``/``--data-file`` and ``-q KEY=VALUE`` options."""
     body = data_file.read() if data_file is not None else data.encode()
@@ -151,13 +175,7 @@ def _fail(exc: FlowloomError) -> click.ClickException:
 @click.command()
 @click.argument("app")
 @click.argument("flow")
-@click.option("--data", "-d", default="", help="The request body (text).")
-@click.option(
-    "--data-file", type=click.File("rb"), help="Read the request body from a file ('-': stdin)."
-)
-@click.option(
-    "--query", "-q", multiple=True, metavar="KEY=VALUE", help="A handler option; repeatable."
-)
+@request_options
 @click.option("--request-id", default=None, help="The request's id (default: a random one).")
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")

@@ -43,8 +43,8 @@ HAND_BACK_AFTER = 1.0  # seconds a task read ahead waits for a free thread here
 SWEEP_EVERY = 5.0  # seconds between two housekeeping passes of a fetcher
 FORGET_AFTER = 120.0  # seconds a consumer holding nothing may idle before it is dropped
 
-# a completion not sent yet, and its task
-_Deferred = tuple[Call, Task]
+# a completion not sent yet, and its task (None: a part of its deliveries sent ahead)
+_Deferred = tuple[Call, Task | None]
 
 
 class Consumer:
@@ -109,10 +109,12 @@ class Consumer:
             raise
         except BaseException:
             for _, task in pending:
-                self._release(task)
+                if task is not None:
+                    self._release(task)
             raise
         for (_, task), result in zip(pending, results[: len(pending)], strict=True):
-            self._completed(task, result)
+            if task is not None:
+                self._completed(task, result)
         return results[-1] if call is not None else None
 
     # -- the worker's calls ------------------------------------------------------------------
@@ -143,6 +145,7 @@ class Consumer:
                 self.flush()
             except redis.RedisError as exc:  # the completions stay deferred; the task runs
                 self._health.failed(exc)
+            self._read_inputs(task)
             return True
         if deliveries > self.max_deliveries:
             message = f"delivered {deliveries - 1} times; the worker died each time"
@@ -154,23 +157,35 @@ class Consumer:
         began = bool(self._with_deferred(("begin", keys, args)))
         if not began:
             self._release(task)
+        else:
+            self._read_inputs(task)
         return began
+
+    def _read_inputs(self, task: Task) -> None:
+        """Read the inputs a fan-in keeps in Redis (a big foreach's join), page by page."""
+        if isinstance(task.inputs, codec.PagedInputs):
+            key = self.keys.request(task.request_id).inputs_of(task.inputs.instance)
+            task.inputs.fill(dict(self._redis.hscan_iter(key, count=1000)))
 
     def complete(
         self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition
     ) -> None:
+        *ahead, last = codec.delivery_chunks(transition.deliveries)
         args: list[Any] = [
             task.request_id, GROUP, task.receipt, instance, address,
-            b"" if output is None else b"d" + output, "1" if transition.finished else "0",
+            _output_arg(output, transition), "1" if transition.finished else "0",
             transition.result, self._store.retention_ms(), self.name or "", self._want_more(),
-            *codec.delivery_args(transition.deliveries),
+            *last,
         ]  # fmt: skip
         # Sent with this thread's next call: a worker thread's next call is nearly always
         # ``begin`` of its next task, so both go in one round trip. A thread about to
         # wait for work sends it first (``claim``), and so does any other call. While
-        # Redis cannot be reached, completions queue up here (one per task run).
+        # Redis cannot be reached, completions queue up here (one per task run). The
+        # deliveries of a big transition go ahead in parts (``deliver``), in order.
         keys = self.keys.request(task.request_id).script_keys()
         calls: list[_Deferred] = self._deferred.__dict__.setdefault("calls", [])
+        for part in ahead:
+            calls.append((("deliver", keys, [task.request_id, instance, *part]), None))
         calls.append((("complete", keys, args), task))
 
     def _completed(self, task: Task, claimed: Any) -> None:
@@ -424,3 +439,14 @@ class Consumer:
             self._run("handback", [self.keys.tasks], [GROUP, *receipts])
         if self.name is not None:
             self._redis.xgroup_delconsumer(self.keys.tasks, GROUP, self.name)
+
+
+def _output_arg(output: bytes | None, transition: Transition) -> bytes:
+    """How ``complete.lua`` gets a step's output: ``""`` a split (no output of its own),
+    ``n`` not kept (``keep_outputs=False``), ``r`` the request's result (sent once, as the
+    result), else ``d`` + the output."""
+    if output is None:
+        return b""
+    if not transition.keep_output:
+        return b"n"
+    return b"r" if transition.finished else b"d" + output

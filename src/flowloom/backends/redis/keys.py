@@ -21,7 +21,9 @@
                                    d|INST done (completed once), n|INST inputs needed,
                                    c|INST inputs received, r|ADDR running when the
                                    request was retried (a failure then re-queues it)
-    P:r:{id}:s           hash      inputs of instances still waiting: INST\\0SLOT -> value
+    P:r:{id}:s           set       instances with inputs waiting (or, for a large
+                                   fan-in, kept until it is done)
+    P:r:{id}:s:{inst}    hash      the inputs of one such instance: SLOT -> value
     P:r:{id}:h           list      tasks held while the request is paused
     P:r:{id}:l           list      tasks a failed or stopped request set aside (held,
                                    failed, or claimed after it ended), for a retry
@@ -57,7 +59,7 @@ class RequestKeys:
     request: str  # P:r:{id}
     vertices: str  # P:r:{id}:v
     instances: str  # P:r:{id}:i
-    inputs: str  # P:r:{id}:s
+    inputs: str  # P:r:{id}:s (and P:r:{id}:s:{inst}, see ``inputs_of``)
     held: str  # P:r:{id}:h
     context: str  # P:r:{id}:c
     ended: str  # P:r:{id}:e
@@ -65,6 +67,10 @@ class RequestKeys:
     tasks: str  # P:tasks
     expiries: str  # P:expiries
     delayed: str  # P:delayed
+
+    def inputs_of(self, instance: str) -> str:
+        """``P:r:{id}:s:{inst}``: the inputs waiting for ``instance`` (its instance id)."""
+        return f"{self.inputs}:{instance}"
 
     def script_keys(self) -> list[str]:
         """KEYS of a request script, in the order ``lua/request.lua`` names them."""

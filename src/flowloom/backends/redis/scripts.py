@@ -17,7 +17,8 @@ from redis.exceptions import NoScriptError
 __all__ = ["REQUEST_SCRIPTS", "SOURCES", "Scripts"]
 
 REQUEST_SCRIPTS = (
-    "submit", "begin", "complete", "retry", "fail", "control", "context_set", "rerun",
+    "submit", "begin", "deliver", "complete", "retry", "fail", "control", "context_set",
+    "rerun",
 )  # fmt: skip
 _OTHER_SCRIPTS = ("promote", "keepalive", "handback", "sweep", "reclaim", "forget")
 

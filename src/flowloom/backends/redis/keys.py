@@ -33,9 +33,10 @@
     P:worker:{name}      string    a live worker's description (JSON), with a TTL
     P:workers            zset      worker names -> last heartbeat (s)
 
-When a request completes its ``i``, ``s``, ``h`` and ``l`` keys are deleted and ``r``,
-``v``, ``c``, ``e`` and ``o`` get a TTL of ``retention`` seconds (when it fails or stops,
-``i``, ``s`` and ``l`` are kept with that TTL too, for a retry, which removes the TTLs);
+When a request completes its ``i``, ``s`` (with each ``s:{inst}``), ``h`` and ``l`` keys
+are deleted and ``r``, ``v``, ``c``, ``e`` and ``o`` get a TTL of ``retention`` seconds
+(when it fails or stops, ``i``, ``s`` and ``l`` are kept with that TTL too, for a retry,
+which removes the TTLs);
 ``P:expiries`` lets a sweep drop it from the listings then. Request ids cannot hold ``{``
 or ``}``, so no two requests' keys meet.
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from flowloom import Dag, DefinitionError, FlowService, engine
-from flowloom.backends import Backend
+from flowloom.backends import Backend, RequestRecord
 from flowloom.backends.redis import codec
 from flowloom.backends.redis.scripts import Scripts
 from flowloom.registry import Registry
@@ -178,6 +178,56 @@ def test_a_retry_after_a_paged_join_failed_reads_its_inputs_again(
     redis_service.retry("flaky", request_id)
     expected = b"%d:%d" % (inner, inner * (inner - 1) // 2)
     assert redis_service.result("flaky", request_id, timeout=60) == expected
+
+
+@pytest.mark.redis
+def test_parts_of_a_split_sent_again_fire_each_item_and_the_join_once(
+    make_redis_backend: Callable[..., Any],
+) -> None:
+    items = 2 * codec.CHUNK_DELIVERIES + 500
+
+    def define(workflow: Any, context: Any) -> None:
+        each = workflow.dag.foreach_branch(
+            "each", lambda data: {f"k{n}": b"%d" % n for n in range(items)}, distinct
+        )
+        each.node("item", same)
+
+    backend = make_redis_backend()
+    plan = Registry().register("parts", define)
+    record = RequestRecord("r1", "parts", plan.version, b"", {}, created=1.0)
+    backend.submit(record, engine.start(plan, b""))
+    split = backend.claim("w", 5)
+    step = plan.steps[split.step]
+    instance, address = step.names(split.keys)
+    assert backend.begin(split, instance, address)
+    branches = [(f"k{n}", b"%d" % n) for n in range(items)]
+    transition = engine.after_split(plan, step, split.keys, b"", branches)
+    # a worker sent the first parts and died; the next one sends them all again
+    keys = backend.keys.request("r1").script_keys()
+    for part in codec.delivery_chunks(transition.deliveries)[:-1]:
+        Scripts(backend._redis)("deliver", keys, ["r1", instance, *part])
+    backend.complete(split, instance, address, None, transition)
+    backend.flush()
+    seen = set()
+    for _ in range(items):
+        task = backend.claim("w", 5)
+        assert task is not None
+        assert task.step == "each[]/item"
+        seen.add(task.keys)
+        item = plan.steps[task.step]
+        assert backend.begin(task, *item.names(task.keys))
+        output = task.inputs[""] or b""
+        after = engine.after_output(plan, item, task.keys, output)
+        backend.complete(task, *item.names(task.keys), output, after)
+    backend.flush()
+    assert len(seen) == items
+    join = backend.claim("w", 5)
+    assert join is not None
+    assert join.step == "each:join"
+    assert backend.begin(join, *plan.steps[join.step].names(join.keys))
+    assert isinstance(join.inputs, codec.PagedInputs)
+    assert len(join.inputs) == items + 1  # each item once, and the passthrough
+    assert backend.claim("w", 0.3) is None
 
 
 # -- keep_outputs: each byte once ------------------------------------------------------------

@@ -14,7 +14,8 @@
     P:r:{id}             hash      the request: flow, version, body, query, headers,
                                    created, hooks, trace, status, ended, result, error,
                                    retries (comma-separated times), retryable (1 once it
-                                   failed or stopped)
+                                   failed or stopped), result_of (the address whose
+                                   output the result is: kept once, as the result)
     P:r:{id}:v           hash      vertex states: s|ADDR status, b|ADDR began,
                                    e|ADDR ended, a|ADDR attempts, x|ADDR error (JSON)
     P:r:{id}:i           hash      instance marks: f|INST fired (queued once),
@@ -30,6 +31,8 @@
     P:r:{id}:c           hash      the request's context store
     P:r:{id}:e           list      gets the final status when the request ends (wait)
     P:r:{id}:o           hash      each completed vertex instance's output: ADDR -> bytes
+                                   (but the last one's; none if the flow sets
+                                   ``keep_outputs = False``)
     P:worker:{name}      string    a live worker's description (JSON), with a TTL
     P:workers            zset      worker names -> last heartbeat (s)
 

@@ -17,7 +17,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -99,6 +99,11 @@ class Metrics(Observer):
         self._ended = functools.cache(self.requests_ended.labels)
         self._request_seconds = functools.cache(self.request_seconds.labels)
 
+    def count_dropped_spans(self, dropped: Callable[[], int]) -> None:
+        """Expose ``flowloom_spans_dropped``: spans the tracing dropped, its exporter
+        lagging (``dropped()`` reads its count at scrape time)."""
+        self.registry.register(_Dropped(dropped))
+
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (``CONTENT_TYPE``)."""
         return generate_latest(self.registry)
@@ -161,6 +166,19 @@ class _BackendCollector(Collector):
         live = GaugeMetricFamily("flowloom_workers_live", "Live workers seen by the backend.")
         live.add_metric([], workers)
         return [up, queue, live]
+
+
+class _Dropped(Collector):
+    def __init__(self, dropped: Callable[[], int]) -> None:
+        self.dropped = dropped
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "flowloom_spans_dropped",
+            "Spans not exported: the exporter lagged and its queue was full.",
+        )
+        family.add_metric([], self.dropped())
+        return [family]
 
 
 _OUTCOMES = ("completed", "failed", "retried", "redelivered")

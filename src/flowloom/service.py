@@ -408,7 +408,10 @@ class FlowService:
             except ImportError as exc:
                 log.warning(_MISSING, "otlp_endpoint (OpenTelemetry tracing)", exc.name)
             else:
-                made.append(Tracing(self.otlp_endpoint))
+                tracing = Tracing(self.otlp_endpoint)
+                made.append(tracing)
+                if self._metrics is not None:
+                    self._metrics.count_dropped_spans(lambda: tracing.dropped)
         return made
 
     def _start_observing(self) -> None:

@@ -88,10 +88,11 @@ class _StuckSink:
         self.sent: list[Record] = []
         self.closed = False
 
-    def send(self, records: list[Record]) -> None:
+    def send(self, records: list[Record]) -> bool:
         self.entered.set()
         self.release.wait(30)
         self.sent += records
+        return True
 
     def flush(self, timeout: float) -> bool:
         return True
@@ -168,3 +169,18 @@ def test_dropped_spans_are_a_metric(receiver):
         f for f in text_string_to_metric_families(text) if f.name == "flowloom_spans_dropped"
     ]
     assert family.samples[0].value == 3
+
+
+def test_a_dead_exporter_process_costs_spans_not_requests(receiver, caplog):
+    with FlowService(otlp_endpoint=receiver.endpoint) as fs:
+        fs.register("echo", lambda wf, ctx: wf.dag.node("echo", lambda d, o: d))
+        tracing = next(o for o in fs.observers.all if hasattr(o, "recorder"))
+        process = tracing.recorder.sink.process
+        process.kill()
+        process.wait(10)
+        for body in (b"a", b"b"):
+            assert fs.run("echo", body, timeout=10) == body
+        assert not tracing.flush(5)
+        assert tracing.dropped == 4  # two requests: a vertex span and a root span each
+    assert caplog.text.count("the span exporter process exited") == 1
+    assert receiver.spans == []

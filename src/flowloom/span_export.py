@@ -139,8 +139,9 @@ class InProcessSink:
         self.exporter = exporter
         self.resource = resource
 
-    def send(self, records: list[Record]) -> None:
+    def send(self, records: list[Record]) -> bool:
         self.exporter.export(readable_spans(records, self.resource))
+        return True
 
     def flush(self, timeout: float) -> bool:
         return self.exporter.force_flush(int(timeout * 1000))

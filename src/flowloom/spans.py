@@ -195,7 +195,9 @@ class Sink(Protocol):
     """Where batches of records go: ``send`` them, ``flush`` (True once every batch sent
     before has been exported), ``close`` (exporting what is left)."""
 
-    def send(self, records: list[Record]) -> None: ...
+    def send(self, records: list[Record]) -> bool:
+        """Hand ``records`` on; False if they are lost (the exporter is gone)."""
+        ...
 
     def flush(self, timeout: float) -> bool: ...
 
@@ -252,9 +254,12 @@ class Recorder:
                 count = min(len(queue), self.batch)
                 records = [queue.popleft() for _ in range(count)]
                 try:
-                    self.sink.send(records)
+                    sent = self.sink.send(records)
                 except Exception:
                     log.exception("flowloom: exporting %d spans failed (dropped)", count)
+                    sent = False
+                if not sent:
+                    self.dropped += count
 
     def flush(self, timeout: float) -> bool:
         self._drain()
@@ -286,7 +291,10 @@ class ChildSink:
             stdout=subprocess.PIPE,
             start_new_session=True,
             close_fds=True,
+            # flowloom importable there as here, however this process found it
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
+        self._gone = False
         self._lock = threading.Lock()  # one writer at a time; a flush waits for its answer
         self._flushes = 0
 
@@ -297,9 +305,20 @@ class ChildSink:
         stdin.write(_HEADER.pack(len(data)) + data)
         stdin.flush()
 
-    def send(self, records: list[Record]) -> None:
+    def send(self, records: list[Record]) -> bool:
         with self._lock:
-            self._write(("spans", records))
+            try:
+                self._write(("spans", records))
+                return True
+            except OSError:  # the exporter process is gone: say so once
+                if not self._gone:
+                    self._gone = True
+                    log.warning(
+                        "flowloom: the span exporter process exited (code %s); spans are "
+                        "dropped from now on",
+                        self.process.poll(),
+                    )
+                return False
 
     def flush(self, timeout: float) -> bool:
         """Ask the child to export what it has, and wait for its answer."""

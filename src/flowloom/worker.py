@@ -261,7 +261,11 @@ class Worker:
             if record is None:
                 known = ({}, RequestInfo(task.request_id, task.flow, 0.0, None))
             else:
-                known = ({k: list(v) for k, v in record.query.items()}, RequestInfo.of(record))
+                options = {k: list(v) for k, v in record.query.items()}
+                if self._observed:
+                    known = (options, RequestInfo.of(record))
+                else:  # nobody reads its trace: not decoded
+                    known = (options, RequestInfo(record.request_id, record.flow, 0.0, None))
             if len(self._known) >= 4096:
                 with contextlib.suppress(RuntimeError, StopIteration):  # another thread trimmed
                     self._known.pop(next(iter(self._known)), None)

@@ -266,6 +266,8 @@ class Recorder:
         return self.sink.flush(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
+        if self._closing:
+            return
         self._closing = True
         self._wake.set()
         self._thread.join(timeout)

@@ -27,6 +27,7 @@ handlers' own spans (exported by its ``BatchSpanProcessor``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -99,6 +100,8 @@ class Tracing(Observer):
             batch=int(bsp_setting("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
             delay=bsp_setting("OTEL_BSP_SCHEDULE_DELAY", 500) / 1000,
         )
+        # a service never closed still exports its last spans, as the SDK's provider does
+        atexit.register(self.recorder.close)
         self._decisions: dict[int, bool] = {}  # trace id -> sampled, for recent requests
         self._always = self.provider.sampler.get_description() in _ALWAYS_ON_ROOT
         _CURRENT.install(self.provider)
@@ -247,6 +250,7 @@ class Tracing(Observer):
 
     def close(self) -> None:
         _CURRENT.remove(self.provider)
+        atexit.unregister(self.recorder.close)
         self.recorder.close()
         self.provider.shutdown()
 

@@ -4,6 +4,7 @@ and the exporter process, against a real OTLP/HTTP receiver."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,7 @@ from flowloom import FlowService
 from flowloom.otlp import encode_request
 from flowloom.span_export import readable_spans
 from flowloom.spans import Record, Recorder
+from flowloom.tracing import BATCH, MAX_QUEUE
 from otlp_receiver import OtlpReceiver
 
 TRACE = 0x0AF7651916CD43DD8448EB211C80319C
@@ -117,6 +119,22 @@ def test_a_lagging_exporter_makes_spans_dropped_and_counted_never_waited_for():
     assert len({r[3] for r in sink.sent}) == 15
 
 
+def test_an_exporter_stalled_for_a_while_catches_up_without_dropping():
+    """With flowloom's default sizes, tens of thousands of spans made while the exporter
+    is stuck wait for it and are all exported once it moves again."""
+    sink = _StuckSink()
+    recorder = Recorder(sink, max_queue=MAX_QUEUE, batch=BATCH, delay=30)
+    for i in range(BATCH):
+        recorder.add(record(span_id=i + 1))
+    assert sink.entered.wait(10)
+    for i in range(BATCH, 60_000):
+        recorder.add(record(span_id=i + 1))
+    assert recorder.dropped == 0
+    sink.release.set()
+    recorder.close()
+    assert len({r[3] for r in sink.sent}) == 60_000
+
+
 @pytest.fixture
 def receiver() -> Iterator[OtlpReceiver]:
     server = OtlpReceiver().start()
@@ -171,16 +189,29 @@ def test_dropped_spans_are_a_metric(receiver):
     assert family.samples[0].value == 3
 
 
-def test_a_dead_exporter_process_costs_spans_not_requests(receiver, caplog):
+def test_a_dead_exporter_process_is_restarted_and_later_spans_arrive(receiver, caplog):
+    """Killing the exporter process costs the spans sent while it is down (counted as
+    dropped), never a request; after its back-off a new one exports the later spans."""
     with FlowService(otlp_endpoint=receiver.endpoint) as fs:
         fs.register("echo", lambda wf, ctx: wf.dag.node("echo", lambda d, o: d))
         tracing = next(o for o in fs.observers.all if hasattr(o, "recorder"))
-        process = tracing.recorder.sink.process
-        process.kill()
-        process.wait(10)
-        for body in (b"a", b"b"):
-            assert fs.run("echo", body, timeout=10) == body
-        assert not tracing.flush(5)
-        assert tracing.dropped == 4  # two requests: a vertex span and a root span each
+        sink = tracing.recorder.sink
+        first = sink.process
+        first.kill()
+        first.wait(10)
+        lost = fs.execute("echo", b"a")
+        assert fs.result("echo", lost, timeout=10) == b"a"
+        assert not tracing.flush(5)  # the batch meets a dead child: dropped
+        assert tracing.dropped == 2  # a vertex span and a root span
+        time.sleep(sink.restart_delay + 0.1)
+        kept = fs.execute("echo", b"b")
+        assert fs.result("echo", kept, timeout=10) == b"b"
+        assert tracing.flush(10)
+        assert sink.process is not first and sink.process.poll() is None
+        assert sink.restarts == 1
+        trace_id = fs.state("echo", kept).trace_id
+        lost_trace = fs.state("echo", lost).trace_id
+    assert {s.name for s in receiver.trace(trace_id)} == {"flow echo", "vertex echo"}
+    assert receiver.trace(lost_trace) == []
     assert caplog.text.count("the span exporter process exited") == 1
-    assert receiver.spans == []
+    assert "span exporter process restarted" in caplog.text

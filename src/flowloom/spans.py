@@ -17,6 +17,7 @@ counted (``Recorder.dropped``, the ``flowloom_spans_dropped`` metric), never wai
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import marshal
@@ -283,12 +284,32 @@ class ChildSink:
 
     The child runs in a session of its own (a Ctrl-C to the terminal reaches flowloom,
     which flushes and closes it, not the child directly) and exits when its input ends,
-    also when this process dies without closing it.
+    also when this process dies without closing it. A child that dies is started again,
+    with a warning, at the first batch after a back-off (``restart_delay`` seconds,
+    doubling while children keep dying young, up to ``max_restart_delay``); batches that
+    come while it is down are lost (counted as dropped).
     """
 
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "flowloom.span_export", json.dumps(settings)],
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        restart_delay: float = 0.5,
+        max_restart_delay: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.restart_delay = restart_delay
+        self.max_restart_delay = max_restart_delay
+        self.restarts = 0
+        self._backoff = restart_delay
+        self._down_until: float | None = None  # the child died: restart from this time
+        self._lock = threading.Lock()  # one writer at a time; a flush waits for its answer
+        self._flushes = 0
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        self._born = time.monotonic()
+        return subprocess.Popen(
+            [sys.executable, "-m", "flowloom.span_export", json.dumps(self.settings)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             start_new_session=True,
@@ -296,9 +317,6 @@ class ChildSink:
             # flowloom importable there as here, however this process found it
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
-        self._gone = False
-        self._lock = threading.Lock()  # one writer at a time; a flush waits for its answer
-        self._flushes = 0
 
     def _write(self, message: Any) -> None:
         data = marshal.dumps(message)
@@ -307,30 +325,75 @@ class ChildSink:
         stdin.write(_HEADER.pack(len(data)) + data)
         stdin.flush()
 
+    def _alive(self) -> bool:
+        """Whether a child is there to write to: restarted if it died and its back-off is
+        over. Called with the lock held."""
+        if self._down_until is None:
+            if self.process.poll() is None:
+                return True
+            self._died()
+        assert self._down_until is not None
+        if time.monotonic() < self._down_until:
+            return False
+        self._reap()
+        try:
+            self.process = self._start()
+        except OSError as exc:
+            log.warning("flowloom: the span exporter process could not restart: %s", exc)
+            self._down_until = time.monotonic() + self._backoff
+            return False
+        self._down_until = None
+        self.restarts += 1
+        log.warning("flowloom: span exporter process restarted (restart %d)", self.restarts)
+        return True
+
+    def _died(self) -> None:
+        """The child is gone: say so, and wait before starting another (longer each time
+        a child dies within a minute of its start)."""
+        lived = time.monotonic() - self._born
+        self._backoff = (
+            self.restart_delay if lived > 60 else min(self._backoff * 2, self.max_restart_delay)
+        )
+        delay = self.restart_delay if self.restarts == 0 else self._backoff
+        self._down_until = time.monotonic() + delay
+        log.warning(
+            "flowloom: the span exporter process exited (code %s); restarting it in %gs",
+            self.process.poll(),
+            delay,
+        )
+
+    def _reap(self) -> None:
+        for stream in (self.process.stdin, self.process.stdout):
+            with contextlib.suppress(OSError):
+                if stream is not None:
+                    stream.close()
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait(1)
+
     def send(self, records: list[Record]) -> bool:
         with self._lock:
+            if not self._alive():
+                return False
             try:
                 self._write(("spans", records))
                 return True
-            except OSError:  # the exporter process is gone: say so once
-                if not self._gone:
-                    self._gone = True
-                    log.warning(
-                        "flowloom: the span exporter process exited (code %s); spans are "
-                        "dropped from now on",
-                        self.process.poll(),
-                    )
+            except OSError:  # it died since: these records are lost
+                self._died()
                 return False
 
     def flush(self, timeout: float) -> bool:
         """Ask the child to export what it has, and wait for its answer."""
         deadline = time.monotonic() + timeout
         with self._lock:
+            if not self._alive():
+                return False
             self._flushes += 1
             token = self._flushes
             try:
                 self._write(("flush", token))
             except OSError:
+                self._died()
                 return False
             stdout = self.process.stdout
             assert stdout is not None
@@ -345,17 +408,19 @@ class ChildSink:
                     return True
 
     def close(self, timeout: float) -> None:
-        stdin = self.process.stdin
-        try:
-            if stdin is not None:
-                stdin.close()  # the child exports what is left and exits
-            self.process.wait(timeout)
-        except (OSError, subprocess.TimeoutExpired):
-            log.warning("flowloom: the span exporter did not finish in %gs; killed", timeout)
-            self.process.kill()
-            self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        with self._lock:
+            self._down_until = time.monotonic() + 1e9  # no restart from now on
+            stdin = self.process.stdin
+            try:
+                if stdin is not None:
+                    stdin.close()  # the child exports what is left and exits
+                self.process.wait(timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                log.warning("flowloom: the span exporter did not finish in %gs; killed", timeout)
+                self.process.kill()
+                self.process.wait()
+            if self.process.stdout is not None:
+                self.process.stdout.close()
 
 
 def child_sink(endpoint: str | None, resource: dict[str, Any]) -> Sink:

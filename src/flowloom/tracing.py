@@ -60,6 +60,11 @@ _ALWAYS_ON_ROOT = frozenset(
     {"AlwaysOnSampler", ParentBased(ALWAYS_ON).get_description()}  # type: ignore[no-untyped-call]
 )
 _EMPTY = otel_context.Context()
+# Spans waiting for the exporter, and spans per batch, unless the OTEL_BSP_* variables
+# say otherwise: far above the SDK's 2048 and 512, so that a few seconds of a busy
+# machine (the exporter process lagging) cost memory (about 0.5 kB a span), not spans.
+MAX_QUEUE = 100_000
+BATCH = 2048
 
 
 class Tracing(Observer):
@@ -96,8 +101,8 @@ class Tracing(Observer):
                 log.warning("flowloom: no span exporter process (%s); exporting in-process", exc)
         self.recorder = Recorder(
             sink or InProcessSink(sdk_exporter, resource),
-            max_queue=int(bsp_setting("OTEL_BSP_MAX_QUEUE_SIZE", 2048)),
-            batch=int(bsp_setting("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
+            max_queue=int(bsp_setting("OTEL_BSP_MAX_QUEUE_SIZE", MAX_QUEUE)),
+            batch=int(bsp_setting("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", BATCH)),
             delay=bsp_setting("OTEL_BSP_SCHEDULE_DELAY", 500) / 1000,
         )
         # a service never closed still exports its last spans, as the SDK's provider does

@@ -12,7 +12,6 @@ in docs/observability.md.
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import logging
 import threading
@@ -57,23 +56,8 @@ class Metrics(Observer):
 
     def __init__(self, backend: Backend | None = None) -> None:
         self.registry = registry = CollectorRegistry()
-        self.requests_started = Counter(
-            "flowloom_requests_started", "Requests executed (by this process).", ["flow"],
-            registry=registry,
-        )  # fmt: skip
-        self.requests_ended = Counter(
-            "flowloom_requests_ended",
-            "Requests ended (by this process), by final status.",
-            ["flow", "status"],
-            registry=registry,
-        )
-        self.request_seconds = Histogram(
-            "flowloom_request_duration_seconds",
-            "From execute to the request's end.",
-            ["flow"],
-            buckets=_REQUEST_BUCKETS,
-            registry=registry,
-        )
+        self.requests = _RequestStats()
+        registry.register(self.requests)
         self.tasks = _TaskStats()
         registry.register(self.tasks)
         self.callbacks = Counter(
@@ -94,10 +78,6 @@ class Metrics(Observer):
         )
         if backend is not None:
             registry.register(_BackendCollector(backend))
-        # labelled children, looked up once per label values (all bounded)
-        self._started = functools.cache(self.requests_started.labels)
-        self._ended = functools.cache(self.requests_ended.labels)
-        self._request_seconds = functools.cache(self.request_seconds.labels)
 
     def count_dropped_spans(self, dropped: Callable[[], int]) -> None:
         """Expose ``flowloom_spans_dropped``: spans the tracing dropped, its exporter
@@ -115,14 +95,17 @@ class Metrics(Observer):
 
     # -- hooks -------------------------------------------------------------------------------
     def request_started(self, record: RequestRecord) -> None:
-        self._started(record.flow).inc()
+        self.requests.started(record.flow)
 
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
-        self._ended(request.flow, status.value).inc()
-        self._request_seconds(request.flow).observe(max(0.0, time.time() - request.created))
+        self.requests.ended(request.flow, status.value, request.created)
 
     def attempt_started(self, attempt: Attempt) -> None:
-        self.tasks.started()
+        tasks = self.tasks
+        try:
+            tasks.local.running[0] += 1
+        except AttributeError:
+            tasks.mine()[1][0] += 1
 
     def attempt_ended(self, attempt: Attempt) -> None:
         task = attempt.task
@@ -198,34 +181,35 @@ class _TaskStats(Collector):
     """
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self.local = threading.local()
         self._tables: list[dict[tuple[str, str], list[float]]] = []
         self._running: list[list[int]] = []  # per thread: [began, ended]
 
-    def _mine(self) -> tuple[dict[tuple[str, str], list[float]], list[int]]:
+    def mine(self) -> tuple[dict[tuple[str, str], list[float]], list[int]]:
         """This thread's table and its [began, ended] counts, made on its first task."""
+        local = self.local
         try:
-            return self._local.mine  # type: ignore[no-any-return]
+            return local.table, local.running  # type: ignore[no-any-return]
         except AttributeError:
-            mine: tuple[dict[tuple[str, str], list[float]], list[int]] = ({}, [0, 0])
-            self._local.mine = mine
-            self._tables.append(mine[0])  # list.append is atomic: no lock needed
-            self._running.append(mine[1])
-            return mine
+            local.table, local.running = {}, [0, 0]
+            self._tables.append(local.table)  # list.append is atomic: no lock needed
+            self._running.append(local.running)
+            return local.table, local.running
 
     def _row(self, flow: str, step: str) -> list[float]:
-        table = self._mine()[0]
+        table = self.mine()[0]
         row = table.get((flow, step))
         if row is None:
             row = table[(flow, step)] = [0.0] * _ROW
         return row
 
-    def started(self) -> None:
-        self._mine()[1][0] += 1
-
     def ended(self, flow: str, step: str, outcome: str, began: float) -> None:
         seconds = time.perf_counter() - began
-        table, running = self._mine()
+        local = self.local
+        try:
+            table, running = local.table, local.running
+        except AttributeError:
+            table, running = self.mine()
         row = table.get((flow, step))
         if row is None:
             row = table[(flow, step)] = [0.0] * _ROW
@@ -271,3 +255,75 @@ class _TaskStats(Collector):
         running = GaugeMetricFamily("flowloom_tasks_running", "Tasks running now in this process.")
         running.add_metric([], float(sum(began - ended for began, ended in list(self._running))))
         return [attempts, seconds, running]
+
+
+_STATUSES = tuple(status.value for status in Status)
+_ENDED = {status: i for i, status in enumerate(_STATUSES)}
+_R_STARTED = len(_STATUSES)  # after a count per final status: requests started, the sum
+_R_SUM = _R_STARTED + 1
+_R_FIRST_BUCKET = _R_SUM + 1
+_R_ROW = _R_FIRST_BUCKET + len(_REQUEST_BUCKETS) + 1
+
+
+class _RequestStats(Collector):
+    """Requests started and ended, and their durations, by flow: counted as the tasks
+    are (``_TaskStats``), in a table per thread added up at scrape time."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self._tables: list[dict[str, list[float]]] = []
+
+    def _row(self, flow: str) -> list[float]:
+        local = self.local
+        try:
+            table: dict[str, list[float]] = local.table
+        except AttributeError:
+            table = local.table = {}
+            self._tables.append(table)  # list.append is atomic: no lock needed
+        row = table.get(flow)
+        if row is None:
+            row = table[flow] = [0.0] * _R_ROW
+        return row
+
+    def started(self, flow: str) -> None:
+        self._row(flow)[_R_STARTED] += 1
+
+    def ended(self, flow: str, status: str, created: float) -> None:
+        seconds = max(0.0, time.time() - created)
+        row = self._row(flow)
+        row[_ENDED[status]] += 1
+        row[_R_SUM] += seconds
+        row[_R_FIRST_BUCKET + bisect.bisect_left(_REQUEST_BUCKETS, seconds)] += 1
+
+    def collect(self) -> Iterable[Metric]:
+        totals: dict[str, list[float]] = {}
+        for table in list(self._tables):
+            for flow, row in list(table.items()):
+                total = totals.setdefault(flow, [0.0] * _R_ROW)
+                for i, value in enumerate(row):
+                    total[i] += value
+        started = CounterMetricFamily(
+            "flowloom_requests_started", "Requests executed (by this process).", labels=["flow"]
+        )
+        ended = CounterMetricFamily(
+            "flowloom_requests_ended",
+            "Requests ended (by this process), by final status.",
+            labels=["flow", "status"],
+        )
+        seconds = HistogramMetricFamily(
+            "flowloom_request_duration_seconds",
+            "From execute to the request's end.",
+            labels=["flow"],
+        )
+        bounds = [*map(floatToGoString, _REQUEST_BUCKETS), "+Inf"]
+        for flow, row in sorted(totals.items()):
+            if row[_R_STARTED]:
+                started.add_metric([flow], row[_R_STARTED])
+            for status, i in _ENDED.items():
+                if row[i]:
+                    ended.add_metric([flow, status], row[i])
+            counts = row[_R_FIRST_BUCKET:]
+            if sum(counts):
+                cumulative = list(itertools.accumulate(counts))
+                seconds.add_metric([flow], list(zip(bounds, cumulative, strict=True)), row[_R_SUM])
+        return [started, ended, seconds]

@@ -67,6 +67,7 @@ class Attempt:
     ended: tuple[Status, ErrorInfo | None] | None = None  # the request ended with this attempt
     span: Any = None
     scope: Any = None
+    span_token: Any = None
 
 
 class Observer:

@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -43,6 +44,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.trace.propagation import _SPAN_KEY
 
 from .observe import Attempt, CallSpan, Observer, RequestInfo
 from .span_export import InProcessSink
@@ -60,6 +62,20 @@ _ALWAYS_ON_ROOT = frozenset(
     {"AlwaysOnSampler", ParentBased(ALWAYS_ON).get_description()}  # type: ignore[no-untyped-call]
 )
 _EMPTY = otel_context.Context()
+
+
+def _context_var() -> ContextVar[otel_context.Context] | None:
+    """The variable holding OpenTelemetry's current context, when it is the default
+    contextvars one: a vertex span is made current by setting it directly (a few C
+    calls instead of a dozen Python ones). None: through ``attach``, as any code does."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    variable = getattr(runtime, "_current_context", None)
+    if isinstance(variable, ContextVar) and isinstance(_SPAN_KEY, str):
+        return variable
+    return None
+
+
+_CONTEXT = _context_var()
 # Spans waiting for the exporter, and spans per batch, unless the OTEL_BSP_* variables
 # say otherwise: far above the SDK's 2048 and 512, so that a few seconds of a busy
 # machine (the exporter process lagging) cost memory (about 0.5 kB a span), not spans.
@@ -152,7 +168,7 @@ class Tracing(Observer):
     # -- one span per attempt, current while the user code runs ------------------------------
     def attempt_started(self, attempt: Attempt) -> None:
         ids = attempt.request.trace
-        if ids is not None and not self._sampled(ids):
+        if ids is not None and not (self._always and not ids.parent_id) and not self._sampled(ids):
             # a dropped request costs no span: its root, unsampled, is made current, so
             # that the handlers' own spans are dropped with it
             attempt.scope = otel_context.attach(_under_root(ids, False))
@@ -176,10 +192,15 @@ class Tracing(Observer):
         )
         attempt.span = span
         # the worker thread's context holds nothing else: no need to copy it
-        attempt.scope = otel_context.attach(trace.set_span_in_context(span, _EMPTY))
+        if _CONTEXT is None:
+            attempt.scope = otel_context.attach(trace.set_span_in_context(span, _EMPTY))
+        else:
+            attempt.span_token = _CONTEXT.set(otel_context.Context({_SPAN_KEY: span}))
 
     def attempt_ended(self, attempt: Attempt) -> None:
-        if attempt.scope is not None:
+        if attempt.span_token is not None:
+            _CONTEXT.reset(attempt.span_token)  # type: ignore[union-attr]
+        elif attempt.scope is not None:
             otel_context.detach(attempt.scope)
         span = attempt.span
         if span is None:

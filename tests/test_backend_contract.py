@@ -775,6 +775,18 @@ def failed_diamond(backend: Backend) -> tuple[Plan, Task]:
     return plan, b
 
 
+def test_rerun_stores_the_retry_trace_when_given(backend: Backend) -> None:
+    failed_diamond(backend)
+    record = backend.record("r1")
+    assert record is not None
+    retry = f"{1:032x}-{2:016x}-{3:016x}-01"
+    assert backend.rerun("r1", retry) is Status.RUNNING
+    again = backend.record("r1")
+    assert again is not None
+    assert again.trace == retry
+    assert again.body == record.body
+
+
 def test_rerun_runs_only_what_did_not_complete(backend: Backend) -> None:
     plan, b = failed_diamond(backend)
     assert backend.output("r1", "c") == b"C"

@@ -207,7 +207,8 @@ def test_a_dead_exporter_process_is_restarted_and_later_spans_arrive(receiver, c
         kept = fs.execute("echo", b"b")
         assert fs.result("echo", kept, timeout=10) == b"b"
         assert tracing.flush(10)
-        assert sink.process is not first and sink.process.poll() is None
+        assert sink.process is not first
+        assert sink.process.poll() is None
         assert sink.restarts == 1
         trace_id = fs.state("echo", kept).trace_id
         lost_trace = fs.state("echo", lost).trace_id

@@ -241,6 +241,44 @@ def test_a_retried_vertex_has_a_span_per_attempt(traced, receiver):
     assert one(receiver.trace(trace_id), "flow flaky").attributes["flowloom.status"] == "completed"
 
 
+def test_a_retried_request_gets_a_new_root_span_under_the_first(receiver):
+    """A request that failed and is retried ends twice: each end emits its own root span,
+    the retry's a child of the first one, in the same trace; the retry's vertices parent
+    on the retry's root. No span id is emitted twice."""
+    fixed = threading.Event()
+
+    def second(data, options):
+        if not fixed.is_set():
+            raise ValueError("not yet")
+        return data
+
+    with FlowService(otlp_endpoint=receiver.endpoint) as fs:
+        fs.register(
+            "mend", lambda wf, ctx: wf.dag.node("first", lambda d, o: d).node("second", second)
+            .edge("first", "second")
+        )  # fmt: skip
+        rid = fs.execute("mend", b"x")
+        with pytest.raises(RequestFailed):
+            fs.result("mend", rid, timeout=10)
+        fixed.set()
+        fs.retry("mend", rid)
+        assert fs.result("mend", rid, timeout=10) == b"x"
+        trace_id = fs.state("mend", rid).trace_id
+    spans = receiver.trace(trace_id)
+    assert len({s.span_id for s in spans}) == len(spans)
+    first_root, retry_root = sorted(
+        (s for s in spans if s.name == "flow mend"), key=lambda s: s.end_ns
+    )
+    assert first_root.parent_id == ""
+    assert first_root.attributes["flowloom.status"] == "failed"
+    assert retry_root.parent_id == first_root.span_id
+    assert retry_root.attributes["flowloom.status"] == "completed"
+    assert one(spans, "vertex first").parent_id == first_root.span_id
+    failed, passed = sorted(by_name(spans)["vertex second"], key=lambda s: s.start_ns)
+    assert failed.parent_id == first_root.span_id
+    assert passed.parent_id == retry_root.span_id
+
+
 def test_a_stopped_request_ends_its_root_span(receiver):
     gate = threading.Event()
 

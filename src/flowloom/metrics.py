@@ -189,7 +189,7 @@ class _TaskStats(Collector):
         """This thread's table and its [began, ended] counts, made on its first task."""
         local = self.local
         try:
-            return local.table, local.running  # type: ignore[no-any-return]
+            return local.table, local.running
         except AttributeError:
             local.table, local.running = {}, [0, 0]
             self._tables.append(local.table)  # list.append is atomic: no lock needed

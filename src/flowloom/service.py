@@ -315,7 +315,11 @@ class FlowService:
             )
         if self.embedded:
             self._ensure_worker()
-        status = self.backend.rerun(request_id)
+        first = TraceContext.decode(record.trace) if record is not None else None
+        retry_trace = first.retried() if first is not None else None
+        status = self.backend.rerun(request_id, retry_trace.encode() if retry_trace else "")
+        if self._worker is not None:  # its tasks' spans parent on the retry's root span
+            self._worker.forget(request_id)
         observers = self.observers
         if observers and record is not None:  # it starts again: it will end again
             observers.request_started(record)

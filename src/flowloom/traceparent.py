@@ -40,6 +40,11 @@ class TraceContext:
             return cls(parent[0], span_id, parent[1], parent[2])
         return cls(random.getrandbits(128) or 1, span_id)
 
+    def retried(self) -> TraceContext:
+        """The context of a retry of the request: a new root span in the same trace, child
+        of this root span (already emitted when the request ended), and sampled alike."""
+        return TraceContext(self.trace_id, random.getrandbits(64) or 1, self.span_id, self.sampled)
+
     @property
     def trace_hex(self) -> str:
         return f"{self.trace_id:032x}"

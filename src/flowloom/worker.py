@@ -209,6 +209,8 @@ class Worker:
                 self.observers.attempt_ended(attempt)
                 if attempt.ended is not None:
                     self.observers.request_ended(request, *attempt.ended)
+                    # a retry gives it a new root span: read its record again then
+                    self._known.pop(task.request_id, None)
 
     def _recover(
         self,
@@ -249,6 +251,10 @@ class Worker:
         if attempt is not None:
             attempt.ended = (Status.FAILED, error)
         return None
+
+    def forget(self, request_id: str) -> None:
+        """Read the request's record again at its next task (it was retried)."""
+        self._known.pop(request_id, None)
 
     def _options(self, task: Task) -> Options:
         return self._request(task)[0]

@@ -164,11 +164,12 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def rerun(self, request_id: str) -> Status:
+    def rerun(self, request_id: str, trace: str = "") -> Status:
         """Take a failed or stopped request back to ``RUNNING`` under the same id, atomically:
         completed instances keep their outputs; the tasks it dropped when it ended (failed,
         queued, held) are queued again with fresh attempt counts; its ``retries`` gains the
-        time. Raises ``RequestNotFound``, or ``NotRunning`` if it is running or completed
+        time; ``trace`` (when given) replaces its record's ``trace`` (the retry's root
+        span). Raises ``RequestNotFound``, or ``NotRunning`` if it is running or completed
         (of two concurrent calls, one wins and the other gets ``NotRunning``).
 
         A request that ended failed or stopped keeps its bookkeeping (inputs waiting at

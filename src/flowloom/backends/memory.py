@@ -247,7 +247,7 @@ class MemoryBackend(Backend):
                 raise ValueError(f"not a control action: {action}")
             return request.status
 
-    def rerun(self, request_id: str) -> Status:
+    def rerun(self, request_id: str, trace: str = "") -> Status:
         with self._lock:
             running = self._requests.get(request_id)
             if running is not None:
@@ -272,6 +272,8 @@ class MemoryBackend(Backend):
             self._live_bytes += request.size
             request.status, request.ended, request.error = Status.RUNNING, None, None
             request.retries = (*request.retries, time.time())
+            if trace:
+                request.record = replace(request.record, trace=trace)
             for address, vertex in run.vertices.items():
                 if vertex.status is Status.RUNNING:  # an attempt begun before the retry
                     run.stale.add(address)

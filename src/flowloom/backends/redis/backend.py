@@ -161,8 +161,8 @@ class RedisBackend(Backend):
     def control(self, request_id: str, action: Status) -> Status:
         return self._call(lambda: self._store.control(request_id, action))
 
-    def rerun(self, request_id: str) -> Status:
-        return self._call(lambda: self._store.rerun(request_id))
+    def rerun(self, request_id: str, trace: str = "") -> Status:
+        return self._call(lambda: self._store.rerun(request_id, trace))
 
     def list_requests(
         self, flow: str | None, status: Status | None, offset: int, limit: int

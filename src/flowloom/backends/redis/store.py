@@ -172,8 +172,9 @@ class RequestStore:
             raise NotRunning(f"request {request_id!r} has ended: {outcome[1].decode()}")
         return Status(outcome[1].decode())
 
-    def rerun(self, request_id: str) -> Status:
-        outcome = self._scripts("rerun", self.keys.request(request_id).script_keys(), [request_id])
+    def rerun(self, request_id: str, trace: str = "") -> Status:
+        keys = self.keys.request(request_id).script_keys()
+        outcome = self._scripts("rerun", keys, [request_id, trace])
         kind = outcome[0].decode()
         if kind == "missing":
             raise RequestNotFound(f"no request {request_id!r}")

@@ -1,5 +1,6 @@
 -- Take a failed or stopped request back to running (a retry): keep what completed, queue
--- the tasks it set aside again (once per step instance, attempt 1), record the time.
+-- the tasks it set aside again (once per step instance, attempt 1), record the time and
+-- the retry's trace (ARGV[2], when given: its root span).
 -- Returns {'missing'}, {'not', status}, {'kept-nothing', status} (it ended before this
 -- version of flowloom kept what a retry needs) or {'ok', 'running'}.
 local id = ARGV[1]
@@ -18,6 +19,9 @@ local t = now()
 local retries = redis.call('HGET', request_key, 'retries')
 retries = (retries and retries ~= '') and (retries .. ',' .. fmt(t)) or fmt(t)
 redis.call('HSET', request_key, 'status', 'running', 'retries', retries)
+if ARGV[2] and ARGV[2] ~= '' then
+  redis.call('HSET', request_key, 'trace', ARGV[2]) -- the retry's root span
+end
 redis.call('HDEL', request_key, 'ended', 'error', 'retryable')
 redis.call('DEL', ended_key)
 for _, key in ipairs({ request_key, vertices_key, context_key, outputs_key, instances_key,

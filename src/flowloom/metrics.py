@@ -109,7 +109,7 @@ class Metrics(Observer):
 
     def attempt_ended(self, attempt: Attempt) -> None:
         task = attempt.task
-        self.tasks.ended(task.flow, task.step, attempt.outcome, attempt.started)
+        self.tasks.ended(task.flow, task.step, attempt.outcome, attempt.finished - attempt.started)
 
     def task_redelivered(self, task: Task) -> None:
         self.tasks.redelivered(task.flow, task.step)
@@ -203,8 +203,7 @@ class _TaskStats(Collector):
             row = table[(flow, step)] = [0.0] * _ROW
         return row
 
-    def ended(self, flow: str, step: str, outcome: str, began: float) -> None:
-        seconds = time.perf_counter() - began
+    def ended(self, flow: str, step: str, outcome: str, seconds: float) -> None:
         local = self.local
         try:
             table, running = local.table, local.running

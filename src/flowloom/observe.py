@@ -51,9 +51,10 @@ class Attempt:
 
     ``task.step`` names the step without item keys (``each[]/double``, ``each:split``:
     a bounded metric label); ``address`` the vertex instance's (``each[k1]/double``).
-    The worker sets ``outcome`` ("completed", "failed" or "retried"), ``error`` and
-    ``ended`` before ``attempt_ended``; ``span`` and ``scope`` belong to the tracing
-    observer.
+    The worker sets ``outcome`` ("completed", "failed" or "retried"), ``error``,
+    ``ended`` and ``finished`` before ``attempt_ended``; ``started`` and ``finished``
+    (``time.perf_counter()``) are the attempt's only clock readings, shared by every
+    observer. ``span``, ``scope`` and ``span_token`` belong to the tracing observer.
     """
 
     task: Task
@@ -65,6 +66,7 @@ class Attempt:
     error: BaseException | None = None
     started: float = field(default_factory=time.perf_counter)
     ended: tuple[Status, ErrorInfo | None] | None = None  # the request ended with this attempt
+    finished: float = 0.0
     span: Any = None
     scope: Any = None
     span_token: Any = None
@@ -113,6 +115,7 @@ class Observers:
 
     def __init__(self, observers: Sequence[Observer] = ()) -> None:
         self.all = tuple(observers)
+        self._reversed = self.all[::-1]
         self.call_span = next((s for o in self.all if (s := o.call_span()) is not None), None)
 
     def __bool__(self) -> bool:
@@ -151,7 +154,7 @@ class Observers:
                 _failed(observer, "attempt_started")
 
     def attempt_ended(self, attempt: Attempt) -> None:
-        for observer in reversed(self.all):
+        for observer in self._reversed:
             try:
                 observer.attempt_ended(attempt)
             except Exception:

@@ -37,7 +37,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes, AttributeValue
 
-__all__ = ["LightSpan", "Record", "Recorder", "Sink", "child_sink"]
+__all__ = ["CLOCK", "LightSpan", "Record", "Recorder", "Sink", "child_sink"]
 
 log = logging.getLogger("flowloom.tracing")
 
@@ -49,6 +49,26 @@ Record = tuple[
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _SCALARS = (str, bool, int, float, bytes)
+
+
+class _Clock:
+    """Wall-clock nanoseconds from ``time.perf_counter()`` readings: ``offset +
+    int(perf * 1e9)``. A worker reads the clock once at each end of an attempt and
+    every observer uses that reading (the metrics' duration, the span's times); the
+    offset is set again by the recorder's thread at each wake-up, so that the spans
+    follow the wall clock when it is adjusted."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.sync()
+
+    def sync(self) -> None:
+        self.offset = time.time_ns() - int(time.perf_counter() * 1e9)
+
+
+CLOCK = _Clock()
 
 
 def new_span_id() -> int:
@@ -246,6 +266,7 @@ class Recorder:
         while not self._closing:
             self._wake.wait(self.delay)
             self._wake.clear()
+            CLOCK.sync()
             self._drain()
 
     def _drain(self) -> None:

@@ -32,7 +32,9 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from typing import Any
 
@@ -48,7 +50,7 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 
 from .observe import Attempt, CallSpan, Observer, RequestInfo
 from .span_export import InProcessSink
-from .spans import LightSpan, Recorder, Sink, bsp_setting, child_sink, new_trace_id
+from .spans import CLOCK, LightSpan, Recorder, Sink, bsp_setting, child_sink, new_trace_id
 from .traceparent import TraceContext, parse_traceparent, traces_url
 from .types import ErrorInfo, Status
 
@@ -137,32 +139,41 @@ class Tracing(Observer):
         ids = request.trace
         if ids is None or not self._sampled(ids):
             return
+        attributes = {
+            "flowloom.flow": request.flow,
+            "flowloom.request_id": request.request_id,
+            "flowloom.status": status.value,
+        }
+        start = int(request.created * 1e9)
+        if error is None:  # the usual case: the record itself, no span object
+            self.recorder.add(
+                (
+                    f"flow {request.flow}", _SERVER, ids.trace_id, ids.span_id, ids.parent_id,
+                    True, start, time.time_ns(), attributes, [], 0, "",
+                )
+            )  # fmt: skip
+            return
         span = LightSpan(
             self.recorder,
             f"flow {request.flow}",
             ids.trace_id,
             ids.parent_id,
             True,
-            {
-                "flowloom.flow": request.flow,
-                "flowloom.request_id": request.request_id,
-                "flowloom.status": status.value,
-            },
+            attributes,
             kind=_SERVER,
-            start_ns=int(request.created * 1e9),
+            start_ns=start,
             span_id=ids.span_id,
         )
-        if error is not None:
-            span.add_event(
-                "exception",
-                {
-                    "exception.type": error.type,
-                    "exception.message": error.message,
-                    "exception.stacktrace": error.traceback,
-                    "flowloom.vertex": error.vertex,
-                },
-            )
-            span.set_status(StatusCode.ERROR, f"{error.vertex}: {error.type}: {error.message}")
+        span.add_event(
+            "exception",
+            {
+                "exception.type": error.type,
+                "exception.message": error.message,
+                "exception.stacktrace": error.traceback,
+                "flowloom.vertex": error.vertex,
+            },
+        )
+        span.set_status(StatusCode.ERROR, f"{error.vertex}: {error.type}: {error.message}")
         span.end()
 
     # -- one span per attempt, current while the user code runs ------------------------------
@@ -189,6 +200,7 @@ class Tracing(Observer):
                 "flowloom.attempt": task.attempt,
                 "flowloom.worker": attempt.worker,
             },
+            start_ns=CLOCK.offset + int(attempt.started * 1e9),
         )
         attempt.span = span
         # the worker thread's context holds nothing else: no need to copy it
@@ -209,7 +221,7 @@ class Tracing(Observer):
         if attempt.error is not None:
             span.record_exception(attempt.error)
             span.set_status(StatusCode.ERROR, f"{type(attempt.error).__name__}: {attempt.error}")
-        span.end()
+        span.end(CLOCK.offset + int(attempt.finished * 1e9))
 
     def _sampled(self, ids: TraceContext) -> bool:
         """Whether the request's spans are recorded: the caller's decision, else the
@@ -245,30 +257,20 @@ class Tracing(Observer):
             ids = span.get_span_context()
             yield f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{int(ids.trace_flags):02x}"
 
-    @contextlib.contextmanager
-    def _call(self, kind: str, fn: Callable[..., Any]) -> Iterator[None]:
+    def _call(self, kind: str, fn: Callable[..., Any]) -> AbstractContextManager[None]:
         current = trace.get_current_span()
         if isinstance(current, LightSpan):  # the usual case: under a vertex span
             trace_id, parent_id = current.trace_id, current.span_id
         else:
             ids = current.get_span_context()
             if ids.is_valid and not ids.trace_flags.sampled:  # a dropped request
-                yield
-                return
+                return contextlib.nullcontext()
             # outside any request's span (a hook): a trace of its own
             trace_id, parent_id = (ids.trace_id, ids.span_id) if ids.is_valid else (0, 0)
         name = f"{kind} {getattr(fn, '__name__', '')}".rstrip()
-        span = LightSpan(self.recorder, name, trace_id or new_trace_id(), parent_id, False, {})
-        scope = otel_context.attach(trace.set_span_in_context(span))
-        try:
-            yield
-        except BaseException as exc:
-            span.record_exception(exc)
-            span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
-            raise
-        finally:
-            otel_context.detach(scope)
-            span.end()
+        return _Scope(
+            LightSpan(self.recorder, name, trace_id or new_trace_id(), parent_id, False, {})
+        )
 
     def flush(self, timeout: float = 10.0) -> bool:
         ours = self.recorder.flush(timeout)
@@ -281,7 +283,37 @@ class Tracing(Observer):
         self.provider.shutdown()
 
 
-class _Current(trace.TracerProvider):
+class _Scope:
+    """``span`` made current while user code runs, ended after it (the exception it
+    raised recorded on it)."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, span: LightSpan) -> None:
+        self.span = span
+        self.token: Any = None
+
+    def __enter__(self) -> None:
+        if _CONTEXT is None:
+            self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        else:
+            self.token = _CONTEXT.set(
+                otel_context.Context({**_CONTEXT.get(), _SPAN_KEY: self.span})
+            )
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        span = self.span
+        if _CONTEXT is None:
+            otel_context.detach(self.token)
+        else:
+            _CONTEXT.reset(self.token)
+        if exc is not None:
+            span.record_exception(exc)
+            span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+        span.end()
+
+
+class _Providers(trace.TracerProvider):
     """The global tracer provider flowloom installs, unless the application set one: the
     handlers' spans go to the provider of the service opened last and still open (the
     global provider can be set only once in a process, and services come and go)."""
@@ -319,7 +351,7 @@ class _Current(trace.TracerProvider):
 class _CurrentTracer(trace.Tracer):
     """A tracer of the current provider, looked up at each span."""
 
-    def __init__(self, owner: _Current, *scope: Any) -> None:
+    def __init__(self, owner: _Providers, *scope: Any) -> None:
         self.owner = owner
         self.scope = scope
 
@@ -336,7 +368,7 @@ class _CurrentTracer(trace.Tracer):
         return self._tracer().start_as_current_span(*args, **kwargs)
 
 
-_CURRENT = _Current()
+_CURRENT = _Providers()
 
 
 def _under_root(ids: TraceContext | None, sampled: bool) -> otel_context.Context:

@@ -206,6 +206,7 @@ class Worker:
         finally:
             context.leave(token)
             if attempt is not None:
+                attempt.finished = time.perf_counter()
                 self.observers.attempt_ended(attempt)
                 if attempt.ended is not None:
                     self.observers.request_ended(request, *attempt.ended)

@@ -109,7 +109,19 @@ class Metrics(Observer):
 
     def attempt_ended(self, attempt: Attempt) -> None:
         task = attempt.task
-        self.tasks.ended(task.flow, task.step, attempt.outcome, attempt.finished - attempt.started)
+        seconds = attempt.finished - attempt.started
+        local = self.tasks.local
+        try:
+            table, running = local.table, local.running
+        except AttributeError:
+            table, running = self.tasks.mine()
+        row = table.get((task.flow, task.step))
+        if row is None:
+            row = table[(task.flow, task.step)] = [0.0] * _ROW
+        running[1] += 1
+        row[_SLOT[attempt.outcome]] += 1
+        row[_SUM] += seconds
+        row[_FIRST_BUCKET + bisect.bisect_left(_TASK_BUCKETS, seconds)] += 1
 
     def task_redelivered(self, task: Task) -> None:
         self.tasks.redelivered(task.flow, task.step)
@@ -176,8 +188,9 @@ class _TaskStats(Collector):
 
     Every task passes here, so this is the hot path: each worker thread counts into a
     table of its own (one list per flow and step: a count per outcome, the duration sum,
-    a count per histogram bucket) and the tables are added up at scrape time, when
-    prometheus-client writes them out as a counter, a histogram and a gauge.
+    a count per histogram bucket), written by ``Metrics``' hooks directly, and the
+    tables are added up at scrape time, when prometheus-client writes them out as a
+    counter, a histogram and a gauge.
     """
 
     def __init__(self) -> None:
@@ -202,20 +215,6 @@ class _TaskStats(Collector):
         if row is None:
             row = table[(flow, step)] = [0.0] * _ROW
         return row
-
-    def ended(self, flow: str, step: str, outcome: str, seconds: float) -> None:
-        local = self.local
-        try:
-            table, running = local.table, local.running
-        except AttributeError:
-            table, running = self.mine()
-        row = table.get((flow, step))
-        if row is None:
-            row = table[(flow, step)] = [0.0] * _ROW
-        running[1] += 1
-        row[_SLOT[outcome]] += 1
-        row[_SUM] += seconds
-        row[_FIRST_BUCKET + bisect.bisect_left(_TASK_BUCKETS, seconds)] += 1
 
     def redelivered(self, flow: str, step: str) -> None:
         self._row(flow, step)[_SLOT["redelivered"]] += 1

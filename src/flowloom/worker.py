@@ -175,7 +175,8 @@ class Worker:
         options, request = self._request(task)
         attempt = None
         if self._observed:
-            attempt = Attempt(task, request, step.kind.value, address, self.name)
+            # ``_value_``: the enum's value without a property call (the hot path)
+            attempt = Attempt(task, request, step.kind._value_, address, self.name)
             self.observers.attempt_started(attempt)
         token = context.enter(
             context.RequestScope(task.request_id, task.flow, options, self.backend)

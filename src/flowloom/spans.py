@@ -44,7 +44,7 @@ log = logging.getLogger("flowloom.tracing")
 # (name, kind, trace id, span id, parent span id (0: none), parent is remote, start ns,
 #  end ns, attributes, events [(name, time ns, attributes)], status code, status text)
 Record = tuple[
-    str, int, int, int, int, bool, int, int, dict[str, Any], list[Any], int, str
+    str, int, int, int, int, bool, int, int, dict[str, Any], Sequence[Any], int, str
 ]  # fmt: skip
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -111,7 +111,7 @@ class LightSpan(trace.Span):
         self._parent_id = parent_id
         self._remote_parent = remote_parent
         self.attributes = attributes
-        self._events: list[Any] = []
+        self._events: tuple[Any, ...] = ()  # a tuple: one object fewer for the GC to track
         self._status = (0, "")
         self._start = start_ns or time.time_ns()
         self._ended = False
@@ -142,7 +142,8 @@ class LightSpan(trace.Span):
         if self._ended:
             return
         plain = {k: p for k, v in (attributes or {}).items() if (p := _plain(v)) is not None}
-        self._events.append((name, time.time_ns() if timestamp is None else timestamp, plain))
+        event = (name, time.time_ns() if timestamp is None else timestamp, plain)
+        self._events = (*self._events, event)
 
     def update_name(self, name: str) -> None:
         if not self._ended:

@@ -149,7 +149,7 @@ class Tracing(Observer):
             self.recorder.add(
                 (
                     f"flow {request.flow}", _SERVER, ids.trace_id, ids.span_id, ids.parent_id,
-                    True, start, time.time_ns(), attributes, [], 0, "",
+                    True, start, time.time_ns(), attributes, (), 0, "",
                 )
             )  # fmt: skip
             return

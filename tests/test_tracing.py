@@ -241,10 +241,10 @@ def test_a_retried_vertex_has_a_span_per_attempt(traced, receiver):
     assert one(receiver.trace(trace_id), "flow flaky").attributes["flowloom.status"] == "completed"
 
 
-def test_a_retried_request_gets_a_new_root_span_under_the_first(receiver):
+def test_a_retried_request_gets_a_new_root_span_under_the_first(receiver, make_backend):
     """A request that failed and is retried ends twice: each end emits its own root span,
     the retry's a child of the first one, in the same trace; the retry's vertices parent
-    on the retry's root. No span id is emitted twice."""
+    on the retry's root. No span id is emitted twice. On both backends."""
     fixed = threading.Event()
 
     def second(data, options):
@@ -252,11 +252,12 @@ def test_a_retried_request_gets_a_new_root_span_under_the_first(receiver):
             raise ValueError("not yet")
         return data
 
-    with FlowService(otlp_endpoint=receiver.endpoint) as fs:
+    with FlowService(backend=make_backend(), otlp_endpoint=receiver.endpoint) as fs:
         fs.register(
             "mend", lambda wf, ctx: wf.dag.node("first", lambda d, o: d).node("second", second)
             .edge("first", "second")
         )  # fmt: skip
+        fs._ensure_worker()  # a Redis backend too: a worker in this process
         rid = fs.execute("mend", b"x")
         with pytest.raises(RequestFailed):
             fs.result("mend", rid, timeout=10)

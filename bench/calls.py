@@ -1,0 +1,119 @@
+"""Python calls per task, a figure this machine's load cannot move: ``python -m bench.calls``.
+
+Runs each workload once on ``FlowService()`` in this process (after a warm-up run)
+under ``cProfile``, every worker thread and the client profiled, and prints the calls
+(Python functions and the C ones they call) per task, for each ``--mode``:
+
+- ``plain``: no observer;
+- ``metrics``: ``enable_monitoring=True``;
+- ``observed``: metrics and tracing, the spans handed to a sink that discards them (the
+  exporter process's work is not this process's calls).
+
+Fewer calls per task is what makes the hot path cheaper; throughput ratios
+(``python -m bench --observability compare``) say how much, on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from flowloom import FlowService
+from flowloom.worker import Worker
+
+from . import workloads
+from .workloads import WORKLOADS, Sizes, Timing
+
+__all__ = ["main"]
+
+RUNS: dict[str, Callable[[FlowService, int, float], float]] = {
+    "fanout": workloads.run_fanout,
+    "chain": workloads.run_chain,
+    "dags": workloads.run_dags,
+}
+
+
+class _Discard:
+    """A span sink that drops every batch: the tracing's own calls, without exporting."""
+
+    def send(self, records: list[Any]) -> bool:
+        return True
+
+    def flush(self, timeout: float) -> bool:
+        return True
+
+    def close(self, timeout: float) -> None:
+        pass
+
+
+@contextmanager
+def _profiled(profiles: list[cProfile.Profile]) -> Iterator[None]:
+    """Profile every task a worker runs (a profiler per worker thread) while inside."""
+    execute = Worker.execute
+    local = threading.local()
+
+    def profiled(self: Worker, task: Any) -> None:
+        profile = getattr(local, "profile", None)
+        if profile is None:
+            profile = local.profile = cProfile.Profile()
+            profiles.append(profile)
+        profile.enable()
+        try:
+            execute(self, task)
+        finally:
+            profile.disable()
+
+    Worker.execute = profiled  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Worker.execute = execute  # type: ignore[method-assign]
+
+
+def calls_per_task(mode: str, sizes: Sizes) -> dict[str, float]:
+    options: dict[str, Any] = {}
+    if mode in ("metrics", "observed"):
+        options["enable_monitoring"] = True
+    if mode == "observed":
+        options["otlp_endpoint"] = "http://127.0.0.1:9"  # never reached: spans discarded
+    figures = {}
+    with FlowService(**options) as fs:
+        workloads.register(fs, sizes)
+        for observer in fs.observers.all:
+            recorder = getattr(observer, "recorder", None)
+            if recorder is not None:  # the tracing: its spans discarded, not exported
+                exporter, recorder.sink = recorder.sink, _Discard()
+                exporter.close(5.0)
+        for workload in WORKLOADS:
+            size = int(getattr(sizes, workload))
+            RUNS[workload](fs, size, 60.0)  # warm-up
+            profiles = [cProfile.Profile()]
+            with _profiled(profiles):
+                profiles[0].enable()
+                RUNS[workload](fs, size, 60.0)
+                profiles[0].disable()
+            stats = pstats.Stats(profiles[0])
+            for profile in profiles[1:]:
+                stats.add(profile)
+            calls = sum(entry[1] for entry in stats.stats.values())  # type: ignore[attr-defined]
+            figures[workload] = calls / Timing(workload, size).tasks
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.calls", description=__doc__)
+    parser.add_argument("--modes", default="plain,metrics,observed")
+    args = parser.parse_args(argv)
+    print(f"{'mode':10s} " + " ".join(f"{w:>8s}" for w in WORKLOADS) + "   (calls per task)")
+    for mode in args.modes.split(","):
+        figures = calls_per_task(mode, Sizes())
+        print(f"{mode:10s} " + " ".join(f"{figures[w]:8.1f}" for w in WORKLOADS))
+
+
+if __name__ == "__main__":
+    main()

@@ -91,6 +91,23 @@ def test_trace_context_round_trips_and_rejects_garbage():
         assert TraceContext.decode(bad) is None
 
 
+def test_a_retry_context_is_a_child_root_sampled_as_the_first():
+    own = TraceContext.new()
+    retry = own.retried()
+    assert (retry.trace_id, retry.parent_id) == (own.trace_id, own.span_id)
+    assert retry.span_id not in (0, own.span_id)
+    assert retry.sampler  # no caller: the sampler decides again, by the trace id
+    assert TraceContext.decode(retry.encode()) == retry
+    assert retry.traceparent().endswith("-01")
+    again = retry.retried()
+    assert again.sampler
+    assert again.parent_id == retry.span_id
+    called = TraceContext.new((5, 7, False)).retried()
+    assert not called.sampler  # the caller's flag decides, as for the first run
+    assert not called.sampled
+    assert TraceContext.decode(called.encode()) == called
+
+
 def test_endpoint_and_environment(monkeypatch):
     for name in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]:
         monkeypatch.delenv(name, raising=False)
@@ -267,8 +284,9 @@ def test_a_retried_request_gets_a_new_root_span_under_the_first(receiver, make_b
         trace_id = fs.state("mend", rid).trace_id
     spans = receiver.trace(trace_id)
     assert len({s.span_id for s in spans}) == len(spans)
+    # the first root is emitted when its end is observed: the retry may end before that
     first_root, retry_root = sorted(
-        (s for s in spans if s.name == "flow mend"), key=lambda s: s.end_ns
+        (s for s in spans if s.name == "flow mend"), key=lambda s: s.parent_id != ""
     )
     assert first_root.parent_id == ""
     assert first_root.attributes["flowloom.status"] == "failed"
@@ -277,7 +295,9 @@ def test_a_retried_request_gets_a_new_root_span_under_the_first(receiver, make_b
     assert one(spans, "vertex first").parent_id == first_root.span_id
     failed, passed = sorted(by_name(spans)["vertex second"], key=lambda s: s.start_ns)
     assert failed.parent_id == first_root.span_id
+    assert failed.attributes["flowloom.status"] == "failed"
     assert passed.parent_id == retry_root.span_id
+    assert passed.attributes["flowloom.status"] == "completed"
 
 
 def test_a_stopped_request_ends_its_root_span(receiver):

@@ -24,12 +24,17 @@ _STORED = re.compile(r"([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{2}
 @dataclass(frozen=True, slots=True)
 class TraceContext:
     """``trace_id`` (128 bits), the root span's ``span_id`` (64 bits), the caller's span
-    ``parent_id`` (0 when the request starts its own trace) and the ``sampled`` flag."""
+    ``parent_id`` (0 when the request starts its own trace) and the ``sampled`` flag.
+
+    ``sampler``: the sampler decides, by the trace id, as for a request that starts its
+    own trace, though ``parent_id`` is set: a retry of such a request, whose root is a
+    child of the first root (``retried``). Stored as bit 1 of the flags."""
 
     trace_id: int
     span_id: int
     parent_id: int = 0
     sampled: bool = True
+    sampler: bool = False
 
     @classmethod
     def new(cls, parent: tuple[int, int, bool] | None = None) -> TraceContext:
@@ -42,8 +47,11 @@ class TraceContext:
 
     def retried(self) -> TraceContext:
         """The context of a retry of the request: a new root span in the same trace, child
-        of this root span (already emitted when the request ended), and sampled alike."""
-        return TraceContext(self.trace_id, random.getrandbits(64) or 1, self.span_id, self.sampled)
+        of this root span (already emitted when the request ended), and sampled alike:
+        by the caller's flag if it had a caller, else by the sampler again."""
+        by_sampler = self.sampler or not self.parent_id
+        span_id = random.getrandbits(64) or 1
+        return TraceContext(self.trace_id, span_id, self.span_id, self.sampled, by_sampler)
 
     @property
     def trace_hex(self) -> str:
@@ -60,15 +68,16 @@ class TraceContext:
         if match is None:
             return None
         trace, span, parent, flags = match.groups()
-        return cls(int(trace, 16), int(span, 16), int(parent, 16), bool(int(flags, 16) & 1))
+        bits = int(flags, 16)
+        return cls(int(trace, 16), int(span, 16), int(parent, 16), bool(bits & 1), bool(bits & 2))
 
     @property
     def flags(self) -> int:
-        return 1 if self.sampled else 0
+        return (1 if self.sampled else 0) | (2 if self.sampler else 0)
 
     def traceparent(self) -> str:
         """The W3C header naming the request's root span (to hand on to a callee)."""
-        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.flags:02x}"
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{1 if self.sampled else 0:02x}"
 
 
 def parse_traceparent(header: str | None) -> tuple[int, int, bool] | None:

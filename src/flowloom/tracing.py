@@ -227,7 +227,7 @@ class Tracing(Observer):
         """Whether the request's spans are recorded: the caller's decision, else the
         sampler's for a root span of this trace id. The standard samplers decide a root
         by its trace id alone (``traceidratio``), so every process decides alike."""
-        if ids.parent_id:
+        if ids.parent_id and not ids.sampler:
             return ids.sampled
         if self._always:
             return True

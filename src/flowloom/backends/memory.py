@@ -136,6 +136,8 @@ class MemoryBackend(Backend):
     dropped. Outputs are never refused: a request whose outputs are larger than its body
     can take the total past the cap until it ends."""
 
+    nonblocking = True
+
     def __init__(
         self,
         retention: float = 86400.0,
@@ -441,7 +443,10 @@ class MemoryBackend(Backend):
     def ping(self) -> None:
         """Always answers: the embedded backend lives in this process."""
 
-    def listen(self, listener: Callable[[str, Status], None]) -> Callable[[], None]:
+    def listen(
+        self, listener: Callable[[str, Status], None], lost: Callable[[], None] = lambda: None
+    ) -> Callable[[], None]:
+        """Calls ``listener`` from the thread that ends the request; never misses one."""
         with self._lock:
             self._listeners.append(listener)
 

@@ -164,9 +164,17 @@ class Callbacks:
                 with contextlib.suppress(RuntimeError):  # the loop has closed
                     loop.call_soon_threadsafe(self._ended, request_id, status)
 
-            self._unlisten = self.api.service.backend.listen(ended)
+            def lost() -> None:  # ends may have been missed: check every waiting request
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._check_all)
+
+            self._unlisten = self.api.service.backend.listen(ended, lost)
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def _check_all(self) -> None:
+        self.fresh.update(self.waiting)
+        self._wake.set()
 
     def _ended(self, request_id: str, status: Status | None) -> None:
         for pending in self.waiting.pop(request_id, ()):

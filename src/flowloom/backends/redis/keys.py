@@ -30,6 +30,8 @@
     P:r:{id}:o           hash      each completed vertex instance's output: ADDR -> bytes
     P:worker:{name}      string    a live worker's description (JSON), with a TTL
     P:workers            zset      worker names -> last heartbeat (s)
+    P:ended              channel   "<id> <status>" each time a request ends (pub/sub,
+                                   not a key: see ``ends.py``)
 
 When a request completes its ``i``, ``s``, ``h`` and ``l`` keys are deleted and ``r``,
 ``v``, ``c``, ``e`` and ``o`` get a TTL of ``retention`` seconds (when it fails or stops,
@@ -85,6 +87,7 @@ class KeyLayout:
     expiries: str
     workers: str
     held: str
+    ended: str  # a pub/sub channel
 
     @classmethod
     def of(cls, prefix: str) -> KeyLayout:
@@ -96,6 +99,7 @@ class KeyLayout:
             expiries=f"{prefix}:expiries",
             workers=f"{prefix}:workers",
             held=f"{prefix}:held",
+            ended=f"{prefix}:ended",
         )
 
     @property

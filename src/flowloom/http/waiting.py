@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.to_thread
 
-from ..errors import RequestNotFound
+from ..backends import deadline
+from ..errors import BackendUnavailable, RequestNotFound
 from ..types import Request, Status
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ T = TypeVar("T")
 # WOKEN when the server stops (the wait then answers with what it knows)
 Ended = Status | None | bool
 WOKEN = False
+LAST_READ = 1.0  # seconds the read of the status at a wait's deadline may take
 
 
 class Waiter:
@@ -194,7 +196,16 @@ class Waiter:
             if ended is not WOKEN:
                 assert isinstance(ended, Status)
                 return ended
-        found = await self.run(self.backend.wait, request_id, 0)
+        return await self.run(self._status_now, request_id, status)
+
+    def _status_now(self, request_id: str, known: Status) -> Status:
+        """The request's status, or ``known`` if the backend does not answer soon: a wait
+        that has reached its deadline answers by then, even while the backend is down."""
+        try:
+            with deadline(LAST_READ):
+                found = self.backend.wait(request_id, 0)
+        except BackendUnavailable:
+            return known
         if found is None:
             raise RequestNotFound(f"request {request_id!r} has expired")
         return found

@@ -182,12 +182,15 @@ class Callbacks:
         self.fresh.discard(request_id)
 
     async def _watch(self) -> None:
-        """Check new requests at once and all of them every ``sweep`` (every
-        ``retention`` when the backend tells of ends itself) until none waits."""
+        """Check new requests at once, all of them when the backend may have missed
+        ends (``lost``), and all of them every ``sweep`` until none waits; when the
+        backend tells of ends itself that periodic check is only a safety net, every
+        ``max(sweep, 30)`` seconds."""
         backend = self.api.service.backend
         every = self.sweep if self._unlisten is None else max(self.sweep, 30.0)
         last_sweep = time.monotonic()
         while self.waiting:
+            self._wake.clear()  # before the reads: a request added during them wakes again
             full = time.monotonic() - last_sweep >= every
             ids = list(self.waiting) if full else list(self.fresh)
             self.fresh.clear()
@@ -203,7 +206,6 @@ class Callbacks:
                     if status is None or status.finished:
                         self._ended(request_id, status)
             self._expire()
-            self._wake.clear()
             with anyio.move_on_after(every):
                 await self._wake.wait()
 

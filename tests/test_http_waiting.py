@@ -22,6 +22,7 @@ import redis
 from flowloom import FlowService, Request, RequestNotFound, Status
 from flowloom.backends import Backend
 from flowloom.backends.redis import RedisBackend
+from flowloom.backends.redis.ends import parse
 from flowloom.http import create_app
 from flowloom.http.waiting import Waiter
 from http_fixtures import AppClient, Gate, Receiver, register_flows
@@ -378,7 +379,7 @@ async def test_an_end_missed_by_a_cut_subscription_is_found_on_resubscribing(
                 finally:
                     client.close()
             assert found == [Status.COMPLETED]
-            assert dropped == [record.request_id.encode() + b" completed"]
+            assert dropped == [record.request_id.encode() + b" completed x"]  # with its result
         finally:
             waiter.stop()
 
@@ -451,3 +452,38 @@ def test_the_waits_use_the_event_loop_they_run_on() -> None:
         assert asyncio.run(run()) is Status.COMPLETED
         assert len(fs.backend._listeners) == 1  # type: ignore[attr-defined]
         waiter.stop()
+
+
+@pytest.mark.parametrize("size", [0, 100, 4096, 4097, 100_000])
+@pytest.mark.anyio
+async def test_execute_answers_with_the_result_pushed_or_read(
+    service: FlowService, size: int
+) -> None:
+    """A small result comes with the push of the end (on Redis, up to 4 KiB), a larger
+    one is read: either way the execute answers with it, byte for byte."""
+    service.register("echo", lambda wf, ctx: wf.dag.node("n", lambda d, o: d))
+    body = bytes(random.Random(size).randrange(256) for _ in range(size))
+    waiter = Waiter(service)
+    try:
+        with anyio.fail_after(20):
+            _, status, result = await waiter.execute("echo", Request(body), 30)
+        assert status is Status.COMPLETED
+        assert result == body
+    finally:
+        waiter.stop()
+
+
+@pytest.mark.parametrize(
+    ("message", "parsed"),
+    [
+        (b"r-1 completed", ("r-1", Status.COMPLETED, None)),
+        (b"r-1 completed ", ("r-1", Status.COMPLETED, b"")),
+        (b"r-1 completed a b\x00\xff", ("r-1", Status.COMPLETED, b"a b\x00\xff")),
+        (b"r:2 failed", ("r:2", Status.FAILED, None)),
+        (b"r-1 sleeping", None),
+        (b"", None),
+        (b"\xff\xfe completed", None),
+    ],
+)
+def test_end_messages_are_parsed(message: bytes, parsed: object) -> None:
+    assert parse(message) == parsed

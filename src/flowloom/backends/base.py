@@ -240,10 +240,14 @@ class Backend(abc.ABC):
         return {}
 
     def listen(
-        self, listener: Callable[[str, Status], None], lost: Callable[[], None] = lambda: None
+        self,
+        listener: Callable[[str, Status, bytes | None], None],
+        lost: Callable[[], None] = lambda: None,
     ) -> Callable[[], None] | None:
-        """Call ``listener(request_id, status)`` when a request ends, from a thread of the
-        backend's (so it must be quick and must not call the backend). A backend that
+        """Call ``listener(request_id, status, result)`` when a request ends, from a thread
+        of the backend's (so it must be quick and must not call the backend); ``result``
+        is a completed request's result when the backend has it at hand (on Redis, one
+        up to 4 KiB), else None (read it then). A backend that
         may miss ends (a subscription that was cut) calls ``lost()`` once it hears them
         again: the caller then reads the statuses of what it waits for. Returns a
         function that stops the calls, or None if this backend cannot tell (callers then

@@ -160,7 +160,7 @@ class Callbacks:
             self._listening = True
             loop = asyncio.get_running_loop()
 
-            def ended(request_id: str, status: Status) -> None:
+            def ended(request_id: str, status: Status, _result: bytes | None) -> None:
                 with contextlib.suppress(RuntimeError):  # the loop has closed
                     loop.call_soon_threadsafe(self._ended, request_id, status)
 

@@ -39,9 +39,10 @@ __all__ = ["Waiter"]
 
 T = TypeVar("T")
 
-# a future's result: the request's status when it ended, None when it has expired, or
-# WOKEN when the server stops (the wait then answers with what it knows)
-Ended = Status | None | bool
+# a future's result: the request's status when it ended and its result if the backend
+# sent it along, None when it has expired, or WOKEN when the server stops (the wait then
+# answers with what it knows)
+Ended = tuple[Status, bytes | None] | None | bool
 WOKEN = False
 LAST_READ = 1.0  # seconds the read of the status at a wait's deadline may take
 
@@ -76,12 +77,12 @@ class Waiter:
         if self._listening is None:
             self._loop = loop
 
-            def ended(request_id: str, status: Status) -> None:
+            def ended(request_id: str, status: Status, result: bytes | None) -> None:
                 # called on the backend's thread: a dict lookup is safe, and spares the
                 # loop a wake-up for the ends of requests nobody waits for here
                 if request_id in self.waiting:
                     with contextlib.suppress(RuntimeError):  # the loop has closed
-                        loop.call_soon_threadsafe(self._resolve, request_id, status)
+                        loop.call_soon_threadsafe(self._resolve, request_id, (status, result))
 
             def lost() -> None:
                 with contextlib.suppress(RuntimeError):
@@ -108,7 +109,7 @@ class Waiter:
             except Exception:  # unreachable again: the next re-subscription reads again
                 return
             if status is None or status.finished:
-                self._resolve(request_id, status)
+                self._resolve(request_id, None if status is None else (status, None))
 
     def close(self) -> None:
         """End every wait at once (the server is stopping). Safe from a signal handler."""
@@ -156,9 +157,8 @@ class Waiter:
         assert request.request_id is not None
         with self._registered(request.request_id) as future:
             record = await self.run(self.service._submit, name, request)
-            status = await self._until(future, record.request_id, timeout, Status.QUEUED)
-        result = None
-        if status is Status.COMPLETED:
+            status, result = await self._until(future, record.request_id, timeout, Status.QUEUED)
+        if status is Status.COMPLETED and result is None:
             result = await self.run(self.backend.result, record.request_id)
         return record, status, result
 
@@ -177,7 +177,8 @@ class Waiter:
                 raise RequestNotFound(f"request {request_id!r} has expired")
             if found.finished:
                 return found
-            return await self._until(future, request_id, timeout, found)
+            status, _ = await self._until(future, request_id, timeout, found)
+            return status
 
     async def _until(
         self,
@@ -185,18 +186,18 @@ class Waiter:
         request_id: str,
         timeout: float | None,
         status: Status,
-    ) -> Status:
-        """The end ``future`` brings, within ``timeout``; else the status then."""
+    ) -> tuple[Status, bytes | None]:
+        """The end ``future`` brings (status, and result if sent along), within
+        ``timeout``; else the status then."""
         if self.closing.is_set():
-            return status
+            return status, None
         with anyio.move_on_after(math.inf if timeout is None else timeout):
             ended = await future
             if ended is None:
                 raise RequestNotFound(f"request {request_id!r} has expired")
-            if ended is not WOKEN:
-                assert isinstance(ended, Status)
+            if isinstance(ended, tuple):
                 return ended
-        return await self.run(self._status_now, request_id, status)
+        return await self.run(self._status_now, request_id, status), None
 
     def _status_now(self, request_id: str, known: Status) -> Status:
         """The request's status, or ``known`` if the backend does not answer soon: a wait

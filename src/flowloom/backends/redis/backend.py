@@ -260,11 +260,13 @@ class RedisBackend(Backend):
         return {"ready": ready, "delayed": int(delayed), "held": max(0, int(held or 0))}
 
     def listen(
-        self, listener: Callable[[str, Status], None], lost: Callable[[], None] = lambda: None
+        self,
+        listener: Callable[[str, Status, bytes | None], None],
+        lost: Callable[[], None] = lambda: None,
     ) -> Callable[[], None]:
         """Calls ``listener`` from this backend's one subscription to ``P:ended`` (see
-        ``ends.py``), and ``lost()`` each time it is (re)established: ends published
-        before then were not heard."""
+        ``ends.py``), with the result of a completed request up to 4 KiB, and ``lost()``
+        each time it is (re)established: ends published before then were not heard."""
         return self._ends.listen(listener, lost)
 
     def ping(self) -> None:

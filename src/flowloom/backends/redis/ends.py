@@ -1,7 +1,9 @@
 """Requests' ends, pushed: one subscription per backend, fanned out to its listeners.
 
 Every script that ends a request (``finish`` in ``lua/request.lua``: completed, failed,
-stopped) publishes ``"<id> <status>"`` on ``P:ended``. One thread per backend holds
+stopped) publishes ``"<id> <status>"`` on ``P:ended``, followed by ``" <result>"`` for a
+completed request whose result is at most ``PUSHED_RESULT`` bytes: a server waiting to
+answer with it then needs no read of its own. One thread per backend holds
 its own connection subscribed to that channel and calls every registered listener for
 each message, so that a server waiting for a thousand requests holds one connection and
 one thread, not one per wait.
@@ -10,7 +12,7 @@ A subscription hears only what is published while it is connected: an end publis
 while Redis was restarting, or before the first subscription took effect, is missed.
 So after every (re)subscription each listener's ``lost()`` is called: its owner reads
 again the statuses of what it waits for. The connection is opened again with a growing
-pause (10 ms doubling to 0.5 s) for as long as there are listeners.
+pause (10 ms doubling to 0.5 s) from the first listener on until the backend closes.
 """
 
 from __future__ import annotations
@@ -30,17 +32,21 @@ __all__ = ["Ends", "Listener", "parse"]
 
 log = logging.getLogger("flowloom.redis")
 
-Listener = Callable[[str, Status], None]
+Listener = Callable[[str, Status, bytes | None], None]
+
+PUSHED_RESULT = 4096  # bytes; the same bound as in lua/request.lua
 
 POLL = 0.25  # seconds between two looks at whether the thread is to stop
 
 
-def parse(data: bytes) -> tuple[str, Status] | None:
-    """The request id and status of one message, or None if it is not one."""
-    request_id, _, status = data.decode("utf-8", "replace").rpartition(" ")
+def parse(data: bytes) -> tuple[str, Status, bytes | None] | None:
+    """The request id, status and (if sent along) result of one message, or None if it
+    is not one."""
+    request_id, _, rest = data.partition(b" ")
+    status, space, result = rest.partition(b" ")
     try:
-        return request_id, Status(status)
-    except ValueError:
+        return request_id.decode(), Status(status.decode()), result if space else None
+    except (UnicodeDecodeError, ValueError):
         return None
 
 
@@ -72,7 +78,7 @@ class Ends:
         return len(self._listeners)
 
     def listen(self, listener: Listener, lost: Callable[[], None]) -> Callable[[], None]:
-        """Call ``listener(id, status)`` on every end, and ``lost()`` once the
+        """Call ``listener(id, status, result)`` on every end, and ``lost()`` once the
         subscription is (re)established; returns the function that stops both."""
         key = next(self._ids)
         with self._lock:
@@ -125,8 +131,8 @@ class Ends:
         if parsed is None:
             log.warning("flowloom: ignored a malformed end message on %s", self.channel)
             return
-        request_id, status = parsed
-        self._each(lambda listener, _lost: listener(request_id, status))
+        request_id, status, result = parsed
+        self._each(lambda listener, _lost: listener(request_id, status, result))
 
     def _each(self, call: Callable[[Listener, Callable[[], None]], None]) -> None:
         with self._lock:

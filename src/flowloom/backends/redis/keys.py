@@ -30,8 +30,9 @@
     P:r:{id}:o           hash      each completed vertex instance's output: ADDR -> bytes
     P:worker:{name}      string    a live worker's description (JSON), with a TTL
     P:workers            zset      worker names -> last heartbeat (s)
-    P:ended              channel   "<id> <status>" each time a request ends (pub/sub,
-                                   not a key: see ``ends.py``)
+    P:ended              channel   "<id> <status>[ <result>]" each time a request ends,
+                                   with a result up to 4 KiB (pub/sub, not a key: see
+                                   ``ends.py``)
 
 When a request completes its ``i``, ``s``, ``h`` and ``l`` keys are deleted and ``r``,
 ``v``, ``c``, ``e`` and ``o`` get a TTL of ``retention`` seconds (when it fails or stops,

@@ -57,6 +57,7 @@ def serve(
     keep_alive: int = DEFAULT_KEEP_ALIVE,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     forwarded_allow_ips: Sequence[str] = (),
+    http: str = "auto",
     **options: Any,
 ) -> None:
     """Serve ``service`` on ``host:port`` until SIGINT or SIGTERM (blocking); then return.
@@ -70,10 +71,13 @@ def serve(
     a connection that has not sent a whole request head this many seconds after it
     opened (or after the previous answer) is closed. ``forwarded_allow_ips``: the proxy
     addresses whose ``X-Forwarded-For``/``X-Forwarded-Proto`` are trusted (none by
-    default; ``*`` trusts every peer).
+    default; ``*`` trusts every peer). ``http``: the HTTP parser, ``"httptools"``
+    (the fast one), ``"h11"`` (pure Python) or ``"auto"`` (httptools when installed).
     """
     if limit_concurrency < 1 or keep_alive < 1 or not header_timeout > 0:
         raise ValueError("limit_concurrency, keep_alive and header_timeout must be positive")
+    if http not in ("auto", "h11", "httptools") or (http == "httptools" and not httptools_impl):
+        raise ValueError(f"http must be auto, h11 or httptools (if installed), not {http!r}")
     logs.configure()  # a program of its own: flowloom's records reach stderr unless set up
     app = create_app(service, **options)
     _raise_open_file_limit(limit_concurrency)
@@ -81,7 +85,7 @@ def serve(
         app,
         host=host,
         port=port,
-        http=_header_timeout_protocol(header_timeout),
+        http=_header_timeout_protocol(header_timeout, fast=http != "h11"),
         log_level=log_level,
         log_config=log_config(),
         access_log=access_log,
@@ -112,10 +116,13 @@ def _raise_open_file_limit(connections: int) -> None:
         )
 
 
-def _header_timeout_protocol(timeout: float) -> type[asyncio.Protocol]:
+def _header_timeout_protocol(timeout: float, fast: bool = True) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol with a deadline on request heads: the httptools one (a C
-    parser, much cheaper per request) when httptools is installed, else the h11 one."""
-    base: type[asyncio.Protocol] = _HttpToolsHeaderTimeout if httptools_impl else _HeaderTimeout
+    parser, much cheaper per request) when ``fast`` and httptools is installed, else the
+    h11 one."""
+    base: type[asyncio.Protocol] = (
+        _HttpToolsHeaderTimeout if fast and httptools_impl else _HeaderTimeout
+    )
 
     class HeaderTimeout(base):  # type: ignore[valid-type,misc]
         header_timeout = timeout

@@ -3,7 +3,15 @@
 A fetcher thread reads tasks with XREADGROUP into a buffer the worker threads claim
 from, only as many as threads wait for (at most ``prefetch``); a task read ahead that
 waits for a free thread longer than ``HAND_BACK_AFTER`` goes back on the stream for
-other processes. An outcome script acks its task (XACK + XDEL). Every
+other processes. An outcome script acks its task (XACK + XDEL).
+
+Eager hand-off: the script that completes a task also claims, for the same worker
+thread, the first task that completion made ready (XADD, then XREADGROUP by this
+consumer, so the task is pending for this process as any other) and marks it running;
+the thread goes straight on with it, without a wake-up through the buffer. A streak of
+such hand-offs is bounded (``STREAK_HOPS`` tasks or ``STREAK_SECONDS``): then the
+thread's next completion claims nothing, its task goes through the stream, and any
+waiting thread of any process may take it. Every
 ``visibility_timeout / 3`` seconds a keep-alive thread refreshes the idle time of the
 tasks this process still holds (XCLAIM to itself); tasks idle for longer than
 ``visibility_timeout`` belong to a worker that died or froze and are taken over. A task
@@ -35,13 +43,15 @@ from .keys import GROUP, KeyLayout
 from .scripts import Call, Scripts
 from .store import RequestStore
 
-__all__ = ["HAND_BACK_AFTER", "Consumer"]
+__all__ = ["HAND_BACK_AFTER", "STREAK_HOPS", "STREAK_SECONDS", "Consumer"]
 
 log = logging.getLogger("flowloom.redis")
 
 HAND_BACK_AFTER = 1.0  # seconds a task read ahead waits for a free thread here
 SWEEP_EVERY = 5.0  # seconds between two housekeeping passes of a fetcher
 FORGET_AFTER = 120.0  # seconds a consumer holding nothing may idle before it is dropped
+STREAK_HOPS = 100  # tasks a worker thread may take by eager hand-off in a row
+STREAK_SECONDS = 0.02  # ... or for at most this long
 
 # a completion not sent yet, and its task
 _Deferred = tuple[Call, Task]
@@ -78,6 +88,7 @@ class Consumer:
         self._redelivered: dict[str, int] = {}  # receipt -> deliveries, of taken-over tasks
         self._waiting = 0  # worker threads waiting in ``claim``
         self._deferred = threading.local()  # .calls: completions not sent yet (_Deferred)
+        self._eager = threading.local()  # .task: handed to this thread; .streak, .since
         self.name: str | None = None  # the consumer's name, once it claims
         self._reclaim_from = "0-0"  # where the next XAUTOCLAIM scan of pending tasks starts
         self.closing = threading.Event()
@@ -89,15 +100,23 @@ class Consumer:
         cannot be reached they stay deferred, to be sent with the next call."""
         self._with_deferred(None)
 
+    def _flush_for_next(self) -> Task | None:
+        """Send this thread's deferred completions; the task they handed to this thread
+        (eager hand-off), if any."""
+        self._with_deferred(None, eager=True)
+        task: Task | None = self._eager.__dict__.pop("task", None)
+        return task
+
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         self.flush()
         return self._scripts(name, keys, args)
 
-    def _with_deferred(self, call: Call | None) -> Any:
+    def _with_deferred(self, call: Call | None, eager: bool = False) -> Any:
         """Run ``call`` (if any) after this thread's deferred completions, all in one
         round trip (one pipeline); returns the result of ``call``. A completion that
         cannot be sent for want of Redis stays deferred; one that fails otherwise lets
-        its task go (it is taken over later and runs again)."""
+        its task go (it is taken over later and runs again). ``eager``: the thread is
+        free, a task a completion claims is for it (else it goes to the buffer)."""
         pending: list[_Deferred] = self._deferred.__dict__.pop("calls", [])
         if not pending:
             return None if call is None else self._scripts(*call)
@@ -112,14 +131,21 @@ class Consumer:
                 self._release(task)
             raise
         for (_, task), result in zip(pending, results[: len(pending)], strict=True):
-            self._completed(task, result)
+            self._completed(task, result, eager)
         return results[-1] if call is not None else None
 
     # -- the worker's calls ------------------------------------------------------------------
     def claim(self, worker: str, timeout: float) -> Task | None:
         self._start(worker)
         if not self._buffer:
-            self.flush()  # nothing to pair it with: send the deferred completion now
+            # nothing to pair it with: send the deferred completion now, and go on with
+            # the task it claimed for this thread, if any
+            task = self._flush_for_next()
+            if task is not None:
+                self._eager.streak = getattr(self._eager, "streak", 0) + 1
+                return task
+        self._eager.streak = 0  # a task from the buffer, or none: a new streak
+        self._eager.since = time.monotonic()
         with self._cond:
             if not self._buffer:
                 self._waiting += 1
@@ -173,7 +199,7 @@ class Consumer:
         calls: list[_Deferred] = self._deferred.__dict__.setdefault("calls", [])
         calls.append((("complete", keys, args), task))
 
-    def _completed(self, task: Task, claimed: Any) -> None:
+    def _completed(self, task: Task, claimed: Any, eager: bool) -> None:
         self._release(task)
         if claimed:
             entries, began = claimed
@@ -184,7 +210,11 @@ class Consumer:
                     for entry, flag in zip(entries, began, strict=True)
                     if flag == 1
                 )
-            self._take(kept)
+            if eager and kept and kept[0][1] and "task" not in self._eager.__dict__:
+                self._eager.task = self._hold(kept[0])
+                kept = kept[1:]
+            if kept:
+                self._take(kept)
 
     def retry(
         self, task: Task, instance: str, address: str, delay: float, error: ErrorInfo
@@ -222,12 +252,17 @@ class Consumer:
 
     # -- what this process holds -------------------------------------------------------------
     def _want_more(self) -> int:
-        """How many tasks a completing worker thread may read for this process: one, for
-        itself, unless one is waiting already."""
-        if self.name is None or self.closing.is_set():
+        """How many tasks a completing worker thread may claim: one, for itself, unless
+        one waits for it in the buffer already or its streak of eager hand-offs is over
+        (``STREAK_HOPS``, ``STREAK_SECONDS``)."""
+        if self.name is None or self.closing.is_set() or self._buffer:
             return 0
-        with self._cond:
-            return 1 if not self._buffer else 0
+        eager = self._eager.__dict__
+        if eager.get("streak", 0) >= STREAK_HOPS:
+            return 0
+        if time.monotonic() - eager.get("since", 0.0) >= STREAK_SECONDS:
+            return 0
+        return 1
 
     def _room(self) -> int:
         """How many tasks the fetcher may read: one per waiting thread, up to ``prefetch``."""
@@ -254,6 +289,15 @@ class Consumer:
             now = time.monotonic()
             self._buffer.extend((now, task) for task in tasks)
             self._cond.notify_all()
+
+    def _hold(self, entry: tuple[bytes, list[bytes]]) -> Task:
+        """The task of a stream entry a completion claimed for this thread, held (kept
+        alive) until its outcome is sent."""
+        receipt, fields = entry
+        task = codec.decode_task(fields[1], receipt.decode())
+        with self._cond:
+            self._held[task.receipt] = task
+        return task
 
     def release(self, task: Task) -> None:
         """Let ``task`` go: no longer kept alive, taken over after the visibility timeout."""

@@ -50,6 +50,7 @@ log = logging.getLogger("flowloom.redis")
 HAND_BACK_AFTER = 1.0  # seconds a task read ahead waits for a free thread here
 SWEEP_EVERY = 5.0  # seconds between two housekeeping passes of a fetcher
 FORGET_AFTER = 120.0  # seconds a consumer holding nothing may idle before it is dropped
+PROMOTE_EVERY = 0.05  # seconds between two moves of due retries while busy (or when due)
 STREAK_HOPS = 100  # tasks a worker thread may take by eager hand-off in a row
 STREAK_SECONDS = 0.02  # ... or for at most this long
 
@@ -81,7 +82,9 @@ class Consumer:
         self.visibility_timeout = visibility_timeout
         self.prefetch = prefetch
         self.max_deliveries = max_deliveries
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # worker threads wait on it for tasks
+        self._wanted = threading.Condition(lock)  # the fetcher waits on it for waiting threads
         self._buffer: deque[tuple[float, Task]] = deque()  # (read at, task), oldest first
         self._held: dict[str, Task] = {}  # receipt -> task (buffered or running)
         self._begun: set[str] = set()  # receipts of tasks marked running when claimed
@@ -149,7 +152,7 @@ class Consumer:
         with self._cond:
             if not self._buffer:
                 self._waiting += 1
-                self._cond.notify_all()  # wake the fetcher: someone waits for work
+                self._wanted.notify()  # wake the fetcher: someone waits for work
                 try:
                     self._cond.wait_for(lambda: self._buffer or self.closing.is_set(), timeout)
                 finally:
@@ -288,7 +291,7 @@ class Consumer:
                 self._held[task.receipt] = task
             now = time.monotonic()
             self._buffer.extend((now, task) for task in tasks)
-            self._cond.notify_all()
+            self._cond.notify(len(tasks))  # a thread per task, not all of them
 
     def _hold(self, entry: tuple[bytes, list[bytes]]) -> Task:
         """The task of a stream entry a completion claimed for this thread, held (kept
@@ -346,7 +349,7 @@ class Consumer:
         back what waits here too long; keep the listings and the group tidy. Survives any
         error: logged once per outage, then retried with a back-off."""
         consumer = cast(str, self.name)
-        timers = {"reclaim": 0.0, "sweep": time.monotonic() + 1.0}
+        timers = {"promote": 0.0, "due": 0.0, "reclaim": 0.0, "sweep": time.monotonic() + 1.0}
         backoff = 0.0
         group_ready = False
         while not self.closing.is_set():
@@ -372,10 +375,13 @@ class Consumer:
 
     def _fetch_once(self, consumer: str, timers: dict[str, float]) -> None:
         now = time.monotonic()
-        moved, due_in = self._run("promote", [self.keys.delayed, self.keys.tasks], [100])
-        block = 0.25 if due_in < 0 else min(0.25, max(0.005, due_in / 1000))
-        if moved:
-            return
+        if now >= timers["promote"]:  # not before every read: a read per task is common
+            moved, due_in = self._run("promote", [self.keys.delayed, self.keys.tasks], [100])
+            timers["due"] = now + due_in / 1000 if due_in >= 0 else float("inf")
+            timers["promote"] = now if moved else min(now + PROMOTE_EVERY, timers["due"])
+            if moved:
+                return
+        block = min(0.25, max(0.005, timers["due"] - now))
         self._hand_back_stale(HAND_BACK_AFTER)
         if now >= timers["reclaim"]:
             self._reclaim(consumer)
@@ -386,7 +392,7 @@ class Consumer:
         want = self._room()
         if want == 0:
             with self._cond:
-                self._cond.wait(block)
+                self._wanted.wait(block)
             return
         reply = self._redis.xreadgroup(
             GROUP, consumer, {self.keys.tasks: ">"}, count=want, block=int(block * 1000)
@@ -456,6 +462,7 @@ class Consumer:
         self.closing.set()
         with self._cond:
             self._cond.notify_all()
+            self._wanted.notify_all()
         for thread in self._threads:
             thread.join(5.0)
         with self._cond:

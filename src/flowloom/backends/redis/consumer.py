@@ -52,7 +52,7 @@ SWEEP_EVERY = 5.0  # seconds between two housekeeping passes of a fetcher
 FORGET_AFTER = 120.0  # seconds a consumer holding nothing may idle before it is dropped
 PROMOTE_EVERY = 0.05  # seconds between two moves of due retries while busy (or when due)
 STREAK_HOPS = 100  # tasks a worker thread may take by eager hand-off in a row
-STREAK_SECONDS = 0.02  # ... or for at most this long
+STREAK_SECONDS = 0.1  # ... or for at most this long
 
 # a completion not sent yet, and its task
 _Deferred = tuple[Call, Task]

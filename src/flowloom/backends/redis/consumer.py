@@ -147,8 +147,6 @@ class Consumer:
             if task is not None:
                 self._eager.streak = getattr(self._eager, "streak", 0) + 1
                 return task
-        self._eager.streak = 0  # a task from the buffer, or none: a new streak
-        self._eager.since = time.monotonic()
         with self._cond:
             if not self._buffer:
                 self._waiting += 1
@@ -160,7 +158,11 @@ class Consumer:
             if not self._buffer:
                 return None
             _, task = self._buffer.popleft()
-            return task
+        # a task from the stream: a new streak starts now (not when the thread began
+        # to wait, or every task would go through the stream after a long wait)
+        self._eager.streak = 0
+        self._eager.since = time.monotonic()
+        return task
 
     def begin(self, task: Task, instance: str, address: str) -> bool:
         with self._cond:

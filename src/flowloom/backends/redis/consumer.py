@@ -391,11 +391,11 @@ class Consumer:
         if now >= timers["sweep"]:
             timers["sweep"] = now + SWEEP_EVERY
             self._tidy(consumer)
-        want = self._room()
-        if want == 0:
-            with self._cond:
+        with self._cond:  # one lock for the check and the wait: no wake-up is missed
+            want = self._room()
+            if want == 0:
                 self._wanted.wait(block)
-            return
+                return
         reply = self._redis.xreadgroup(
             GROUP, consumer, {self.keys.tasks: ">"}, count=want, block=int(block * 1000)
         )

@@ -40,6 +40,7 @@ class ReceivedSpan:
 class OtlpReceiver:
     spans: list[ReceivedSpan] = field(default_factory=list)
     posts: int = 0
+    gzipped: int = 0  # posts that came gzip-compressed
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: http.server.ThreadingHTTPServer | None = None
 
@@ -57,6 +58,7 @@ class OtlpReceiver:
                 encoding = (self.headers.get("content-encoding") or "").lower()
                 if encoding == "gzip":
                     body = gzip.decompress(body)
+                    receiver.gzipped += 1
                 elif encoding == "deflate":
                     body = zlib.decompress(body)
                 if self.path != "/v1/traces":

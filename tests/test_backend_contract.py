@@ -722,6 +722,44 @@ def test_outputs_of_foreach_items_through_the_service(service: FlowService) -> N
         service.output("other", request_id, "each")
 
 
+def test_without_keep_outputs_outputs_go_once_used_and_the_result_stays(
+    service: FlowService,
+) -> None:
+    def define(workflow: Any, context: Any) -> None:
+        workflow.keep_outputs = False
+        dag = workflow.dag
+        dag.node("a", lambda data, options: data + b"a")
+        each = dag.foreach_branch(
+            "each",
+            lambda data: {"x": data, "y": data + b"!"},
+            aggregator=lambda r: b"|".join(r[k] for k in sorted(r)),
+        )
+        each.node("up", lambda data, options: data.upper())
+        dag.node("z", lambda data, options: data + b"z")
+        dag.edge("a", "each")
+        dag.edge("each", "z")
+
+    service.register("lean", define)
+    request_id = service.execute("lean", b"in")
+    assert service.result("lean", request_id, timeout=10) == b"INA|INA!z"
+    state = service.state("lean", request_id)
+    assert state.vertices["each[x]/up"].status is Status.COMPLETED
+    for address in ("a", "each[x]/up", "each", "z"):
+        with pytest.raises(NoOutput, match="not kept: its flow sets keep_outputs=False"):
+            service.output("lean", request_id, address)
+    with pytest.raises(NoOutput, match="has no output"):  # not a vertex: said as before
+        service.output("lean", request_id, "nope")
+    assert service.result("lean", request_id) == b"INA|INA!z"
+
+
+def test_with_keep_outputs_the_last_output_reads_as_the_result(service: FlowService) -> None:
+    service.register("kept", linear)
+    request_id = service.execute("kept", b"in")
+    assert service.result("kept", request_id, timeout=10) == b"in"
+    assert service.output("kept", request_id, "a") == b"in"
+    assert service.output("kept", request_id, "b") == b"in"  # kept once, as the result
+
+
 # -- retry of a failed or stopped request (``rerun``) ------------------------------------------
 def failed_diamond(backend: Backend) -> tuple[Plan, Task]:
     """A diamond whose ``b`` failed while ``c`` ran: ``c`` completes after the failure."""

@@ -217,3 +217,40 @@ def test_worker_processes_from_the_command_line(tmp_path, redis_url, redis_prefi
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out.decode()
+
+
+@pytest.mark.parametrize(
+    ("app_says", "flag", "on"),
+    [
+        (None, None, True),  # serve/worker keep metrics by default
+        (False, None, False),  # the app's explicit choice wins over the default
+        (True, None, True),
+        (False, True, True),  # an explicit flag wins over the app
+        (True, False, False),
+        (None, False, False),
+    ],
+)
+def test_the_monitoring_flag_defers_to_the_app_unless_given(app_says, flag, on):
+    from flowloom import FlowService
+    from flowloom.cli import _monitor
+
+    with FlowService(enable_monitoring=app_says) as fs:
+        _monitor(fs, flag, None)
+        assert fs.enable_monitoring is on
+
+
+def test_an_app_that_turns_monitoring_off_keeps_it_off_under_the_cli(tmp_path):
+    app = tmp_path / "quiet.py"
+    app.write_text(
+        "from flowloom import FlowService\n"
+        "fs = FlowService(enable_monitoring=False)\n"
+        "fs.register('echo', lambda wf, ctx: wf.dag.node('echo', lambda d, o: d))\n"
+    )
+    from flowloom.cli import _configured, _monitor
+
+    service = _configured(str(app), None, None, None, None)
+    try:
+        _monitor(service, None, None)
+        assert service.metrics is None
+    finally:
+        service.close()

@@ -182,6 +182,36 @@ def test_a_stopped_request_counts_as_stopped(service):
     assert value(samples, "flowloom_requests_ended_total", flow="slow", status="stopped") == 1
 
 
+def test_a_retried_request_starts_again_before_it_ends_again(service):
+    """Every end has its start: a request retried after failing counts as started twice
+    and ended twice (failed, then completed), so started minus ended is what runs."""
+    fixed = threading.Event()
+
+    def define(wf, ctx):
+        def mend(data: bytes, options: object) -> bytes:
+            if not fixed.is_set():
+                raise ValueError("not yet")
+            return data
+
+        wf.dag.node("mend", mend)
+
+    service.register("mend", define)
+    rid = service.execute("mend", b"x")
+    with pytest.raises(RequestFailed):
+        service.result("mend", rid, timeout=20)
+    fixed.set()
+    service.retry("mend", rid)
+    assert service.result("mend", rid, timeout=20) == b"x"
+    samples = wait_until(
+        lambda: scrape(service),
+        lambda s: total(s, "flowloom_requests_ended_total", flow="mend") >= 2,
+    )
+    assert value(samples, "flowloom_requests_started_total", flow="mend") == 2
+    ended = "flowloom_requests_ended_total"
+    assert value(samples, ended, flow="mend", status="failed") == 1
+    assert value(samples, ended, flow="mend", status="completed") == 1
+
+
 def test_monitoring_is_off_by_default_for_the_library():
     with FlowService() as fs:
         observed_app.register(fs)

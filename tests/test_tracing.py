@@ -355,6 +355,22 @@ def test_with_the_environment_variable_tracing_is_on(receiver):
     assert len(spans) == 9
 
 
+def test_a_service_never_closed_still_exports_its_spans_at_exit(receiver):
+    done = _python(
+        """
+        from flowloom import FlowService
+        from apps import observed_app
+        fs = observed_app.register(FlowService())
+        rid = fs.execute("diamond", b"x")
+        fs.result("diamond", rid, timeout=10)
+        print(fs.state("diamond", rid).trace_id)
+        """,  # no close: the process just ends
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint},
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(receiver.trace(done.stdout.strip())) == 9
+
+
 def test_missing_extra_is_said_at_start_up():
     done = _python(
         """

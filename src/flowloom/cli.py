@@ -42,8 +42,13 @@ def _configured(
     return service
 
 
-def _monitor(service: FlowService, monitoring: bool, metrics_port: int | None) -> None:
-    service.enable_monitoring = monitoring
+def _monitor(service: FlowService, monitoring: bool | None, metrics_port: int | None) -> None:
+    """Metrics on unless the app said otherwise: ``--monitoring/--no-monitoring`` when
+    given, else the app's own ``enable_monitoring`` when it set one, else on."""
+    if monitoring is not None:
+        service.enable_monitoring = monitoring
+    elif service.enable_monitoring is None:
+        service.enable_monitoring = True
     if metrics_port is not None:
         service.metrics_port = metrics_port
 
@@ -57,9 +62,9 @@ _LOG_LEVEL = click.option(
 )
 _MONITORING = click.option(
     "--monitoring/--no-monitoring",
-    default=True,
-    show_default=True,
-    help="Keep Prometheus metrics (needs the otel extra); serve also serves the dashboard.",
+    default=None,
+    help="Keep Prometheus metrics (needs the otel extra); serve also serves the dashboard. "
+    "Default: the app's enable_monitoring if it sets it, else on.",
 )
 _METRICS_PORT = click.option(
     "--metrics-port",
@@ -216,7 +221,7 @@ def serve(
     keep_alive: int,
     header_timeout: float,
     forwarded_allow_ips: str,
-    monitoring: bool,
+    monitoring: bool | None,
     metrics_port: int | None,
 ) -> None:
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
@@ -279,7 +284,7 @@ def worker(
     processes: int,
     redis_url: str | None,
     log_level: str,
-    monitoring: bool,
+    monitoring: bool | None,
     metrics_port: int | None,
 ) -> None:
     """Run a worker for APP's flows until SIGINT/SIGTERM (SIGTERM lets running tasks

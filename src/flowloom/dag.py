@@ -332,13 +332,22 @@ def _describe(spec: VertexSpec) -> dict[str, Any]:
 
 
 class Workflow:
-    """What ``define_workflow(workflow, context)`` fills in: the root ``dag`` and hooks."""
+    """What ``define_workflow(workflow, context)`` fills in: the root ``dag``, hooks and
+    the flow's options.
+
+    ``keep_outputs`` (default True): keep every vertex instance's output with the
+    request (for ``FlowService.output``, the CLI and the dashboard) for the whole
+    retention. Set it to False and each output is dropped once its successors have
+    consumed it: only the body and the result are kept, a large body is not kept over
+    and over, and reading a vertex's output says that outputs are not kept.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._dag = Dag()
         self.failure_hooks: list[FailureHook] = []
         self.finally_hooks: list[FinallyHook] = []
+        self.keep_outputs = True
 
     @property
     def dag(self) -> Dag:
@@ -358,4 +367,8 @@ class Workflow:
         return hook
 
     def definition(self) -> dict[str, Any]:
-        return {"name": self.name, "dag": self._dag.definition()}
+        return {
+            "name": self.name,
+            "dag": self._dag.definition(),
+            "keep_outputs": self.keep_outputs,
+        }

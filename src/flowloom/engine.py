@@ -52,6 +52,7 @@ class Transition:
     deliveries: tuple[Delivery, ...]
     finished: bool = False  # the flow's last step finished: ``result`` is its output
     result: bytes = b""
+    keep_output: bool = True  # keep the step's output with the request (``keep_outputs``)
 
 
 def escape_key(key: str) -> str:
@@ -79,15 +80,16 @@ def start_task(body: bytes) -> Transition:
 def after_output(plan: Plan, step: Step, keys: tuple[str, ...], output: bytes) -> Transition:
     """A node or a join produced ``output``: hand it to the step's successors."""
     deliveries: list[Delivery] = []
+    keep = plan.keep_outputs
     for target in step.targets:
         if target.step == END:
-            return Transition(tuple(deliveries), finished=True, result=output)
+            return Transition(tuple(deliveries), True, output, keep)
         if target.pop:
             deliveries.append(_deliver(plan.steps[target.step], keys[:-1], keys[-1], output))
         else:
             data = output if target.data else None
             deliveries.append(_deliver(plan.steps[target.step], keys, target.slot, data))
-    return Transition(tuple(deliveries))
+    return Transition(tuple(deliveries), keep_output=keep)
 
 
 def after_split(

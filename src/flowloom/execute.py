@@ -83,15 +83,18 @@ class Caller:
     def __call__(self, fn: Callable[..., Any], *args: Any, kind: str = "") -> Any:
         """Call ``fn(*args)``; ``kind`` names the call for ``around`` ("": not wrapped)."""
         if self.around is None or not kind:
-            return self._call(fn, args)
+            result = fn(*args)
+            if type(result) is bytes or not inspect.isawaitable(result):  # bytes: the usual
+                return result
+            return self.run(_awaited(result))
         with self.around(kind, fn):
             return self._call(fn, args)
 
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         result = fn(*args)
-        if inspect.isawaitable(result):
-            return self.run(_awaited(result))
-        return result
+        if type(result) is bytes or not inspect.isawaitable(result):
+            return result
+        return self.run(_awaited(result))
 
     def run(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
         """Run ``coroutine`` to its end on this thread's loop."""

@@ -17,7 +17,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -99,6 +99,11 @@ class Metrics(Observer):
         self._ended = functools.cache(self.requests_ended.labels)
         self._request_seconds = functools.cache(self.request_seconds.labels)
 
+    def count_dropped_spans(self, dropped: Callable[[], int]) -> None:
+        """Expose ``flowloom_spans_dropped``: spans the tracing dropped, its exporter
+        lagging (``dropped()`` reads its count at scrape time)."""
+        self.registry.register(_Dropped(dropped))
+
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (``CONTENT_TYPE``)."""
         return generate_latest(self.registry)
@@ -163,9 +168,24 @@ class _BackendCollector(Collector):
         return [up, queue, live]
 
 
+class _Dropped(Collector):
+    def __init__(self, dropped: Callable[[], int]) -> None:
+        self.dropped = dropped
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "flowloom_spans_dropped",
+            "Spans not exported: the exporter lagged and its queue was full.",
+        )
+        family.add_metric([], self.dropped())
+        return [family]
+
+
 _OUTCOMES = ("completed", "failed", "retried", "redelivered")
 _SUM = len(_OUTCOMES)  # the slot of the duration sum; the bucket counts follow it
 _FIRST_BUCKET = _SUM + 1
+_ROW = _FIRST_BUCKET + len(_TASK_BUCKETS) + 1
+_SLOT = {outcome: i for i, outcome in enumerate(_OUTCOMES)}
 
 
 class _TaskStats(Collector):
@@ -182,36 +202,40 @@ class _TaskStats(Collector):
         self._tables: list[dict[tuple[str, str], list[float]]] = []
         self._running: list[list[int]] = []  # per thread: [began, ended]
 
-    def _table(self) -> dict[tuple[str, str], list[float]]:
-        table: dict[tuple[str, str], list[float]] | None = getattr(self._local, "table", None)
-        if table is None:
-            table = self._local.table = {}
-            self._local.running = running = [0, 0]
-            self._tables.append(table)  # list.append is atomic: no lock needed
-            self._running.append(running)
-        return table
+    def _mine(self) -> tuple[dict[tuple[str, str], list[float]], list[int]]:
+        """This thread's table and its [began, ended] counts, made on its first task."""
+        try:
+            return self._local.mine  # type: ignore[no-any-return]
+        except AttributeError:
+            mine: tuple[dict[tuple[str, str], list[float]], list[int]] = ({}, [0, 0])
+            self._local.mine = mine
+            self._tables.append(mine[0])  # list.append is atomic: no lock needed
+            self._running.append(mine[1])
+            return mine
 
     def _row(self, flow: str, step: str) -> list[float]:
-        table = self._table()
+        table = self._mine()[0]
         row = table.get((flow, step))
         if row is None:
-            row = table[(flow, step)] = [0.0] * (_FIRST_BUCKET + len(_TASK_BUCKETS) + 1)
+            row = table[(flow, step)] = [0.0] * _ROW
         return row
 
     def started(self) -> None:
-        self._table()
-        self._local.running[0] += 1
+        self._mine()[1][0] += 1
 
     def ended(self, flow: str, step: str, outcome: str, began: float) -> None:
         seconds = time.perf_counter() - began
-        row = self._row(flow, step)
-        self._local.running[1] += 1
-        row[_OUTCOMES.index(outcome)] += 1
+        table, running = self._mine()
+        row = table.get((flow, step))
+        if row is None:
+            row = table[(flow, step)] = [0.0] * _ROW
+        running[1] += 1
+        row[_SLOT[outcome]] += 1
         row[_SUM] += seconds
         row[_FIRST_BUCKET + bisect.bisect_left(_TASK_BUCKETS, seconds)] += 1
 
     def redelivered(self, flow: str, step: str) -> None:
-        self._row(flow, step)[_OUTCOMES.index("redelivered")] += 1
+        self._row(flow, step)[_SLOT["redelivered"]] += 1
 
     def collect(self) -> Iterable[Metric]:
         totals: dict[tuple[str, str], list[float]] = {}

@@ -118,6 +118,7 @@ class Plan:
     failure_hooks: tuple[FailureHook, ...]
     finally_hooks: tuple[FinallyHook, ...]
     definition: Mapping[str, object]
+    keep_outputs: bool = True  # False: each output is dropped once consumed
 
     @property
     def has_hooks(self) -> bool:
@@ -126,6 +127,10 @@ class Plan:
 
 def compile_workflow(workflow: Workflow) -> Plan:
     """Check ``workflow`` and compile it; raises ``DefinitionError`` naming the vertex."""
+    if not isinstance(workflow.keep_outputs, bool):
+        raise DefinitionError(
+            f"keep_outputs must be True or False, got {workflow.keep_outputs!r}", workflow.name
+        )
     compiler = _Compiler()
     scope = compiler.scope(workflow.dag, "", "", 0, (), f"workflow {workflow.name!r}")
     compiler.set_inputs(scope.entries, 1, (SCOPE_INPUT,), {})
@@ -139,6 +144,7 @@ def compile_workflow(workflow: Workflow) -> Plan:
         failure_hooks=tuple(workflow.failure_hooks),
         finally_hooks=tuple(workflow.finally_hooks),
         definition=workflow.definition(),
+        keep_outputs=workflow.keep_outputs,
     )
     return dataclasses.replace(plan, version=version_of(plan))
 
@@ -159,6 +165,8 @@ def version_of(plan: Plan) -> str:
         "failure_hooks": _plain(plan.failure_hooks),
         "finally_hooks": _plain(plan.finally_hooks),
     }
+    if not plan.keep_outputs:  # named only when set: the versions of other plans stay
+        described["keep_outputs"] = False
     text = json.dumps(described, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -71,7 +71,9 @@ class FlowService:
     Observability (needs ``pip install 'flowloom[otel]'``; see docs/observability.md):
     ``otlp_endpoint="http://HOST:4318"`` exports one OpenTelemetry trace per request
     over OTLP/HTTP (the standard ``OTEL_EXPORTER_OTLP_*`` variables work too);
-    ``enable_monitoring`` keeps Prometheus metrics, served at ``GET /metrics`` and, with
+    ``enable_monitoring`` keeps Prometheus metrics (``None``, the default: off, but on
+    under ``flowloom serve``/``worker``; an explicit ``False`` stays off there too unless
+    ``--monitoring`` is given), served at ``GET /metrics`` and, with
     ``metrics_port``, on a port of their own (a worker process's only way to serve them).
     It also has the HTTP server serve the dashboard at ``/dashboard`` (no extra needed;
     docs/dashboard.md).
@@ -83,7 +85,7 @@ class FlowService:
         redis_url: str | None = None,
         otlp_endpoint: str | None = None,
         worker_concurrency: int = 5,
-        enable_monitoring: bool = False,
+        enable_monitoring: bool | None = None,
         *,
         host: str = "127.0.0.1",
         retention: float = 86400.0,
@@ -313,7 +315,11 @@ class FlowService:
             )
         if self.embedded:
             self._ensure_worker()
-        return self.backend.rerun(request_id)
+        status = self.backend.rerun(request_id)
+        observers = self.observers
+        if observers and record is not None:  # it starts again: it will end again
+            observers.request_started(record)
+        return status
 
     def requests(
         self,
@@ -402,7 +408,10 @@ class FlowService:
             except ImportError as exc:
                 log.warning(_MISSING, "otlp_endpoint (OpenTelemetry tracing)", exc.name)
             else:
-                made.append(Tracing(self.otlp_endpoint))
+                tracing = Tracing(self.otlp_endpoint)
+                made.append(tracing)
+                if self._metrics is not None:
+                    self._metrics.count_dropped_spans(lambda: tracing.dropped)
         return made
 
     def _start_observing(self) -> None:

@@ -19,7 +19,6 @@ __all__ = ["TraceContext", "parse_traceparent", "traces_url", "tracing_configure
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _STORED = re.compile(r"([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{2})")
-_random = random.SystemRandom()
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +35,10 @@ class TraceContext:
     def new(cls, parent: tuple[int, int, bool] | None = None) -> TraceContext:
         """A fresh root span id, in a new trace or under ``parent`` (trace id, span id,
         sampled), as ``parse_traceparent`` returns it."""
-        span_id = _random.getrandbits(64) or 1
+        span_id = random.getrandbits(64) or 1  # unique, not secret: no system call
         if parent is not None:
             return cls(parent[0], span_id, parent[1], parent[2])
-        return cls(_random.getrandbits(128) or 1, span_id)
+        return cls(random.getrandbits(128) or 1, span_id)
 
     @property
     def trace_hex(self) -> str:

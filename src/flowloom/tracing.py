@@ -17,12 +17,17 @@ A span cannot be ended by another process, so the root span is not opened at
 ``execute``: its ids are chosen there and stored with the request
 (``RequestRecord.trace``), every vertex span names it as parent, and the process
 that ends the request emits it, with the request's creation time as its start,
-under the id chosen at first. Spans are batched and exported off the hot path
-(OTLP over HTTP, protobuf) by the SDK's ``BatchSpanProcessor``.
+under the id chosen at first.
+
+flowloom's own spans skip the SDK (``flowloom.spans``): recorded as plain tuples,
+batched, and encoded and sent (OTLP over HTTP, protobuf) by an exporter process. The
+SDK's provider is still made, for the sampler, the HTTP server's span and the
+handlers' own spans (exported by its ``BatchSpanProcessor``).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -36,11 +41,12 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 
 from .observe import Attempt, CallSpan, Observer, RequestInfo
+from .span_export import InProcessSink
+from .spans import LightSpan, Recorder, Sink, bsp_setting, child_sink, new_trace_id
 from .traceparent import TraceContext, parse_traceparent, traces_url
 from .types import ErrorInfo, Status
 
@@ -48,45 +54,26 @@ __all__ = ["Tracing"]
 
 log = logging.getLogger("flowloom.tracing")
 
-
-class _Ids(RandomIdGenerator):
-    """Random ids, except while ``fixed`` is in force in this thread: then the ids chosen
-    for a request's root span when it was executed."""
-
-    def __init__(self) -> None:
-        self._fixed = threading.local()
-
-    @contextlib.contextmanager
-    def fixed(self, trace_id: int, span_id: int) -> Iterator[None]:
-        self._fixed.ids = (trace_id, span_id)
-        try:
-            yield
-        finally:
-            self._fixed.ids = None
-
-    def generate_trace_id(self) -> int:
-        ids = getattr(self._fixed, "ids", None)
-        return ids[0] if ids else super().generate_trace_id()
-
-    def generate_span_id(self) -> int:
-        ids = getattr(self._fixed, "ids", None)
-        return ids[1] if ids else super().generate_span_id()
+_SERVER = SpanKind.SERVER.value
+# the default sampler (and ``always_on``): every root is sampled, no need to ask
+_ALWAYS_ON_ROOT = frozenset(
+    {"AlwaysOnSampler", ParentBased(ALWAYS_ON).get_description()}  # type: ignore[no-untyped-call]
+)
+_EMPTY = otel_context.Context()
 
 
 class Tracing(Observer):
     """Spans of requests, vertex attempts and user-code calls, exported over OTLP/HTTP.
 
     ``endpoint``: the collector's base URL (``http://HOST:4318``; ``/v1/traces`` is
-    added), else the standard ``OTEL_EXPORTER_OTLP_*`` variables. ``exporter``: another
-    span exporter (tests). The provider is made the global one unless the application
-    has set its own, so that handlers' spans made with ``trace.get_tracer(...)`` are
-    exported too (under the vertex span either way).
+    added), else the standard ``OTEL_EXPORTER_OTLP_*`` variables; flowloom's spans are
+    encoded and sent by an exporter process. ``exporter``: another span exporter, run in
+    this process instead (tests). The provider is made the global one unless the
+    application has set its own, so that handlers' spans made with
+    ``trace.get_tracer(...)`` are exported too (under the vertex span either way).
     """
 
     def __init__(self, endpoint: str | None = None, exporter: SpanExporter | None = None) -> None:
-        if exporter is None:
-            exporter = OTLPSpanExporter(endpoint=traces_url(endpoint)) if endpoint else None
-            exporter = exporter or OTLPSpanExporter()
         named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
             "OTEL_RESOURCE_ATTRIBUTES", ""
         )
@@ -94,33 +81,56 @@ class Tracing(Observer):
         if not named:
             attributes["service.name"] = "flowloom"
         resource = Resource.create(attributes)
-        self._ids = _Ids()
-        self.provider = TracerProvider(resource=resource, id_generator=self._ids)
-        self.provider.add_span_processor(BatchSpanProcessor(exporter))
+        sdk_exporter = exporter
+        if sdk_exporter is None:
+            url = traces_url(endpoint) if endpoint else None
+            sdk_exporter = OTLPSpanExporter(endpoint=url) if url else OTLPSpanExporter()
+        self.provider = TracerProvider(resource=resource)
+        self.provider.add_span_processor(BatchSpanProcessor(sdk_exporter))
         self.tracer = self.provider.get_tracer("flowloom")
+        sink: Sink | None = None
+        if exporter is None:
+            try:
+                sink = child_sink(endpoint, attributes)
+            except OSError as exc:
+                log.warning("flowloom: no span exporter process (%s); exporting in-process", exc)
+        self.recorder = Recorder(
+            sink or InProcessSink(sdk_exporter, resource),
+            max_queue=int(bsp_setting("OTEL_BSP_MAX_QUEUE_SIZE", 2048)),
+            batch=int(bsp_setting("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)),
+            delay=bsp_setting("OTEL_BSP_SCHEDULE_DELAY", 500) / 1000,
+        )
+        # a service never closed still exports its last spans, as the SDK's provider does
+        atexit.register(self.recorder.close)
+        self._decisions: dict[int, bool] = {}  # trace id -> sampled, for recent requests
+        self._always = self.provider.sampler.get_description() in _ALWAYS_ON_ROOT
         _CURRENT.install(self.provider)
+
+    @property
+    def dropped(self) -> int:
+        """Spans dropped because the exporter lagged (its queue was full)."""
+        return self.recorder.dropped
 
     # -- the request's root span ---------------------------------------------------------------
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
         ids = request.trace
-        if ids is None:
+        if ids is None or not self._sampled(ids):
             return
-        parent = otel_context.Context()
-        if ids.parent_id:
-            caller = SpanContext(ids.trace_id, ids.parent_id, True, TraceFlags(ids.flags))
-            parent = trace.set_span_in_context(NonRecordingSpan(caller), parent)
-        with self._ids.fixed(ids.trace_id, ids.span_id):
-            span = self.tracer.start_span(
-                f"flow {request.flow}",
-                context=parent,
-                kind=SpanKind.SERVER,
-                start_time=int(request.created * 1e9),
-                attributes={
-                    "flowloom.flow": request.flow,
-                    "flowloom.request_id": request.request_id,
-                    "flowloom.status": status.value,
-                },
-            )
+        span = LightSpan(
+            self.recorder,
+            f"flow {request.flow}",
+            ids.trace_id,
+            ids.parent_id,
+            True,
+            {
+                "flowloom.flow": request.flow,
+                "flowloom.request_id": request.request_id,
+                "flowloom.status": status.value,
+            },
+            kind=_SERVER,
+            start_ns=int(request.created * 1e9),
+            span_id=ids.span_id,
+        )
         if error is not None:
             span.add_event(
                 "exception",
@@ -137,26 +147,31 @@ class Tracing(Observer):
     # -- one span per attempt, current while the user code runs ------------------------------
     def attempt_started(self, attempt: Attempt) -> None:
         ids = attempt.request.trace
-        sampled = ids is not None and self._sampled(ids)
-        if ids is not None and not sampled:
+        if ids is not None and not self._sampled(ids):
             # a dropped request costs no span: its root, unsampled, is made current, so
             # that the handlers' own spans are dropped with it
             attempt.scope = otel_context.attach(_under_root(ids, False))
             return
-        span = self.tracer.start_span(
-            f"{'vertex' if attempt.kind == 'run' else attempt.kind} {attempt.address}",
-            context=_under_root(ids, sampled),
-            attributes={
-                "flowloom.flow": attempt.task.flow,
-                "flowloom.request_id": attempt.task.request_id,
+        task = attempt.task
+        kind = attempt.kind
+        span = LightSpan(
+            self.recorder,
+            f"{'vertex' if kind == 'run' else kind} {attempt.address}",
+            new_trace_id() if ids is None else ids.trace_id,
+            0 if ids is None else ids.span_id,
+            True,
+            {
+                "flowloom.flow": task.flow,
+                "flowloom.request_id": task.request_id,
                 "flowloom.vertex": attempt.address,
-                "flowloom.step": attempt.kind,
-                "flowloom.attempt": attempt.task.attempt,
+                "flowloom.step": kind,
+                "flowloom.attempt": task.attempt,
                 "flowloom.worker": attempt.worker,
             },
         )
         attempt.span = span
-        attempt.scope = otel_context.attach(trace.set_span_in_context(span))
+        # the worker thread's context holds nothing else: no need to copy it
+        attempt.scope = otel_context.attach(trace.set_span_in_context(span, _EMPTY))
 
     def attempt_ended(self, attempt: Attempt) -> None:
         if attempt.scope is not None:
@@ -164,7 +179,7 @@ class Tracing(Observer):
         span = attempt.span
         if span is None:
             return
-        span.set_attribute("flowloom.status", attempt.outcome)
+        span.attributes["flowloom.status"] = attempt.outcome
         if attempt.error is not None:
             span.record_exception(attempt.error)
             span.set_status(StatusCode.ERROR, f"{type(attempt.error).__name__}: {attempt.error}")
@@ -176,8 +191,17 @@ class Tracing(Observer):
         by its trace id alone (``traceidratio``), so every process decides alike."""
         if ids.parent_id:
             return ids.sampled
-        result = self.provider.sampler.should_sample(None, ids.trace_id, "flow")
-        return result.decision in (Decision.RECORD_AND_SAMPLE,)
+        if self._always:
+            return True
+        decisions = self._decisions
+        sampled = decisions.get(ids.trace_id)
+        if sampled is None:
+            result = self.provider.sampler.should_sample(None, ids.trace_id, "flow")
+            sampled = result.decision is Decision.RECORD_AND_SAMPLE
+            if len(decisions) >= 4096:
+                decisions.clear()
+            decisions[ids.trace_id] = sampled
+        return sampled
 
     def call_span(self) -> CallSpan:
         return self._call
@@ -197,17 +221,19 @@ class Tracing(Observer):
 
     @contextlib.contextmanager
     def _call(self, kind: str, fn: Callable[..., Any]) -> Iterator[None]:
-        current = trace.get_current_span().get_span_context()
-        if current.is_valid and not current.trace_flags.sampled:  # a dropped request
-            yield
-            return
-        try:
-            span = self.tracer.start_span(f"{kind} {getattr(fn, '__name__', '')}".rstrip())
-            scope = otel_context.attach(trace.set_span_in_context(span))
-        except Exception:
-            log.exception("flowloom: starting a span failed (ignored)")
-            yield
-            return
+        current = trace.get_current_span()
+        if isinstance(current, LightSpan):  # the usual case: under a vertex span
+            trace_id, parent_id = current.trace_id, current.span_id
+        else:
+            ids = current.get_span_context()
+            if ids.is_valid and not ids.trace_flags.sampled:  # a dropped request
+                yield
+                return
+            # outside any request's span (a hook): a trace of its own
+            trace_id, parent_id = (ids.trace_id, ids.span_id) if ids.is_valid else (0, 0)
+        name = f"{kind} {getattr(fn, '__name__', '')}".rstrip()
+        span = LightSpan(self.recorder, name, trace_id or new_trace_id(), parent_id, False, {})
+        scope = otel_context.attach(trace.set_span_in_context(span))
         try:
             yield
         except BaseException as exc:
@@ -219,10 +245,13 @@ class Tracing(Observer):
             span.end()
 
     def flush(self, timeout: float = 10.0) -> bool:
-        return self.provider.force_flush(int(timeout * 1000))
+        ours = self.recorder.flush(timeout)
+        return self.provider.force_flush(int(timeout * 1000)) and ours
 
     def close(self) -> None:
         _CURRENT.remove(self.provider)
+        atexit.unregister(self.recorder.close)
+        self.recorder.close()
         self.provider.shutdown()
 
 

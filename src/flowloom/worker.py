@@ -57,6 +57,7 @@ class Worker:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self.observers = observers or Observers()
+        self._observed = bool(self.observers)  # off: the hot path skips every hook
         self._call = Caller(self.observers.call_span)
         self._known: dict[str, tuple[Options, RequestInfo]] = {}  # request id -> recent ones
         self._outage = _Outage()
@@ -115,7 +116,8 @@ class Worker:
                     self._stopping.wait(backoff)
                     continue
                 backoff = 0.0
-                self._outage.succeeded()
+                if self._outage.since is not None:
+                    self._outage.succeeded()
                 if task is not None:
                     self.execute(task)
         finally:
@@ -172,7 +174,7 @@ class Worker:
             return
         options, request = self._request(task)
         attempt = None
-        if self.observers:
+        if self._observed:
             attempt = Attempt(task, request, step.kind.value, address, self.name)
             self.observers.attempt_started(attempt)
         token = context.enter(
@@ -259,7 +261,11 @@ class Worker:
             if record is None:
                 known = ({}, RequestInfo(task.request_id, task.flow, 0.0, None))
             else:
-                known = ({k: list(v) for k, v in record.query.items()}, RequestInfo.of(record))
+                options = {k: list(v) for k, v in record.query.items()}
+                if self._observed:
+                    known = (options, RequestInfo.of(record))
+                else:  # nobody reads its trace: not decoded
+                    known = (options, RequestInfo(record.request_id, record.flow, 0.0, None))
             if len(self._known) >= 4096:
                 with contextlib.suppress(RuntimeError, StopIteration):  # another thread trimmed
                     self._known.pop(next(iter(self._known)), None)
@@ -323,22 +329,22 @@ class _Outage:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._since: float | None = None
+        self.since: float | None = None  # when claiming began to fail
 
     def failed(self, exc: Exception) -> None:
         with self._lock:
-            if self._since is not None:
+            if self.since is not None:
                 return
-            self._since = time.monotonic()
+            self.since = time.monotonic()
         log.warning(
             "flowloom: worker cannot claim tasks (%s: %s); backing off", type(exc).__name__, exc
         )
 
     def succeeded(self) -> None:
-        if self._since is None:
+        if self.since is None:
             return
         with self._lock:
-            since, self._since = self._since, None
+            since, self.since = self.since, None
         if since is not None:
             log.info("flowloom: worker reconnected after %.1fs", time.monotonic() - since)
 

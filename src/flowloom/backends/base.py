@@ -28,6 +28,7 @@ __all__ = [
     "Task",
     "current_deadline",
     "deadline",
+    "not_kept",
     "requeued",
 ]
 
@@ -71,6 +72,14 @@ class Task:
     attempt: int = 1
     receipt: str = ""  # backend-specific handle for acknowledging the task
     redelivered: bool = False  # taken over from a worker that did not finish it
+
+
+def not_kept(request_id: str, address: str) -> str:
+    """What reading the output of a vertex instance whose output was dropped says."""
+    return (
+        f"request {request_id!r}: vertex {address!r} completed, but its output is not kept: "
+        "its flow sets keep_outputs=False (only the body and the result are kept)"
+    )
 
 
 def requeued(tasks: Iterable[Task]) -> list[Task]:
@@ -141,7 +150,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def output(self, request_id: str, address: str) -> bytes | None:
-        """The output of one completed vertex instance (by address), else None."""
+        """The output of one completed vertex instance (by address), else None; raises
+        ``NoOutput`` (``not_kept``) if it completed but its flow does not keep outputs."""
 
     @abc.abstractmethod
     def result(self, request_id: str) -> bytes | None:

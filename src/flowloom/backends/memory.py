@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from ..engine import Transition
-from ..errors import DuplicateRequest, NotRunning, Overloaded, RequestNotFound
+from ..errors import DuplicateRequest, NoOutput, NotRunning, Overloaded, RequestNotFound
 from ..types import ErrorInfo, RequestState, Status, VertexState
-from .base import HOOKS, Backend, RequestRecord, Summary, Task, requeued
+from .base import HOOKS, Backend, RequestRecord, Summary, Task, not_kept, requeued
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_QUEUED", "MemoryBackend"]
 
@@ -114,10 +114,18 @@ class _Request:
         }
 
     def output(self, address: str) -> bytes | None:
+        """The output of a completed vertex instance; ``NoOutput`` saying so if it was not
+        kept (``keep_outputs=False``)."""
         if self.run is not None:
             vertex = self.run.vertices.get(address)
-            return None if vertex is None else vertex.output
-        return next((out for a, *_, out in self.frozen if a == address), None)
+            status, output = (None, None) if vertex is None else (vertex.status, vertex.output)
+        else:
+            status, output = next(
+                ((Status(s), out) for a, s, *_, out in self.frozen if a == address), (None, None)
+            )
+        if output is None and status is Status.COMPLETED:
+            raise NoOutput(not_kept(self.record.request_id, address))
+        return output
 
 
 def _plain(error: ErrorInfo | None) -> tuple[str, str, str, str] | None:
@@ -362,11 +370,14 @@ class MemoryBackend(Backend):
                 vertex.status = Status.COMPLETED
                 vertex.ended = time.time()
                 vertex.error = None
-                vertex.output = output
-                request.size += len(output)
+                if transition.keep_output:
+                    vertex.output = output
+                # kept: the output, or the result (the same bytes) of a flow that keeps none
+                kept = len(output) if transition.keep_output or transition.finished else 0
+                request.size += kept
                 if not halted:
-                    self._live_bytes += len(output)
-                    used = min(request.reserve, len(output))
+                    self._live_bytes += kept
+                    used = min(request.reserve, kept)
                     request.reserve -= used
                     self._reserved -= used
             self._apply(request, transition)

@@ -66,6 +66,6 @@ class Settings:
             callbacks=callbacks,
             callback_allow=networks(callback_allow),
             monitoring=getattr(service, "metrics", None) is not None,
-            dashboard=service.enable_monitoring if dashboard is None else dashboard,
+            dashboard=bool(service.enable_monitoring) if dashboard is None else dashboard,
             trace_url=trace_url or os.environ.get("FLOWLOOM_TRACE_URL") or None,
         )

@@ -14,29 +14,35 @@
     P:r:{id}             hash      the request: flow, version, body, query, headers,
                                    created, hooks, trace, status, ended, result, error,
                                    retries (comma-separated times), retryable (1 once it
-                                   failed or stopped)
+                                   failed or stopped), result_of (the address whose
+                                   output the result is: kept once, as the result)
     P:r:{id}:v           hash      vertex states: s|ADDR status, b|ADDR began,
                                    e|ADDR ended, a|ADDR attempts, x|ADDR error (JSON)
     P:r:{id}:i           hash      instance marks: f|INST fired (queued once),
                                    d|INST done (completed once), n|INST inputs needed,
                                    c|INST inputs received, r|ADDR running when the
                                    request was retried (a failure then re-queues it)
-    P:r:{id}:s           hash      inputs of instances still waiting: INST\\0SLOT -> value
+    P:r:{id}:s           set       instances with inputs waiting (or, for a large
+                                   fan-in, kept until it is done)
+    P:r:{id}:s:{inst}    hash      the inputs of one such instance: SLOT -> value
     P:r:{id}:h           list      tasks held while the request is paused
     P:r:{id}:l           list      tasks a failed or stopped request set aside (held,
                                    failed, or claimed after it ended), for a retry
     P:r:{id}:c           hash      the request's context store
     P:r:{id}:e           list      gets the final status when the request ends (wait)
     P:r:{id}:o           hash      each completed vertex instance's output: ADDR -> bytes
+                                   (but the last one's; none if the flow sets
+                                   ``keep_outputs = False``)
     P:worker:{name}      string    a live worker's description (JSON), with a TTL
     P:workers            zset      worker names -> last heartbeat (s)
     P:ended              channel   "<id> <status>[ <result>]" each time a request ends,
                                    with a result up to 4 KiB (pub/sub, not a key: see
                                    ``ends.py``)
 
-When a request completes its ``i``, ``s``, ``h`` and ``l`` keys are deleted and ``r``,
-``v``, ``c``, ``e`` and ``o`` get a TTL of ``retention`` seconds (when it fails or stops,
-``i``, ``s`` and ``l`` are kept with that TTL too, for a retry, which removes the TTLs);
+When a request completes its ``i``, ``s`` (with each ``s:{inst}``), ``h`` and ``l`` keys
+are deleted and ``r``, ``v``, ``c``, ``e`` and ``o`` get a TTL of ``retention`` seconds
+(when it fails or stops, ``i``, ``s`` and ``l`` are kept with that TTL too, for a retry,
+which removes the TTLs);
 ``P:expiries`` lets a sweep drop it from the listings then. Request ids cannot hold ``{``
 or ``}``, so no two requests' keys meet.
 
@@ -60,7 +66,7 @@ class RequestKeys:
     request: str  # P:r:{id}
     vertices: str  # P:r:{id}:v
     instances: str  # P:r:{id}:i
-    inputs: str  # P:r:{id}:s
+    inputs: str  # P:r:{id}:s (and P:r:{id}:s:{inst}, see ``inputs_of``)
     held: str  # P:r:{id}:h
     context: str  # P:r:{id}:c
     ended: str  # P:r:{id}:e
@@ -68,6 +74,10 @@ class RequestKeys:
     tasks: str  # P:tasks
     expiries: str  # P:expiries
     delayed: str  # P:delayed
+
+    def inputs_of(self, instance: str) -> str:
+        """``P:r:{id}:s:{inst}``: the inputs waiting for ``instance`` (its instance id)."""
+        return f"{self.inputs}:{instance}"
 
     def script_keys(self) -> list[str]:
         """KEYS of a request script, in the order ``lua/request.lua`` names them."""

@@ -10,9 +10,9 @@ from typing import cast
 import redis
 
 from ...engine import Transition
-from ...errors import DuplicateRequest, NotRunning, RequestNotFound
+from ...errors import DuplicateRequest, NoOutput, NotRunning, RequestNotFound
 from ...types import RequestState, Status, VertexState
-from ..base import RequestRecord, Summary
+from ..base import RequestRecord, Summary, not_kept
 from . import codec
 from .keys import KeyLayout
 from .scripts import Scripts
@@ -112,7 +112,21 @@ class RequestStore:
         )
 
     def output(self, request_id: str, address: str) -> bytes | None:
-        return cast(bytes | None, self._redis.hget(self.keys.request(request_id).outputs, address))
+        """The vertex's output; the result if it is the last vertex's (kept once, as the
+        result); ``NoOutput`` if it completed without its output kept (``keep_outputs``)."""
+        keys = self.keys.request(request_id)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hget(keys.outputs, address)
+        pipe.hget(keys.request, "result_of")
+        pipe.hget(keys.vertices, f"s|{address}")
+        output, result_of, status = pipe.execute()
+        if output is not None:
+            return cast(bytes, output)
+        if result_of == address.encode():
+            return cast(bytes | None, self._redis.hget(keys.request, "result"))
+        if status == b"completed":
+            raise NoOutput(not_kept(request_id, address))
+        return None
 
     def result(self, request_id: str) -> bytes | None:
         status, result = cast(

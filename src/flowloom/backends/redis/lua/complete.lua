@@ -5,17 +5,27 @@ local id, group, receipt, inst, address, output, finished, result, retention_ms,
   ndeliveries = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
   tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
 local DELIVERIES = 13 -- deliveries follow in ARGV from here on (see apply)
--- output is '' (a split: no output of its own) or 'd' .. bytes
+-- output is '' (a split: no output of its own), 'n' (completed, output not kept), 'r'
+-- (its output is the request's result, kept once, as the result) or 'd' .. bytes
 
 -- a request that failed or stopped meanwhile records the completion too (for a retry),
 -- setting aside what it makes ready
 local req = load_request(id)
-if req and req.status ~= 'completed' and redis.call('HEXISTS', instances_key, 'd|' .. inst) == 0 then
-  redis.call('HSET', instances_key, 'd|' .. inst, '1')
+if req and req.status ~= 'completed' and redis.call('HSETNX', instances_key, 'd|' .. inst, '1') == 1 then
+  forget_inputs(inst)
   if output ~= '' then
     redis.call('HSET', vertices_key, 's|' .. address, 'completed', 'e|' .. address, fmt(now()))
     redis.call('HDEL', vertices_key, 'x|' .. address)
-    redis.call('HSET', outputs_key, address, string.sub(output, 2))
+    local kind = string.sub(output, 1, 1)
+    if kind == 'd' then
+      redis.call('HSET', outputs_key, address, string.sub(output, 2))
+    elseif kind == 'r' then
+      if finished == '1' and not HALTED[req.status] then
+        redis.call('HSET', request_key, 'result_of', address) -- output() reads the result
+      else
+        redis.call('HSET', outputs_key, address, result)
+      end
+    end
   end
   apply(req, DELIVERIES, ndeliveries)
   if HALTED[req.status] then

@@ -3,7 +3,8 @@
 local request_key = KEYS[1]    -- P:r:{id}      hash   the request
 local vertices_key = KEYS[2]   -- P:r:{id}:v    hash   vertex states
 local instances_key = KEYS[3]  -- P:r:{id}:i    hash   instance marks (f| d| n| c|)
-local inputs_key = KEYS[4]     -- P:r:{id}:s    hash   inputs of instances still waiting
+local inputs_key = KEYS[4]     -- P:r:{id}:s    set    instances with inputs waiting, each
+                               -- in a hash P:r:{id}:s:INST of its own (slot -> value)
 local held_key = KEYS[5]       -- P:r:{id}:h    list   tasks held while paused
 local context_key = KEYS[6]    -- P:r:{id}:c    hash   the context store
 local ended_key = KEYS[7]      -- P:r:{id}:e    list   end notification
@@ -106,31 +107,49 @@ local function fresh(blob)
     .. string.sub(blob, pos), parts[4], parts[5]
 end
 
-local function glob_escape(s)
-  return (string.gsub(s, '[%*%?%[%]\\]', '\\%0'))
+-- the hash of inputs waiting for the instance `inst`
+local function inputs_of(inst)
+  return inputs_key .. ':' .. inst
 end
 
--- collect (and forget) the inputs stored for `inst`, encoded as slot/value netstrings
-local function gather(inst)
-  local prefix = inst .. '\0'
-  local pattern = glob_escape(prefix) .. '*'
-  local parts, fields, seen = {}, {}, {}
-  local cursor = '0'
-  repeat
-    local res = redis.call('HSCAN', inputs_key, cursor, 'MATCH', pattern, 'COUNT', 1000)
-    cursor = res[1]
-    local kv = res[2]
+-- a fan-in of at most this many inputs and bytes travels inside its task; a larger one
+-- (a big foreach's join) leaves its inputs in their hash, for the worker to read in pages
+local INLINE_INPUTS, INLINE_BYTES = 100, 1048576
+local PAGED = '!paged' -- the slot of a task whose inputs wait in their hash
+
+-- the inputs stored for `inst`, encoded as slot/value netstrings for its task: the
+-- inputs themselves (their hash forgotten), or a reference to their hash if too large
+local function gather(inst, count)
+  local key = inputs_of(inst)
+  if count <= INLINE_INPUTS then
+    local kv = redis.call('HGETALL', key)
+    local parts, size = {}, 0
     for j = 1, #kv, 2 do
-      local field = kv[j]
-      if not seen[field] then
-        seen[field] = true
-        fields[#fields + 1] = field
-        parts[#parts + 1] = ns(string.sub(field, #prefix + 1)) .. ns(kv[j + 1])
-      end
+      parts[#parts + 1] = ns(kv[j]) .. ns(kv[j + 1])
+      size = size + #kv[j + 1]
     end
-  until cursor == '0'
-  chunked('HDEL', inputs_key, fields)
-  return table.concat(parts)
+    if count <= 1 or size <= INLINE_BYTES then
+      redis.call('DEL', key)
+      redis.call('SREM', inputs_key, inst)
+      return table.concat(parts)
+    end
+  end
+  return ns(PAGED) .. ns('d' .. inst) -- the hash goes once the instance is done
+end
+
+-- the instance `inst` is done: its inputs are not needed any more
+local function forget_inputs(inst)
+  if redis.call('SREM', inputs_key, inst) == 1 then
+    redis.call('UNLINK', inputs_of(inst))
+  end
+end
+
+-- call `cmd KEY ...` on the inputs hash of every instance with inputs waiting
+local function each_inputs(cmd, ...)
+  local members = redis.call('SMEMBERS', inputs_key)
+  for _, inst in ipairs(members) do
+    redis.call(cmd, inputs_of(inst), ...)
+  end
 end
 
 local function fire(req, inst, step, keys, inputs)
@@ -150,17 +169,24 @@ local function apply(req, first, count)
       if needed == 1 then
         redis.call('HSET', instances_key, 'f|' .. inst, '1')
         fire(req, inst, step, keys, ns(slot) .. ns(value))
-      elseif redis.call('HSETNX', inputs_key, inst .. '\0' .. slot, value) == 1 then
+      elseif redis.call('HSETNX', inputs_of(inst), slot, value) == 1 then
         if needed < 0 then
           needed = tonumber(redis.call('HGET', instances_key, 'n|' .. inst)) or -1
         else
           redis.call('HSET', instances_key, 'n|' .. inst, needed)
         end
         local have = redis.call('HINCRBY', instances_key, 'c|' .. inst, 1)
+        if have == 1 then
+          redis.call('SADD', inputs_key, inst)
+          local ttl = HALTED[req.status] and redis.call('PTTL', request_key) or -1
+          if ttl > 0 then -- kept for a retry, as long as the request
+            redis.call('PEXPIRE', inputs_of(inst), ttl)
+          end
+        end
         if needed >= 0 and have >= needed then
           redis.call('HDEL', instances_key, 'n|' .. inst, 'c|' .. inst)
           redis.call('HSET', instances_key, 'f|' .. inst, '1')
-          fire(req, inst, step, keys, gather(inst))
+          fire(req, inst, step, keys, gather(inst, have))
         end
       end
     end
@@ -190,8 +216,10 @@ local function finish(req, status, retention_ms, result, err)
     for _, key in ipairs({ instances_key, inputs_key, lost_key }) do
       kept[#kept + 1] = key
     end
+    each_inputs('PEXPIRE', retention_ms)
     redis.call('DEL', held_key)
   else
+    each_inputs('UNLINK')
     redis.call('DEL', instances_key, inputs_key, held_key, lost_key)
   end
   redis.call('RPUSH', ended_key, status)

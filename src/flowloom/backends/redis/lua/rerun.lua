@@ -24,6 +24,7 @@ for _, key in ipairs({ request_key, vertices_key, context_key, outputs_key, inst
   inputs_key }) do
   redis.call('PERSIST', key)
 end
+each_inputs('PERSIST')
 redis.call('ZREM', expiries_key, req.flow .. '\0' .. id)
 
 -- vertices that failed, or ran when it ended, are queued again

@@ -1,0 +1,372 @@
+"""flowloom's own spans, recorded as plain tuples and encoded off the hot path.
+
+Making a span with the OpenTelemetry SDK costs more than running a small task: a span
+object with its locks and limits, then encoding it to protobuf (about 50 µs), all under
+the worker's GIL. flowloom's spans (request roots, vertex attempts, user-code calls) are
+simple and known in advance, so they skip the SDK: ``LightSpan`` is a small recording
+span (an OpenTelemetry ``Span``, so it can be the current span while a handler runs and
+handlers' own SDK spans nest under it), and when it ends it becomes one tuple, a
+``Record``, appended to a bounded ``Recorder``. A thread of the recorder hands batches
+of records, marshalled, to a child process (``flowloom.span_export``) that builds the
+OTLP protobuf and sends it: encoding runs on another core, outside this process's GIL.
+
+When the exporter lags the recorder's queue fills up; further spans are dropped and
+counted (``Recorder.dropped``, the ``flowloom_spans_dropped`` metric), never waited for.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import marshal
+import os
+import random
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+from opentelemetry.util.types import Attributes, AttributeValue
+
+__all__ = ["LightSpan", "Record", "Recorder", "Sink", "child_sink"]
+
+log = logging.getLogger("flowloom.tracing")
+
+# (name, kind, trace id, span id, parent span id (0: none), parent is remote, start ns,
+#  end ns, attributes, events [(name, time ns, attributes)], status code, status text)
+Record = tuple[
+    str, int, int, int, int, bool, int, int, dict[str, Any], list[Any], int, str
+]  # fmt: skip
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SCALARS = (str, bool, int, float, bytes)
+
+
+def new_span_id() -> int:
+    """Ids must be unique, not secret: the ``random`` module's generator (re-seeded in a
+    forked child), as the SDK's id generator; no system call."""
+    return random.getrandbits(64) or 1
+
+
+def new_trace_id() -> int:
+    return random.getrandbits(128) or 1
+
+
+class LightSpan(trace.Span):
+    """A recording span that becomes a ``Record`` when it ends (once). Its ids are plain
+    ints (``trace_id``, ``span_id``); the API's ``SpanContext`` is made only if asked."""
+
+    __slots__ = (
+        "_context", "_ended", "_events", "_kind", "_name", "_parent_id", "_recorder",
+        "_remote_parent", "_start", "_status", "attributes", "span_id", "trace_id",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        name: str,
+        trace_id: int,
+        parent_id: int,
+        remote_parent: bool,
+        attributes: dict[str, Any],
+        kind: int = 0,  # SpanKind.INTERNAL
+        start_ns: int = 0,
+        span_id: int = 0,
+    ) -> None:
+        self._recorder = recorder
+        self._name = name
+        self._kind = kind
+        self.trace_id = trace_id
+        self.span_id = span_id or random.getrandbits(64) or 1
+        self._context: SpanContext | None = None
+        self._parent_id = parent_id
+        self._remote_parent = remote_parent
+        self.attributes = attributes
+        self._events: list[Any] = []
+        self._status = (0, "")
+        self._start = start_ns or time.time_ns()
+        self._ended = False
+
+    def get_span_context(self) -> SpanContext:
+        context = self._context
+        if context is None:
+            context = self._context = SpanContext(self.trace_id, self.span_id, False, _SAMPLED)
+        return context
+
+    def is_recording(self) -> bool:
+        return not self._ended
+
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        if self._ended:
+            return
+        plain = _plain(value)
+        if plain is not None:
+            self.attributes[key] = plain
+
+    def add_event(
+        self, name: str, attributes: Attributes = None, timestamp: int | None = None
+    ) -> None:
+        if self._ended:
+            return
+        plain = {k: p for k, v in (attributes or {}).items() if (p := _plain(v)) is not None}
+        self._events.append((name, time.time_ns() if timestamp is None else timestamp, plain))
+
+    def update_name(self, name: str) -> None:
+        if not self._ended:
+            self._name = name
+
+    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
+        if self._ended:
+            return
+        if isinstance(status, Status):
+            code, description = status.status_code, status.description
+        else:
+            code = status
+        if self._status[0] != StatusCode.OK.value:  # OK is final, as in the SDK
+            self._status = (code.value, description or "")
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        stack = "".join(traceback.format_exception(exception))
+        event = {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": _message(exception),
+            "exception.stacktrace": stack,
+            "exception.escaped": str(escaped),
+        }
+        self.add_event("exception", {**event, **(attributes or {})}, timestamp)
+
+    def end(self, end_time: int | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._recorder.add(
+            (
+                self._name,
+                self._kind,
+                self.trace_id,
+                self.span_id,
+                self._parent_id,
+                self._remote_parent,
+                self._start,
+                end_time or time.time_ns(),
+                self.attributes,
+                self._events,
+                self._status[0],
+                self._status[1],
+            )
+        )
+
+
+def _plain(value: object) -> Any:
+    """An attribute value as OpenTelemetry allows it (marshallable), or None to drop it."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, Sequence) and all(isinstance(v, _SCALARS) for v in value):
+        return tuple(value)
+    return None
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__name__}: str() raised>"
+
+
+class Sink(Protocol):
+    """Where batches of records go: ``send`` them, ``flush`` (True once every batch sent
+    before has been exported), ``close`` (exporting what is left)."""
+
+    def send(self, records: list[Record]) -> bool:
+        """Hand ``records`` on; False if they are lost (the exporter is gone)."""
+        ...
+
+    def flush(self, timeout: float) -> bool: ...
+
+    def close(self, timeout: float) -> None: ...
+
+
+class Recorder:
+    """A bounded queue of records, drained in batches by a thread of its own into ``sink``.
+
+    ``add`` is the hot path: a ``deque.append`` (atomic, no lock). The thread wakes every
+    ``delay`` seconds, or as soon as a batch is full. Past ``max_queue`` records waiting,
+    ``add`` drops the record and counts it in ``dropped``.
+    """
+
+    def __init__(
+        self,
+        sink: Sink,
+        max_queue: int = 2048,
+        batch: int = 512,
+        delay: float = 0.5,
+    ) -> None:
+        self.sink = sink
+        self.max_queue = max_queue
+        self.batch = max(1, min(batch, max_queue))
+        self.delay = delay
+        self.dropped = 0
+        self._queue: collections.deque[Record] = collections.deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # one drainer at a time: the thread, or a flush
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="flowloom-spans", daemon=True)
+        self._thread.start()
+
+    def add(self, record: Record) -> None:
+        queue = self._queue
+        waiting = len(queue)
+        if waiting >= self.max_queue:
+            self.dropped += 1  # a lost increment under a race undercounts by one, no more
+            return
+        queue.append(record)
+        if waiting + 1 == self.batch:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closing:
+            self._wake.wait(self.delay)
+            self._wake.clear()
+            self._drain()
+
+    def _drain(self) -> None:
+        with self._lock:
+            queue = self._queue
+            while queue:
+                count = min(len(queue), self.batch)
+                records = [queue.popleft() for _ in range(count)]
+                try:
+                    sent = self.sink.send(records)
+                except Exception:
+                    log.exception("flowloom: exporting %d spans failed (dropped)", count)
+                    sent = False
+                if not sent:
+                    self.dropped += count
+
+    def flush(self, timeout: float) -> bool:
+        self._drain()
+        return self.sink.flush(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self._drain()
+        self.sink.close(timeout)
+
+
+_HEADER = struct.Struct("!I")
+
+
+class ChildSink:
+    """Batches piped, marshalled, to ``python -m flowloom.span_export`` (see there).
+
+    The child runs in a session of its own (a Ctrl-C to the terminal reaches flowloom,
+    which flushes and closes it, not the child directly) and exits when its input ends,
+    also when this process dies without closing it.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flowloom.span_export", json.dumps(settings)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+            # flowloom importable there as here, however this process found it
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        self._gone = False
+        self._lock = threading.Lock()  # one writer at a time; a flush waits for its answer
+        self._flushes = 0
+
+    def _write(self, message: Any) -> None:
+        data = marshal.dumps(message)
+        stdin = self.process.stdin
+        assert stdin is not None
+        stdin.write(_HEADER.pack(len(data)) + data)
+        stdin.flush()
+
+    def send(self, records: list[Record]) -> bool:
+        with self._lock:
+            try:
+                self._write(("spans", records))
+                return True
+            except OSError:  # the exporter process is gone: say so once
+                if not self._gone:
+                    self._gone = True
+                    log.warning(
+                        "flowloom: the span exporter process exited (code %s); spans are "
+                        "dropped from now on",
+                        self.process.poll(),
+                    )
+                return False
+
+    def flush(self, timeout: float) -> bool:
+        """Ask the child to export what it has, and wait for its answer."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._flushes += 1
+            token = self._flushes
+            try:
+                self._write(("flush", token))
+            except OSError:
+                return False
+            stdout = self.process.stdout
+            assert stdout is not None
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([stdout], [], [], left)[0]:
+                    return False
+                line = stdout.readline()
+                if not line:
+                    return False
+                if int(line) == token:
+                    return True
+
+    def close(self, timeout: float) -> None:
+        stdin = self.process.stdin
+        try:
+            if stdin is not None:
+                stdin.close()  # the child exports what is left and exits
+            self.process.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            log.warning("flowloom: the span exporter did not finish in %gs; killed", timeout)
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def child_sink(endpoint: str | None, resource: dict[str, Any]) -> Sink:
+    """The exporter process for ``endpoint`` (None: the ``OTEL_EXPORTER_OTLP_*``
+    variables), for spans of a process described by ``resource``."""
+    return ChildSink({"endpoint": endpoint, "resource": resource})
+
+
+def bsp_setting(name: str, default: float) -> float:
+    """A standard ``OTEL_BSP_*`` batching variable, as the SDK reads it."""
+    try:
+        return float(os.environ.get(name) or default)
+    except ValueError:
+        return default

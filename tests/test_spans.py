@@ -1,0 +1,186 @@
+"""flowloom's own span path: records, the hand-written OTLP protobuf, the bounded queue,
+and the exporter process, against a real OTLP/HTTP receiver."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from google.protobuf.json_format import MessageToDict
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+
+from flowloom import FlowService
+from flowloom.otlp import encode_request
+from flowloom.span_export import readable_spans
+from flowloom.spans import Record, Recorder
+from otlp_receiver import OtlpReceiver
+
+TRACE = 0x0AF7651916CD43DD8448EB211C80319C
+
+
+def record(name: str = "vertex a", **changes: object) -> Record:
+    fields: dict[str, object] = {
+        "name": name,
+        "kind": 0,
+        "trace_id": TRACE,
+        "span_id": 0xB7AD6B7169203331,
+        "parent_id": 0x00F067AA0BA902B7,
+        "remote": True,
+        "start": 1_700_000_000_000_000_000,
+        "end": 1_700_000_000_000_250_000,
+        "attributes": {"flowloom.flow": "f", "flowloom.attempt": 2},
+        "events": [],
+        "code": 0,
+        "text": "",
+    }
+    fields.update(changes)
+    return tuple(fields.values())  # type: ignore[return-value]
+
+
+def test_the_hand_written_protobuf_is_what_the_sdk_would_send():
+    records = [
+        record(),
+        record(
+            "flow f",
+            kind=1,
+            span_id=7,
+            parent_id=0,
+            remote=False,
+            attributes={
+                "s": "text é",
+                "b": True,
+                "i": -3,
+                "big": 2**62,
+                "d": 0.25,
+                "raw": b"\x00\xff",
+                "list": ("x", "y"),
+                "ints": (1, 2),
+            },
+            events=[("exception", 5, {"exception.type": "ValueError", "n": 1})],
+            code=2,
+            text="a: ValueError: no",
+        ),
+        record("handler h", parent_id=0xB7AD6B7169203331, remote=False, span_id=9),
+    ]
+    resource = Resource.create({"process.pid": 42, "service.name": "shop"})
+    ours = ExportTraceServiceRequest.FromString(encode_request(records, dict(resource.attributes)))
+    sdk = encode_spans(readable_spans(records, resource))
+    assert MessageToDict(ours) == MessageToDict(sdk)
+    # the cache of encoded attributes keeps True and 1 apart
+    again = ExportTraceServiceRequest.FromString(
+        encode_request([record(attributes={"v": True}), record(attributes={"v": 1})], {})
+    )
+    values = [s.attributes[0].value for s in again.resource_spans[0].scope_spans[0].spans]
+    assert values[0].WhichOneof("value") == "bool_value"
+    assert values[1].WhichOneof("value") == "int_value"
+
+
+class _StuckSink:
+    """A sink whose first ``send`` waits until released: an exporter that lags."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.sent: list[Record] = []
+        self.closed = False
+
+    def send(self, records: list[Record]) -> bool:
+        self.entered.set()
+        self.release.wait(30)
+        self.sent += records
+        return True
+
+    def flush(self, timeout: float) -> bool:
+        return True
+
+    def close(self, timeout: float) -> None:
+        self.closed = True
+
+
+def test_a_lagging_exporter_makes_spans_dropped_and_counted_never_waited_for():
+    sink = _StuckSink()
+    recorder = Recorder(sink, max_queue=10, batch=5, delay=30)
+    for i in range(5):  # one full batch wakes the thread, which gets stuck sending it
+        recorder.add(record(span_id=i + 1))
+    assert sink.entered.wait(10)
+    for i in range(5, 100):  # never blocks: the queue takes 10, the rest is dropped
+        recorder.add(record(span_id=i + 1))
+    assert recorder.dropped == 100 - 5 - 10
+    sink.release.set()
+    recorder.close()
+    assert sink.closed
+    assert len(sink.sent) == 15
+    assert len({r[3] for r in sink.sent}) == 15
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    server = OtlpReceiver().start()
+    yield server
+    server.stop()
+
+
+def test_handlers_use_the_vertex_span_as_any_current_span(receiver, monkeypatch):
+    """The vertex span is a light one, but to a handler it is the current span: its
+    attributes, events and status land on the exported vertex span, and a span the
+    handler makes with the SDK is its child. Sent gzipped, as the variable asks."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+
+    def annotate(data: bytes, options: object) -> bytes:
+        span = trace.get_current_span()
+        assert span.is_recording()
+        span.set_attribute("app.size", len(data))
+        span.set_attributes({"app.kind": "note", "app.bad": object()})  # type: ignore[dict-item]
+        span.add_event("checked", {"app.ok": True})
+        with trace.get_tracer("app").start_as_current_span("inner"):
+            pass
+        return data
+
+    with FlowService(otlp_endpoint=receiver.endpoint) as fs:
+        fs.register("note", lambda wf, ctx: wf.dag.node("annotate", annotate))
+        rid = fs.execute("note", b"hello")
+        assert fs.result("note", rid, timeout=10) == b"hello"
+        trace_id = fs.state("note", rid).trace_id
+    spans = {s.name: s for s in receiver.trace(trace_id)}
+    vertex = spans["vertex annotate"]
+    assert vertex.attributes["app.size"] == 5
+    assert vertex.attributes["app.kind"] == "note"
+    assert "app.bad" not in vertex.attributes  # not an attribute value: dropped
+    assert vertex.attributes["flowloom.status"] == "completed"
+    assert vertex.events == (("checked", {"app.ok": True}),)
+    assert spans["inner"].parent_id == vertex.span_id
+    assert vertex.parent_id == spans["flow note"].span_id
+    assert receiver.gzipped
+
+
+def test_dropped_spans_are_a_metric(receiver):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with FlowService(otlp_endpoint=receiver.endpoint, enable_monitoring=True) as fs:
+        tracing = next(o for o in fs.observers.all if hasattr(o, "recorder"))
+        tracing.recorder.dropped = 3  # as a lagging exporter would leave it
+        assert fs.metrics is not None
+        text = fs.metrics.exposition().decode()
+    [family] = [
+        f for f in text_string_to_metric_families(text) if f.name == "flowloom_spans_dropped"
+    ]
+    assert family.samples[0].value == 3
+
+
+def test_a_dead_exporter_process_costs_spans_not_requests(receiver, caplog):
+    with FlowService(otlp_endpoint=receiver.endpoint) as fs:
+        fs.register("echo", lambda wf, ctx: wf.dag.node("echo", lambda d, o: d))
+        tracing = next(o for o in fs.observers.all if hasattr(o, "recorder"))
+        process = tracing.recorder.sink.process
+        process.kill()
+        process.wait(10)
+        for body in (b"a", b"b"):
+            assert fs.run("echo", body, timeout=10) == body
+        assert not tracing.flush(5)
+        assert tracing.dropped == 4  # two requests: a vertex span and a root span each
+    assert caplog.text.count("the span exporter process exited") == 1
+    assert receiver.spans == []

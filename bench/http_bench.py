@@ -14,7 +14,9 @@ every answer, each run ``--seconds`` long) or with httpx (``--client httpx``: ea
 bounded by ``--requests`` and ``--max-seconds``; the Python client needs much more
 CPU than wrk and, on 2 cores, caps the figure well below the server's).
 One warm-up run, then ``--runs`` timed runs. Prints requests/s (median, min, max
-over the runs) and the p50/p99 latency of the median run. Loopback only.
+over the runs), the p50/p99 latency of the median run, and the server process's CPU
+time per request (user + system, over all the runs: a figure that a busy machine
+disturbs much less than the rates). Loopback only.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -85,6 +88,7 @@ class Run:
     errors: int
     latencies: list[float] = field(default_factory=list)
     p50_p99: tuple[float, float] | None = None  # ms, when the client measured them itself
+    cpu: float = 0.0  # seconds of the server's CPU time during the run
 
     @property
     def rate(self) -> float:
@@ -95,6 +99,20 @@ class Run:
             return self.p50_p99[0 if p == 50 else 1]
         ordered = sorted(self.latencies)
         return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1000
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid: int, run: Callable[[], Run]) -> Run:
+    before = cpu_seconds(pid)
+    result = run()
+    result.cpu = cpu_seconds(pid) - before
+    return result
 
 
 def free_port() -> int:
@@ -195,11 +213,19 @@ def bench(backend: str, args: argparse.Namespace) -> None:
     try:
         if args.client == "wrk":
             wrk(base, args.concurrency, 1)
-            runs = [wrk(base, args.concurrency, args.seconds) for _ in range(args.runs)]
+            runs = [
+                measured(process.pid, lambda: wrk(base, args.concurrency, args.seconds))
+                for _ in range(args.runs)
+            ]
         else:
             asyncio.run(load(base, min(args.requests, 500), args.concurrency, args.max_seconds))
             runs = [
-                asyncio.run(load(base, args.requests, args.concurrency, args.max_seconds))
+                measured(
+                    process.pid,
+                    lambda: asyncio.run(
+                        load(base, args.requests, args.concurrency, args.max_seconds)
+                    ),
+                )
                 for _ in range(args.runs)
             ]
     finally:
@@ -216,6 +242,7 @@ def bench(backend: str, args: argparse.Namespace) -> None:
         f"{backend:<9} {statistics.median(rates):>7.0f} req/s"
         f" (min {rates[0]:.0f}, max {rates[-1]:.0f})"
         f"  p50 {median.percentile(50):6.2f} ms  p99 {median.percentile(99):6.2f} ms"
+        f"  cpu {1e6 * sum(r.cpu for r in runs) / sum(r.requests for r in runs):4.0f} us/req"
         f"  [{median.requests} requests, {args.concurrency} connections,"
         f" {args.client}, {errors} wrong]"
     )

@@ -303,4 +303,5 @@ class AppClient(httpx.AsyncClient):
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.app.state.flowloom.callbacks.close()
+        self.app.state.flowloom.waiter.stop()
         await super().__aexit__(*exc)

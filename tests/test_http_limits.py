@@ -212,8 +212,9 @@ async def test_a_client_that_disconnects_during_upload_is_one_short_line(
 
 
 # -- connections ---------------------------------------------------------------------------------
-def test_a_slow_header_client_is_disconnected() -> None:
-    with ServerProcess(header_timeout=1.0) as server:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_a_slow_header_client_is_disconnected(http: str) -> None:
+    with ServerProcess(header_timeout=1.0, http=http) as server:
         with socket.create_connection(("127.0.0.1", server.port)) as slow:
             slow.sendall(b"POST /flow/myflow HTTP/1.1\r\nHost: x\r\n")
             started = time.monotonic()

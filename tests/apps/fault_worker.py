@@ -152,6 +152,29 @@ def late_retry(workflow: Workflow, context: Context) -> None:
     workflow.dag.edge("late", "after")
 
 
+CHAIN_HOPS = 200
+
+
+def chain(workflow: Workflow, context: Context) -> None:
+    """``hop-0 -> ... -> hop-199``, each adding one to the number it gets; each hop counts
+    its runs under ``chain`` (field ``ID:N``) and records the worker's pid under
+    ``chain-pid`` (a hash per request)."""
+
+    def hop(n: int) -> Any:
+        def handler(data: bytes, options: Any) -> bytes:
+            count("chain", f"{context.request_id}:{n}")
+            counter.hset(f"{PREFIX}:test:chain-pid:{context.request_id}", str(n), os.getpid())
+            time.sleep(SLEEP)
+            return b"%d" % (int(data) + 1)
+
+        return handler
+
+    for n in range(CHAIN_HOPS):
+        workflow.dag.node(f"hop-{n}", hop(n))
+        if n:
+            workflow.dag.edge(f"hop-{n - 1}", f"hop-{n}")
+
+
 def suicide(workflow: Workflow, context: Context) -> None:
     """A node that kills its worker process every time (a segfault, the OOM killer)."""
 
@@ -171,6 +194,7 @@ FLOWS = {
     "late": late,
     "late_retry": late_retry,
     "suicide": suicide,
+    "chain": chain,
 }
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from ..engine import Transition
 from ..types import ErrorInfo, RequestState, Status
@@ -124,6 +125,10 @@ class Backend(abc.ABC):
     A backend that cannot be reached or fails raises ``BackendUnavailable`` after a
     bounded wait (bounded further by an enclosing ``deadline`` block).
     """
+
+    #: whether every call returns at once (no I/O; a lock held only briefly), so that an
+    #: event loop may make the calls that do not wait itself, without a thread
+    nonblocking: ClassVar[bool] = False
 
     # -- requests --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -245,11 +250,19 @@ class Backend(abc.ABC):
         for their time) and ``held`` (of paused requests). Empty if the backend cannot tell."""
         return {}
 
-    def listen(self, listener: Callable[[str, Status], None]) -> Callable[[], None] | None:
-        """Call ``listener(request_id, status)`` when a request ends, from the thread that
-        ends it (so it must be quick and must not call the backend). Returns a function
-        that stops the calls, or None if this backend cannot tell (callers then check
-        the status themselves)."""
+    def listen(
+        self,
+        listener: Callable[[str, Status, bytes | None], None],
+        lost: Callable[[], None] = lambda: None,
+    ) -> Callable[[], None] | None:
+        """Call ``listener(request_id, status, result)`` when a request ends, from a thread
+        of the backend's (so it must be quick and must not call the backend); ``result``
+        is a completed request's result when the backend has it at hand (on Redis, one
+        up to 4 KiB), else None (read it then). A backend that
+        may miss ends (a subscription that was cut) calls ``lost()`` once it hears them
+        again: the caller then reads the statuses of what it waits for. Returns a
+        function that stops the calls, or None if this backend cannot tell (callers then
+        check the status themselves)."""
         return None
 
     @abc.abstractmethod

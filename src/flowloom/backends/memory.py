@@ -144,6 +144,8 @@ class MemoryBackend(Backend):
     dropped. Outputs are never refused: a request whose outputs are larger than its body
     can take the total past the cap until it ends."""
 
+    nonblocking = True
+
     def __init__(
         self,
         retention: float = 86400.0,
@@ -159,7 +161,7 @@ class MemoryBackend(Backend):
         self._live_bytes = 0  # bodies and outputs of the requests not yet ended
         self._reserved = 0  # room set aside for their outputs still to come
         self._done_bytes = 0  # the packed finished requests
-        self._listeners: list[Callable[[str, Status], None]] = []
+        self._listeners: list[Callable[[str, Status, bytes | None], None]] = []
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._ended = threading.Condition(self._lock)
@@ -454,7 +456,12 @@ class MemoryBackend(Backend):
     def ping(self) -> None:
         """Always answers: the embedded backend lives in this process."""
 
-    def listen(self, listener: Callable[[str, Status], None]) -> Callable[[], None]:
+    def listen(
+        self,
+        listener: Callable[[str, Status, bytes | None], None],
+        lost: Callable[[], None] = lambda: None,
+    ) -> Callable[[], None]:
+        """Calls ``listener`` from the thread that ends the request; never misses one."""
         with self._lock:
             self._listeners.append(listener)
 
@@ -564,7 +571,7 @@ class MemoryBackend(Backend):
             self._ready.notify()
         self._ended.notify_all()
         for listener in self._listeners:
-            listener(rid, status)
+            listener(rid, status, result)
 
     def _expire(self, room: int = 0) -> None:
         """Drop finished requests past their retention, and the oldest past

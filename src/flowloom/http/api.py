@@ -65,6 +65,7 @@ class Api:
             yield
         finally:
             self.waiter.close()
+            self.waiter.stop()
             await self.callbacks.close()
 
     async def ping(self) -> bool:

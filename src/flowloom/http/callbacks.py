@@ -160,13 +160,21 @@ class Callbacks:
             self._listening = True
             loop = asyncio.get_running_loop()
 
-            def ended(request_id: str, status: Status) -> None:
+            def ended(request_id: str, status: Status, _result: bytes | None) -> None:
                 with contextlib.suppress(RuntimeError):  # the loop has closed
                     loop.call_soon_threadsafe(self._ended, request_id, status)
 
-            self._unlisten = self.api.service.backend.listen(ended)
+            def lost() -> None:  # ends may have been missed: check every waiting request
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._check_all)
+
+            self._unlisten = self.api.service.backend.listen(ended, lost)
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    def _check_all(self) -> None:
+        self.fresh.update(self.waiting)
+        self._wake.set()
 
     def _ended(self, request_id: str, status: Status | None) -> None:
         for pending in self.waiting.pop(request_id, ()):
@@ -174,12 +182,15 @@ class Callbacks:
         self.fresh.discard(request_id)
 
     async def _watch(self) -> None:
-        """Check new requests at once and all of them every ``sweep`` (every
-        ``retention`` when the backend tells of ends itself) until none waits."""
+        """Check new requests at once, all of them when the backend may have missed
+        ends (``lost``), and all of them every ``sweep`` until none waits; when the
+        backend tells of ends itself that periodic check is only a safety net, every
+        ``max(sweep, 30)`` seconds."""
         backend = self.api.service.backend
         every = self.sweep if self._unlisten is None else max(self.sweep, 30.0)
         last_sweep = time.monotonic()
         while self.waiting:
+            self._wake.clear()  # before the reads: a request added during them wakes again
             full = time.monotonic() - last_sweep >= every
             ids = list(self.waiting) if full else list(self.fresh)
             self.fresh.clear()
@@ -195,7 +206,6 @@ class Callbacks:
                     if status is None or status.finished:
                         self._ended(request_id, status)
             self._expire()
-            self._wake.clear()
             with anyio.move_on_after(every):
                 await self._wake.wait()
 

@@ -17,6 +17,11 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:  # the faster parser, when installed (flowloom depends on it; a slim install may not)
+    from uvicorn.protocols.http import httptools_impl
+except ImportError:  # pragma: no cover
+    httptools_impl = None  # type: ignore[assignment]
+
 from .. import logs
 from .accesslog import log_config
 from .app import create_app
@@ -52,6 +57,7 @@ def serve(
     keep_alive: int = DEFAULT_KEEP_ALIVE,
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     forwarded_allow_ips: Sequence[str] = (),
+    http: str = "auto",
     **options: Any,
 ) -> None:
     """Serve ``service`` on ``host:port`` until SIGINT or SIGTERM (blocking); then return.
@@ -65,10 +71,13 @@ def serve(
     a connection that has not sent a whole request head this many seconds after it
     opened (or after the previous answer) is closed. ``forwarded_allow_ips``: the proxy
     addresses whose ``X-Forwarded-For``/``X-Forwarded-Proto`` are trusted (none by
-    default; ``*`` trusts every peer).
+    default; ``*`` trusts every peer). ``http``: the HTTP parser, ``"httptools"``
+    (the fast one), ``"h11"`` (pure Python) or ``"auto"`` (httptools when installed).
     """
     if limit_concurrency < 1 or keep_alive < 1 or not header_timeout > 0:
         raise ValueError("limit_concurrency, keep_alive and header_timeout must be positive")
+    if http not in ("auto", "h11", "httptools") or (http == "httptools" and not httptools_impl):
+        raise ValueError(f"http must be auto, h11 or httptools (if installed), not {http!r}")
     logs.configure()  # a program of its own: flowloom's records reach stderr unless set up
     app = create_app(service, **options)
     _raise_open_file_limit(limit_concurrency)
@@ -76,7 +85,7 @@ def serve(
         app,
         host=host,
         port=port,
-        http=_header_timeout_protocol(header_timeout),
+        http=_header_timeout_protocol(header_timeout, fast=http != "h11"),
         log_level=log_level,
         log_config=log_config(),
         access_log=access_log,
@@ -107,20 +116,57 @@ def _raise_open_file_limit(connections: int) -> None:
         )
 
 
-def _header_timeout_protocol(timeout: float) -> type[H11Protocol]:
-    class HeaderTimeout(_HeaderTimeout):
+def _header_timeout_protocol(timeout: float, fast: bool = True) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol with a deadline on request heads: the httptools one (a C
+    parser, much cheaper per request) when ``fast`` and httptools is installed, else the
+    h11 one."""
+    base: type[asyncio.Protocol] = (
+        _HttpToolsHeaderTimeout if fast and httptools_impl else _HeaderTimeout
+    )
+
+    class HeaderTimeout(base):  # type: ignore[valid-type,misc]
         header_timeout = timeout
 
     return HeaderTimeout
 
 
-class _HeaderTimeout(H11Protocol):
-    """uvicorn's h11 protocol, closing a connection whose request head does not arrive
-    within ``header_timeout`` (uvicorn bounds only idle keep-alive connections, and a
-    client trickling a header byte now and then keeps one open for ever)."""
+class _HeadDeadline:
+    """Closes a connection whose request head does not arrive within ``header_timeout``
+    (uvicorn bounds only idle keep-alive connections, and a client trickling a header
+    byte now and then keeps one open for ever). Mixed into a uvicorn protocol, which
+    arms it when a connection opens and after each answer, and disarms it once a whole
+    head has arrived."""
 
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     _head_timer: asyncio.TimerHandle | None = None
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+
+    def _head_pending(self) -> bool:
+        """Whether the connection waits for a request head (nothing is being served)."""
+        raise NotImplementedError
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _expired(self) -> None:
+        self._head_timer = None
+        if self._head_pending() and not self.transport.is_closing():
+            log.info("closed a connection: no request head within %g s", self.header_timeout)
+            self.transport.close()
+
+
+class _HeaderTimeout(_HeadDeadline, H11Protocol):
+    """uvicorn's h11 protocol with the head deadline."""
+
+    def _head_pending(self) -> bool:
+        return self.conn.their_state is h11.IDLE
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -140,20 +186,31 @@ class _HeaderTimeout(H11Protocol):
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self._arm()
 
-    def _arm(self) -> None:
-        self._disarm()
-        self._head_timer = self.loop.call_later(self.header_timeout, self._expired)
 
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+if httptools_impl is not None:
 
-    def _expired(self) -> None:
-        self._head_timer = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.info("closed a connection: no request head within %g s", self.header_timeout)
-            self.transport.close()
+    class _HttpToolsHeaderTimeout(_HeadDeadline, httptools_impl.HttpToolsProtocol):
+        """uvicorn's httptools protocol with the head deadline."""
+
+        def _head_pending(self) -> bool:
+            return (self.cycle is None or self.cycle.response_complete) and not self.pipeline
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.pipeline and not self.transport.is_closing():
+                self._arm()
 
 
 class _Server(uvicorn.Server):

@@ -1,91 +1,227 @@
-"""Waiting for requests to finish without starving the server."""
+"""Waiting for requests to end without a thread per waiting caller.
+
+A waiting call registers a future under its request id, and the backend's one
+listener (``Backend.listen``) resolves the futures of a request when it ends. The
+order makes the wait miss nothing: register first, then read the status once (or, for
+an execute, submit), so an end that comes before the registration is seen by the read
+and one that comes after it resolves the future. When the backend says it may have
+missed ends (its subscription was cut), every waiting request's status is read again.
+No thread waits and nothing polls; a backend that cannot tell of ends is polled, with a
+growing pause, instead.
+
+On a backend whose calls never block (the embedded one), the event loop makes them
+itself: an execute costs no thread hop at all.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import threading
-from typing import TYPE_CHECKING
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from ..errors import RequestNotFound
+from ..backends import deadline
+from ..errors import BackendUnavailable, RequestNotFound
 from ..types import Request, Status
 
 if TYPE_CHECKING:
-    from ..backends import RequestRecord
+    from ..backends import Backend, RequestRecord
     from ..service import FlowService
 
 __all__ = ["Waiter"]
 
+T = TypeVar("T")
+
+# a future's result: the request's status when it ended and its result if the backend
+# sent it along, None when it has expired, or WOKEN when the server stops (the wait then
+# answers with what it knows)
+Ended = tuple[Status, bytes | None] | None | bool
+WOKEN = False
+LAST_READ = 1.0  # seconds the read of the status at a wait's deadline may take
+
 
 class Waiter:
-    """Waits for requests to finish without starving the server.
+    """Waits for requests to end, for the endpoints that answer when they do."""
 
-    Up to ``slots`` waits at a time block in a thread for at most ``slice`` seconds (so a
-    quick request is answered the moment it ends); beyond that, waits poll the status with
-    a growing pause. No wait holds a thread for longer than one slice, so a crowd of
-    waiting callers never takes the threads that every other endpoint needs.
-    """
-
-    def __init__(self, service: FlowService, slots: int = 32, slice: float = 0.2) -> None:
+    def __init__(self, service: FlowService) -> None:
         self.service = service
-        self.limiter = anyio.CapacityLimiter(slots)
-        self.slice = slice
+        self.waiting: dict[str, list[asyncio.Future[Ended]]] = {}
         self.closing = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unlisten: Callable[[], None] | None = None
+        self._listening: bool | None = None  # None: not asked yet
+
+    @property
+    def backend(self) -> Backend:
+        return self.service.backend
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``: on the loop if the backend never blocks, else on a thread."""
+        if self.backend.nonblocking:
+            return fn(*args)
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    # -- the backend's listener ---------------------------------------------------------------
+    def _listen(self) -> bool:
+        """Listen to the backend (once per event loop); whether it tells of ends."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self.stop()
+        if self._listening is None:
+            self._loop = loop
+
+            def ended(request_id: str, status: Status, result: bytes | None) -> None:
+                # called on the backend's thread: a dict lookup is safe, and spares the
+                # loop a wake-up for the ends of requests nobody waits for here
+                if request_id in self.waiting:
+                    with contextlib.suppress(RuntimeError):  # the loop has closed
+                        loop.call_soon_threadsafe(self._resolve, request_id, (status, result))
+
+            def lost() -> None:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._recheck)
+
+            self._unlisten = self.backend.listen(ended, lost)
+            self._listening = self._unlisten is not None
+        return self._listening
+
+    def _resolve(self, request_id: str, status: Ended) -> None:
+        for future in self.waiting.get(request_id, ()):
+            if not future.done():
+                future.set_result(status)
+
+    def _recheck(self) -> None:
+        """Read again the status of every waiting request (ends may have been missed)."""
+        if self.waiting:
+            asyncio.get_running_loop().create_task(self._read_all(list(self.waiting)))
+
+    async def _read_all(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            try:
+                status = await self.run(self.backend.wait, request_id, 0)
+            except Exception:  # unreachable again: the next re-subscription reads again
+                return
+            if status is None or status.finished:
+                self._resolve(request_id, None if status is None else (status, None))
 
     def close(self) -> None:
+        """End every wait at once (the server is stopping). Safe from a signal handler."""
         self.closing.set()
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wake_all)
 
-    def _blocking(self) -> bool:
-        return self.limiter.available_tokens >= 1
+    def _wake_all(self) -> None:
+        for request_id in list(self.waiting):
+            self._resolve(request_id, WOKEN)
 
+    def stop(self) -> None:
+        """Stop listening to the backend (the app is shutting down)."""
+        if self._unlisten is not None:
+            self._unlisten()
+        self._unlisten, self._listening, self._loop = None, None, None
+
+    @contextlib.contextmanager
+    def _registered(self, request_id: str) -> Iterator[asyncio.Future[Ended]]:
+        future: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(request_id, []).append(future)
+        try:
+            yield future
+        finally:
+            futures = self.waiting.get(request_id)
+            if futures is not None:
+                futures.remove(future)
+                if not futures:
+                    del self.waiting[request_id]
+
+    # -- the waits ---------------------------------------------------------------------------
     async def execute(
         self, name: str, request: Request, timeout: float
     ) -> tuple[RequestRecord, Status, bytes | None]:
         """Execute, and wait for the request up to ``timeout``: its record (id, trace),
-        its status then, and its result if it completed within the first slice (one
-        thread hop for a quick flow: execute, wait and read the result together)."""
-        if timeout > 0 and self._blocking():
-            first = min(timeout, self.slice)
-            record, status, result = await anyio.to_thread.run_sync(
-                self._execute_and_wait, name, request, first, limiter=self.limiter
-            )
-            if result is not None:
-                return record, status, result
-            return record, await self.wait(record.request_id, timeout - first, status), None
-        record = await anyio.to_thread.run_sync(self.service._submit, name, request)
-        return record, await self.wait(record.request_id, timeout, Status.QUEUED), None
-
-    def _execute_and_wait(
-        self, name: str, request: Request, timeout: float
-    ) -> tuple[RequestRecord, Status, bytes | None]:
-        backend = self.service.backend
-        record = self.service._submit(name, request)
-        status = backend.wait(record.request_id, timeout) or Status.QUEUED
-        result = backend.result(record.request_id) if status is Status.COMPLETED else None
+        its status then, and its result if it completed."""
+        if self.closing.is_set() or not self._listen():
+            record = await self.run(self.service._submit, name, request)
+            status = await self._poll(record.request_id, timeout, Status.QUEUED)
+            return record, status, None
+        if request.request_id is None:  # known before the submit, to register first
+            request = replace(request, request_id=uuid.uuid4().hex)
+        assert request.request_id is not None
+        with self._registered(request.request_id) as future:
+            record = await self.run(self.service._submit, name, request)
+            status, result = await self._until(future, record.request_id, timeout, Status.QUEUED)
+        if status is Status.COMPLETED and result is None:
+            result = await self.run(self.backend.result, record.request_id)
         return record, status, result
 
     async def wait(
         self, request_id: str, timeout: float | None, status: Status = Status.QUEUED
     ) -> Status:
-        """The request's status once it has finished, or when ``timeout`` (None: no limit)
-        has passed, or the server is stopping."""
-        backend = self.service.backend
+        """The request's status once it has ended, or when ``timeout`` (None: no limit)
+        has passed, or the server is stopping. ``RequestNotFound`` if it has expired."""
+        if status.finished or self.closing.is_set():
+            return status
+        if not self._listen():
+            return await self._poll(request_id, timeout, status)
+        with self._registered(request_id) as future:
+            found = await self.run(self.backend.wait, request_id, 0)
+            if found is None:
+                raise RequestNotFound(f"request {request_id!r} has expired")
+            if found.finished:
+                return found
+            status, _ = await self._until(future, request_id, timeout, found)
+            return status
+
+    async def _until(
+        self,
+        future: asyncio.Future[Ended],
+        request_id: str,
+        timeout: float | None,
+        status: Status,
+    ) -> tuple[Status, bytes | None]:
+        """The end ``future`` brings (status, and result if sent along), within
+        ``timeout``; else the status then."""
+        if self.closing.is_set():
+            return status, None
+        with anyio.move_on_after(math.inf if timeout is None else timeout):
+            ended = await future
+            if ended is None:
+                raise RequestNotFound(f"request {request_id!r} has expired")
+            if isinstance(ended, tuple):
+                return ended
+        return await self.run(self._status_now, request_id, status), None
+
+    def _status_now(self, request_id: str, known: Status) -> Status:
+        """The request's status, or ``known`` if the backend does not answer soon: a wait
+        that has reached its deadline answers by then, even while the backend is down."""
+        try:
+            with deadline(LAST_READ):
+                found = self.backend.wait(request_id, 0)
+        except BackendUnavailable:
+            return known
+        if found is None:
+            raise RequestNotFound(f"request {request_id!r} has expired")
+        return found
+
+    async def _poll(self, request_id: str, timeout: float | None, status: Status) -> Status:
+        """For a backend that cannot tell of ends: read the status with a growing pause."""
         deadline = math.inf if timeout is None else anyio.current_time() + timeout
         pause = 0.002
         while not status.finished and not self.closing.is_set():
             remaining = deadline - anyio.current_time()
             if remaining <= 0:
                 break
-            if self._blocking():
-                found = await anyio.to_thread.run_sync(
-                    backend.wait, request_id, min(remaining, self.slice), limiter=self.limiter
-                )
-            else:
-                await anyio.sleep(min(pause, remaining))
-                pause = min(pause * 2, 0.25)
-                found = await anyio.to_thread.run_sync(backend.wait, request_id, 0)
+            await anyio.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.25)
+            found = await self.run(self.backend.wait, request_id, 0)
             if found is None:
                 raise RequestNotFound(f"request {request_id!r} has expired")
             status = found

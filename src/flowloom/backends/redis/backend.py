@@ -15,6 +15,7 @@ from ...types import ErrorInfo, RequestState, Status
 from ..base import Backend, RequestRecord, Summary, Task, current_deadline
 from .connection import QUICK_TIMEOUT, Guard, Health, make_client
 from .consumer import Consumer
+from .ends import Ends
 from .heartbeats import Heartbeats
 from .keys import GROUP, KeyLayout
 from .scripts import Scripts
@@ -81,6 +82,13 @@ class RedisBackend(Backend):
         except ValueError as exc:
             raise ValueError(f"not a Redis URL: {safe_url(url)}: {exc}") from None
         self.health = Health(url, grace=3 * heartbeat)
+        self._ends = Ends(
+            url,
+            self.keys.ended,
+            self.health,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+        )
         scripts = Scripts(self._redis)
         self._store = RequestStore(self._redis, scripts, self.keys, retention)
         self._quick_store = RequestStore(self._quick, Scripts(self._quick), self.keys, retention)
@@ -251,6 +259,16 @@ class RedisBackend(Backend):
         ready = max(0, int(length) - int(pending["pending"] if pending else 0))
         return {"ready": ready, "delayed": int(delayed), "held": max(0, int(held or 0))}
 
+    def listen(
+        self,
+        listener: Callable[[str, Status, bytes | None], None],
+        lost: Callable[[], None] = lambda: None,
+    ) -> Callable[[], None]:
+        """Calls ``listener`` from this backend's one subscription to ``P:ended`` (see
+        ``ends.py``), with the result of a completed request up to 4 KiB, and ``lost()``
+        each time it is (re)established: ends published before then were not heard."""
+        return self._ends.listen(listener, lost)
+
     def ping(self) -> None:
         """``BackendUnavailable`` unless Redis answers within about a second. A probe: the
         caller reports the answer, so a failure is not logged here."""
@@ -264,6 +282,7 @@ class RedisBackend(Backend):
         """Stop fetching, hand back the tasks this process holds, release connections."""
         if self._consumer.closing.is_set():
             return
+        self._ends.close()
         try:
             self._consumer.flush()
             self._consumer.close()

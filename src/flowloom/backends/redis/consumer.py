@@ -3,7 +3,15 @@
 A fetcher thread reads tasks with XREADGROUP into a buffer the worker threads claim
 from, only as many as threads wait for (at most ``prefetch``); a task read ahead that
 waits for a free thread longer than ``HAND_BACK_AFTER`` goes back on the stream for
-other processes. An outcome script acks its task (XACK + XDEL). Every
+other processes. An outcome script acks its task (XACK + XDEL).
+
+Eager hand-off: the script that completes a task also claims, for the same worker
+thread, the first task that completion made ready (XADD, then XREADGROUP by this
+consumer, so the task is pending for this process as any other) and marks it running;
+the thread goes straight on with it, without a wake-up through the buffer. A streak of
+such hand-offs is bounded (``STREAK_HOPS`` tasks or ``STREAK_SECONDS``): then the
+thread's next completion claims nothing, its task goes through the stream, and any
+waiting thread of any process may take it. Every
 ``visibility_timeout / 3`` seconds a keep-alive thread refreshes the idle time of the
 tasks this process still holds (XCLAIM to itself); tasks idle for longer than
 ``visibility_timeout`` belong to a worker that died or froze and are taken over. A task
@@ -35,13 +43,16 @@ from .keys import GROUP, KeyLayout
 from .scripts import Call, Scripts
 from .store import RequestStore
 
-__all__ = ["HAND_BACK_AFTER", "Consumer"]
+__all__ = ["HAND_BACK_AFTER", "STREAK_HOPS", "STREAK_SECONDS", "Consumer"]
 
 log = logging.getLogger("flowloom.redis")
 
 HAND_BACK_AFTER = 1.0  # seconds a task read ahead waits for a free thread here
 SWEEP_EVERY = 5.0  # seconds between two housekeeping passes of a fetcher
 FORGET_AFTER = 120.0  # seconds a consumer holding nothing may idle before it is dropped
+PROMOTE_EVERY = 0.05  # seconds between two moves of due retries while busy (or when due)
+STREAK_HOPS = 100  # tasks a worker thread may take by eager hand-off in a row
+STREAK_SECONDS = 0.1  # ... or for at most this long
 
 # a completion not sent yet, and its task (None: a part of its deliveries sent ahead)
 _Deferred = tuple[Call, Task | None]
@@ -71,13 +82,16 @@ class Consumer:
         self.visibility_timeout = visibility_timeout
         self.prefetch = prefetch
         self.max_deliveries = max_deliveries
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # worker threads wait on it for tasks
+        self._wanted = threading.Condition(lock)  # the fetcher waits on it for waiting threads
         self._buffer: deque[tuple[float, Task]] = deque()  # (read at, task), oldest first
         self._held: dict[str, Task] = {}  # receipt -> task (buffered or running)
         self._begun: set[str] = set()  # receipts of tasks marked running when claimed
         self._redelivered: dict[str, int] = {}  # receipt -> deliveries, of taken-over tasks
         self._waiting = 0  # worker threads waiting in ``claim``
         self._deferred = threading.local()  # .calls: completions not sent yet (_Deferred)
+        self._eager = threading.local()  # .task: handed to this thread; .streak, .since
         self.name: str | None = None  # the consumer's name, once it claims
         self._reclaim_from = "0-0"  # where the next XAUTOCLAIM scan of pending tasks starts
         self.closing = threading.Event()
@@ -89,15 +103,23 @@ class Consumer:
         cannot be reached they stay deferred, to be sent with the next call."""
         self._with_deferred(None)
 
+    def _flush_for_next(self) -> Task | None:
+        """Send this thread's deferred completions; the task they handed to this thread
+        (eager hand-off), if any."""
+        self._with_deferred(None, eager=True)
+        task: Task | None = self._eager.__dict__.pop("task", None)
+        return task
+
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         self.flush()
         return self._scripts(name, keys, args)
 
-    def _with_deferred(self, call: Call | None) -> Any:
+    def _with_deferred(self, call: Call | None, eager: bool = False) -> Any:
         """Run ``call`` (if any) after this thread's deferred completions, all in one
         round trip (one pipeline); returns the result of ``call``. A completion that
         cannot be sent for want of Redis stays deferred; one that fails otherwise lets
-        its task go (it is taken over later and runs again)."""
+        its task go (it is taken over later and runs again). ``eager``: the thread is
+        free, a task a completion claims is for it (else it goes to the buffer)."""
         pending: list[_Deferred] = self._deferred.__dict__.pop("calls", [])
         if not pending:
             return None if call is None else self._scripts(*call)
@@ -114,18 +136,23 @@ class Consumer:
             raise
         for (_, task), result in zip(pending, results[: len(pending)], strict=True):
             if task is not None:
-                self._completed(task, result)
+                self._completed(task, result, eager)
         return results[-1] if call is not None else None
 
     # -- the worker's calls ------------------------------------------------------------------
     def claim(self, worker: str, timeout: float) -> Task | None:
         self._start(worker)
         if not self._buffer:
-            self.flush()  # nothing to pair it with: send the deferred completion now
+            # nothing to pair it with: send the deferred completion now, and go on with
+            # the task it claimed for this thread, if any
+            task = self._flush_for_next()
+            if task is not None:
+                self._eager.streak = getattr(self._eager, "streak", 0) + 1
+                return task
         with self._cond:
             if not self._buffer:
                 self._waiting += 1
-                self._cond.notify_all()  # wake the fetcher: someone waits for work
+                self._wanted.notify()  # wake the fetcher: someone waits for work
                 try:
                     self._cond.wait_for(lambda: self._buffer or self.closing.is_set(), timeout)
                 finally:
@@ -133,7 +160,11 @@ class Consumer:
             if not self._buffer:
                 return None
             _, task = self._buffer.popleft()
-            return task
+        # a task from the stream: a new streak starts now (not when the thread began
+        # to wait, or every task would go through the stream after a long wait)
+        self._eager.streak = 0
+        self._eager.since = time.monotonic()
+        return task
 
     def begin(self, task: Task, instance: str, address: str) -> bool:
         with self._cond:
@@ -188,7 +219,7 @@ class Consumer:
             calls.append((("deliver", keys, [task.request_id, instance, *part]), None))
         calls.append((("complete", keys, args), task))
 
-    def _completed(self, task: Task, claimed: Any) -> None:
+    def _completed(self, task: Task, claimed: Any, eager: bool) -> None:
         self._release(task)
         if claimed:
             entries, began = claimed
@@ -199,7 +230,11 @@ class Consumer:
                     for entry, flag in zip(entries, began, strict=True)
                     if flag == 1
                 )
-            self._take(kept)
+            if eager and kept and kept[0][1] and "task" not in self._eager.__dict__:
+                self._eager.task = self._hold(kept[0])
+                kept = kept[1:]
+            if kept:
+                self._take(kept)
 
     def retry(
         self, task: Task, instance: str, address: str, delay: float, error: ErrorInfo
@@ -237,12 +272,17 @@ class Consumer:
 
     # -- what this process holds -------------------------------------------------------------
     def _want_more(self) -> int:
-        """How many tasks a completing worker thread may read for this process: one, for
-        itself, unless one is waiting already."""
-        if self.name is None or self.closing.is_set():
+        """How many tasks a completing worker thread may claim: one, for itself, unless
+        one waits for it in the buffer already or its streak of eager hand-offs is over
+        (``STREAK_HOPS``, ``STREAK_SECONDS``)."""
+        if self.name is None or self.closing.is_set() or self._buffer:
             return 0
-        with self._cond:
-            return 1 if not self._buffer else 0
+        eager = self._eager.__dict__
+        if eager.get("streak", 0) >= STREAK_HOPS:
+            return 0
+        if time.monotonic() - eager.get("since", 0.0) >= STREAK_SECONDS:
+            return 0
+        return 1
 
     def _room(self) -> int:
         """How many tasks the fetcher may read: one per waiting thread, up to ``prefetch``."""
@@ -268,7 +308,16 @@ class Consumer:
                 self._held[task.receipt] = task
             now = time.monotonic()
             self._buffer.extend((now, task) for task in tasks)
-            self._cond.notify_all()
+            self._cond.notify(len(tasks))  # a thread per task, not all of them
+
+    def _hold(self, entry: tuple[bytes, list[bytes]]) -> Task:
+        """The task of a stream entry a completion claimed for this thread, held (kept
+        alive) until its outcome is sent."""
+        receipt, fields = entry
+        task = codec.decode_task(fields[1], receipt.decode())
+        with self._cond:
+            self._held[task.receipt] = task
+        return task
 
     def release(self, task: Task) -> None:
         """Let ``task`` go: no longer kept alive, taken over after the visibility timeout."""
@@ -317,7 +366,7 @@ class Consumer:
         back what waits here too long; keep the listings and the group tidy. Survives any
         error: logged once per outage, then retried with a back-off."""
         consumer = cast(str, self.name)
-        timers = {"reclaim": 0.0, "sweep": time.monotonic() + 1.0}
+        timers = {"promote": 0.0, "due": 0.0, "reclaim": 0.0, "sweep": time.monotonic() + 1.0}
         backoff = 0.0
         group_ready = False
         while not self.closing.is_set():
@@ -343,10 +392,13 @@ class Consumer:
 
     def _fetch_once(self, consumer: str, timers: dict[str, float]) -> None:
         now = time.monotonic()
-        moved, due_in = self._run("promote", [self.keys.delayed, self.keys.tasks], [100])
-        block = 0.25 if due_in < 0 else min(0.25, max(0.005, due_in / 1000))
-        if moved:
-            return
+        if now >= timers["promote"]:  # not before every read: a read per task is common
+            moved, due_in = self._run("promote", [self.keys.delayed, self.keys.tasks], [100])
+            timers["due"] = now + due_in / 1000 if due_in >= 0 else float("inf")
+            timers["promote"] = now if moved else min(now + PROMOTE_EVERY, timers["due"])
+            if moved:
+                return
+        block = min(0.25, max(0.005, timers["due"] - now))
         self._hand_back_stale(HAND_BACK_AFTER)
         if now >= timers["reclaim"]:
             self._reclaim(consumer)
@@ -354,11 +406,11 @@ class Consumer:
         if now >= timers["sweep"]:
             timers["sweep"] = now + SWEEP_EVERY
             self._tidy(consumer)
-        want = self._room()
-        if want == 0:
-            with self._cond:
-                self._cond.wait(block)
-            return
+        with self._cond:  # one lock for the check and the wait: no wake-up is missed
+            want = self._room()
+            if want == 0:
+                self._wanted.wait(block)
+                return
         reply = self._redis.xreadgroup(
             GROUP, consumer, {self.keys.tasks: ">"}, count=want, block=int(block * 1000)
         )
@@ -427,6 +479,7 @@ class Consumer:
         self.closing.set()
         with self._cond:
             self._cond.notify_all()
+            self._wanted.notify_all()
         for thread in self._threads:
             thread.join(5.0)
         with self._cond:

@@ -35,6 +35,9 @@
                                    ``keep_outputs = False``)
     P:worker:{name}      string    a live worker's description (JSON), with a TTL
     P:workers            zset      worker names -> last heartbeat (s)
+    P:ended              channel   "<id> <status>[ <result>]" each time a request ends,
+                                   with a result up to 4 KiB (pub/sub, not a key: see
+                                   ``ends.py``)
 
 When a request completes its ``i``, ``s`` (with each ``s:{inst}``), ``h`` and ``l`` keys
 are deleted and ``r``, ``v``, ``c``, ``e`` and ``o`` get a TTL of ``retention`` seconds
@@ -95,6 +98,7 @@ class KeyLayout:
     expiries: str
     workers: str
     held: str
+    ended: str  # a pub/sub channel
 
     @classmethod
     def of(cls, prefix: str) -> KeyLayout:
@@ -106,6 +110,7 @@ class KeyLayout:
             expiries=f"{prefix}:expiries",
             workers=f"{prefix}:workers",
             held=f"{prefix}:held",
+            ended=f"{prefix}:ended",
         )
 
     @property

@@ -6,13 +6,15 @@ request (which name the request's keys), then the script's own file.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 import redis
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from redis.connection import Connection
+from redis.exceptions import NoScriptError, ResponseError
 
 __all__ = ["REQUEST_SCRIPTS", "SOURCES", "Scripts"]
 
@@ -48,6 +50,17 @@ class Scripts:
         self._scripts: dict[str, Script] = {
             name: client.register_script(source) for name, source in SOURCES.items()
         }
+        self._pinned = threading.local()  # .connection: this thread's own, for pipelined
+
+    def _connection(self) -> Connection:
+        """This thread's own connection from the client's pool, kept for its next calls
+        (a worker thread sends a pipeline per task: no pool round per call). Closed with
+        the pool."""
+        connection: Connection | None = getattr(self._pinned, "connection", None)
+        if connection is None:
+            connection = self._client.connection_pool.get_connection()
+            self._pinned.connection = connection
+        return connection
 
     def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return self._scripts[name](keys=list(keys), args=list(args))
@@ -56,12 +69,11 @@ class Scripts:
         """Run several scripts in one round trip; their results, in order. Raises the
         first error any of them raised."""
         for attempt in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            for name, keys, args in calls:
-                pipe.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", self._scripts[name].sha, len(keys), *keys, *args
-                )
-            results: list[Any] = pipe.execute(raise_on_error=False)
+            commands = [
+                ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+                for name, keys, args in calls
+            ]
+            results = self._send(commands)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 for name, _, _ in calls:  # Redis restarted and lost its scripts
                     self._client.script_load(SOURCES[name])
@@ -71,3 +83,21 @@ class Scripts:
                     raise result
             return results
         raise AssertionError("unreachable")
+
+    def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` on this thread's connection in one write; their replies, an
+        error reply as its exception. A broken connection is closed (and opened again by
+        the next call) and the error raised."""
+        connection = self._connection()
+        try:
+            connection.send_packed_command(connection.pack_commands(commands))  # type: ignore[no-untyped-call]
+            results: list[Any] = []
+            for _ in commands:
+                try:
+                    results.append(connection.read_response())
+                except ResponseError as exc:
+                    results.append(exc)
+        except BaseException:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            raise
+        return results

@@ -4,9 +4,14 @@
 local FINISHED = { completed = true, failed = true, stopped = true }
 local HALTED = { failed = true, stopped = true } -- ended, but may be retried
 
+-- the server's clock, read once per script
+local clock
 local function now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+  if not clock then
+    local t = redis.call('TIME')
+    clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
+  return clock
 end
 
 local function fmt(x)

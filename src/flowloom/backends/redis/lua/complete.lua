@@ -11,8 +11,7 @@ local DELIVERIES = 13 -- deliveries follow in ARGV from here on (see apply)
 -- a request that failed or stopped meanwhile records the completion too (for a retry),
 -- setting aside what it makes ready
 local req = load_request(id)
-if req and req.status ~= 'completed' and redis.call('HEXISTS', instances_key, 'd|' .. inst) == 0 then
-  redis.call('HSET', instances_key, 'd|' .. inst, '1')
+if req and req.status ~= 'completed' and redis.call('HSETNX', instances_key, 'd|' .. inst, '1') == 1 then
   forget_inputs(inst)
   if output ~= '' then
     redis.call('HSET', vertices_key, 's|' .. address, 'completed', 'e|' .. address, fmt(now()))

@@ -14,6 +14,10 @@ local expiries_key = KEYS[10]  -- P:expiries    zset   when ended requests leave
 local delayed_key = KEYS[11]   -- P:delayed     zset   retries waiting for their time
 -- P:held (string): tasks held over all paused requests, for the queue-depth metric
 local held_count_key = string.sub(tasks_key, 1, -6) .. 'held'
+-- P:ended (channel): "<id> <status>[ <result>]" published when a request ends, with
+-- the result of a completed request up to PUSHED_RESULT bytes (see ends.py)
+local ended_channel = string.sub(tasks_key, 1, -6) .. 'ended'
+local PUSHED_RESULT = 4096
 -- P:r:{id}:l (list): tasks a failed or stopped request set aside, for a retry
 local lost_key = request_key .. ':l'
 --
@@ -219,6 +223,11 @@ local function finish(req, status, retention_ms, result, err)
     redis.call('DEL', instances_key, inputs_key, held_key, lost_key)
   end
   redis.call('RPUSH', ended_key, status)
+  if result and #result <= PUSHED_RESULT then
+    redis.call('PUBLISH', ended_channel, req.id .. ' ' .. status .. ' ' .. result)
+  else
+    redis.call('PUBLISH', ended_channel, req.id .. ' ' .. status)
+  end
   for _, key in ipairs(kept) do
     redis.call('PEXPIRE', key, retention_ms)
   end

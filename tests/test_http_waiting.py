@@ -1,0 +1,489 @@
+"""Waiting HTTP calls, woken by the backend's push when a request ends: no end is missed
+(not one before the wait registers, nor one while Redis restarts), nothing leaks after
+many waits, and callbacks on Redis go out on the push without the periodic check.
+Private Redis servers run on ports 20000-20999."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis
+
+from flowloom import FlowService, Request, RequestNotFound, Status
+from flowloom.backends import Backend
+from flowloom.backends.redis import RedisBackend
+from flowloom.backends.redis.ends import parse
+from flowloom.http import create_app
+from flowloom.http.waiting import Waiter
+from http_fixtures import AppClient, Gate, Receiver, register_flows
+from test_redis_faults import eventually
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Counting:
+    """Counts the status reads a backend gets (``wait``), to show that waits do not poll."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.reads = 0  # done
+        self.ids: set[str] = set()
+        original = backend.wait
+
+        def wait(request_id: str, timeout: float | None) -> Status | None:
+            found = original(request_id, timeout)
+            self.reads += 1
+            self.ids.add(request_id)
+            return found
+
+        backend.wait = wait  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def service(
+    make_backend: Callable[..., Backend], gate: Gate, backend_kind: str
+) -> Iterator[FlowService]:
+    backend = make_backend()
+    with FlowService(backend=backend, worker_concurrency=4) as fs:
+        register_flows(fs, gate)
+        fs._ensure_worker()
+        yield fs
+        gate.opened.set()
+
+
+def ended(fs: FlowService, request_id: str) -> Status | None:
+    return fs.backend.wait(request_id, 10)
+
+
+# -- no end is missed ----------------------------------------------------------------------------
+@pytest.mark.anyio
+async def test_an_end_before_the_wait_registers_is_answered_at_once(service: FlowService) -> None:
+    """The request ends (and its push goes by) before the wait begins: the one read that
+    follows the registration sees it, and nothing waits for a push that has gone."""
+    waiter = Waiter(service)
+    try:
+        record = service._submit("myflow", Request(b"early"))
+        assert await anyio.to_thread.run_sync(ended, service, record.request_id) is Status.COMPLETED
+        reads = Counting(service.backend)
+        with anyio.fail_after(10):
+            status = await waiter.wait(record.request_id, None, Status.QUEUED)
+        assert status is Status.COMPLETED
+        assert reads.reads == 1
+        assert waiter.waiting == {}
+    finally:
+        waiter.stop()
+
+
+@pytest.mark.anyio
+async def test_an_end_after_the_read_wakes_the_wait_by_push(
+    service: FlowService, gate: Gate
+) -> None:
+    """The request ends while the wait waits: the push answers it, with one read only."""
+    waiter = Waiter(service)
+    try:
+        record = service._submit("gated", Request(b"late"))
+        await anyio.to_thread.run_sync(gate.entered.acquire)
+        reads = Counting(service.backend)
+        async with anyio.create_task_group() as tasks:
+            found: list[Status] = []
+
+            async def wait() -> None:
+                found.append(await waiter.wait(record.request_id, None, Status.RUNNING))
+
+            tasks.start_soon(wait)
+            with anyio.fail_after(10):
+                while record.request_id not in waiter.waiting or reads.reads < 1:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.5)  # long enough for a poll to read again and again
+            gate.opened.set()
+        assert found == [Status.COMPLETED]
+        # no polling: the one read, and on Redis one more if the subscription was made
+        # while the wait waited (ends before it are re-read then)
+        assert reads.reads <= 2
+        assert waiter.waiting == {}
+    finally:
+        waiter.stop()
+
+
+@pytest.mark.anyio
+async def test_execute_registers_before_it_submits(service: FlowService) -> None:
+    """A quick flow's end cannot come before its execute waits for it: the wait is
+    registered under the request's id before the request exists."""
+    waiter = Waiter(service)
+    seen: list[bool] = []
+    submit = service._submit
+
+    def watched(name: str, request: Request) -> Any:
+        seen.append(request.request_id in waiter.waiting)
+        return submit(name, request)
+
+    service._submit = watched  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(10):
+            record, status, result = await waiter.execute("myflow", Request(b"x"), 30)
+        assert (status, result) == (Status.COMPLETED, b'you said "x"')
+        assert seen == [True]
+        with anyio.fail_after(10):
+            record, status, result = await waiter.execute(
+                "myflow", Request(b"y", request_id="chosen-id"), 30
+            )
+        assert record.request_id == "chosen-id"
+        assert result == b'you said "y"'
+        assert waiter.waiting == {}
+    finally:
+        waiter.stop()
+
+
+@pytest.mark.anyio
+async def test_a_wait_times_out_by_its_deadline_and_an_expired_request_is_not_found(
+    service: FlowService, gate: Gate
+) -> None:
+    waiter = Waiter(service)
+    try:
+        record = service._submit("gated", Request(b"slow"))
+        status = await waiter.wait(record.request_id, 0.2, Status.QUEUED)
+        assert status in (Status.QUEUED, Status.RUNNING)
+        assert waiter.waiting == {}
+        with pytest.raises(RequestNotFound):
+            await waiter.wait("no-such-request", 5, Status.QUEUED)
+        assert waiter.waiting == {}
+    finally:
+        gate.opened.set()
+        waiter.stop()
+
+
+# -- nothing leaks -------------------------------------------------------------------------------
+@pytest.mark.anyio
+async def test_a_thousand_waits_leave_no_future_listener_or_subscription(
+    service: FlowService, gate: Gate, backend_kind: str
+) -> None:
+    """1,000 waits that end in every way (the request completed, the deadline passed, the
+    caller went away) leave nothing registered, and one listener on the backend."""
+    waiter = Waiter(service)
+    try:
+        done = [service._submit("myflow", Request(b"%d" % i)) for i in range(400)]
+        slow = service._submit("gated", Request(b"slow"))
+        await waiter.wait(done[0].request_id, 30, Status.QUEUED)  # the listener is up
+        threads = threading.active_count()
+
+        async def completes(request_id: str) -> None:
+            assert await waiter.wait(request_id, 30, Status.QUEUED) is Status.COMPLETED
+
+        async def times_out() -> None:
+            assert not (await waiter.wait(slow.request_id, 0.05, Status.QUEUED)).finished
+
+        async def goes_away() -> None:
+            with anyio.move_on_after(0.05):
+                await waiter.wait(slow.request_id, 30, Status.QUEUED)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tasks:
+                for record in done:
+                    tasks.start_soon(completes, record.request_id)
+                for _ in range(300):
+                    tasks.start_soon(times_out)
+                for _ in range(300):
+                    tasks.start_soon(goes_away)
+        assert waiter.waiting == {}
+        # the reads ran on anyio's bounded pool; no thread was kept per wait
+        pool = anyio.to_thread.current_default_thread_limiter().total_tokens
+        assert threading.active_count() <= threads + pool
+        if backend_kind == "memory":
+            assert len(service.backend._listeners) == 1  # type: ignore[attr-defined]
+        else:
+            backend = service.backend
+            assert isinstance(backend, RedisBackend)
+            assert backend._ends.listeners == 1
+            client = redis.Redis.from_url(backend.url)
+            try:
+                assert client.pubsub_numsub(backend.keys.ended) == [
+                    (backend.keys.ended.encode(), 1)
+                ]
+            finally:
+                client.close()
+        waiter.stop()
+        if backend_kind == "memory":
+            assert service.backend._listeners == []  # type: ignore[attr-defined]
+        else:
+            assert service.backend._ends.listeners == 0  # type: ignore[attr-defined]
+    finally:
+        gate.opened.set()
+        waiter.stop()
+
+
+# -- Redis restarted while waits are pending -----------------------------------------------------
+class PrivateRedis:
+    """A redis-server on a port of 20000-20999, with AOF, that the test restarts."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.command = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(tmp_path), "--save", "", "--appendonly", "yes",
+            "--appendfsync", "always",
+        ]  # fmt: skip
+        self.log = tmp_path / "redis.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
+        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
+        try:
+            eventually(lambda: _answers(probe), 10, "the private Redis answers")
+            assert probe.info("server")["process_id"] == self.proc.pid  # type: ignore[index]
+        finally:
+            probe.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def _free_port() -> int:
+    for port in random.sample(range(20000, 21000), 1000):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-20999")
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_waits_pending_across_a_redis_restart_finish_or_time_out(
+    private_redis: PrivateRedis, gate: Gate
+) -> None:
+    """Redis is killed while waits are pending and comes back with its data (AOF). The
+    requests then end; the waits finish (the re-subscription re-reads what they wait
+    for, and the push comes once it is back), and one with a short deadline answers by
+    then although Redis was down."""
+    backend = RedisBackend(private_redis.url, retry_for=30, connect_timeout=0.2)
+    with FlowService(backend=backend, worker_concurrency=4) as fs:
+        register_flows(fs, gate)
+        fs._ensure_worker()
+        waiter = Waiter(fs)
+        try:
+            assert waiter._listen()
+            probe = redis.Redis.from_url(private_redis.url)
+            try:  # the subscription is up before anything waits
+                eventually(lambda: probe.pubsub_numsub(backend.keys.ended)[0][1], 10, "subscribed")
+            finally:
+                probe.close()
+            records = [fs._submit("gated", Request(b"%d" % i)) for i in range(4)]
+            for _ in records:
+                await anyio.to_thread.run_sync(gate.entered.acquire)
+            reads = Counting(backend)
+            results: dict[int, Status] = {}
+
+            async def wait(index: int, timeout: float) -> None:
+                request_id = records[index].request_id
+                results[index] = await waiter.wait(request_id, timeout, Status.RUNNING)
+
+            async with anyio.create_task_group() as tasks:
+                for index in range(3):
+                    tasks.start_soon(wait, index, 60)
+                tasks.start_soon(wait, 3, 1.0)
+                with anyio.fail_after(10):
+                    while len(reads.ids) < 4:  # every wait's one read is done
+                        await anyio.sleep(0.01)
+                private_redis.stop()
+                with anyio.fail_after(10):  # its deadline passes while Redis is down
+                    while 3 not in results:
+                        await anyio.sleep(0.05)
+                assert results[3] is Status.RUNNING
+                private_redis.start()
+                gate.opened.set()
+            assert [results[i] for i in range(3)] == [Status.COMPLETED] * 3
+            assert waiter.waiting == {}
+        finally:
+            gate.opened.set()
+            waiter.stop()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_an_end_missed_by_a_cut_subscription_is_found_on_resubscribing(
+    make_redis_backend: Callable[..., RedisBackend], redis_url: str
+) -> None:
+    """The push of a request's end is lost (dropped here, as a cut connection would);
+    once the subscription is cut and made again, the wait re-reads and is answered."""
+    backend = make_redis_backend()
+    ends = backend._ends
+    deliver = ends._deliver
+    dropped: list[bytes] = []
+    dropping = threading.Event()
+
+    def lossy(data: bytes) -> None:
+        if dropping.is_set():
+            dropped.append(data)
+        else:
+            deliver(data)
+
+    ends._deliver = lossy  # type: ignore[method-assign]
+    with FlowService(backend=backend) as fs:
+        fs.register("once", lambda wf, ctx: wf.dag.node("n", lambda d, o: d))
+        waiter = Waiter(fs)
+        try:
+            record = fs._submit("once", Request(b"x"))  # no worker runs it yet
+            found: list[Status] = []
+
+            async def wait() -> None:
+                found.append(await waiter.wait(record.request_id, 60, Status.QUEUED))
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(wait)
+                with anyio.fail_after(10):
+                    while record.request_id not in waiter.waiting:
+                        await anyio.sleep(0.01)
+                    await anyio.sleep(0.1)  # its one read is done: the subscription is up
+                dropping.set()
+                fs._ensure_worker()
+                with anyio.fail_after(10):
+                    while not dropped:
+                        await anyio.sleep(0.01)
+                await anyio.sleep(0.1)
+                assert found == []  # the push was lost: the wait still waits
+                dropping.clear()
+                client = redis.Redis.from_url(redis_url)
+                try:
+                    assert client.client_kill_filter(_type="pubsub") >= 1
+                finally:
+                    client.close()
+            assert found == [Status.COMPLETED]
+            assert dropped == [record.request_id.encode() + b" completed x"]  # with its result
+        finally:
+            waiter.stop()
+
+
+# -- callbacks on Redis --------------------------------------------------------------------------
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_callbacks_on_redis_are_sent_on_the_push_without_the_periodic_check(
+    make_redis_backend: Callable[..., RedisBackend], gate: Gate
+) -> None:
+    backend = make_redis_backend()
+    with FlowService(backend=backend, worker_concurrency=2) as fs, Receiver() as receiver:
+        register_flows(fs, gate)
+        fs._ensure_worker()
+        async with AppClient(create_app(fs, callback_allow="127.0.0.1")) as client:
+            api = client.app.state.flowloom
+            api.callbacks.sweep = 3600.0  # the periodic check never comes in this test
+            headers = {"X-Async": "true", "X-Callback-Url": receiver.url}
+            response = await client.post("/flow/gated", content=b"cb", headers=headers)
+            assert response.status_code == 202
+            await anyio.to_thread.run_sync(gate.entered.acquire)
+            with anyio.fail_after(10):  # the callback waits for the request's end
+                while api.callbacks.fresh:
+                    await anyio.sleep(0.01)
+            assert api.callbacks.pending == 1
+            gate.opened.set()
+            delivery = await anyio.to_thread.run_sync(lambda: receiver.received.get(timeout=20))
+    assert delivery.body == b"cb|gate|after"
+    assert delivery.headers["x-request-status"] == "completed"
+
+
+@pytest.mark.anyio
+async def test_the_server_stopping_ends_every_wait_at_once(
+    service: FlowService, gate: Gate
+) -> None:
+    waiter = Waiter(service)
+    try:
+        record = service._submit("gated", Request(b"s"))
+        found: list[Status] = []
+
+        async def wait() -> None:
+            found.append(await waiter.wait(record.request_id, 60, Status.QUEUED))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(wait)
+                while record.request_id not in waiter.waiting:
+                    await anyio.sleep(0.01)
+                waiter.close()
+        assert len(found) == 1
+        assert not found[0].finished
+        assert waiter.waiting == {}
+    finally:
+        gate.opened.set()
+        waiter.stop()
+
+
+def test_the_waits_use_the_event_loop_they_run_on() -> None:
+    """A waiter used from two event loops in turn (two test clients, two servers)
+    listens from the one it runs on."""
+    with FlowService() as fs:
+        fs.register("myflow", lambda wf, ctx: wf.dag.node("n", lambda d, o: d))
+        waiter = Waiter(fs)
+
+        async def run() -> Status:
+            _, status, _ = await waiter.execute("myflow", Request(b"a"), 10)
+            return status
+
+        assert asyncio.run(run()) is Status.COMPLETED
+        assert asyncio.run(run()) is Status.COMPLETED
+        assert len(fs.backend._listeners) == 1  # type: ignore[attr-defined]
+        waiter.stop()
+
+
+@pytest.mark.parametrize("size", [0, 100, 4096, 4097, 100_000])
+@pytest.mark.anyio
+async def test_execute_answers_with_the_result_pushed_or_read(
+    service: FlowService, size: int
+) -> None:
+    """A small result comes with the push of the end (on Redis, up to 4 KiB), a larger
+    one is read: either way the execute answers with it, byte for byte."""
+    service.register("echo", lambda wf, ctx: wf.dag.node("n", lambda d, o: d))
+    body = bytes(random.Random(size).randrange(256) for _ in range(size))
+    waiter = Waiter(service)
+    try:
+        with anyio.fail_after(20):
+            _, status, result = await waiter.execute("echo", Request(body), 30)
+        assert status is Status.COMPLETED
+        assert result == body
+    finally:
+        waiter.stop()
+
+
+@pytest.mark.parametrize(
+    ("message", "parsed"),
+    [
+        (b"r-1 completed", ("r-1", Status.COMPLETED, None)),
+        (b"r-1 completed ", ("r-1", Status.COMPLETED, b"")),
+        (b"r-1 completed a b\x00\xff", ("r-1", Status.COMPLETED, b"a b\x00\xff")),
+        (b"r:2 failed", ("r:2", Status.FAILED, None)),
+        (b"r-1 sleeping", None),
+        (b"", None),
+        (b"\xff\xfe completed", None),
+    ],
+)
+def test_end_messages_are_parsed(message: bytes, parsed: object) -> None:
+    assert parse(message) == parsed

@@ -1,0 +1,160 @@
+"""The eager hand-off on Redis: a completion claims the task it made ready for the thread
+that completed it. It must keep every guarantee of the stream: a killed worker loses
+nothing, the streak is bounded so other workers get work, and duplicated deliveries and
+completions sent together change nothing the second time."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from flowloom import Context, FlowService, Status, Workflow, engine
+from flowloom.backends import RequestRecord, Task
+from flowloom.backends.redis import RedisBackend
+from flowloom.registry import Registry
+from test_redis_faults import (
+    APP,
+    Workers,
+    claim,
+    eventually,
+    fs,
+    live_workers,
+    runs,
+    workers,
+)
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(180)]
+
+__all__ = ["fs", "workers"]  # the fixtures, imported for the tests below
+
+HOPS = APP.CHAIN_HOPS
+
+
+def hop_pids(url: str, prefix: str, request_id: str) -> list[int]:
+    client = redis.Redis.from_url(url)
+    try:
+        raw: dict[bytes, bytes] = client.hgetall(f"{prefix}:test:chain-pid:{request_id}")  # type: ignore[assignment]
+    finally:
+        client.close()
+    return [int(raw[b"%d" % n]) for n in range(HOPS)]
+
+
+def hop_runs(url: str, prefix: str, request_id: str) -> list[int]:
+    counts = runs(url, prefix, "chain")
+    return [counts.get(f"{request_id}:{n}", 0) for n in range(HOPS)]
+
+
+def stream_is_empty(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        assert client.xlen(f"{prefix}:tasks") == 0
+        assert client.xpending(f"{prefix}:tasks", "workers")["pending"] == 0  # type: ignore[index]
+    finally:
+        client.close()
+
+
+def test_sigkill_mid_chain_loses_nothing(
+    fs: FlowService, workers: Workers, redis_url: str, redis_prefix: str
+) -> None:
+    victim = workers.start(concurrency=2, visibility=1.5, sleep=0.005)
+    live_workers(fs, 1)
+    request_id = fs.execute("chain", b"0")
+    eventually(
+        lambda: sum(n > 0 for n in hop_runs(redis_url, redis_prefix, request_id)) >= 50,
+        30,
+        "50 hops run",
+    )
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    ran_before = sum(n > 0 for n in hop_runs(redis_url, redis_prefix, request_id))
+    assert ran_before < HOPS
+    rescuer = workers.start(concurrency=2, visibility=1.5, sleep=0.005)
+    assert fs.result("chain", request_id, timeout=60) == b"%d" % HOPS
+    counts = hop_runs(redis_url, redis_prefix, request_id)
+    assert min(counts) == 1  # every hop ran
+    assert sum(counts) - HOPS <= 1  # only the hop in flight when it died ran twice
+    pids = hop_pids(redis_url, redis_prefix, request_id)
+    assert pids[-1] == rescuer.pid
+    assert set(pids) == {victim.pid, rescuer.pid}
+    state = fs.state("chain", request_id)
+    assert state.status is Status.COMPLETED
+    assert all(v.status is Status.COMPLETED for v in state.vertices.values())
+    assert len(state.vertices) == HOPS
+    stream_is_empty(redis_url, redis_prefix)
+
+
+def test_a_second_worker_gets_work_while_a_long_chain_runs(
+    fs: FlowService, workers: Workers, redis_url: str, redis_prefix: str
+) -> None:
+    first = workers.start(concurrency=1)
+    second = workers.start(concurrency=1)
+    live_workers(fs, 2)
+    request_id = fs.execute("chain", b"0")
+    assert fs.result("chain", request_id, timeout=60) == b"%d" % HOPS
+    pids = hop_pids(redis_url, redis_prefix, request_id)
+    assert set(pids) == {first.pid, second.pid}  # the streaks were bounded
+    assert hop_runs(redis_url, redis_prefix, request_id) == [1] * HOPS
+
+
+def three_hops(workflow: Workflow, context: Context) -> None:
+    for n in range(3):
+        workflow.dag.node(f"h{n}", lambda data, options: data + b"!")
+        if n:
+            workflow.dag.edge(f"h{n - 1}", f"h{n}")
+
+
+def test_duplicated_deliveries_completed_in_one_batch_change_nothing(
+    make_redis_backend: Callable[..., RedisBackend], redis_url: str
+) -> None:
+    backend = make_redis_backend()
+    plan = Registry().register("hops", three_hops)
+    record = RequestRecord("dup", "hops", plan.version, b"x", {}, created=time.time())
+    backend.submit(record, engine.start(plan, b"x"))
+    raw = redis.Redis.from_url(redis_url)
+
+    def deliver_again(task: Task) -> Task:
+        entry = raw.xrange(backend.keys.tasks, task.receipt, task.receipt)
+        raw.xadd(backend.keys.tasks, entry[0][1])  # type: ignore[index]
+        again = claim(backend)
+        assert (again.step, dict(again.inputs)) == (task.step, dict(task.inputs))
+        return again
+
+    def complete(task: Task, output: bytes) -> None:
+        step = plan.steps[task.step]
+        transition = engine.after_output(plan, step, task.keys, output)
+        backend.complete(task, task.step, task.step, output, transition)
+
+    try:
+        h0 = claim(backend)
+        h0_again = deliver_again(h0)
+        assert backend.begin(h0, "h0", "h0")
+        assert backend.begin(h0_again, "h0", "h0")  # both run: at least once
+        complete(h0, b"x!")
+        complete(h0_again, b"other")  # deferred: both go in one round trip
+        h1 = claim(backend)  # handed over by the first completion, begun already
+        assert (h1.step, dict(h1.inputs)) == ("h1", {"h0": b"x!"})
+        before = backend.state("dup")
+        complete(h0, b"third")  # a third completion of h0, alone
+        backend.flush()
+        assert backend.state("dup") == before
+        assert backend.begin(h1, "h1", "h1")
+        complete(h1, b"x!!")
+        h2 = claim(backend)
+        assert (h2.step, dict(h2.inputs)) == ("h2", {"h1": b"x!!"})
+        complete(h1, b"again")  # h1 completed twice: the second is sent with h2's begin
+        assert backend.begin(h2, "h2", "h2")
+        complete(h2, b"x!!!")
+        assert backend.claim("w", 0.3) is None  # every hop was queued once
+        assert backend.result("dup") == b"x!!!"
+        state = backend.state("dup")
+        assert state is not None
+        assert state.status is Status.COMPLETED
+        assert {a: v.attempts for a, v in state.vertices.items()} == {"h0": 1, "h1": 1, "h2": 1}
+        assert raw.xlen(backend.keys.tasks) == 0  # every delivery was acked and deleted
+        assert raw.xpending(backend.keys.tasks, "workers")["pending"] == 0  # type: ignore[index]
+    finally:
+        raw.close()

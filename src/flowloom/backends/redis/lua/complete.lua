@@ -59,9 +59,10 @@ if claim > 0 then
       local blob = fields[2]
       local colon = string.find(blob, ':', 1, true)
       local rid = string.sub(blob, colon + 1, colon + tonumber(string.sub(blob, 1, colon - 1)))
+      local mine = rid == id
       began[j] = begin_task(base .. rid .. '}', group, entry[1], blob, fields[4], '1',
-        rid == id and known or nil)
-      if rid == id and began[j] == 1 then
+        mine and known or nil, mine and fired_here[fields[4]])
+      if mine and began[j] == 1 then
         known = 'running'
       end
     end

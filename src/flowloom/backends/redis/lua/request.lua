@@ -68,11 +68,13 @@ end
 -- instance is done (acked: dropped), or the request is paused (acked: held).
 -- `r` is the request's hash key (of this request or another one: the complete script
 -- begins the tasks it reads); the other keys are derived from it. `status` is the
--- request's, if the caller knows it already (else read). 1 if begun.
-local function begin_task(r, group, receipt, blob, inst, attempt, status)
+-- request's, if the caller knows it already (else read); `fired` says the instance
+-- fired in this very script, so it cannot be done yet (else read). 1 if begun.
+local function begin_task(r, group, receipt, blob, inst, attempt, status, fired)
   status = status or redis.call('HGET', r, 'status')
-  if not status or FINISHED[status] or redis.call('HEXISTS', r .. ':i', 'd|' .. inst) == 1 then
-    if HALTED[status] and blob ~= '' and redis.call('HEXISTS', r .. ':i', 'd|' .. inst) == 0 then
+  local done = not fired and redis.call('HEXISTS', r .. ':i', 'd|' .. inst) == 1
+  if not status or FINISHED[status] or done then
+    if HALTED[status] and blob ~= '' and not done then
       set_aside(r, blob)
     end
     ack(group, receipt)
@@ -153,7 +155,11 @@ local function each_inputs(cmd, ...)
   end
 end
 
+-- the instances this script fired (an instance fires once: none of them is done)
+local fired_here = {}
+
 local function fire(req, inst, step, keys, inputs)
+  fired_here[inst] = true
   local blob = ns(req.id) .. ns(req.flow) .. ns(req.version) .. ns(step) .. ns(keys) .. ns('1')
   queue(req, blob .. inputs, inst)
 end

@@ -172,11 +172,12 @@ local function apply(req, first, count)
     local inst, step, keys, slot, value = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
     local needed = tonumber(ARGV[a + 5])
     a = a + 6
-    if redis.call('HEXISTS', instances_key, 'f|' .. inst) == 0 then
-      if needed == 1 then
-        redis.call('HSET', instances_key, 'f|' .. inst, '1')
+    if needed == 1 then -- its only input: it fires now, unless it fired already
+      if redis.call('HSETNX', instances_key, 'f|' .. inst, '1') == 1 then
         fire(req, inst, step, keys, ns(slot) .. ns(value))
-      elseif redis.call('HSETNX', inputs_of(inst), slot, value) == 1 then
+      end
+    elseif redis.call('HEXISTS', instances_key, 'f|' .. inst) == 0 then
+      if redis.call('HSETNX', inputs_of(inst), slot, value) == 1 then
         if needed < 0 then
           needed = tonumber(redis.call('HGET', instances_key, 'n|' .. inst)) or -1
         else

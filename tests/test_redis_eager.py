@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
-from flowloom import Context, FlowService, Status, Workflow, engine
+from flowloom import Context, ErrorInfo, FlowService, Status, Workflow, engine
 from flowloom.backends import RequestRecord, Task
 from flowloom.backends.redis import RedisBackend
 from flowloom.registry import Registry
@@ -158,3 +158,30 @@ def test_duplicated_deliveries_completed_in_one_batch_change_nothing(
         assert raw.xpending(backend.keys.tasks, "workers")["pending"] == 0  # type: ignore[index]
     finally:
         raw.close()
+
+
+def test_a_zero_delay_retry_claimed_by_a_completion_keeps_its_attempt(
+    make_redis_backend: Callable[..., RedisBackend],
+) -> None:
+    """A retry without back-off goes straight on the stream, where another request's
+    completion may claim it for its thread: the vertex must then count the attempt the
+    task carries (2), not a first one."""
+    backend = make_redis_backend()
+    plan = Registry().register("hops", three_hops)
+    for rid in ("flaky", "other"):
+        record = RequestRecord(rid, "hops", plan.version, b"x", {}, created=time.time())
+        backend.submit(record, engine.start(plan, b"x"))
+    first, second = claim(backend), claim(backend)
+    tasks = {task.request_id: task for task in (first, second)}
+    for task in tasks.values():
+        assert backend.begin(task, "h0", "h0")
+    backend.retry(tasks["flaky"], "h0", "h0", 0.0, ErrorInfo("h0", "ValueError", "once"))
+    other = tasks["other"]
+    transition = engine.after_output(plan, plan.steps["h0"], other.keys, b"x!")
+    backend.complete(other, "h0", "h0", b"x!", transition)
+    again = claim(backend)  # the retry, older on the stream than the other request's h1
+    assert (again.request_id, again.step, again.attempt) == ("flaky", "h0", 2)
+    assert backend.begin(again, "h0", "h0")
+    state = backend.state("flaky")
+    assert state is not None
+    assert state.vertices["h0"].attempts == 2

@@ -93,6 +93,7 @@ class Consumer:
         self._deferred = threading.local()  # .calls: completions not sent yet (_Deferred)
         self._eager = threading.local()  # .task: handed to this thread; .streak, .since
         self.name: str | None = None  # the consumer's name, once it claims
+        self._last_keys: tuple[str, tuple[str, ...]] = ("", ())  # see ``_keys_of``
         self._reclaim_from = "0-0"  # where the next XAUTOCLAIM scan of pending tasks starts
         self.closing = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -184,7 +185,7 @@ class Consumer:
             self.fail(task, instance, address, ErrorInfo(address, "WorkerDied", message))
             return False
         args = [task.request_id, GROUP, task.receipt, instance, address, task.attempt]
-        keys = self.keys.request(task.request_id).script_keys()
+        keys = self._keys_of(task.request_id)
         began = bool(self._with_deferred(("begin", keys, args)))
         if not began:
             self._release(task)
@@ -213,7 +214,7 @@ class Consumer:
         # wait for work sends it first (``claim``), and so does any other call. While
         # Redis cannot be reached, completions queue up here (one per task run). The
         # deliveries of a big transition go ahead in parts (``deliver``), in order.
-        keys = self.keys.request(task.request_id).script_keys()
+        keys = self._keys_of(task.request_id)
         calls: list[_Deferred] = self._deferred.__dict__.setdefault("calls", [])
         for part in ahead:
             calls.append((("deliver", keys, [task.request_id, instance, *part]), None))
@@ -223,13 +224,13 @@ class Consumer:
         self._release(task)
         if claimed:
             entries, began = claimed
-            kept = [entry for entry, flag in zip(entries, began, strict=True) if flag != 0]
+            kept = []  # dropped (0) by the script: not kept
             with self._cond:
-                self._begun.update(
-                    entry[0].decode()
-                    for entry, flag in zip(entries, began, strict=True)
-                    if flag == 1
-                )
+                for entry, flag in zip(entries, began, strict=True):
+                    if flag == 1:
+                        self._begun.add(entry[0].decode())
+                    if flag != 0:
+                        kept.append(entry)
             if eager and kept and kept[0][1] and "task" not in self._eager.__dict__:
                 self._eager.task = self._hold(kept[0])
                 kept = kept[1:]
@@ -245,7 +246,7 @@ class Consumer:
             codec.error_json(error), blob,
         ]  # fmt: skip
         try:
-            self._run("retry", self.keys.request(task.request_id).script_keys(), args)
+            self._run("retry", self._keys_of(task.request_id), args)
         finally:
             self._release(task)
 
@@ -255,7 +256,7 @@ class Consumer:
             self._store.retention_ms(), codec.encode_task(replace(task, receipt="")),
         ]  # fmt: skip
         try:
-            self._run("fail", self.keys.request(task.request_id).script_keys(), args)
+            self._run("fail", self._keys_of(task.request_id), args)
         finally:
             self._release(task)
 
@@ -269,6 +270,15 @@ class Consumer:
                 pipe.execute()
         finally:
             self._release(task)
+
+    def _keys_of(self, request_id: str) -> tuple[str, ...]:
+        """The KEYS of a script about ``request_id``. The last request's are kept: a chain's
+        hops, and most tasks a thread runs in a row, are of one request."""
+        last = self._last_keys  # one read: another thread may replace it meanwhile
+        if last[0] != request_id:
+            last = (request_id, tuple(self.keys.request(request_id).script_keys()))
+            self._last_keys = last
+        return last[1]
 
     # -- what this process holds -------------------------------------------------------------
     def _want_more(self) -> int:

@@ -4,18 +4,21 @@
 local FINISHED = { completed = true, failed = true, stopped = true }
 local HALTED = { failed = true, stopped = true } -- ended, but may be retried
 
--- the server's clock, read once per script
-local clock
+-- the server's clock, read once per script: as a number, and as the text stored in the
+-- hashes (seconds with six decimals, built from TIME's own digits: no float formatting)
+local clock, stamp
 local function now()
   if not clock then
     local t = redis.call('TIME')
     clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
+    stamp = t[1] .. '.' .. string.rep('0', 6 - #t[2]) .. t[2]
   end
   return clock
 end
 
-local function fmt(x)
-  return string.format('%.6f', x)
+local function now_text()
+  now()
+  return stamp
 end
 
 local function ns(s)

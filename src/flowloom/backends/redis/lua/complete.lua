@@ -14,7 +14,7 @@ local req = load_request(id)
 if req and req.status ~= 'completed' and redis.call('HSETNX', instances_key, 'd|' .. inst, '1') == 1 then
   forget_inputs(inst)
   if output ~= '' then
-    redis.call('HSET', vertices_key, 's|' .. address, 'completed', 'e|' .. address, fmt(now()))
+    redis.call('HSET', vertices_key, 's|' .. address, 'completed', 'e|' .. address, now_text())
     redis.call('HDEL', vertices_key, 'x|' .. address)
     local kind = string.sub(output, 1, 1)
     if kind == 'd' then
@@ -49,6 +49,9 @@ if claim > 0 then
   end
   local entries, began = res[1][2], {}
   local base = string.sub(request_key, 1, #request_key - #id - 1)
+  -- this request's status, as read above, unless this script ended the request (a
+  -- chain's next hop is nearly always of the same request: no second read)
+  local known = req and finished ~= '1' and req.status or nil
   for j, entry in ipairs(entries) do
     local fields = entry[2]
     began[j] = -1
@@ -56,7 +59,12 @@ if claim > 0 then
       local blob = fields[2]
       local colon = string.find(blob, ':', 1, true)
       local rid = string.sub(blob, colon + 1, colon + tonumber(string.sub(blob, 1, colon - 1)))
-      began[j] = begin_task(base .. rid .. '}', group, entry[1], blob, fields[4], '1')
+      local mine = rid == id
+      began[j] = begin_task(base .. rid .. '}', group, entry[1], blob, fields[4], '1',
+        mine and known or nil, mine and fired_here[fields[4]])
+      if mine and began[j] == 1 then
+        known = 'running'
+      end
     end
   end
   return { entries, began }

@@ -12,7 +12,7 @@ if req and not FINISHED[req.status] and redis.call('HDEL', instances_key, 'r|' .
   redis.call('XADD', tasks_key, '*', 't', (fresh(blob)))
 elseif req and req.status ~= 'completed' and redis.call('HEXISTS', instances_key, 'd|' .. inst) == 0 then
   redis.call('HSET', vertices_key, 's|' .. address, 'failed', 'x|' .. address, err,
-    'e|' .. address, fmt(now()))
+    'e|' .. address, now_text())
   if HALTED[req.status] then
     set_aside(request_key, blob)
   else

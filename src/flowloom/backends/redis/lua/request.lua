@@ -51,27 +51,34 @@ local function set_aside(r, blob)
   end
 end
 
--- a ready task: on the stream (with its instance, so that it can be begun on claim),
--- aside while the request is paused, or set aside for a retry once it failed or stopped
+-- a ready task: on the stream, aside while the request is paused, or set aside for a
+-- retry once it failed or stopped. A first attempt goes with its instance (`inst`), so
+-- that a completion's claim can begin it; a later one (`inst` nil) is begun by its
+-- worker, which knows its attempt.
 local function queue(req, blob, inst)
   if HALTED[req.status] then
     set_aside(request_key, blob)
   elseif req.status == 'paused' then
     redis.call('RPUSH', held_key, blob)
     redis.call('INCR', held_count_key)
-  else
+  elseif inst then
     redis.call('XADD', tasks_key, '*', 't', blob, 'i', inst)
+  else
+    redis.call('XADD', tasks_key, '*', 't', blob)
   end
 end
 
 -- mark a claimed task running, unless it must not run: its request ended or the
 -- instance is done (acked: dropped), or the request is paused (acked: held).
 -- `r` is the request's hash key (of this request or another one: the complete script
--- begins the tasks it reads); the other keys are derived from it. 1 if begun.
-local function begin_task(r, group, receipt, blob, inst, attempt)
-  local status = redis.call('HGET', r, 'status')
-  if not status or FINISHED[status] or redis.call('HEXISTS', r .. ':i', 'd|' .. inst) == 1 then
-    if HALTED[status] and blob ~= '' and redis.call('HEXISTS', r .. ':i', 'd|' .. inst) == 0 then
+-- begins the tasks it reads); the other keys are derived from it. `status` is the
+-- request's, if the caller knows it already (else read); `fired` says the instance
+-- fired in this very script, so it cannot be done yet (else read). 1 if begun.
+local function begin_task(r, group, receipt, blob, inst, attempt, status, fired)
+  status = status or redis.call('HGET', r, 'status')
+  local done = not fired and redis.call('HEXISTS', r .. ':i', 'd|' .. inst) == 1
+  if not status or FINISHED[status] or done then
+    if HALTED[status] and blob ~= '' and not done then
       set_aside(r, blob)
     end
     ack(group, receipt)
@@ -90,7 +97,7 @@ local function begin_task(r, group, receipt, blob, inst, attempt)
   end
   local address = string.gsub(inst, ':[a-z]+$', '')
   redis.call('HSET', r .. ':v', 's|' .. address, 'running', 'a|' .. address, attempt)
-  redis.call('HSETNX', r .. ':v', 'b|' .. address, fmt(now()))
+  redis.call('HSETNX', r .. ':v', 'b|' .. address, now_text())
   return 1
 end
 
@@ -152,7 +159,11 @@ local function each_inputs(cmd, ...)
   end
 end
 
+-- the instances this script fired (an instance fires once: none of them is done)
+local fired_here = {}
+
 local function fire(req, inst, step, keys, inputs)
+  fired_here[inst] = true
   local blob = ns(req.id) .. ns(req.flow) .. ns(req.version) .. ns(step) .. ns(keys) .. ns('1')
   queue(req, blob .. inputs, inst)
 end
@@ -165,11 +176,12 @@ local function apply(req, first, count)
     local inst, step, keys, slot, value = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
     local needed = tonumber(ARGV[a + 5])
     a = a + 6
-    if redis.call('HEXISTS', instances_key, 'f|' .. inst) == 0 then
-      if needed == 1 then
-        redis.call('HSET', instances_key, 'f|' .. inst, '1')
+    if needed == 1 then -- its only input: it fires now, unless it fired already
+      if redis.call('HSETNX', instances_key, 'f|' .. inst, '1') == 1 then
         fire(req, inst, step, keys, ns(slot) .. ns(value))
-      elseif redis.call('HSETNX', inputs_of(inst), slot, value) == 1 then
+      end
+    elseif redis.call('HEXISTS', instances_key, 'f|' .. inst) == 0 then
+      if redis.call('HSETNX', inputs_of(inst), slot, value) == 1 then
         if needed < 0 then
           needed = tonumber(redis.call('HGET', instances_key, 'n|' .. inst)) or -1
         else
@@ -197,7 +209,7 @@ end
 -- end the request: record how, forget its bookkeeping, start the retention clock
 local function finish(req, status, retention_ms, result, err)
   local t = now()
-  redis.call('HSET', request_key, 'status', status, 'ended', fmt(t))
+  redis.call('HSET', request_key, 'status', status, 'ended', now_text())
   if result then
     redis.call('HSET', request_key, 'result', result)
   end

@@ -15,9 +15,8 @@ end
 if redis.call('HGET', request_key, 'retryable') ~= '1' then
   return { 'kept-nothing', req.status } -- ended before retries were possible
 end
-local t = now()
 local retries = redis.call('HGET', request_key, 'retries')
-retries = (retries and retries ~= '') and (retries .. ',' .. fmt(t)) or fmt(t)
+retries = (retries and retries ~= '') and (retries .. ',' .. now_text()) or now_text()
 redis.call('HSET', request_key, 'status', 'running', 'retries', retries)
 if ARGV[2] and ARGV[2] ~= '' then
   redis.call('HSET', request_key, 'trace', ARGV[2]) -- the retry's root span

@@ -10,7 +10,7 @@ if req and HALTED[req.status] and redis.call('HEXISTS', instances_key, 'd|' .. i
 elseif req and not FINISHED[req.status] and redis.call('HEXISTS', instances_key, 'd|' .. inst) == 0 then
   redis.call('HSET', vertices_key, 's|' .. address, 'queued', 'x|' .. address, err)
   if delay_ms <= 0 then
-    queue(req, blob, inst)
+    queue(req, blob, nil) -- begun by its worker, with its attempt
   else
     redis.call('ZADD', delayed_key, math.floor(now() * 1000) + delay_ms, blob)
   end

@@ -450,3 +450,43 @@ def test_consumers_long_gone_are_dropped_from_the_group(
         assert names == {b"holds-one"}  # its task is not lost with it
     finally:
         raw.close()
+
+
+# -- scripts lost and loaded again -------------------------------------------------------------
+def _foreach_of(items: int) -> Callable[[Any, Any], None]:
+    def define(workflow: Any, context: Any) -> None:
+        each = workflow.dag.foreach_branch(
+            "each",
+            lambda data: {f"k{n}": b"%d" % n for n in range(items)},
+            lambda outputs: b"%d" % sum(int(v) for v in outputs.values()),
+        )
+        each.node("item", lambda data, options: data)
+
+    return define
+
+
+def test_a_redis_knowing_some_scripts_only_loses_no_delivery(
+    private_redis: Callable[[bool], PrivateRedis], redis_prefix: str
+) -> None:
+    """A big split's deliveries go ahead of its completion in one pipeline. With Redis
+    holding the completion's script but not the deliveries' (another process loaded one
+    script), the deliveries must still land before the completion does."""
+    from flowloom.backends.redis.scripts import SOURCES
+
+    server = private_redis(False)
+    items = 2_500  # more deliveries than one script call takes: sent in parts
+    for flush in (False, True):
+        with redis.Redis(port=server.port) as admin:
+            admin.script_flush()
+            admin.script_load(SOURCES["complete"])
+            admin.script_load(SOURCES["begin"])
+        with FlowService(redis_url=server.url, redis_prefix=redis_prefix) as fs:
+            fs.register("each", _foreach_of(items))
+            fs._ensure_worker()
+            if flush:  # scripts lost while the process runs: all are loaded again
+                fs.run("each", b"", timeout=30)
+                with redis.Redis(port=server.port) as admin:
+                    admin.script_flush()
+                    admin.script_load(SOURCES["complete"])
+            result = fs.run("each", b"", timeout=30)
+        assert result == b"%d" % (items * (items - 1) // 2), flush

@@ -52,6 +52,7 @@ class Scripts:
             name: client.register_script(source) for name, source in SOURCES.items()
         }
         self._pinned = threading.local()  # .connection: this thread's own, for pipelined
+        self._loaded = False  # every script loaded by this process since Redis lost them
 
     def _connection(self) -> Connection:
         """This thread's own connection from the client's pool, kept for its next calls
@@ -64,11 +65,31 @@ class Scripts:
         return connection
 
     def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return self._scripts[name](keys=list(keys), args=list(args))
+        sha = self._scripts[name].sha
+        try:
+            return self._client.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self.load()  # every script, not this one only: see ``load``
+            return self._client.evalsha(sha, len(keys), *keys, *args)
+
+    def load(self) -> None:
+        """Load every script at once (one round trip).
+
+        A pipeline's calls depend on each other (the parts of a transition's deliveries
+        go before its completion), so none may fail for want of its script while a later
+        one runs: Redis knows either all of flowloom's scripts or, after a restart or a
+        ``SCRIPT FLUSH``, none of them."""
+        with self._client.pipeline(transaction=False) as pipe:
+            for source in SOURCES.values():
+                pipe.script_load(source)
+            pipe.execute()
+        self._loaded = True
 
     def pipelined(self, calls: Sequence[Call]) -> list[Any]:
         """Run several scripts in one round trip; their results, in order. Raises the
         first error any of them raised."""
+        if not self._loaded:
+            self.load()
         for attempt in range(2):
             commands = [
                 ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
@@ -76,8 +97,7 @@ class Scripts:
             ]
             results = self._send(commands)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                for name, _, _ in calls:  # Redis restarted and lost its scripts
-                    self._client.script_load(SOURCES[name])
+                self.load()  # Redis restarted (or was flushed) and lost every script
                 continue
             for result in results:
                 if isinstance(result, Exception):

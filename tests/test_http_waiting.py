@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
-import socket
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +24,7 @@ from flowloom.http import create_app
 from flowloom.http.waiting import Waiter
 from http_fixtures import AppClient, Gate, Receiver, register_flows
 from test_redis_faults import eventually
+from test_redis_resilience import PrivateRedis
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -221,60 +219,13 @@ async def test_a_thousand_waits_leave_no_future_listener_or_subscription(
 
 
 # -- Redis restarted while waits are pending -----------------------------------------------------
-class PrivateRedis:
-    """A redis-server on a port of 20000-20999, with AOF, that the test restarts."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.command = [
-            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(tmp_path), "--save", "", "--appendonly", "yes",
-            "--appendfsync", "always",
-        ]  # fmt: skip
-        self.log = tmp_path / "redis.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT)
-        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
-        try:
-            eventually(lambda: _answers(probe), 10, "the private Redis answers")
-            assert probe.info("server")["process_id"] == self.proc.pid  # type: ignore[index]
-        finally:
-            probe.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-
-def _free_port() -> int:
-    for port in random.sample(range(20000, 21000), 1000):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-20999")
-
-
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
+    """A private redis-server with AOF, that the test kills and starts again."""
+    server = PrivateRedis(tmp_path, aof=True)
     server.start()
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.mark.redis
@@ -315,7 +266,7 @@ async def test_waits_pending_across_a_redis_restart_finish_or_time_out(
                 with anyio.fail_after(10):
                     while len(reads.ids) < 4:  # every wait's one read is done
                         await anyio.sleep(0.01)
-                private_redis.stop()
+                private_redis.kill()
                 with anyio.fail_after(10):  # its deadline passes while Redis is down
                     while 3 not in results:
                         await anyio.sleep(0.05)

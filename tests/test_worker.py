@@ -154,3 +154,30 @@ def test_an_internal_error_fails_its_request_instead_of_leaving_it_waiting(
         assert "worker.py" in error.traceback  # flowloom's own frames: they are the point
         monkeypatch.setattr(engine, "after_output", real)
         assert fs.run("flow", b"the worker goes on", timeout=20) == b"the worker goes on"
+
+
+@pytest.mark.redis
+def test_a_request_submitted_here_runs_without_a_read_of_its_record(make_redis_backend, redis_url):
+    """The worker of the process that submitted a request knows its options already; a
+    request submitted elsewhere is read from Redis, options and all."""
+    from flowloom import Request
+
+    backend = make_redis_backend()
+    read: list[str] = []
+    record = backend.record
+
+    def counted(request_id):
+        read.append(request_id)
+        return record(request_id)
+
+    backend.record = counted
+    other = FlowService(redis_url=redis_url, backend=make_redis_backend())  # no worker
+    with FlowService(redis_url=redis_url, backend=backend) as fs:
+        fs.register("flow", lambda wf, ctx: wf.dag.node("n", lambda d, o: ",".join(o["who"])))
+        other.register("flow", lambda wf, ctx: wf.dag.node("n", lambda d, o: ",".join(o["who"])))
+        fs._ensure_worker()
+        assert fs.run("flow", Request(query={"who": ["me", "you"]}), timeout=10) == b"me,you"
+        assert read == []
+        elsewhere = other.execute("flow", Request(query={"who": "them"}))
+        assert fs.result("flow", elsewhere, timeout=10) == b"them"
+        assert read == [elsewhere]

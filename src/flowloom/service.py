@@ -190,6 +190,9 @@ class FlowService:
             self._ensure_worker()
         start = engine.start_task(body) if plan is None else engine.start(plan, body)
         self.backend.submit(record, start)
+        worker = self._worker
+        if worker is not None:  # its tasks run here need not read the record
+            worker.submitted(record)
         observers = self.observers
         if observers:
             observers.request_started(record)

@@ -11,7 +11,7 @@ import time
 import uuid
 
 from . import context, engine, logs
-from .backends import HOOKS, Backend, MemoryBackend, Task
+from .backends import HOOKS, Backend, MemoryBackend, RequestRecord, Task
 from .errors import BackendUnavailable
 from .execute import (
     Caller,
@@ -269,16 +269,27 @@ class Worker:
             if record is None:
                 known = ({}, RequestInfo(task.request_id, task.flow, 0.0, None))
             else:
-                options = {k: list(v) for k, v in record.query.items()}
-                if self._observed:
-                    known = (options, RequestInfo.of(record))
-                else:  # nobody reads its trace: not decoded
-                    known = (options, RequestInfo(record.request_id, record.flow, 0.0, None))
-            if len(self._known) >= 4096:
-                with contextlib.suppress(RuntimeError, StopIteration):  # another thread trimmed
-                    self._known.pop(next(iter(self._known)), None)
-            self._known[task.request_id] = known
+                known = self._known_of(record)
+            self._remember(task.request_id, known)
         return known
+
+    def submitted(self, record: RequestRecord) -> None:
+        """Keep what ``_request`` reads of a request this process submits: its tasks run
+        here need no read of its record (on Redis, a round trip per one-node request)."""
+        self._remember(record.request_id, self._known_of(record))
+
+    def _known_of(self, record: RequestRecord) -> tuple[Options, RequestInfo]:
+        options = {k: list(v) for k, v in record.query.items()}
+        if self._observed:
+            return options, RequestInfo.of(record)
+        # nobody reads its trace: not decoded
+        return options, RequestInfo(record.request_id, record.flow, 0.0, None)
+
+    def _remember(self, request_id: str, known: tuple[Options, RequestInfo]) -> None:
+        if len(self._known) >= 4096:
+            with contextlib.suppress(RuntimeError, StopIteration):  # another thread trimmed
+                self._known.pop(next(iter(self._known)), None)
+        self._known[request_id] = known
 
     def _run_hooks(self, plan: Plan | None, task: Task) -> None:
         try:

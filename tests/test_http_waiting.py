@@ -142,6 +142,31 @@ async def test_execute_registers_before_it_submits(service: FlowService) -> None
 
 
 @pytest.mark.anyio
+async def test_a_re_read_while_an_execute_submits_does_not_find_its_request_expired(
+    service: FlowService,
+) -> None:
+    """The statuses are read again (a subscription was made) after an execute registered
+    and before its request exists: not found then, it has not expired (its end comes
+    after the subscription, by push)."""
+    if service.backend.nonblocking:
+        pytest.skip("the submit runs on the loop: nothing reads in between")
+    waiter = Waiter(service)
+    submit = service._submit
+
+    def late(name: str, request: Request) -> Any:
+        anyio.from_thread.run(waiter._read_all, [request.request_id])
+        return submit(name, request)
+
+    service._submit = late  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(10):
+            _, status, result = await waiter.execute("myflow", Request(b"x"), 30)
+        assert (status, result) == (Status.COMPLETED, b'you said "x"')
+    finally:
+        waiter.stop()
+
+
+@pytest.mark.anyio
 async def test_a_wait_times_out_by_its_deadline_and_an_expired_request_is_not_found(
     service: FlowService, gate: Gate
 ) -> None:

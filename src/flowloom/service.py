@@ -37,6 +37,7 @@ from .types import Options, Request, RequestState, Status
 from .worker import Worker
 
 if TYPE_CHECKING:
+    from .engine import Transition
     from .metrics import Metrics
 
 __all__ = ["FlowService"]
@@ -165,6 +166,16 @@ class FlowService:
         return self._submit(name, request).request_id
 
     def _submit(self, name: str, request: Request | bytes | str | None) -> RequestRecord:
+        record, start = self._new_request(name, request)
+        self.backend.submit(record, start)
+        self._submitted(record)
+        return record
+
+    def _new_request(
+        self, name: str, request: Request | bytes | str | None
+    ) -> tuple[RequestRecord, Transition]:
+        """The record of a request of ``name`` and its first transition, to submit. Reads
+        the backend only in client mode (the version the workers serve)."""
         plan = None if self._client_mode(name) else self.registry.latest(name)
         version = plan.version if plan is not None else self._served_version(name)
         request = _as_request(request)
@@ -189,14 +200,15 @@ class FlowService:
         if self.embedded:
             self._ensure_worker()
         start = engine.start_task(body) if plan is None else engine.start(plan, body)
-        self.backend.submit(record, start)
+        return record, start
+
+    def _submitted(self, record: RequestRecord) -> None:
         worker = self._worker
         if worker is not None:  # its tasks run here need not read the record
             worker.submitted(record)
         observers = self.observers
         if observers:
             observers.request_started(record)
-        return record
 
     def _client_mode(self, name: str) -> bool:
         """Whether ``name`` is to be executed without its definition: it is not registered

@@ -17,6 +17,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+import anyio.to_thread
+
 from ..engine import Transition
 from ..types import ErrorInfo, RequestState, Status
 
@@ -134,6 +136,18 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def submit(self, record: RequestRecord, transition: Transition) -> None:
         """Create the request and apply its first transition; ``DuplicateRequest`` if it exists."""
+
+    async def submit_async(self, record: RequestRecord, transition: Transition) -> None:
+        """``submit`` from an event loop: on a thread (on the loop itself if the backend
+        is ``nonblocking``). A backend may send it from the loop more cheaply."""
+        if self.nonblocking:
+            self.submit(record, transition)
+            return
+        await anyio.to_thread.run_sync(self.submit, record, transition)
+
+    def leave_loop(self) -> None:  # noqa: B027 - optional
+        """Called on an event loop that made ``submit_async`` calls once it makes no more
+        (an HTTP server's shutdown): what the backend keeps for that loop goes."""
 
     @abc.abstractmethod
     def state(self, request_id: str) -> RequestState | None: ...

@@ -61,6 +61,7 @@ class Api:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self.waiter.closing.clear()
+        self.waiter.submits_on_loop = True
         try:
             yield
         finally:

@@ -202,7 +202,8 @@ async def execute(api: Api, request: HTTPRequest) -> Response:
         flow_request = Request(body=body, request_id=request_id, query=query, headers=kept)
         result: bytes | None = None
         if run_async or wait == 0:
-            record = await call(api.service._submit, name, flow_request)
+            with http_errors():
+                record = await api.waiter.submit(name, flow_request)
             status = Status.QUEUED
         else:
             with http_errors():

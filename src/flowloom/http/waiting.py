@@ -53,10 +53,12 @@ class Waiter:
     def __init__(self, service: FlowService) -> None:
         self.service = service
         self.waiting: dict[str, list[asyncio.Future[Ended]]] = {}
+        self.submitting: set[str] = set()  # ids of executes' requests being submitted
         self.closing = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unlisten: Callable[[], None] | None = None
         self._listening: bool | None = None  # None: not asked yet
+        self.submits_on_loop = False  # set by the app's lifespan
 
     @property
     def backend(self) -> Backend:
@@ -68,12 +70,24 @@ class Waiter:
             return fn(*args)
         return await anyio.to_thread.run_sync(fn, *args)
 
+    async def submit(self, name: str, request: Request) -> RequestRecord:
+        """``FlowService._submit``; within the app's lifespan by the backend's
+        ``submit_async`` (on Redis sent by the loop itself: what the backend keeps for
+        the loop goes by the lifespan's end)."""
+        service = self.service
+        if not self.submits_on_loop or service._client_mode(name):  # the latter reads
+            return await self.run(service._submit, name, request)  # the workers' versions
+        record, start = service._new_request(name, request)
+        await self.backend.submit_async(record, start)
+        service._submitted(record)
+        return record
+
     # -- the backend's listener ---------------------------------------------------------------
     def _listen(self) -> bool:
         """Listen to the backend (once per event loop); whether it tells of ends."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            self.stop()
+            self._unlisten_backend()
         if self._listening is None:
             self._loop = loop
 
@@ -104,10 +118,15 @@ class Waiter:
 
     async def _read_all(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
+            # not found while its execute submits it: created after this read, so after
+            # the subscription, whose push will tell of its end; it has not expired
+            submitting = request_id in self.submitting
             try:
                 status = await self.run(self.backend.wait, request_id, 0)
             except Exception:  # unreachable again: the next re-subscription reads again
                 return
+            if status is None and submitting:
+                continue
             if status is None or status.finished:
                 self._resolve(request_id, None if status is None else (status, None))
 
@@ -124,7 +143,13 @@ class Waiter:
             self._resolve(request_id, WOKEN)
 
     def stop(self) -> None:
-        """Stop listening to the backend (the app is shutting down)."""
+        """Stop listening to the backend (the app is shutting down, on its loop)."""
+        if self.submits_on_loop:
+            self.submits_on_loop = False
+            self.backend.leave_loop()
+        self._unlisten_backend()
+
+    def _unlisten_backend(self) -> None:
         if self._unlisten is not None:
             self._unlisten()
         self._unlisten, self._listening, self._loop = None, None, None
@@ -149,14 +174,18 @@ class Waiter:
         """Execute, and wait for the request up to ``timeout``: its record (id, trace),
         its status then, and its result if it completed."""
         if self.closing.is_set() or not self._listen():
-            record = await self.run(self.service._submit, name, request)
+            record = await self.submit(name, request)
             status = await self._poll(record.request_id, timeout, Status.QUEUED)
             return record, status, None
         if request.request_id is None:  # known before the submit, to register first
             request = replace(request, request_id=uuid.uuid4().hex)
         assert request.request_id is not None
         with self._registered(request.request_id) as future:
-            record = await self.run(self.service._submit, name, request)
+            self.submitting.add(request.request_id)
+            try:
+                record = await self.submit(name, request)
+            finally:
+                self.submitting.discard(request.request_id)
             status, result = await self._until(future, record.request_id, timeout, Status.QUEUED)
         if status is Status.COMPLETED and result is None:
             result = await self.run(self.backend.result, record.request_id)

@@ -18,6 +18,7 @@ from .consumer import Consumer
 from .ends import Ends
 from .heartbeats import Heartbeats
 from .keys import GROUP, KeyLayout
+from .loop_submits import LoopSubmits
 from .scripts import Scripts
 from .store import RequestStore
 
@@ -89,6 +90,9 @@ class RedisBackend(Backend):
             socket_timeout=socket_timeout,
             connect_timeout=connect_timeout,
         )
+        self._loop_submits = LoopSubmits(
+            url, socket_timeout=socket_timeout, connect_timeout=connect_timeout
+        )
         scripts = Scripts(self._redis)
         self._store = RequestStore(self._redis, scripts, self.keys, retention)
         self._quick_store = RequestStore(self._quick, Scripts(self._quick), self.keys, retention)
@@ -146,6 +150,16 @@ class RedisBackend(Backend):
     # -- requests ------------------------------------------------------------------------------
     def submit(self, record: RequestRecord, transition: Transition) -> None:
         self._call(lambda: self._store.submit(record, transition))
+
+    async def submit_async(self, record: RequestRecord, transition: Transition) -> None:
+        """``submit`` sent from the event loop itself (see ``loop_submits.py``); on a
+        thread, the ordinary way, when that does not create the request."""
+        keys, args = self._store.submit_call(record, transition)
+        if not await self._loop_submits.submit(keys, args):
+            await super().submit_async(record, transition)
+
+    def leave_loop(self) -> None:
+        self._loop_submits.close()
 
     def state(self, request_id: str) -> RequestState | None:
         return self._call(lambda: self._reads().state(request_id))
@@ -283,6 +297,7 @@ class RedisBackend(Backend):
         if self._consumer.closing.is_set():
             return
         self._ends.close()
+        self._loop_submits.close()
         try:
             self._consumer.flush()
             self._consumer.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import cast
+from typing import Any, cast
 
 import redis
 
@@ -38,6 +38,14 @@ class RequestStore:
         return max(1, int(self.retention * 1000))
 
     def submit(self, record: RequestRecord, transition: Transition) -> None:
+        keys, args = self.submit_call(record, transition)
+        if not self._scripts("submit", keys, args) and not self._is_ours(record):
+            raise DuplicateRequest(f"request {record.request_id!r} exists already")
+
+    def submit_call(
+        self, record: RequestRecord, transition: Transition
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of the ``submit`` script for ``record``."""
         keys = [
             *self.keys.request(record.request_id).script_keys(),
             self.keys.requests,
@@ -55,8 +63,7 @@ class RequestStore:
             record.trace,
             *codec.delivery_args(transition.deliveries),
         ]
-        if not self._scripts("submit", keys, args) and not self._is_ours(record):
-            raise DuplicateRequest(f"request {record.request_id!r} exists already")
+        return keys, args
 
     def _is_ours(self, record: RequestRecord) -> bool:
         """Whether the request that exists is ``record`` itself: a submit sent again after

@@ -1,0 +1,201 @@
+"""Submits made from an event loop, on a connection of the loop's own.
+
+A server executing requests submits them from its event loop. Handing each submit to a
+thread (and its answer back) costs more CPU than the submit itself, so here the loop
+sends the ``submit`` script's EVALSHA itself, on one connection: the submits of one turn
+of the loop go out in one write, and a ``hiredis.Reader`` hands the replies back in
+order. Only the plain case is handled here: a submit that gets any other answer than
+"created" (no connection, a lost one, no reply within the socket timeout, a script
+Redis does not know, an error, a request id that exists) returns ``False``, and the
+caller submits again the ordinary way, on a thread (which rides out outages, loads the
+scripts, and tells a duplicate from its own request sent twice). TLS URLs always take
+the ordinary way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, cast
+
+import hiredis
+from redis.connection import parse_url
+
+from .scripts import SOURCES
+
+__all__ = ["LoopSubmits"]
+
+SUBMIT_SHA = hashlib.sha1(SOURCES["submit"].encode()).hexdigest()
+PAUSE = 1.0  # seconds without the loop's connection after it failed
+
+
+class _Replies(asyncio.Protocol):
+    """One connection: commands written at the end of the loop's turn, replies in order.
+    Cut when no reply came for ``timeout`` seconds while one was awaited."""
+
+    def __init__(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._answered = 0  # replies so far
+        self._watch: asyncio.TimerHandle | None = None
+        self._transport: asyncio.Transport | None = None
+        self._reader = hiredis.Reader()
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._out: list[bytes] = []
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            self._answered += 1
+            future = self._waiting.popleft()
+            if not future.done():  # its caller gave up (cancelled, timed out)
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._watch is not None:
+            self._watch.cancel()
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(ConnectionError("connection to Redis lost"))
+
+    def send(self, command: Sequence[Any]) -> asyncio.Future[Any]:
+        """The future of ``command``'s reply (a ``hiredis.ReplyError`` for an error)."""
+        packed = hiredis.pack_command(tuple(command))  # TypeError for an odd argument
+        if self.lost:
+            raise ConnectionError("connection to Redis lost")
+        future = self._loop.create_future()
+        self._waiting.append(future)
+        if not self._out:
+            self._loop.call_soon(self._write)
+        self._out.append(packed)
+        if self._watch is None:
+            self._watch = self._loop.call_later(self._timeout, self._check, self._answered)
+        return future
+
+    def _check(self, answered: int) -> None:
+        self._watch = None
+        if not self._waiting or self.lost:
+            return
+        if self._answered == answered:  # Redis hangs, or the network: fail the waiting
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        self._watch = self._loop.call_later(self._timeout, self._check, self._answered)
+
+    def _write(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None and not self.lost:
+            self._transport.write(b"".join(out))
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class LoopSubmits:
+    """The ``submit`` script sent from the running event loop, to Redis at ``url``."""
+
+    def __init__(self, url: str, *, socket_timeout: float, connect_timeout: float) -> None:
+        options = parse_url(url)  # type: ignore[no-untyped-call]
+        self._usable = "connection_class" not in options or "path" in options  # no TLS
+        self._options = options
+        self._socket_timeout = socket_timeout
+        self._connect_timeout = connect_timeout
+        self._replies: _Replies | None = None
+        self._opening: asyncio.Task[_Replies] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._paused_until = 0.0
+
+    async def submit(self, keys: Sequence[str], args: Sequence[Any]) -> bool:
+        """Whether the request was created; ``False``: submit it the ordinary way."""
+        if not self._usable or time.monotonic() < self._paused_until:
+            return False
+        try:
+            replies = await self._connection()
+            reply = replies.send(("EVALSHA", SUBMIT_SHA, len(keys), *keys, *args))
+            return bool(await reply == 1)
+        except TypeError:  # an argument hiredis does not pack: redis-py's packer will
+            return False
+        except (OSError, TimeoutError, hiredis.HiredisError):
+            self._failed()
+            return False
+
+    async def _connection(self) -> _Replies:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._replies is None or self._replies.lost:
+            if self._loop is not loop:
+                self.close()  # the connection of a loop that made its last submits
+            if self._opening is None or self._loop is not loop:
+                self._loop = loop
+                self._opening = loop.create_task(self._open())
+            opening = self._opening
+            try:
+                self._replies = await asyncio.shield(opening)
+            finally:
+                if opening.done() and self._opening is opening:
+                    self._opening = None
+        return self._replies
+
+    async def _open(self) -> _Replies:
+        loop = asyncio.get_running_loop()
+        options = self._options
+
+        def made() -> _Replies:
+            return _Replies(self._socket_timeout)
+
+        async with asyncio.timeout(self._connect_timeout):
+            if "path" in options:
+                _, replies = await loop.create_unix_connection(made, options["path"])
+            else:
+                host, port = options.get("host", "localhost"), int(options.get("port", 6379))
+                _, replies = await loop.create_connection(made, host, port)
+            try:
+                hello: list[asyncio.Future[Any]] = []
+                if options.get("password") is not None:
+                    user = [options["username"]] if options.get("username") else []
+                    hello.append(replies.send(("AUTH", *user, options["password"])))
+                if int(options.get("db") or 0):
+                    hello.append(replies.send(("SELECT", int(options["db"]))))
+                for reply in hello:
+                    if isinstance(await reply, hiredis.ReplyError):
+                        raise ConnectionError(f"Redis refused the connection: {reply.result()}")
+            except BaseException:
+                replies.close()
+                raise
+        return replies
+
+    def _failed(self) -> None:
+        """Drop the connection, and take the ordinary way for ``PAUSE`` seconds."""
+        self._paused_until = time.monotonic() + PAUSE
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            replies.close()
+
+    def close(self) -> None:
+        """Drop the connection (from any thread)."""
+        replies, loop = self._replies, self._loop
+        self._replies = None
+        if replies is None or loop is None:
+            return
+        if _running_loop() is loop:
+            replies.close()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: so has the socket
+            loop.call_soon_threadsafe(replies.close)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -275,8 +275,11 @@ class Worker:
 
     def submitted(self, record: RequestRecord) -> None:
         """Keep what ``_request`` reads of a request this process submits: its tasks run
-        here need no read of its record (on Redis, a round trip per one-node request)."""
-        self._remember(record.request_id, self._known_of(record))
+        here need no read of its record (on Redis, a round trip per one-node request).
+        Not on a backend whose reads cost no I/O: a burst of submits would only push out
+        of the cache the requests that are running."""
+        if not self.backend.nonblocking:
+            self._remember(record.request_id, self._known_of(record))
 
     def _known_of(self, record: RequestRecord) -> tuple[Options, RequestInfo]:
         options = {k: list(v) for k, v in record.query.items()}

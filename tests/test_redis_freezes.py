@@ -12,8 +12,9 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+import redis
 
-from flowloom import FlowService, Status
+from flowloom import Context, FlowService, Status, Workflow
 from flowloom.backends.redis import RedisBackend
 from flowloom.http import create_app
 from http_fixtures import AppClient, Gate, register_flows
@@ -135,5 +136,54 @@ async def test_http_waits_across_a_frozen_redis_answer_by_their_deadline_then_fi
                     "/flow/gated", content=b"new", headers={"X-Request-Id": "frozen-new"}
                 )
                 assert again.status_code == 409, again.text
+    finally:
+        server.close()
+
+
+def test_redis_killed_in_the_middle_of_a_big_split_and_restarted_with_its_data(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """A 20,000-item foreach's deliveries go out in parts ahead of the split's
+    completion. Redis (AOF, fsync always) is killed once the first parts have landed
+    and items run, and started again: the split runs again after the visibility
+    timeout, its parts are applied again harmlessly, and the join sees every item once."""
+    items = 20_000
+    server = PrivateRedis(tmp_path, aof=True)
+    server.start()
+    backend = RedisBackend(
+        server.url, prefix=redis_prefix, retry_for=60, connect_timeout=0.2, visibility_timeout=2
+    )
+    seen: list[int] = []
+    try:
+        with FlowService(backend=backend, worker_concurrency=2) as fs:
+
+            def define(workflow: Workflow, context: Context) -> None:
+                each = workflow.dag.foreach_branch(
+                    "each",
+                    lambda data: {f"k{n}": b"%d" % n for n in range(items)},
+                    lambda outputs: (
+                        seen.append(len(outputs)) or b"%d" % sum(int(v) for v in outputs.values())
+                    ),
+                )
+                each.node("item", lambda data, options: data)
+
+            fs.register("each", define)
+            fs._ensure_worker()
+            probe = redis.Redis(port=server.port, socket_timeout=1)
+            request_id = fs.execute("each", b"")
+            eventually(lambda: probe.xlen(backend.keys.tasks) >= 1000, 30, "a first part")
+            split = fs.state("each", request_id).vertices["each"]
+            server.kill()
+            assert split.status is Status.RUNNING  # its later parts not sent yet
+            probe.close()
+            time.sleep(0.5)
+            server.start()
+            result = fs.result("each", request_id, timeout=120)
+            assert result == b"%d" % (items * (items - 1) // 2)
+            state = fs.state("each", request_id)
+            assert state.status is Status.COMPLETED
+            done = [v for v in state.vertices.values() if v.status is Status.COMPLETED]
+            assert len(done) == len(state.vertices) == items + 1  # the foreach, its items
+        assert seen == [items]  # the join ran once, over every item
     finally:
         server.close()

@@ -17,6 +17,7 @@ from .execute import (
     Caller,
     NodeFailed,
     Outcome,
+    check_size,
     error_info,
     internal_error,
     run_step,
@@ -185,7 +186,9 @@ class Worker:
             outcome: Outcome | None = None
             failure: BaseException | None = None
             try:
-                outcome = run_step(step, task.inputs, options, self._call)
+                outcome = check_size(
+                    run_step(step, task.inputs, options, self._call), self.backend.value_limit()
+                )
             except BaseException as exc:  # user code's: a SystemExit fails the request too
                 failure = exc
             if failure is not None:  # outside the except: an on_failure error is not chained
@@ -241,7 +244,9 @@ class Worker:
             _log_failure(task, step, error, "running its on_failure handler", logging.WARNING)
             try:
                 fallback = self._call(step.on_failure, exc, data, kind="on_failure")
-                return Outcome(to_bytes(fallback, "on_failure"))
+                return check_size(
+                    Outcome(to_bytes(fallback, "on_failure")), self.backend.value_limit()
+                )
             except BaseException as fallback_exc:
                 error = error_info(address, fallback_exc)
                 _log_failure(

@@ -10,6 +10,7 @@ from typing import TypeVar
 import redis
 
 from ...engine import Transition
+from ...errors import InvalidRequest
 from ...logs import safe_url
 from ...types import ErrorInfo, RequestState, Status
 from ..base import Backend, RequestRecord, Summary, Task, current_deadline
@@ -27,6 +28,8 @@ log = logging.getLogger("flowloom.redis")
 
 T = TypeVar("T")
 
+MAX_VALUE = 256 * 1024 * 1024  # bytes one output, item or body may hold by default
+
 
 class RedisBackend(Backend):
     """Requests and tasks in Redis at ``url``, every key under ``prefix``.
@@ -39,7 +42,10 @@ class RedisBackend(Backend):
     fail-over) before it raises ``BackendUnavailable`` (a worker carries on regardless).
     ``socket_timeout``, ``connect_timeout``: seconds one Redis command or connection may
     take. ``max_deliveries``: a task delivered that many times, its worker dying each
-    time, fails its request rather than run again.
+    time, fails its request rather than run again. ``max_value``: the most bytes one
+    output, foreach item or request body may hold (less if Redis's own
+    ``proto-max-bulk-len`` is lower: at most half of it); a step that returns more fails
+    its request, a bigger body is refused (``InvalidRequest``).
 
     Every failure of Redis surfaces as ``BackendUnavailable`` (never a ``redis``
     exception), after at most ``retry_for`` seconds, or by the end of an enclosing
@@ -59,7 +65,10 @@ class RedisBackend(Backend):
         socket_timeout: float = 5.0,
         connect_timeout: float = 2.0,
         max_deliveries: int = 5,
+        max_value: int = MAX_VALUE,
     ) -> None:
+        if max_value < 1:
+            raise ValueError("max_value must be >= 1")
         if visibility_timeout <= 0 or prefetch < 0 or heartbeat <= 0:
             raise ValueError("visibility_timeout and heartbeat must be > 0, prefetch >= 0")
         if retry_for < 0 or socket_timeout <= 0 or connect_timeout <= 0 or max_deliveries < 1:
@@ -69,6 +78,8 @@ class RedisBackend(Backend):
             )
         self.url = url
         self.prefix = prefix
+        self.max_value = max_value
+        self._value_limit: int | None = None  # max_value, and Redis's, once read
         self.retry_for = retry_for
         self.keys = KeyLayout.of(prefix)
         try:
@@ -145,7 +156,28 @@ class RedisBackend(Backend):
 
     # -- requests ------------------------------------------------------------------------------
     def submit(self, record: RequestRecord, transition: Transition) -> None:
+        limit = self.value_limit()
+        if len(record.body) > limit:
+            raise InvalidRequest(
+                f"a body of {len(record.body):,} bytes is more than Redis takes in one "
+                f"value here (max_value {limit:,})"
+            )
         self._call(lambda: self._store.submit(record, transition))
+
+    def value_limit(self) -> int:
+        """``max_value``, lowered to half of Redis's ``proto-max-bulk-len`` if that is
+        less (a completion carries an output and a delivery of it); read once."""
+        if self._value_limit is not None:
+            return self._value_limit
+        try:
+            found = self._redis.config_get("proto-max-bulk-len")
+            configured = int(found["proto-max-bulk-len"] or "")
+        except (redis.ConnectionError, redis.TimeoutError):
+            return self.max_value  # read again next time
+        except (redis.RedisError, KeyError, ValueError):
+            configured = 2 * self.max_value  # CONFIG refused (a managed Redis): ours alone
+        self._value_limit = max(1, min(self.max_value, configured // 2 - 4096))
+        return self._value_limit
 
     def state(self, request_id: str) -> RequestState | None:
         return self._call(lambda: self._reads().state(request_id))

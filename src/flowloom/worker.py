@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 
-from . import context, engine, logs
+from . import checks, context, engine, logs
 from .backends import HOOKS, Backend, MemoryBackend, Task
 from .errors import BackendUnavailable
 from .execute import (
@@ -29,7 +29,9 @@ from .plan import SCOPE_INPUT, Plan, Step, StepKind
 from .registry import Registry
 from .types import ErrorInfo, Options, Status
 
-__all__ = ["Worker"]
+__all__ = ["MAX_CONCURRENCY", "Worker"]
+
+MAX_CONCURRENCY = 10_000  # threads one worker may run
 
 log = logging.getLogger("flowloom.worker")
 
@@ -49,8 +51,7 @@ class Worker:
         concurrency: int = 5,
         observers: Observers | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("worker concurrency must be >= 1")
+        checks.count("worker concurrency", concurrency, 1, MAX_CONCURRENCY)
         self.backend = backend
         self.registry = registry
         self.concurrency = concurrency

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import redis
 
+from ... import checks
 from ...engine import Transition
 from ...errors import InvalidRequest
 from ...logs import safe_url
@@ -67,15 +68,18 @@ class RedisBackend(Backend):
         max_deliveries: int = 5,
         max_value: int = MAX_VALUE,
     ) -> None:
-        if max_value < 1:
-            raise ValueError("max_value must be >= 1")
-        if visibility_timeout <= 0 or prefetch < 0 or heartbeat <= 0:
-            raise ValueError("visibility_timeout and heartbeat must be > 0, prefetch >= 0")
-        if retry_for < 0 or socket_timeout <= 0 or connect_timeout <= 0 or max_deliveries < 1:
-            raise ValueError(
-                "retry_for must be >= 0, socket_timeout and connect_timeout > 0, "
-                "max_deliveries >= 1"
-            )
+        for name, value in (
+            ("retention", retention),
+            ("visibility_timeout", visibility_timeout),
+            ("heartbeat", heartbeat),
+            ("socket_timeout", socket_timeout),
+            ("connect_timeout", connect_timeout),
+        ):
+            checks.seconds(name, value)
+        checks.seconds("retry_for", retry_for, zero=True)
+        checks.count("prefetch", prefetch, 0, 100_000)
+        checks.count("max_deliveries", max_deliveries, 1, 1_000_000)
+        checks.count("max_value", max_value, 1, 2**62)
         self.url = url
         self.prefix = prefix
         self.max_value = max_value

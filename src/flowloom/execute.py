@@ -200,6 +200,13 @@ def _split(step: Step, data: bytes, call: Caller) -> tuple[tuple[str, bytes], ..
             raise StepError(
                 f"foreach returned key {key!r} of type {type(key).__name__}, expected str"
             )
+        if not key.isascii():
+            try:
+                key.encode()
+            except UnicodeEncodeError:
+                raise StepError(
+                    f"foreach returned key {key!r}: not text UTF-8 can hold (a lone surrogate)"
+                ) from None
         branches.append((key, to_bytes(value, f"foreach item {key!r}")))
     return tuple(branches)
 

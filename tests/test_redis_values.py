@@ -99,3 +99,28 @@ def test_max_value_is_the_limit_when_redis_takes_more(
         flows(fs)
         fs._ensure_worker()
         check_refused(fs, 10_000)
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl", "noeviction"])
+def test_a_worker_warns_once_at_start_of_a_redis_that_may_evict_its_keys(
+    tmp_path: Path, redis_prefix: str, policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = PrivateRedis(tmp_path, aof=False)
+    server.command += ["--maxmemory-policy", policy]
+    server.start()
+    try:
+        backend = RedisBackend(server.url, prefix=redis_prefix)
+        with FlowService(backend=backend, worker_concurrency=1) as fs:
+            flows(fs)
+            fs._ensure_worker()
+            warned = [r for r in caplog.records if "evicts keys" in r.getMessage()]
+            assert fs.run("big", b"3", timeout=30) == b"3"
+            assert fs.run("big", b"4", timeout=30) == b"4"
+        again = [r for r in caplog.records if "evicts keys" in r.getMessage()]
+        if policy == "noeviction":
+            assert again == []
+        else:
+            assert len(warned) == len(again) == 1
+            assert f"maxmemory-policy {policy}" in warned[0].getMessage()
+    finally:
+        server.close()

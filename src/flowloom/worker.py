@@ -77,6 +77,7 @@ class Worker:
             self.concurrency,
             flows or "(none)",
         )
+        self.backend.value_limit()  # the backend reads (and checks) its settings now
         for i in range(self.concurrency):
             thread = threading.Thread(target=self._loop, name=f"flowloom-worker-{i}", daemon=True)
             self._threads.append(thread)

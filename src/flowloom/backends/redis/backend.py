@@ -84,6 +84,7 @@ class RedisBackend(Backend):
         self.prefix = prefix
         self.max_value = max_value
         self._value_limit: int | None = None  # max_value, and Redis's, once read
+        self._config_due = 0.0  # when to read Redis's settings (again)
         self.retry_for = retry_for
         self.keys = KeyLayout.of(prefix)
         try:
@@ -170,18 +171,31 @@ class RedisBackend(Backend):
 
     def value_limit(self) -> int:
         """``max_value``, lowered to half of Redis's ``proto-max-bulk-len`` if that is
-        less (a completion carries an output and a delivery of it); read once."""
-        if self._value_limit is not None:
-            return self._value_limit
+        less (a completion carries an output and a delivery of it)."""
+        if self._value_limit is None and time.monotonic() >= self._config_due:
+            self._read_config()
+        return self._value_limit or self.max_value
+
+    def _read_config(self) -> None:
+        """Read Redis's settings that matter here, once (again in 10 s if Redis does not
+        answer); warn if Redis may evict flowloom's keys."""
         try:
-            found = self._redis.config_get("proto-max-bulk-len")
+            found = self._quick.config_get("proto-max-bulk-len", "maxmemory-policy")
             configured = int(found["proto-max-bulk-len"] or "")
         except (redis.ConnectionError, redis.TimeoutError):
-            return self.max_value  # read again next time
+            self._config_due = time.monotonic() + 10.0
+            return
         except (redis.RedisError, KeyError, ValueError):
-            configured = 2 * self.max_value  # CONFIG refused (a managed Redis): ours alone
+            found, configured = {}, 2 * self.max_value  # CONFIG refused (a managed Redis)
+        policy = found.get("maxmemory-policy")
+        if policy is not None and policy != "noeviction":
+            log.warning(
+                "flowloom: Redis at %s evicts keys when full (maxmemory-policy %s): requests "
+                "and tasks may then vanish; set maxmemory-policy noeviction",
+                self.health.url,
+                policy,
+            )
         self._value_limit = max(1, min(self.max_value, configured // 2 - 4096))
-        return self._value_limit
 
     def state(self, request_id: str) -> RequestState | None:
         return self._call(lambda: self._reads().state(request_id))

@@ -41,6 +41,9 @@ class OtlpReceiver:
     spans: list[ReceivedSpan] = field(default_factory=list)
     posts: int = 0
     gzipped: int = 0  # posts that came gzip-compressed
+    silent: int = 0  # the first posts are read and never answered (until ``stop``)
+    unanswered: int = 0  # posts so held
+    _release: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: http.server.ThreadingHTTPServer | None = None
 
@@ -55,6 +58,12 @@ class OtlpReceiver:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                with receiver._lock:
+                    hold = receiver.unanswered < receiver.silent
+                    receiver.unanswered += hold
+                if hold:
+                    receiver._release.wait()
+                    return
                 encoding = (self.headers.get("content-encoding") or "").lower()
                 if encoding == "gzip":
                     body = gzip.decompress(body)
@@ -83,6 +92,7 @@ class OtlpReceiver:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -64,7 +64,7 @@ def slow(wf, ctx):
     each = wf.dag.foreach_branch(
         "users", lambda d: {str(i): b"x" for i in range(6)}, aggregator=lambda r: b"%d" % len(r)
     )
-    each.node("wait", lambda d, o: time.sleep(0.4) or d)
+    each.node("wait", lambda d, o: time.sleep(0.8) or d)  # two waves: several looks
 
 for name, define in [("hello", hello), ("each", each), ("gated", gated), ("boom", boom),
                      ("binary", binary), ("slow", slow)]:

@@ -89,6 +89,11 @@ def test_worker_survives_and_other_requests_are_untouched(fs):
         (lambda d: d.foreach_branch("f", lambda x: [b"1"]).node("n", ok), "f", "expected a dict"),
         (lambda d: d.foreach_branch("f", lambda x: {1: b"1"}).node("n", ok), "f", "expected str"),
         (
+            lambda d: d.foreach_branch("f", lambda x: {"\ud800": b"1"}).node("n", ok),
+            "f",
+            "a lone surrogate",
+        ),
+        (
             lambda d: d.foreach_branch("f", lambda x: {"k": 1}).node("n", ok),
             "f",
             "foreach item 'k'",

@@ -1,5 +1,7 @@
 """Broken definitions are rejected at registration with an error naming the vertex."""
 
+import json
+
 import pytest
 
 from flowloom import Dag, DefinitionError, FlowService
@@ -272,3 +274,46 @@ def test_hooks_with_the_wrong_arguments():
 
     with pytest.raises(DefinitionError, match="on_failure hook"):
         register(define)
+
+
+def nested(depth, mixed=False):
+    """A flow of ``depth`` levels of sub-DAGs (with ``mixed``, every other level a
+    foreach or a conditional branch holding the next sub-DAG), a node at the bottom."""
+    inner = Dag().node("leaf", lambda data, options: data + b"!")
+    level = 0
+    while level < depth:
+        outer = Dag()
+        if mixed and level % 4 == 1 and level + 2 <= depth:
+            branch = outer.foreach_branch(
+                f"v{level}", lambda data: {"k": data}, lambda outputs: outputs["k"]
+            )
+            branch.subdag("in", inner)
+            level += 2
+        elif mixed and level % 4 == 3 and level + 2 <= depth:
+            branches = outer.conditional_branch(f"v{level}", ["go"], lambda data: ["go"])
+            branches["go"].subdag("in", inner)
+            level += 2
+        else:
+            outer.subdag(f"v{level}", inner)
+            level += 1
+        inner = outer
+
+    def define(wf, ctx):
+        wf.dag.subdag("top", inner)
+
+    return define
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_nesting_a_hundred_levels_deep_runs_and_deeper_is_rejected_naming_the_vertex(mixed):
+    with FlowService() as fs:
+        fs.register("deep", nested(99, mixed))  # with "top": 100 levels
+        assert fs.run("deep", b"x", timeout=30) == b"x!"
+        assert json.dumps(fs.definition("deep")).count('"leaf"') == 1
+    with pytest.raises(DefinitionError) as info:
+        register(nested(100, mixed))
+    assert "nested 101 levels deep: at most 100 are taken" in str(info.value)
+    assert info.value.vertex is not None
+    assert info.value.vertex.startswith("top/")
+    with pytest.raises(DefinitionError, match="levels deep"):
+        register(nested(5_000))  # not a RecursionError

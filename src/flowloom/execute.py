@@ -31,6 +31,7 @@ __all__ = [
     "NodeFailed",
     "Outcome",
     "StepError",
+    "check_size",
     "error_info",
     "internal_error",
     "run_step",
@@ -57,6 +58,25 @@ class NodeFailed(Exception):
 class Outcome:
     output: bytes  # a node's or join's output; a split's own input (passed to its join)
     branches: tuple[tuple[str, bytes], ...] | None = None  # a split's chosen branches
+
+
+def check_size(outcome: Outcome, limit: int | None) -> Outcome:
+    """``outcome``, unless a value in it is more than the backend holds in one (``limit``
+    bytes): then a ``StepError``, as for any return value flowloom cannot take."""
+    if limit is None:
+        return outcome
+    if len(outcome.output) > limit:
+        raise StepError(
+            f"the step returned {len(outcome.output):,} bytes: more than the backend "
+            f"holds in one value (max_value {limit:,})"
+        )
+    for key, data in outcome.branches or ():
+        if len(data) > limit:
+            raise StepError(
+                f"foreach item {key!r} holds {len(data):,} bytes: more than the backend "
+                f"holds in one value (max_value {limit:,})"
+            )
+    return outcome
 
 
 def to_bytes(value: object, what: str) -> bytes:
@@ -180,6 +200,13 @@ def _split(step: Step, data: bytes, call: Caller) -> tuple[tuple[str, bytes], ..
             raise StepError(
                 f"foreach returned key {key!r} of type {type(key).__name__}, expected str"
             )
+        if not key.isascii():
+            try:
+                key.encode()
+            except UnicodeEncodeError:
+                raise StepError(
+                    f"foreach returned key {key!r}: not text UTF-8 can hold (a lone surrogate)"
+                ) from None
         branches.append((key, to_bytes(value, f"foreach item {key!r}")))
     return tuple(branches)
 

@@ -54,6 +54,7 @@ __all__ = [
 END = "!end"  # the pseudo-step that receives the flow's result
 SCOPE_INPUT = ""  # the input slot of a DAG's first vertices
 PASSTHROUGH = "^"  # the join slot holding the branch vertex's own input
+MAX_NESTING = 100  # levels of sub-DAGs and branches inside one another
 
 
 class StepKind(enum.Enum):
@@ -248,6 +249,11 @@ class _Compiler:
     ) -> _Scope:
         if id(dag) in stack:
             raise DefinitionError(f"{where} contains itself", where)
+        if len(stack) > MAX_NESTING:
+            raise DefinitionError(
+                f"{where} is nested {len(stack)} levels deep: at most {MAX_NESTING} are taken",
+                path.rstrip("/"),
+            )
         stack = (*stack, id(dag))
         if not dag.vertices:
             raise DefinitionError(f"{where} is empty: it needs at least one vertex", where)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import engine, logs
+from . import checks, engine, logs
 from .backends import Backend, MemoryBackend, RequestRecord, Summary, deadline
 from .backends.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_QUEUED
 from .errors import (
@@ -34,7 +34,7 @@ from .observe import Observer, Observers, RequestInfo
 from .registry import DefineWorkflow, Registry
 from .traceparent import TraceContext, parse_traceparent, tracing_configured
 from .types import Options, Request, RequestState, Status
-from .worker import Worker
+from .worker import MAX_CONCURRENCY, Worker
 
 if TYPE_CHECKING:
     from .engine import Transition
@@ -100,6 +100,11 @@ class FlowService:
         max_queued: int = DEFAULT_MAX_QUEUED,
         metrics_port: int | None = None,
     ) -> None:
+        checks.count("worker_concurrency", worker_concurrency, 1, MAX_CONCURRENCY)
+        checks.seconds("retention", retention)
+        checks.count("max_deliveries", max_deliveries, 1, 1_000_000)
+        checks.count("max_bytes", max_bytes, 1, 2**62)
+        checks.count("max_queued", max_queued, 1, 2**62)
         self.port = port
         self.host = host
         self.redis_url = redis_url
@@ -242,7 +247,9 @@ class FlowService:
 
     def result(self, name: str, request_id: str, timeout: float | None = None) -> bytes:
         """Wait for the request's result; raises ``RequestFailed``, ``RequestStopped`` or
-        ``ResultTimeout`` if it does not complete (``timeout=None`` waits for ever)."""
+        ``ResultTimeout`` if it does not complete (``timeout=None``, or more than 1e9
+        seconds, waits for ever; NaN is a ``ValueError``)."""
+        timeout = checks.timeout(timeout)
         with deadline(timeout):  # a backend that cannot be reached gives up by then
             summary = self._summary(name, request_id)
             if not summary.status.finished:
@@ -277,6 +284,7 @@ class FlowService:
     ) -> bytes:
         """Execute a request and wait for its result: ``execute`` then ``result``, the two
         within ``timeout`` seconds."""
+        timeout = checks.timeout(timeout)
         if timeout is None:
             return self.result(name, self.execute(name, request))
         until = time.monotonic() + timeout

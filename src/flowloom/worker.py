@@ -10,13 +10,14 @@ import threading
 import time
 import uuid
 
-from . import context, engine, logs
+from . import checks, context, engine, logs
 from .backends import HOOKS, Backend, MemoryBackend, RequestRecord, Task
 from .errors import BackendUnavailable
 from .execute import (
     Caller,
     NodeFailed,
     Outcome,
+    check_size,
     error_info,
     internal_error,
     run_step,
@@ -28,7 +29,9 @@ from .plan import SCOPE_INPUT, Plan, Step, StepKind
 from .registry import Registry
 from .types import ErrorInfo, Options, Status
 
-__all__ = ["Worker"]
+__all__ = ["MAX_CONCURRENCY", "Worker"]
+
+MAX_CONCURRENCY = 10_000  # threads one worker may run
 
 log = logging.getLogger("flowloom.worker")
 
@@ -48,8 +51,7 @@ class Worker:
         concurrency: int = 5,
         observers: Observers | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("worker concurrency must be >= 1")
+        checks.count("worker concurrency", concurrency, 1, MAX_CONCURRENCY)
         self.backend = backend
         self.registry = registry
         self.concurrency = concurrency
@@ -75,6 +77,7 @@ class Worker:
             self.concurrency,
             flows or "(none)",
         )
+        self.backend.value_limit()  # the backend reads (and checks) its settings now
         for i in range(self.concurrency):
             thread = threading.Thread(target=self._loop, name=f"flowloom-worker-{i}", daemon=True)
             self._threads.append(thread)
@@ -185,7 +188,9 @@ class Worker:
             outcome: Outcome | None = None
             failure: BaseException | None = None
             try:
-                outcome = run_step(step, task.inputs, options, self._call)
+                outcome = check_size(
+                    run_step(step, task.inputs, options, self._call), self.backend.value_limit()
+                )
             except BaseException as exc:  # user code's: a SystemExit fails the request too
                 failure = exc
             if failure is not None:  # outside the except: an on_failure error is not chained
@@ -241,7 +246,9 @@ class Worker:
             _log_failure(task, step, error, "running its on_failure handler", logging.WARNING)
             try:
                 fallback = self._call(step.on_failure, exc, data, kind="on_failure")
-                return Outcome(to_bytes(fallback, "on_failure"))
+                return check_size(
+                    Outcome(to_bytes(fallback, "on_failure")), self.backend.value_limit()
+                )
             except BaseException as fallback_exc:
                 error = error_info(address, fallback_exc)
                 _log_failure(

@@ -132,6 +132,11 @@ class Backend(abc.ABC):
     #: event loop may make the calls that do not wait itself, without a thread
     nonblocking: ClassVar[bool] = False
 
+    def value_limit(self) -> int | None:
+        """The most bytes one output, foreach item or request body may hold here (None:
+        no limit of the backend's own). A step that returns more fails (``StepError``)."""
+        return None
+
     # -- requests --------------------------------------------------------------------------
     @abc.abstractmethod
     def submit(self, record: RequestRecord, transition: Transition) -> None:

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+from .. import checks
 from ..engine import Transition
 from ..errors import DuplicateRequest, NoOutput, NotRunning, Overloaded, RequestNotFound
 from ..types import ErrorInfo, RequestState, Status, VertexState
@@ -154,8 +155,10 @@ class MemoryBackend(Backend):
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
-        self.retention = retention
-        self.max_finished = max_finished
+        self.retention = checks.seconds("retention", retention)
+        self.max_finished = checks.count("max_finished", max_finished, 1, 2**62)
+        checks.count("max_bytes", max_bytes, 1, 2**62)
+        checks.count("max_queued", max_queued, 1, 2**62)
         self.max_bytes = max_bytes
         self.max_queued = max_queued
         self._live_bytes = 0  # bodies and outputs of the requests not yet ended

@@ -9,7 +9,9 @@ from typing import TypeVar
 
 import redis
 
+from ... import checks
 from ...engine import Transition
+from ...errors import InvalidRequest
 from ...logs import safe_url
 from ...types import ErrorInfo, RequestState, Status
 from ..base import Backend, RequestRecord, Summary, Task, current_deadline
@@ -28,6 +30,8 @@ log = logging.getLogger("flowloom.redis")
 
 T = TypeVar("T")
 
+MAX_VALUE = 256 * 1024 * 1024  # bytes one output, item or body may hold by default
+
 
 class RedisBackend(Backend):
     """Requests and tasks in Redis at ``url``, every key under ``prefix``.
@@ -40,7 +44,10 @@ class RedisBackend(Backend):
     fail-over) before it raises ``BackendUnavailable`` (a worker carries on regardless).
     ``socket_timeout``, ``connect_timeout``: seconds one Redis command or connection may
     take. ``max_deliveries``: a task delivered that many times, its worker dying each
-    time, fails its request rather than run again.
+    time, fails its request rather than run again. ``max_value``: the most bytes one
+    output, foreach item or request body may hold (less if Redis's own
+    ``proto-max-bulk-len`` is lower: at most half of it); a step that returns more fails
+    its request, a bigger body is refused (``InvalidRequest``).
 
     Every failure of Redis surfaces as ``BackendUnavailable`` (never a ``redis``
     exception), after at most ``retry_for`` seconds, or by the end of an enclosing
@@ -60,16 +67,25 @@ class RedisBackend(Backend):
         socket_timeout: float = 5.0,
         connect_timeout: float = 2.0,
         max_deliveries: int = 5,
+        max_value: int = MAX_VALUE,
     ) -> None:
-        if visibility_timeout <= 0 or prefetch < 0 or heartbeat <= 0:
-            raise ValueError("visibility_timeout and heartbeat must be > 0, prefetch >= 0")
-        if retry_for < 0 or socket_timeout <= 0 or connect_timeout <= 0 or max_deliveries < 1:
-            raise ValueError(
-                "retry_for must be >= 0, socket_timeout and connect_timeout > 0, "
-                "max_deliveries >= 1"
-            )
+        for name, value in (
+            ("retention", retention),
+            ("visibility_timeout", visibility_timeout),
+            ("heartbeat", heartbeat),
+            ("socket_timeout", socket_timeout),
+            ("connect_timeout", connect_timeout),
+        ):
+            checks.seconds(name, value)
+        checks.seconds("retry_for", retry_for, zero=True)
+        checks.count("prefetch", prefetch, 0, 100_000)
+        checks.count("max_deliveries", max_deliveries, 1, 1_000_000)
+        checks.count("max_value", max_value, 1, 2**62)
         self.url = url
         self.prefix = prefix
+        self.max_value = max_value
+        self._value_limit: int | None = None  # max_value, and Redis's, once read
+        self._config_due = 0.0  # when to read Redis's settings (again)
         self.retry_for = retry_for
         self.keys = KeyLayout.of(prefix)
         try:
@@ -149,17 +165,55 @@ class RedisBackend(Backend):
 
     # -- requests ------------------------------------------------------------------------------
     def submit(self, record: RequestRecord, transition: Transition) -> None:
+        self._check_body(record)
         self._call(lambda: self._store.submit(record, transition))
 
     async def submit_async(self, record: RequestRecord, transition: Transition) -> None:
         """``submit`` sent from the event loop itself (see ``loop_submits.py``); on a
         thread, the ordinary way, when that does not create the request."""
+        self._check_body(record, self._value_limit or self.max_value)  # no I/O on the loop
         keys, args = self._store.submit_call(record, transition)
         if not await self._loop_submits.submit(keys, args):
             await super().submit_async(record, transition)
 
     def leave_loop(self) -> None:
         self._loop_submits.close()
+
+    def _check_body(self, record: RequestRecord, limit: int | None = None) -> None:
+        limit = self.value_limit() if limit is None else limit
+        if len(record.body) > limit:
+            raise InvalidRequest(
+                f"a body of {len(record.body):,} bytes is more than Redis takes in one "
+                f"value here (max_value {limit:,})"
+            )
+
+    def value_limit(self) -> int:
+        """``max_value``, lowered to half of Redis's ``proto-max-bulk-len`` if that is
+        less (a completion carries an output and a delivery of it)."""
+        if self._value_limit is None and time.monotonic() >= self._config_due:
+            self._read_config()
+        return self._value_limit or self.max_value
+
+    def _read_config(self) -> None:
+        """Read Redis's settings that matter here, once (again in 10 s if Redis does not
+        answer); warn if Redis may evict flowloom's keys."""
+        try:
+            found = self._quick.config_get("proto-max-bulk-len", "maxmemory-policy")
+            configured = int(found["proto-max-bulk-len"] or "")
+        except (redis.ConnectionError, redis.TimeoutError):
+            self._config_due = time.monotonic() + 10.0
+            return
+        except (redis.RedisError, KeyError, ValueError):
+            found, configured = {}, 2 * self.max_value  # CONFIG refused (a managed Redis)
+        policy = found.get("maxmemory-policy")
+        if policy is not None and policy != "noeviction":
+            log.warning(
+                "flowloom: Redis at %s evicts keys when full (maxmemory-policy %s): requests "
+                "and tasks may then vanish; set maxmemory-policy noeviction",
+                self.health.url,
+                policy,
+            )
+        self._value_limit = max(1, min(self.max_value, configured // 2 - 4096))
 
     def state(self, request_id: str) -> RequestState | None:
         return self._call(lambda: self._reads().state(request_id))

@@ -26,7 +26,7 @@ from typing import Any
 
 import requests
 
-from .spans import Record
+from .spans import AnyRecord, Record, expand
 
 __all__ = ["Poster", "encode_request"]
 
@@ -126,10 +126,10 @@ def _span(record: Record) -> bytes:
     return b"".join(parts)
 
 
-def encode_request(records: Iterable[Record], resource: Mapping[str, Any]) -> bytes:
+def encode_request(records: Iterable[AnyRecord], resource: Mapping[str, Any]) -> bytes:
     """The ``ExportTraceServiceRequest`` of ``records``, all from one process described
     by ``resource`` (its attributes) and of the instrumentation scope ``flowloom``."""
-    spans = [_field(b"\x12", _span(record)) for record in records]
+    spans = [_field(b"\x12", _span(expand(record))) for record in records]
     scope_spans = _field(b"\x0a", _SCOPE) + b"".join(spans)
     resource_spans = _field(b"\x0a", b"".join(_attributes(b"\x0a", resource))) + _field(
         b"\x12", scope_spans

@@ -161,7 +161,7 @@ class Tracing(Observer):
         attributes = {
             "flowloom.flow": request.flow,
             "flowloom.request_id": request.request_id,
-            "flowloom.status": status.value,
+            "flowloom.status": status._value_,  # the value without the enum's property call
         }
         start = int(request.created * 1e9)
         if error is None:  # the usual case: the record itself, no span object
@@ -272,11 +272,12 @@ class Tracing(Observer):
             yield f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{int(ids.trace_flags):02x}"
 
     def _call(self, kind: str, fn: Callable[..., Any]) -> AbstractContextManager[None]:
-        current = trace.get_current_span()
-        if isinstance(current, _AttemptSpan | LightSpan):  # the usual case: under a vertex span
+        # the usual case: under a vertex span, read from the context variable directly
+        current = None if _CONTEXT is None else _CONTEXT.get().get(_SPAN_KEY)
+        if type(current) is _AttemptSpan or type(current) is LightSpan:
             trace_id, parent_id = current.trace_id, current.span_id
         else:
-            ids = current.get_span_context()
+            ids = trace.get_current_span().get_span_context()
             if ids.is_valid and not ids.trace_flags.sampled:  # a dropped request
                 return contextlib.nullcontext()
             # outside any request's span (a hook): a trace of its own

@@ -144,10 +144,11 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 def test_a_vertex_record_expands_to_the_span_of_its_attempt():
     vertex: VertexRecord = (
-        TRACE, 5, 6, 100, 200, "shop", "r1", "each[k1]/pay", "run", 2, "w-1", "retried",
+        TRACE, 5, 6, 1_000_000, 0.25, 0.5, "shop", "r1", "each[k1]/pay", "run", 2, "w-1",
+        "retried",
     )  # fmt: skip
     assert expand(vertex) == (
-        "vertex each[k1]/pay", 0, TRACE, 5, 6, True, 100, 200,
+        "vertex each[k1]/pay", 0, TRACE, 5, 6, True, 251_000_000, 501_000_000,
         {
             "flowloom.flow": "shop",
             "flowloom.request_id": "r1",
@@ -159,7 +160,7 @@ def test_a_vertex_record_expands_to_the_span_of_its_attempt():
         },
         (), 0, "",
     )  # fmt: skip
-    assert expand(("split s", *vertex[1:8], "split", *vertex[9:]))[0] == "split s"
+    assert expand((*vertex[:8], "s", "split", *vertex[10:]))[0] == "split s"
     plain = record()
     assert expand(plain) is plain
     # a batch mixes both kinds; each is encoded as its expanded record

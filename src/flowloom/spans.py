@@ -52,10 +52,11 @@ Record = tuple[
 
 # A vertex attempt's span as its worker records it, a tuple of what varies and nothing
 # else (fewer objects to make, queue and marshal than a ``Record``): (trace id, span id,
-# parent span id, start ns, end ns, flow, request id, vertex address, step kind ("run",
-# "split", "join"), attempt, worker, outcome). ``expand`` makes it a ``Record`` where it is
-# exported; its name and attributes are those of ``vertex_span``.
-VertexRecord = tuple[int, int, int, int, int, str, str, str, str, int, str, str]
+# parent span id, ``CLOCK.offset``, start and end as ``time.perf_counter()`` read them,
+# flow, request id, vertex address, step kind ("run", "split", "join"), attempt, worker,
+# outcome). ``expand`` makes it a ``Record`` where it is exported (the times in wall-clock
+# nanoseconds, the name and attributes of ``vertex_span``).
+VertexRecord = tuple[int, int, int, int, float, float, str, str, str, str, int, str, str]
 AnyRecord = Record | VertexRecord
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -103,12 +104,15 @@ def expand(record: AnyRecord) -> Record:
     if isinstance(record[0], str):
         return record
     (
-        trace_id, span_id, parent_id, start, end,
+        trace_id, span_id, parent_id, offset, start, end,
         flow, request_id, address, kind, attempt, worker, outcome,
     ) = record  # fmt: skip
     name, attributes = vertex_span(kind, address, flow, request_id, attempt, worker)
     attributes["flowloom.status"] = outcome
-    return (name, 0, trace_id, span_id, parent_id, True, start, end, attributes, (), 0, "")
+    return (
+        name, 0, trace_id, span_id, parent_id, True, offset + int(start * 1e9),
+        offset + int(end * 1e9), attributes, (), 0, "",
+    )  # fmt: skip
 
 
 def new_span_id() -> int:

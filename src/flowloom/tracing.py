@@ -218,15 +218,13 @@ class Tracing(Observer):
         span: _AttemptSpan | None = attempt.span
         if span is None:
             return
-        offset = CLOCK.offset
         if span.light is None and attempt.error is None:  # the usual case: a record, no more
             task = attempt.task
             self.recorder.add(
                 (
-                    span.trace_id, span.span_id, span.parent_id,
-                    offset + int(attempt.started * 1e9), offset + int(attempt.finished * 1e9),
-                    task.flow, task.request_id, attempt.address, attempt.kind, task.attempt,
-                    attempt.worker, attempt.outcome,
+                    span.trace_id, span.span_id, span.parent_id, CLOCK.offset, attempt.started,
+                    attempt.finished, task.flow, task.request_id, attempt.address, attempt.kind,
+                    task.attempt, attempt.worker, attempt.outcome,
                 )
             )  # fmt: skip
             return
@@ -235,7 +233,7 @@ class Tracing(Observer):
         if attempt.error is not None:
             light.record_exception(attempt.error)
             light.set_status(StatusCode.ERROR, f"{type(attempt.error).__name__}: {attempt.error}")
-        light.end(offset + int(attempt.finished * 1e9))
+        light.end(CLOCK.offset + int(attempt.finished * 1e9))
 
     def _sampled(self, ids: TraceContext) -> bool:
         """Whether the request's spans are recorded: the caller's decision, else the

@@ -174,9 +174,12 @@ def test_a_handler_reading_its_span_sees_the_exported_ids(receiver):
     nothing: the vertex span is exported as a record of its attempt, under those ids."""
     seen = {}
 
+    kept: list[trace.Span] = []
+
     def read(data: bytes, options: object) -> bytes:
         span = trace.get_current_span()
         assert span.is_recording()
+        kept.append(span)
         seen["span_id"] = f"{span.get_span_context().span_id:016x}"
         with trace.get_tracer("app").start_as_current_span("inner"):
             pass
@@ -187,7 +190,16 @@ def test_a_handler_reading_its_span_sees_the_exported_ids(receiver):
         rid = fs.execute("peek", b"x")
         assert fs.result("peek", rid, timeout=10) == b"x"
         trace_id = fs.state("peek", rid).trace_id
+        # the span kept past its attempt is ended with it: changing or ending it is ignored
+        [span] = kept
+        deadline = time.monotonic() + 10  # the attempt ends just after its result is stored
+        while span.is_recording() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not span.is_recording()
+        span.set_attribute("late", 1)
+        span.end()
     spans = {s.name: s for s in receiver.trace(trace_id)}
+    assert [s.name for s in receiver.trace(trace_id)].count("vertex read") == 1
     vertex = spans["vertex read"]
     assert vertex.span_id == seen["span_id"]
     assert spans["inner"].parent_id == vertex.span_id
@@ -195,6 +207,7 @@ def test_a_handler_reading_its_span_sees_the_exported_ids(receiver):
     assert vertex.attributes["flowloom.vertex"] == "read"
     assert vertex.attributes["flowloom.status"] == "completed"
     assert vertex.attributes["flowloom.attempt"] == 1
+    assert "late" not in vertex.attributes
 
 
 def test_handlers_use_the_vertex_span_as_any_current_span(receiver, monkeypatch):

@@ -219,6 +219,7 @@ class Tracing(Observer):
         if span is None:
             return
         if span.light is None and attempt.error is None:  # the usual case: a record, no more
+            span.ended = True
             task = attempt.task
             self.recorder.add(
                 (
@@ -234,6 +235,7 @@ class Tracing(Observer):
             light.record_exception(attempt.error)
             light.set_status(StatusCode.ERROR, f"{type(attempt.error).__name__}: {attempt.error}")
         light.end(CLOCK.offset + int(attempt.finished * 1e9))
+        span.ended = True
 
     def _sampled(self, ids: TraceContext) -> bool:
         """Whether the request's spans are recorded: the caller's decision, else the
@@ -304,7 +306,9 @@ class _AttemptSpan(trace.Span):
     made, with the same ids, to carry the change. Most tasks never touch their span:
     their worker makes no attribute dictionary, no name, no span with a dozen fields."""
 
-    __slots__ = ("_context", "attempt", "light", "parent_id", "recorder", "span_id", "trace_id")
+    __slots__ = (
+        "_context", "attempt", "ended", "light", "parent_id", "recorder", "span_id", "trace_id",
+    )  # fmt: skip
 
     def __init__(self, recorder: Recorder, attempt: Attempt) -> None:
         ids = attempt.request.trace
@@ -314,6 +318,7 @@ class _AttemptSpan(trace.Span):
         self.parent_id = 0 if ids is None else ids.span_id
         self.span_id = random.getrandbits(64) or 1
         self.light: LightSpan | None = None
+        self.ended = False  # recorded: what user code does with it after is ignored
         self._context: SpanContext | None = None
 
     def materialize(self) -> LightSpan:
@@ -339,24 +344,29 @@ class _AttemptSpan(trace.Span):
         return context
 
     def is_recording(self) -> bool:
-        return self.light is None or self.light.is_recording()
+        return not self.ended and (self.light is None or self.light.is_recording())
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
-        self.materialize().set_attributes(attributes)
+        if not self.ended:
+            self.materialize().set_attributes(attributes)
 
     def set_attribute(self, key: str, value: AttributeValue) -> None:
-        self.materialize().set_attribute(key, value)
+        if not self.ended:
+            self.materialize().set_attribute(key, value)
 
     def add_event(
         self, name: str, attributes: Attributes = None, timestamp: int | None = None
     ) -> None:
-        self.materialize().add_event(name, attributes, timestamp)
+        if not self.ended:
+            self.materialize().add_event(name, attributes, timestamp)
 
     def update_name(self, name: str) -> None:
-        self.materialize().update_name(name)
+        if not self.ended:
+            self.materialize().update_name(name)
 
     def set_status(self, status: SpanStatus | StatusCode, description: str | None = None) -> None:
-        self.materialize().set_status(status, description)
+        if not self.ended:
+            self.materialize().set_status(status, description)
 
     def record_exception(
         self,
@@ -365,10 +375,12 @@ class _AttemptSpan(trace.Span):
         timestamp: int | None = None,
         escaped: bool = False,
     ) -> None:
-        self.materialize().record_exception(exception, attributes, timestamp, escaped)
+        if not self.ended:
+            self.materialize().record_exception(exception, attributes, timestamp, escaped)
 
     def end(self, end_time: int | None = None) -> None:
-        self.materialize().end(end_time)
+        if not self.ended:
+            self.materialize().end(end_time)
 
 
 class _Scope:

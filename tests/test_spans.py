@@ -17,7 +17,7 @@ from opentelemetry.sdk.resources import Resource
 from flowloom import FlowService
 from flowloom.otlp import encode_request
 from flowloom.span_export import readable_spans
-from flowloom.spans import Record, Recorder
+from flowloom.spans import Record, Recorder, VertexRecord, expand
 from flowloom.tracing import BATCH, MAX_QUEUE
 from otlp_receiver import OtlpReceiver
 
@@ -140,6 +140,74 @@ def receiver() -> Iterator[OtlpReceiver]:
     server = OtlpReceiver().start()
     yield server
     server.stop()
+
+
+def test_a_vertex_record_expands_to_the_span_of_its_attempt():
+    vertex: VertexRecord = (
+        TRACE, 5, 6, 1_000_000, 0.25, 0.5, "shop", "r1", "each[k1]/pay", "run", 2, "w-1",
+        "retried",
+    )  # fmt: skip
+    assert expand(vertex) == (
+        "vertex each[k1]/pay", 0, TRACE, 5, 6, True, 251_000_000, 501_000_000,
+        {
+            "flowloom.flow": "shop",
+            "flowloom.request_id": "r1",
+            "flowloom.vertex": "each[k1]/pay",
+            "flowloom.step": "run",
+            "flowloom.attempt": 2,
+            "flowloom.worker": "w-1",
+            "flowloom.status": "retried",
+        },
+        (), 0, "",
+    )  # fmt: skip
+    assert expand((*vertex[:8], "s", "split", *vertex[10:]))[0] == "split s"
+    plain = record()
+    assert expand(plain) is plain
+    # a batch mixes both kinds; each is encoded as its expanded record
+    resource = Resource.create({"service.name": "shop"})
+    both = encode_request([plain, vertex], dict(resource.attributes))
+    assert both == encode_request([plain, expand(vertex)], dict(resource.attributes))
+
+
+def test_a_handler_reading_its_span_sees_the_exported_ids(receiver):
+    """A handler that only reads the current span (its ids, a child span) changes
+    nothing: the vertex span is exported as a record of its attempt, under those ids."""
+    seen = {}
+
+    kept: list[trace.Span] = []
+
+    def read(data: bytes, options: object) -> bytes:
+        span = trace.get_current_span()
+        assert span.is_recording()
+        kept.append(span)
+        seen["span_id"] = f"{span.get_span_context().span_id:016x}"
+        with trace.get_tracer("app").start_as_current_span("inner"):
+            pass
+        return data
+
+    with FlowService(otlp_endpoint=receiver.endpoint) as fs:
+        fs.register("peek", lambda wf, ctx: wf.dag.node("read", read))
+        rid = fs.execute("peek", b"x")
+        assert fs.result("peek", rid, timeout=10) == b"x"
+        trace_id = fs.state("peek", rid).trace_id
+        # the span kept past its attempt is ended with it: changing or ending it is ignored
+        [span] = kept
+        deadline = time.monotonic() + 10  # the attempt ends just after its result is stored
+        while span.is_recording() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not span.is_recording()
+        span.set_attribute("late", 1)
+        span.end()
+    spans = {s.name: s for s in receiver.trace(trace_id)}
+    assert [s.name for s in receiver.trace(trace_id)].count("vertex read") == 1
+    vertex = spans["vertex read"]
+    assert vertex.span_id == seen["span_id"]
+    assert spans["inner"].parent_id == vertex.span_id
+    assert vertex.parent_id == spans["flow peek"].span_id
+    assert vertex.attributes["flowloom.vertex"] == "read"
+    assert vertex.attributes["flowloom.status"] == "completed"
+    assert vertex.attributes["flowloom.attempt"] == 1
+    assert "late" not in vertex.attributes
 
 
 def test_handlers_use_the_vertex_span_as_any_current_span(receiver, monkeypatch):

@@ -98,7 +98,7 @@ class Metrics(Observer):
         self.requests.started(record.flow)
 
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
-        self.requests.ended(request.flow, status.value, request.created)
+        self.requests.ended(request.flow, status._value_, request.created)
 
     def attempt_started(self, attempt: Attempt) -> None:
         tasks = self.tasks

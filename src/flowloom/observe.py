@@ -111,12 +111,19 @@ class Observer:
 
 
 class Observers:
-    """Every configured observer, each called inside try/except."""
+    """Every configured observer, each called inside try/except: at each point, only
+    those that override its hook (a no-op costs nothing)."""
 
     def __init__(self, observers: Sequence[Observer] = ()) -> None:
         self.all = tuple(observers)
-        self._reversed = self.all[::-1]
         self.call_span = next((s for o in self.all if (s := o.call_span()) is not None), None)
+        self._request_started = _hooks(self.all, "request_started")
+        self._request_ended = _hooks(self.all, "request_ended")
+        self._attempt_started = _hooks(self.all, "attempt_started")
+        self._attempt_ended = _hooks(self.all[::-1], "attempt_ended")
+        self._task_redelivered = _hooks(self.all, "task_redelivered")
+        self._callback_sent = _hooks(self.all, "callback_sent")
+        self._http_request = _hooks(self.all, "http_request")
 
     def __bool__(self) -> bool:
         return bool(self.all)
@@ -133,53 +140,53 @@ class Observers:
         return nullcontext(None)
 
     def request_started(self, record: RequestRecord) -> None:
-        for observer in self.all:
+        for hook in self._request_started:
             try:
-                observer.request_started(record)
+                hook(record)
             except Exception:
-                _failed(observer, "request_started")
+                _failed(hook, "request_started")
 
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
-        for observer in self.all:
+        for hook in self._request_ended:
             try:
-                observer.request_ended(request, status, error)
+                hook(request, status, error)
             except Exception:
-                _failed(observer, "request_ended")
+                _failed(hook, "request_ended")
 
     def attempt_started(self, attempt: Attempt) -> None:
-        for observer in self.all:
+        for hook in self._attempt_started:
             try:
-                observer.attempt_started(attempt)
+                hook(attempt)
             except Exception:
-                _failed(observer, "attempt_started")
+                _failed(hook, "attempt_started")
 
     def attempt_ended(self, attempt: Attempt) -> None:
-        for observer in self._reversed:
+        for hook in self._attempt_ended:
             try:
-                observer.attempt_ended(attempt)
+                hook(attempt)
             except Exception:
-                _failed(observer, "attempt_ended")
+                _failed(hook, "attempt_ended")
 
     def task_redelivered(self, task: Task) -> None:
-        for observer in self.all:
+        for hook in self._task_redelivered:
             try:
-                observer.task_redelivered(task)
+                hook(task)
             except Exception:
-                _failed(observer, "task_redelivered")
+                _failed(hook, "task_redelivered")
 
     def callback_sent(self, outcome: str) -> None:
-        for observer in self.all:
+        for hook in self._callback_sent:
             try:
-                observer.callback_sent(outcome)
+                hook(outcome)
             except Exception:
-                _failed(observer, "callback_sent")
+                _failed(hook, "callback_sent")
 
     def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        for observer in self.all:
+        for hook in self._http_request:
             try:
-                observer.http_request(route, method, status, seconds)
+                hook(route, method, status, seconds)
             except Exception:
-                _failed(observer, "http_request")
+                _failed(hook, "http_request")
 
     def close(self) -> None:
         for observer in self.all:
@@ -189,5 +196,17 @@ class Observers:
                 _failed(observer, "close")
 
 
-def _failed(observer: Observer, point: str) -> None:
-    log.exception("flowloom: %s.%s failed (ignored)", type(observer).__name__, point)
+def _hooks(observers: Sequence[Observer], point: str) -> tuple[Callable[..., None], ...]:
+    """The bound methods of ``observers`` that override ``point``'s no-op."""
+    default = getattr(Observer, point)
+    return tuple(
+        getattr(observer, point)
+        for observer in observers
+        if getattr(type(observer), point, default) is not default
+    )
+
+
+def _failed(observer: object, point: str) -> None:
+    """Log a failing hook (``observer``, or one of its bound methods) and carry on."""
+    owner = getattr(observer, "__self__", observer)
+    log.exception("flowloom: %s.%s failed (ignored)", type(owner).__name__, point)

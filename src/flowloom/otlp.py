@@ -26,7 +26,7 @@ from typing import Any
 
 import requests
 
-from .spans import Record
+from .spans import AnyRecord, Record, VertexRecord
 
 __all__ = ["Poster", "encode_request"]
 
@@ -126,10 +126,66 @@ def _span(record: Record) -> bytes:
     return b"".join(parts)
 
 
-def encode_request(records: Iterable[Record], resource: Mapping[str, Any]) -> bytes:
+_vertex_parts: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+
+
+def _vertex_span(record: VertexRecord) -> bytes:
+    """The ``Span`` message of a vertex attempt: the bytes of ``_span(expand(record))``,
+    with what repeats from attempt to attempt (the name, the step's attributes, the
+    status, the flags) encoded once."""
+    (
+        trace_id, span_id, parent_id, offset, start, end,
+        flow, request_id, address, kind, attempt, worker, outcome,
+    ) = record  # fmt: skip
+    key = (address, kind, attempt, worker, outcome, bool(parent_id))
+    cached = _vertex_parts.get(key)
+    if cached is None:
+        name = f"{'vertex' if kind == 'run' else kind} {address}"
+        tail = (
+            b"".join(
+                _attribute(b"\x4a", k, v)
+                for k, v in (
+                    ("flowloom.step", kind),
+                    ("flowloom.attempt", attempt),
+                    ("flowloom.worker", worker),
+                    ("flowloom.status", outcome),
+                )
+            )
+            + b"\x7a\x00\x85\x01"
+            + _FIXED32.pack(_HAS_IS_REMOTE | (_IS_REMOTE if parent_id else 0))
+        )
+        cached = (_field(b"\x2a", name.encode()) + b"\x30\x01", tail)
+        if len(_vertex_parts) >= 65536:
+            _vertex_parts.clear()
+        _vertex_parts[key] = cached
+    head, tail = cached
+    return b"".join(
+        (
+            b"\x0a\x10",
+            trace_id.to_bytes(16, "big"),
+            b"\x12\x08",
+            span_id.to_bytes(8, "big"),
+            b"\x22\x08" + parent_id.to_bytes(8, "big") if parent_id else b"",
+            head,
+            b"\x39",
+            _FIXED64.pack(offset + int(start * 1e9)),
+            b"\x41",
+            _FIXED64.pack(offset + int(end * 1e9)),
+            _attribute(b"\x4a", "flowloom.flow", flow),
+            _attribute(b"\x4a", "flowloom.request_id", request_id),
+            _attribute(b"\x4a", "flowloom.vertex", address),
+            tail,
+        )
+    )
+
+
+def encode_request(records: Iterable[AnyRecord], resource: Mapping[str, Any]) -> bytes:
     """The ``ExportTraceServiceRequest`` of ``records``, all from one process described
     by ``resource`` (its attributes) and of the instrumentation scope ``flowloom``."""
-    spans = [_field(b"\x12", _span(record)) for record in records]
+    spans = [
+        _field(b"\x12", _span(record) if isinstance(record[0], str) else _vertex_span(record))
+        for record in records
+    ]
     scope_spans = _field(b"\x0a", _SCOPE) + b"".join(spans)
     resource_spans = _field(b"\x0a", b"".join(_attributes(b"\x0a", resource))) + _field(
         b"\x12", scope_spans

@@ -37,7 +37,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from .otlp import Poster, encode_request
-from .spans import Record
+from .spans import AnyRecord, expand
 from .traceparent import traces_url
 
 __all__ = ["InProcessSink", "main", "readable_spans"]
@@ -54,13 +54,13 @@ _CODES = {code.value: code for code in StatusCode}
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
-def readable_spans(records: Iterable[Record], resource: Resource) -> list[ReadableSpan]:
+def readable_spans(records: Iterable[AnyRecord], resource: Resource) -> list[ReadableSpan]:
     """The SDK's finished spans for ``records``, ready for any ``SpanExporter``."""
     spans = []
     for (
         name, kind, trace_id, span_id, parent_id, remote, start, end,
         attributes, events, code, text,
-    ) in records:  # fmt: skip
+    ) in map(expand, records):  # fmt: skip
         parent = SpanContext(trace_id, parent_id, remote, _SAMPLED) if parent_id else None
         status = Status(_CODES[code], text or None) if code == StatusCode.ERROR.value else Status()
         spans.append(
@@ -146,7 +146,7 @@ class InProcessSink:
         self.exporter = exporter
         self.resource = resource
 
-    def send(self, records: list[Record]) -> bool:
+    def send(self, records: list[AnyRecord]) -> bool:
         self.exporter.export(readable_spans(records, self.resource))
         return True
 

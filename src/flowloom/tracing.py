@@ -31,9 +31,10 @@ import atexit
 import contextlib
 import logging
 import os
+import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from typing import Any
@@ -45,12 +46,29 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.trace import Status as SpanStatus
 from opentelemetry.trace.propagation import _SPAN_KEY
+from opentelemetry.util.types import Attributes, AttributeValue
 
 from .observe import Attempt, CallSpan, Observer, RequestInfo
 from .span_export import InProcessSink
-from .spans import CLOCK, LightSpan, Recorder, Sink, bsp_setting, child_sink, new_trace_id
+from .spans import (
+    CLOCK,
+    LightSpan,
+    Recorder,
+    Sink,
+    bsp_setting,
+    child_sink,
+    new_trace_id,
+    vertex_span,
+)
 from .traceparent import TraceContext, parse_traceparent, traces_url
 from .types import ErrorInfo, Status
 
@@ -64,6 +82,7 @@ _ALWAYS_ON_ROOT = frozenset(
     {"AlwaysOnSampler", ParentBased(ALWAYS_ON).get_description()}  # type: ignore[no-untyped-call]
 )
 _EMPTY = otel_context.Context()
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
 def _context_var() -> ContextVar[otel_context.Context] | None:
@@ -142,7 +161,7 @@ class Tracing(Observer):
         attributes = {
             "flowloom.flow": request.flow,
             "flowloom.request_id": request.request_id,
-            "flowloom.status": status.value,
+            "flowloom.status": status._value_,  # the value without the enum's property call
         }
         start = int(request.created * 1e9)
         if error is None:  # the usual case: the record itself, no span object
@@ -184,25 +203,7 @@ class Tracing(Observer):
             # that the handlers' own spans are dropped with it
             attempt.scope = otel_context.attach(_under_root(ids, False))
             return
-        task = attempt.task
-        kind = attempt.kind
-        span = LightSpan(
-            self.recorder,
-            f"{'vertex' if kind == 'run' else kind} {attempt.address}",
-            new_trace_id() if ids is None else ids.trace_id,
-            0 if ids is None else ids.span_id,
-            True,
-            {
-                "flowloom.flow": task.flow,
-                "flowloom.request_id": task.request_id,
-                "flowloom.vertex": attempt.address,
-                "flowloom.step": kind,
-                "flowloom.attempt": task.attempt,
-                "flowloom.worker": attempt.worker,
-            },
-            start_ns=CLOCK.offset + int(attempt.started * 1e9),
-        )
-        attempt.span = span
+        span = attempt.span = _AttemptSpan(self.recorder, attempt)
         # the worker thread's context holds nothing else: no need to copy it
         if _CONTEXT is None:
             attempt.scope = otel_context.attach(trace.set_span_in_context(span, _EMPTY))
@@ -214,14 +215,27 @@ class Tracing(Observer):
             _CONTEXT.reset(attempt.span_token)  # type: ignore[union-attr]
         elif attempt.scope is not None:
             otel_context.detach(attempt.scope)
-        span = attempt.span
+        span: _AttemptSpan | None = attempt.span
         if span is None:
             return
-        span.attributes["flowloom.status"] = attempt.outcome
+        if span.light is None and attempt.error is None:  # the usual case: a record, no more
+            span.ended = True
+            task = attempt.task
+            self.recorder.add(
+                (
+                    span.trace_id, span.span_id, span.parent_id, CLOCK.offset, attempt.started,
+                    attempt.finished, task.flow, task.request_id, attempt.address, attempt.kind,
+                    task.attempt, attempt.worker, attempt.outcome,
+                )
+            )  # fmt: skip
+            return
+        light = span.materialize()
+        light.attributes["flowloom.status"] = attempt.outcome
         if attempt.error is not None:
-            span.record_exception(attempt.error)
-            span.set_status(StatusCode.ERROR, f"{type(attempt.error).__name__}: {attempt.error}")
-        span.end(CLOCK.offset + int(attempt.finished * 1e9))
+            light.record_exception(attempt.error)
+            light.set_status(StatusCode.ERROR, f"{type(attempt.error).__name__}: {attempt.error}")
+        light.end(CLOCK.offset + int(attempt.finished * 1e9))
+        span.ended = True
 
     def _sampled(self, ids: TraceContext) -> bool:
         """Whether the request's spans are recorded: the caller's decision, else the
@@ -258,11 +272,12 @@ class Tracing(Observer):
             yield f"00-{ids.trace_id:032x}-{ids.span_id:016x}-{int(ids.trace_flags):02x}"
 
     def _call(self, kind: str, fn: Callable[..., Any]) -> AbstractContextManager[None]:
-        current = trace.get_current_span()
-        if isinstance(current, LightSpan):  # the usual case: under a vertex span
+        # the usual case: under a vertex span, read from the context variable directly
+        current = None if _CONTEXT is None else _CONTEXT.get().get(_SPAN_KEY)
+        if type(current) is _AttemptSpan or type(current) is LightSpan:
             trace_id, parent_id = current.trace_id, current.span_id
         else:
-            ids = current.get_span_context()
+            ids = trace.get_current_span().get_span_context()
             if ids.is_valid and not ids.trace_flags.sampled:  # a dropped request
                 return contextlib.nullcontext()
             # outside any request's span (a hook): a trace of its own
@@ -281,6 +296,91 @@ class Tracing(Observer):
         atexit.unregister(self.recorder.close)
         self.recorder.close()
         self.provider.shutdown()
+
+
+class _AttemptSpan(trace.Span):
+    """The span of one attempt, current while its user code runs: its ids, and the
+    attempt it reads the rest from. When the attempt ends it is recorded as a
+    ``VertexRecord``, a tuple of the attempt's fields; only if user code changes it (an
+    attribute, an event, its status, its end) or the attempt fails is a ``LightSpan``
+    made, with the same ids, to carry the change. Most tasks never touch their span:
+    their worker makes no attribute dictionary, no name, no span with a dozen fields."""
+
+    __slots__ = (
+        "_context", "attempt", "ended", "light", "parent_id", "recorder", "span_id", "trace_id",
+    )  # fmt: skip
+
+    def __init__(self, recorder: Recorder, attempt: Attempt) -> None:
+        ids = attempt.request.trace
+        self.recorder = recorder
+        self.attempt = attempt
+        self.trace_id = new_trace_id() if ids is None else ids.trace_id
+        self.parent_id = 0 if ids is None else ids.span_id
+        self.span_id = random.getrandbits(64) or 1
+        self.light: LightSpan | None = None
+        self.ended = False  # recorded: what user code does with it after is ignored
+        self._context: SpanContext | None = None
+
+    def materialize(self) -> LightSpan:
+        """The recording span behind this one, made at the first change."""
+        light = self.light
+        if light is None:
+            attempt = self.attempt
+            task = attempt.task
+            name, attributes = vertex_span(
+                attempt.kind, attempt.address, task.flow, task.request_id, task.attempt,
+                attempt.worker,
+            )  # fmt: skip
+            light = self.light = LightSpan(
+                self.recorder, name, self.trace_id, self.parent_id, True, attributes,
+                start_ns=CLOCK.offset + int(attempt.started * 1e9), span_id=self.span_id,
+            )  # fmt: skip
+        return light
+
+    def get_span_context(self) -> SpanContext:
+        context = self._context
+        if context is None:
+            context = self._context = SpanContext(self.trace_id, self.span_id, False, _SAMPLED)
+        return context
+
+    def is_recording(self) -> bool:
+        return not self.ended and (self.light is None or self.light.is_recording())
+
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        if not self.ended:
+            self.materialize().set_attributes(attributes)
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        if not self.ended:
+            self.materialize().set_attribute(key, value)
+
+    def add_event(
+        self, name: str, attributes: Attributes = None, timestamp: int | None = None
+    ) -> None:
+        if not self.ended:
+            self.materialize().add_event(name, attributes, timestamp)
+
+    def update_name(self, name: str) -> None:
+        if not self.ended:
+            self.materialize().update_name(name)
+
+    def set_status(self, status: SpanStatus | StatusCode, description: str | None = None) -> None:
+        if not self.ended:
+            self.materialize().set_status(status, description)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Attributes = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        if not self.ended:
+            self.materialize().record_exception(exception, attributes, timestamp, escaped)
+
+    def end(self, end_time: int | None = None) -> None:
+        if not self.ended:
+            self.materialize().end(end_time)
 
 
 class _Scope:

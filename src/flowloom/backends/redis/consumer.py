@@ -219,7 +219,7 @@ class Consumer:
             task.request_id, GROUP, task.receipt, instance, address,
             _output_arg(output, transition), "1" if transition.finished else "0",
             transition.result, self._store.retention_ms(), self.name or "", self._want_more(),
-            *last,
+            "1" if isinstance(task.inputs, codec.PagedInputs) else "", *last,
         ]  # fmt: skip
         # Sent with this thread's next call: a worker thread's next call is nearly always
         # ``begin`` of its next task, so both go in one round trip. A thread about to

@@ -267,3 +267,35 @@ def test_a_task_begun_ahead_that_waited_is_looked_at_again(
     again = [claim(backend) for _ in range(4)]
     assert sorted(task.step for task in again) == ["b", "c", "d", "e"]
     run_to_the_end(backend, plan, again)
+
+
+def test_a_slow_task_sends_its_completion_before_the_next_task_runs(
+    make_redis_backend: Callable[..., RedisBackend],
+    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
+) -> None:
+    """Completions wait for a later round trip only behind quick tasks: after a task that
+    ran ``DEFER_SECONDS`` or more, its completion goes before the next task runs, even
+    one begun ahead (the next may be as slow, and must not hold it back)."""
+    from flowloom.backends.redis import consumer
+
+    monkeypatch.setattr(consumer, "AHEAD_SECONDS", 60.0)  # begun ahead: no second look
+    backend = make_redis_backend()
+    plan = Registry().register("fan", four_after_one)
+    record = RequestRecord("slow", "fan", plan.version, b"x", {}, created=time.time())
+    backend.submit(record, engine.start(plan, b"x"))
+    a = claim(backend)
+    assert backend.begin(a, "a", "a")
+    backend.complete(a, "a", "a", b"x", engine.after_output(plan, plan.steps["a"], (), b"x"))
+    first, second = claim(backend), claim(backend)  # begun by a's completion
+    assert backend.begin(first, first.step, first.step)
+    time.sleep(consumer.DEFER_SECONDS * 5)  # a slow step
+    transition = engine.after_output(plan, plan.steps[first.step], (), b"x!")
+    backend.complete(first, first.step, first.step, b"x!", transition)
+    assert backend.begin(second, second.step, second.step)
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        vertices = backend.keys.request("slow").vertices
+        assert raw.hget(vertices, f"s|{first.step}") == b"completed"  # sent, not deferred
+    finally:
+        raw.close()

@@ -190,6 +190,7 @@ class Consumer:
             except redis.RedisError as exc:  # the completions stay deferred; the task runs
                 self._health.failed(exc)
             self._read_inputs(task)
+            self._deferred.began = time.monotonic()  # how long it runs: see ``complete``
             return True
         if deliveries > self.max_deliveries:
             message = f"delivered {deliveries - 1} times; the worker died each time"
@@ -203,6 +204,7 @@ class Consumer:
             self._release(task)
         else:
             self._read_inputs(task)
+            self._deferred.began = time.monotonic()
         return began
 
     def _read_inputs(self, task: Task) -> None:
@@ -229,8 +231,10 @@ class Consumer:
         keys = self._keys_of(task.request_id)
         deferred = self._deferred.__dict__
         calls: list[_Deferred] = deferred.setdefault("calls", [])
+        now = time.monotonic()
         if not calls:
-            deferred["since"] = time.monotonic()
+            deferred["since"] = now
+        deferred["quick"] = now - deferred.get("began", 0.0) < DEFER_SECONDS
         for part in ahead:
             calls.append((("deliver", keys, [task.request_id, instance, *part]), None))
         calls.append((("complete", keys, args), task))
@@ -323,15 +327,16 @@ class Consumer:
 
     def _flush_due(self) -> bool:
         """Whether this thread's deferred completions must go before it runs a task it
-        holds begun already: when ``CLAIM_BATCH`` of them wait, or the oldest has waited
-        ``DEFER_SECONDS``. Until then they wait for a round trip the thread makes anyway
-        (one completion claims the next batch of tasks), so that a batch of quick tasks
-        costs one round trip, not one per task."""
+        holds begun already: when ``CLAIM_BATCH`` of them wait, the oldest has waited
+        ``DEFER_SECONDS``, or the last task ran that long itself (the next one may well be
+        as slow: its wait must not hold them back). Until then they wait for a round trip
+        the thread makes anyway (one completion claims the next batch of tasks), so that
+        a batch of quick tasks costs one round trip, not one per task."""
         deferred = self._deferred.__dict__
         calls = deferred.get("calls")
         if not calls:
             return False
-        if len(calls) >= CLAIM_BATCH:
+        if len(calls) >= CLAIM_BATCH or not deferred.get("quick", False):
             return True
         since: float = deferred.get("since", 0.0)
         return time.monotonic() - since >= DEFER_SECONDS

@@ -57,3 +57,35 @@ def test_a_submit_sent_again_is_not_its_own_duplicate(
     first = claim(backend)
     assert first.step == "a"
     assert backend.claim("w", 0.3) is None  # its first task was queued once
+
+
+def test_a_paged_join_forgets_its_inputs_once_it_completed(
+    make_redis_backend: Callable[..., Any],
+) -> None:
+    """A join of more inputs than travel in its task reads them from their hash; once it
+    completed, the hash and its listing go, while the request runs on."""
+    from flowloom import Context, FlowService
+
+    backend = make_redis_backend()
+    keys = backend.keys
+    left: list[int] = []
+
+    def define(workflow: Any, context: Context) -> None:
+        def after(data: bytes, options: Any) -> bytes:
+            inputs = keys.request(context.request_id).inputs
+            client = backend._redis
+            left.append(client.scard(inputs) + len(list(client.scan_iter(match=inputs + ":*"))))
+            return data
+
+        each = workflow.dag.foreach_branch(
+            "each", lambda data: {f"k{n}": b"%d" % n for n in range(150)}, lambda o: b"%d" % len(o)
+        )
+        each.node("item", lambda data, options: data)
+        workflow.dag.node("after", after)
+        workflow.dag.edge("each", "after")
+
+    with FlowService(worker_concurrency=2, backend=backend) as fs:
+        fs._ensure_worker()
+        fs.register("paged", define)
+        assert fs.run("paged", b"", timeout=60) == b"150"
+    assert left == [0]

@@ -15,6 +15,7 @@ import redis
 from flowloom import Context, ErrorInfo, FlowService, Status, Workflow, engine
 from flowloom.backends import RequestRecord, Task
 from flowloom.backends.redis import RedisBackend
+from flowloom.plan import Plan
 from flowloom.registry import Registry
 from test_redis_faults import (
     APP,
@@ -185,3 +186,116 @@ def test_a_zero_delay_retry_claimed_by_a_completion_keeps_its_attempt(
     state = backend.state("flaky")
     assert state is not None
     assert state.vertices["h0"].attempts == 2
+
+
+def four_after_one(workflow: Workflow, context: Context) -> None:
+    workflow.dag.node("a", lambda data, options: data)
+    workflow.dag.node(
+        "z",
+        lambda data, options: data,
+        aggregator=lambda outputs: b"".join(outputs[k] for k in sorted(outputs)),
+    )
+    for name in "bcde":
+        workflow.dag.node(name, lambda data, options: data + b"!")
+        workflow.dag.edge("a", name)
+        workflow.dag.edge(name, "z")
+
+
+def run_to_the_end(backend: RedisBackend, plan: Plan, tasks: list[Task]) -> None:
+    """Run ``tasks`` (b, c, d and e), then the join, and check the request's result."""
+    for task in tasks:
+        assert backend.begin(task, task.step, task.step)
+        transition = engine.after_output(plan, plan.steps[task.step], (), task.step.encode())
+        backend.complete(task, task.step, task.step, task.step.encode(), transition)
+    z = claim(backend)
+    assert z.step == "z"
+    assert backend.begin(z, "z", "z")
+    output = b"".join(z.inputs[slot] for slot in sorted(z.inputs))
+    backend.complete(z, "z", "z", output, engine.after_output(plan, plan.steps["z"], (), output))
+    backend.flush()
+    assert backend.wait(tasks[0].request_id, 5) is Status.COMPLETED
+    assert backend.result(tasks[0].request_id) == b"bcde"
+
+
+def test_a_completion_claims_and_begins_a_batch_of_ready_tasks(
+    make_redis_backend: Callable[..., RedisBackend],
+) -> None:
+    """The tasks a completion makes ready are claimed by it for this process, up to
+    ``CLAIM_BATCH``, and begun: each runs once and the request completes."""
+    backend = make_redis_backend()
+    plan = Registry().register("fan", four_after_one)
+    record = RequestRecord("fan", "fan", plan.version, b"x", {}, created=time.time())
+    backend.submit(record, engine.start(plan, b"x"))
+    a = claim(backend)
+    assert backend.begin(a, "a", "a")
+    backend.complete(a, "a", "a", b"x", engine.after_output(plan, plan.steps["a"], (), b"x"))
+    first = claim(backend)  # sends a's completion, which claims the four for this process
+    state = backend.state("fan")
+    assert state is not None
+    assert {name: state.vertices[name].status for name in "bcde"} == dict.fromkeys(
+        "bcde", Status.RUNNING
+    )
+    tasks = [first] + [claim(backend) for _ in range(3)]
+    assert sorted(task.step for task in tasks) == ["b", "c", "d", "e"]
+    run_to_the_end(backend, plan, tasks)
+    state = backend.state("fan")
+    assert state is not None
+    assert {a: v.attempts for a, v in state.vertices.items()} == dict.fromkeys("abcdez", 1)
+    assert backend.claim("w", 0.3) is None
+
+
+def test_a_task_begun_ahead_that_waited_is_looked_at_again(
+    make_redis_backend: Callable[..., RedisBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task claimed and begun with a batch that waits here longer than
+    ``AHEAD_SECONDS`` is begun again before it runs: a pause from another process
+    meanwhile holds it."""
+    from flowloom.backends.redis import consumer
+
+    monkeypatch.setattr(consumer, "AHEAD_SECONDS", 0.0)  # every wait is too long
+    backend, other = make_redis_backend(), make_redis_backend()
+    plan = Registry().register("fan", four_after_one)
+    record = RequestRecord("fan", "fan", plan.version, b"x", {}, created=time.time())
+    backend.submit(record, engine.start(plan, b"x"))
+    a = claim(backend)
+    assert backend.begin(a, "a", "a")
+    backend.complete(a, "a", "a", b"x", engine.after_output(plan, plan.steps["a"], (), b"x"))
+    tasks = [claim(backend) for _ in range(4)]  # all four begun by a's completion
+    assert other.control("fan", Status.PAUSED) is Status.PAUSED
+    assert not any(backend.begin(task, task.step, task.step) for task in tasks)
+    assert other.control("fan", Status.RUNNING) is Status.RUNNING
+    again = [claim(backend) for _ in range(4)]
+    assert sorted(task.step for task in again) == ["b", "c", "d", "e"]
+    run_to_the_end(backend, plan, again)
+
+
+def test_a_slow_task_sends_its_completion_before_the_next_task_runs(
+    make_redis_backend: Callable[..., RedisBackend],
+    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
+) -> None:
+    """Completions wait for a later round trip only behind quick tasks: after a task that
+    ran ``DEFER_SECONDS`` or more, its completion goes before the next task runs, even
+    one begun ahead (the next may be as slow, and must not hold it back)."""
+    from flowloom.backends.redis import consumer
+
+    monkeypatch.setattr(consumer, "AHEAD_SECONDS", 60.0)  # begun ahead: no second look
+    backend = make_redis_backend()
+    plan = Registry().register("fan", four_after_one)
+    record = RequestRecord("slow", "fan", plan.version, b"x", {}, created=time.time())
+    backend.submit(record, engine.start(plan, b"x"))
+    a = claim(backend)
+    assert backend.begin(a, "a", "a")
+    backend.complete(a, "a", "a", b"x", engine.after_output(plan, plan.steps["a"], (), b"x"))
+    first, second = claim(backend), claim(backend)  # begun by a's completion
+    assert backend.begin(first, first.step, first.step)
+    time.sleep(consumer.DEFER_SECONDS * 5)  # a slow step
+    transition = engine.after_output(plan, plan.steps[first.step], (), b"x!")
+    backend.complete(first, first.step, first.step, b"x!", transition)
+    assert backend.begin(second, second.step, second.step)
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        vertices = backend.keys.request("slow").vertices
+        assert raw.hget(vertices, f"s|{first.step}") == b"completed"  # sent, not deferred
+    finally:
+        raw.close()

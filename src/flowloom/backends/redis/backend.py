@@ -235,7 +235,10 @@ class RedisBackend(Backend):
         return self._call(lambda: self._quick_store.wait(request_id, until))
 
     def control(self, request_id: str, action: Status) -> Status:
-        return self._call(lambda: self._store.control(request_id, action))
+        try:
+            return self._call(lambda: self._store.control(request_id, action))
+        finally:
+            self._consumer.look_again(request_id)
 
     def rerun(self, request_id: str, trace: str = "") -> Status:
         return self._call(lambda: self._store.rerun(request_id, trace))

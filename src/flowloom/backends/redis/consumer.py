@@ -11,7 +11,11 @@ consumer, so the task is pending for this process as any other) and marks it run
 the thread goes straight on with it, without a wake-up through the buffer. A streak of
 such hand-offs is bounded (``STREAK_HOPS`` tasks or ``STREAK_SECONDS``): then the
 thread's next completion claims nothing, its task goes through the stream, and any
-waiting thread of any process may take it. Every
+waiting thread of any process may take it. When more tasks are ready, a completion
+claims and begins up to ``CLAIM_BATCH`` of them: the others go to the buffer, and the
+thread that takes one runs it at once, keeping its completion back to go with the
+next batch's claim (see ``_flush_due``); one that waited longer than
+``AHEAD_SECONDS`` is begun again, with the usual checks. Every
 ``visibility_timeout / 3`` seconds a keep-alive thread refreshes the idle time of the
 tasks this process still holds (XCLAIM to itself); tasks idle for longer than
 ``visibility_timeout`` belong to a worker that died or froze and are taken over. A task
@@ -43,7 +47,9 @@ from .keys import GROUP, KeyLayout
 from .scripts import Call, Scripts
 from .store import RequestStore
 
-__all__ = ["HAND_BACK_AFTER", "STREAK_HOPS", "STREAK_SECONDS", "Consumer"]
+__all__ = [
+    "CLAIM_BATCH", "DEFER_SECONDS", "HAND_BACK_AFTER", "STREAK_HOPS", "STREAK_SECONDS", "Consumer",
+]  # fmt: skip
 
 log = logging.getLogger("flowloom.redis")
 
@@ -53,6 +59,9 @@ FORGET_AFTER = 120.0  # seconds a consumer holding nothing may idle before it is
 PROMOTE_EVERY = 0.05  # seconds between two moves of due retries while busy (or when due)
 STREAK_HOPS = 100  # tasks a worker thread may take by eager hand-off in a row
 STREAK_SECONDS = 0.1  # ... or for at most this long
+CLAIM_BATCH = 4  # tasks a completion may claim at once (at most ``prefetch``)
+DEFER_SECONDS = 0.002  # at most this long a completion waits for the next round trip
+AHEAD_SECONDS = 0.005  # a task begun when claimed runs without a second look this long
 
 # a completion not sent yet, and its task (None: a part of its deliveries sent ahead)
 _Deferred = tuple[Call, Task | None]
@@ -87,7 +96,7 @@ class Consumer:
         self._wanted = threading.Condition(lock)  # the fetcher waits on it for waiting threads
         self._buffer: deque[tuple[float, Task]] = deque()  # (read at, task), oldest first
         self._held: dict[str, Task] = {}  # receipt -> task (buffered or running)
-        self._begun: set[str] = set()  # receipts of tasks marked running when claimed
+        self._begun: dict[str, float] = {}  # receipt -> when, of tasks begun when claimed
         self._redelivered: dict[str, int] = {}  # receipt -> deliveries, of taken-over tasks
         self._waiting = 0  # worker threads waiting in ``claim``
         self._deferred = threading.local()  # .calls: completions not sent yet (_Deferred)
@@ -169,15 +178,19 @@ class Consumer:
 
     def begin(self, task: Task, instance: str, address: str) -> bool:
         with self._cond:
-            begun_already = task.receipt in self._begun  # begun when claimed (``complete``)
-            self._begun.discard(task.receipt)
+            begun_at = self._begun.pop(task.receipt, None)  # begun when claimed (``complete``)
+            # a task begun ahead that waited here longer is looked at again (its request
+            # may have been stopped, paused or failed meanwhile)
+            begun_already = begun_at is not None and time.monotonic() - begun_at < AHEAD_SECONDS
             deliveries = self._redelivered.get(task.receipt, 1)  # forgotten on release
         if begun_already:
             try:
-                self.flush()
+                if self._flush_due():  # else it goes with a later call (``CLAIM_BATCH``)
+                    self.flush()
             except redis.RedisError as exc:  # the completions stay deferred; the task runs
                 self._health.failed(exc)
             self._read_inputs(task)
+            self._deferred.began = time.monotonic()  # how long it runs: see ``complete``
             return True
         if deliveries > self.max_deliveries:
             message = f"delivered {deliveries - 1} times; the worker died each time"
@@ -191,6 +204,7 @@ class Consumer:
             self._release(task)
         else:
             self._read_inputs(task)
+            self._deferred.began = time.monotonic()
         return began
 
     def _read_inputs(self, task: Task) -> None:
@@ -207,7 +221,7 @@ class Consumer:
             task.request_id, GROUP, task.receipt, instance, address,
             _output_arg(output, transition), "1" if transition.finished else "0",
             transition.result, self._store.retention_ms(), self.name or "", self._want_more(),
-            *last,
+            "1" if isinstance(task.inputs, codec.PagedInputs) else "", *last,
         ]  # fmt: skip
         # Sent with this thread's next call: a worker thread's next call is nearly always
         # ``begin`` of its next task, so both go in one round trip. A thread about to
@@ -215,7 +229,12 @@ class Consumer:
         # Redis cannot be reached, completions queue up here (one per task run). The
         # deliveries of a big transition go ahead in parts (``deliver``), in order.
         keys = self._keys_of(task.request_id)
-        calls: list[_Deferred] = self._deferred.__dict__.setdefault("calls", [])
+        deferred = self._deferred.__dict__
+        calls: list[_Deferred] = deferred.setdefault("calls", [])
+        now = time.monotonic()
+        if not calls:
+            deferred["since"] = now
+        deferred["quick"] = now - deferred.get("began", 0.0) < DEFER_SECONDS
         for part in ahead:
             calls.append((("deliver", keys, [task.request_id, instance, *part]), None))
         calls.append((("complete", keys, args), task))
@@ -225,10 +244,11 @@ class Consumer:
         if claimed:
             entries, began = claimed
             kept = []  # dropped (0) by the script: not kept
+            now = time.monotonic()
             with self._cond:
                 for entry, flag in zip(entries, began, strict=True):
                     if flag == 1:
-                        self._begun.add(entry[0].decode())
+                        self._begun[entry[0].decode()] = now
                     if flag != 0:
                         kept.append(entry)
             if eager and kept and kept[0][1] and "task" not in self._eager.__dict__:
@@ -259,6 +279,16 @@ class Consumer:
             self._run("fail", self._keys_of(task.request_id), args)
         finally:
             self._release(task)
+            self.look_again(task.request_id)
+
+    def look_again(self, request_id: str) -> None:
+        """The tasks of ``request_id`` this process holds begun ahead are begun again (and
+        so checked) before they run: the request was just ended, paused or stopped here."""
+        with self._cond:
+            for receipt in list(self._begun):
+                held = self._held.get(receipt)
+                if held is None or held.request_id == request_id:
+                    del self._begun[receipt]
 
     def ack(self, task: Task) -> None:
         try:
@@ -282,9 +312,10 @@ class Consumer:
 
     # -- what this process holds -------------------------------------------------------------
     def _want_more(self) -> int:
-        """How many tasks a completing worker thread may claim: one, for itself, unless
-        one waits for it in the buffer already or its streak of eager hand-offs is over
-        (``STREAK_HOPS``, ``STREAK_SECONDS``)."""
+        """How many tasks a completing worker thread may claim: up to ``CLAIM_BATCH`` (the
+        first for itself, the others to the buffer), none if one waits for it in the
+        buffer already or its streak of eager hand-offs is over (``STREAK_HOPS``,
+        ``STREAK_SECONDS``)."""
         if self.name is None or self.closing.is_set() or self._buffer:
             return 0
         eager = self._eager.__dict__
@@ -292,7 +323,23 @@ class Consumer:
             return 0
         if time.monotonic() - eager.get("since", 0.0) >= STREAK_SECONDS:
             return 0
-        return 1
+        return min(CLAIM_BATCH, max(1, self.prefetch))
+
+    def _flush_due(self) -> bool:
+        """Whether this thread's deferred completions must go before it runs a task it
+        holds begun already: when ``CLAIM_BATCH`` of them wait, the oldest has waited
+        ``DEFER_SECONDS``, or the last task ran that long itself (the next one may well be
+        as slow: its wait must not hold them back). Until then they wait for a round trip
+        the thread makes anyway (one completion claims the next batch of tasks), so that
+        a batch of quick tasks costs one round trip, not one per task."""
+        deferred = self._deferred.__dict__
+        calls = deferred.get("calls")
+        if not calls:
+            return False
+        if len(calls) >= CLAIM_BATCH or not deferred.get("quick", False):
+            return True
+        since: float = deferred.get("since", 0.0)
+        return time.monotonic() - since >= DEFER_SECONDS
 
     def _room(self) -> int:
         """How many tasks the fetcher may read: one per waiting thread, up to ``prefetch``."""
@@ -336,7 +383,7 @@ class Consumer:
     def _release(self, task: Task) -> None:
         with self._cond:
             self._held.pop(task.receipt, None)
-            self._begun.discard(task.receipt)
+            self._begun.pop(task.receipt, None)
             self._redelivered.pop(task.receipt, None)
 
     def held(self) -> int:

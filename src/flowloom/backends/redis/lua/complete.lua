@@ -2,17 +2,21 @@
 -- the request if it is finished, ack the task; then read up to `claim` new tasks for
 -- `consumer` and begin those that say their instance. Returns {entries, began} or false.
 local id, group, receipt, inst, address, output, finished, result, retention_ms, consumer, claim,
-  ndeliveries = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
-  tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
-local DELIVERIES = 13 -- deliveries follow in ARGV from here on (see apply)
+  paged, ndeliveries = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
+  tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
+local DELIVERIES = 14 -- deliveries follow in ARGV from here on (see apply)
 -- output is '' (a split: no output of its own), 'n' (completed, output not kept), 'r'
--- (its output is the request's result, kept once, as the result) or 'd' .. bytes
+-- (its output is the request's result, kept once, as the result) or 'd' .. bytes;
+-- paged is '1' if the task's inputs wait in their hash (a large fan-in: see gather), the
+-- only case where inputs are still stored for an instance that ran
 
 -- a request that failed or stopped meanwhile records the completion too (for a retry),
 -- setting aside what it makes ready
 local req = load_request(id)
 if req and req.status ~= 'completed' and redis.call('HSETNX', instances_key, 'd|' .. inst, '1') == 1 then
-  forget_inputs(inst)
+  if paged == '1' then
+    forget_inputs(inst)
+  end
   if output ~= '' then
     redis.call('HSET', vertices_key, 's|' .. address, 'completed', 'e|' .. address, now_text())
     redis.call('HDEL', vertices_key, 'x|' .. address)

@@ -23,7 +23,6 @@ from flowloom.backends.redis.ends import parse
 from flowloom.http import create_app
 from flowloom.http.waiting import Waiter
 from http_fixtures import AppClient, Gate, Receiver, register_flows
-from test_redis_faults import eventually
 from test_redis_resilience import PrivateRedis
 
 pytestmark = pytest.mark.timeout(120)
@@ -270,8 +269,10 @@ async def test_waits_pending_across_a_redis_restart_finish_or_time_out(
         try:
             assert waiter._listen()
             probe = redis.Redis.from_url(private_redis.url)
-            try:  # the subscription is up before anything waits
-                eventually(lambda: probe.pubsub_numsub(backend.keys.ended)[0][1], 10, "subscribed")
+            try:  # the subscription (made by this loop) is up before anything waits
+                with anyio.fail_after(10):
+                    while not probe.pubsub_numsub(backend.keys.ended)[0][1]:
+                        await anyio.sleep(0.01)
             finally:
                 probe.close()
             records = [fs._submit("gated", Request(b"%d" % i)) for i in range(4)]
@@ -358,6 +359,58 @@ async def test_an_end_missed_by_a_cut_subscription_is_found_on_resubscribing(
             assert dropped == [record.request_id.encode() + b" completed x"]  # with its result
         finally:
             waiter.stop()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_listener_on_an_event_loop_hears_ends_on_that_loop_and_no_thread_subscribes(
+    make_redis_backend: Callable[..., RedisBackend],
+) -> None:
+    """Listening from an event loop, that loop holds the subscription: ends reach the
+    listener on the loop's thread, no thread subscribes, and the subscription goes once
+    the listener stops. A listener without a loop then gets the thread."""
+    backend = make_redis_backend()
+    probe = redis.Redis.from_url(backend.url)
+
+    def subscribers() -> int:
+        return int(probe.pubsub_numsub(backend.keys.ended)[0][1])
+
+    with FlowService(backend=backend) as fs:
+        fs.register("once", lambda wf, ctx: wf.dag.node("n", lambda d, o: d))
+        heard: dict[str, tuple[Status, bytes | None, int]] = {}
+        subscribed = asyncio.Event()
+
+        def ended(request_id: str, status: Status, result: bytes | None) -> None:
+            heard[request_id] = (status, result, threading.get_ident())
+
+        stop = backend.listen(ended, subscribed.set)
+        try:
+            with anyio.fail_after(10):
+                await subscribed.wait()
+            assert "flowloom-ends" not in [thread.name for thread in threading.enumerate()]
+            fs._ensure_worker()
+            record = fs._submit("once", Request(b"on the loop"))
+            with anyio.fail_after(10):
+                while record.request_id not in heard:
+                    await anyio.sleep(0.01)
+            assert heard[record.request_id] == (
+                Status.COMPLETED,
+                b"on the loop",
+                threading.get_ident(),
+            )
+        finally:
+            stop()
+        with anyio.fail_after(10):
+            while subscribers():
+                await anyio.sleep(0.01)
+        on_thread = threading.Event()
+        stop = await anyio.to_thread.run_sync(backend.listen, ended, on_thread.set)
+        try:
+            assert await anyio.to_thread.run_sync(on_thread.wait, 10)
+            assert "flowloom-ends" in [thread.name for thread in threading.enumerate()]
+        finally:
+            stop()
+    probe.close()
 
 
 # -- callbacks on Redis --------------------------------------------------------------------------

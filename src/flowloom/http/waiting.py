@@ -91,14 +91,23 @@ class Waiter:
         if self._listening is None:
             self._loop = loop
 
+            loop_thread = threading.get_ident()
+
             def ended(request_id: str, status: Status, result: bytes | None) -> None:
-                # called on the backend's thread: a dict lookup is safe, and spares the
-                # loop a wake-up for the ends of requests nobody waits for here
-                if request_id in self.waiting:
-                    with contextlib.suppress(RuntimeError):  # the loop has closed
-                        loop.call_soon_threadsafe(self._resolve, request_id, (status, result))
+                # called on the loop, or on the backend's thread: a dict lookup is safe
+                # there, and spares the loop a wake-up for the ends nobody waits for here
+                if request_id not in self.waiting:
+                    return
+                if threading.get_ident() == loop_thread:
+                    self._resolve(request_id, (status, result))
+                    return
+                with contextlib.suppress(RuntimeError):  # the loop has closed
+                    loop.call_soon_threadsafe(self._resolve, request_id, (status, result))
 
             def lost() -> None:
+                if threading.get_ident() == loop_thread:
+                    self._recheck()
+                    return
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self._recheck)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import signal
@@ -43,6 +44,7 @@ DEFAULT_LIMIT_CONCURRENCY = 512  # open connections (or running calls) before 50
 DEFAULT_KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's whole head
 SHUTDOWN_TIMEOUT = 10  # seconds running calls get to finish once asked to stop
+YOUNG_COLLECTION = 10_000  # allocations between two collections of young objects
 
 
 def serve(
@@ -97,7 +99,26 @@ def serve(
         forwarded_allow_ips=list(forwarded_allow_ips) or None,
     )
     server = _Server(config, on_exit=app.state.flowloom.waiter.close, ready=ready)
-    server.run()
+    with collecting_for_calls():
+        server.run()
+
+
+@contextlib.contextmanager
+def collecting_for_calls() -> Iterator[None]:
+    """The garbage collector tuned for serving, then as it was. What exists at start-up
+    (modules, the app, the flows) lasts as long as the server: it is frozen, so that
+    collections no longer walk it. A call allocates a few hundred objects that reference
+    counting frees; collecting the young ones every ``YOUNG_COLLECTION`` allocations
+    instead of Python's 700 spares most collections (and their pauses) under load."""
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 def _raise_open_file_limit(connections: int) -> None:

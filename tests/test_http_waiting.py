@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from flowloom.backends import Backend
 from flowloom.backends.redis import RedisBackend
 from flowloom.backends.redis.ends import parse
 from flowloom.http import create_app
-from flowloom.http.waiting import Waiter
+from flowloom.http.waiting import ID_POOL, Waiter, new_request_id
 from http_fixtures import AppClient, Gate, Receiver, register_flows
 from test_redis_resilience import PrivateRedis
 
@@ -62,6 +63,12 @@ def ended(fs: FlowService, request_id: str) -> Status | None:
 
 
 # -- no end is missed ----------------------------------------------------------------------------
+def test_request_ids_made_here_are_32_hex_digits_and_distinct_across_refills() -> None:
+    ids = [new_request_id() for _ in range(3 * ID_POOL // 16 + 7)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in ids)
+    assert len(set(ids)) == len(ids)
+
+
 @pytest.mark.anyio
 async def test_an_end_before_the_wait_registers_is_answered_at_once(service: FlowService) -> None:
     """The request ends (and its push goes by) before the wait begins: the one read that

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import redis
 
 from flowloom import FlowService, Request, RequestNotFound, Status
 from flowloom.backends import Backend
-from flowloom.backends.redis import RedisBackend
+from flowloom.backends.redis import RedisBackend, loop_ends
 from flowloom.backends.redis.ends import parse
 from flowloom.http import create_app
 from flowloom.http.waiting import ID_POOL, Waiter, new_request_id
@@ -418,6 +419,37 @@ async def test_a_listener_on_an_event_loop_hears_ends_on_that_loop_and_no_thread
         finally:
             stop()
     probe.close()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_loop_subscription_whose_redis_stops_answering_is_cut_and_made_again(
+    private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis is frozen (SIGSTOP: the connection stays open, nothing answers): the loop's
+    health check cuts the subscription, and once Redis answers again it subscribes
+    again and calls ``lost()``, so that the listener reads what it waits for again."""
+    monkeypatch.setattr(loop_ends, "HEALTH_CHECK", 0.1)
+    backend = RedisBackend(private_redis.url, connect_timeout=0.2)
+    losses: list[int] = []
+    stop = backend.listen(lambda *_: None, lambda: losses.append(1))
+    try:
+        with anyio.fail_after(10):
+            while not losses:
+                await anyio.sleep(0.01)
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            with anyio.fail_after(10):
+                while not backend.health.degraded:
+                    await anyio.sleep(0.01)
+        finally:
+            private_redis.proc.send_signal(signal.SIGCONT)
+        with anyio.fail_after(10):
+            while len(losses) < 2:
+                await anyio.sleep(0.01)
+    finally:
+        stop()
+        backend.close()
 
 
 # -- callbacks on Redis --------------------------------------------------------------------------

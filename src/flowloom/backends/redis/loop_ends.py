@@ -6,8 +6,8 @@ the loop, per request); here the loop reads the subscription's connection itself
 calls the listeners as the messages come. What ``Ends`` guarantees holds the same: after
 every (re)subscription the listeners' ``lost()`` is called, and a cut connection is
 opened again with a growing pause (10 ms doubling to 0.5 s) until the subscription is
-stopped. A connection silent for ``HEALTH_CHECK`` seconds is sent a ``PING``; when
-nothing came back by the next check it is cut and opened again. TLS URLs are not handled
+stopped. Every ``HEALTH_CHECK`` seconds the connection is sent a ``PING``; when nothing
+came back by the next check it is cut and opened again. TLS URLs are not handled
 here (``usable`` is false): ``Ends`` then runs its thread.
 """
 
@@ -116,7 +116,8 @@ class LoopSubscription:
 
     @property
     def running(self) -> bool:
-        return self._task is not None and self.loop is not None and not self.loop.is_closed()
+        task, loop = self._task, self.loop
+        return task is not None and not task.done() and loop is not None and not loop.is_closed()
 
     def start(self) -> None:
         """Subscribe from the running loop (at once, then again after every cut)."""

@@ -160,6 +160,7 @@ class _HeadDeadline:
 
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     _head_timer: asyncio.TimerHandle | None = None
+    _head_due: float | None = None  # the loop's time the awaited head is due by
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
 
@@ -168,16 +169,29 @@ class _HeadDeadline:
         raise NotImplementedError
 
     def _arm(self) -> None:
-        self._disarm()
-        self._head_timer = self.loop.call_later(self.header_timeout, self._expired)
+        # one timer per connection, not one per call: a timer that fires before the
+        # current deadline (armed again since) sets itself again for it
+        self._head_due = self.loop.time() + self.header_timeout
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_due, self._expired)
 
     def _disarm(self) -> None:
+        self._head_due = None
+
+    def _drop_timer(self) -> None:
+        self._head_due = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
     def _expired(self) -> None:
         self._head_timer = None
+        due = self._head_due
+        if due is None:
+            return
+        if due > self.loop.time():
+            self._head_timer = self.loop.call_at(due, self._expired)
+            return
         if self._head_pending() and not self.transport.is_closing():
             log.info("closed a connection: no request head within %g s", self.header_timeout)
             self.transport.close()
@@ -194,7 +208,7 @@ class _HeaderTimeout(_HeadDeadline, H11Protocol):
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._drop_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -221,7 +235,7 @@ if httptools_impl is not None:
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self._drop_timer()
             super().connection_lost(exc)
 
         def on_headers_complete(self) -> None:

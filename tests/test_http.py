@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hmac
 import json
 import os
@@ -23,6 +24,7 @@ from starlette.routing import Route
 from flowloom import FlowService, Request, RequestFailed, RequestStopped, Status, Workflow
 from flowloom.http import create_app
 from flowloom.http.auth import sign_request
+from flowloom.http.server import YOUNG_COLLECTION, collecting_for_calls
 from http_fixtures import (
     BACKENDS,
     AppClient,
@@ -499,6 +501,15 @@ async def test_openapi_spec_matches_the_routes(fs: FlowService) -> None:
     described = {(method, path) for path, item in spec["paths"].items() for method in item}
     assert described == routes
     assert "security" not in spec
+
+
+def test_serving_freezes_what_exists_and_collects_young_objects_less_often() -> None:
+    before = gc.get_threshold()
+    with collecting_for_calls():
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (YOUNG_COLLECTION, *before[1:])
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
 
 
 # -- a real server ------------------------------------------------------------------------------

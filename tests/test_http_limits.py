@@ -239,6 +239,16 @@ def test_a_slow_header_client_is_disconnected(http: str) -> None:
             started = time.monotonic()
             assert idle.recv(1024) == b""
             assert time.monotonic() - started < 4
+        # a connection answered just before its first deadline gets a whole new one for
+        # its next head: it is closed a deadline after the answer, not at the first one
+        with socket.create_connection(("127.0.0.1", server.port)) as late:
+            late.settimeout(5)
+            time.sleep(0.8)
+            late.sendall(b"POST /flow/myflow HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+            assert late.recv(65536).startswith(b"HTTP/1.1 200")
+            answered = time.monotonic()
+            assert late.recv(1024) == b""
+            assert 0.5 < time.monotonic() - answered < 4
         # and a client that sends its head in time is served on a kept-alive connection
         with httpx.Client(base_url=server.base) as client:
             for _ in range(2):

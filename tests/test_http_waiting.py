@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,12 +20,11 @@ import redis
 
 from flowloom import FlowService, Request, RequestNotFound, Status
 from flowloom.backends import Backend
-from flowloom.backends.redis import RedisBackend
+from flowloom.backends.redis import RedisBackend, loop_ends
 from flowloom.backends.redis.ends import parse
 from flowloom.http import create_app
-from flowloom.http.waiting import Waiter
+from flowloom.http.waiting import ID_POOL, Waiter, new_request_id
 from http_fixtures import AppClient, Gate, Receiver, register_flows
-from test_redis_faults import eventually
 from test_redis_resilience import PrivateRedis
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,6 +64,12 @@ def ended(fs: FlowService, request_id: str) -> Status | None:
 
 
 # -- no end is missed ----------------------------------------------------------------------------
+def test_request_ids_made_here_are_32_hex_digits_and_distinct_across_refills() -> None:
+    ids = [new_request_id() for _ in range(3 * ID_POOL // 16 + 7)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in ids)
+    assert len(set(ids)) == len(ids)
+
+
 @pytest.mark.anyio
 async def test_an_end_before_the_wait_registers_is_answered_at_once(service: FlowService) -> None:
     """The request ends (and its push goes by) before the wait begins: the one read that
@@ -270,8 +277,10 @@ async def test_waits_pending_across_a_redis_restart_finish_or_time_out(
         try:
             assert waiter._listen()
             probe = redis.Redis.from_url(private_redis.url)
-            try:  # the subscription is up before anything waits
-                eventually(lambda: probe.pubsub_numsub(backend.keys.ended)[0][1], 10, "subscribed")
+            try:  # the subscription (made by this loop) is up before anything waits
+                with anyio.fail_after(10):
+                    while not probe.pubsub_numsub(backend.keys.ended)[0][1]:
+                        await anyio.sleep(0.01)
             finally:
                 probe.close()
             records = [fs._submit("gated", Request(b"%d" % i)) for i in range(4)]
@@ -358,6 +367,89 @@ async def test_an_end_missed_by_a_cut_subscription_is_found_on_resubscribing(
             assert dropped == [record.request_id.encode() + b" completed x"]  # with its result
         finally:
             waiter.stop()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_listener_on_an_event_loop_hears_ends_on_that_loop_and_no_thread_subscribes(
+    make_redis_backend: Callable[..., RedisBackend],
+) -> None:
+    """Listening from an event loop, that loop holds the subscription: ends reach the
+    listener on the loop's thread, no thread subscribes, and the subscription goes once
+    the listener stops. A listener without a loop then gets the thread."""
+    backend = make_redis_backend()
+    probe = redis.Redis.from_url(backend.url)
+
+    def subscribers() -> int:
+        return int(probe.pubsub_numsub(backend.keys.ended)[0][1])
+
+    with FlowService(backend=backend) as fs:
+        fs.register("once", lambda wf, ctx: wf.dag.node("n", lambda d, o: d))
+        heard: dict[str, tuple[Status, bytes | None, int]] = {}
+        subscribed = asyncio.Event()
+
+        def ended(request_id: str, status: Status, result: bytes | None) -> None:
+            heard[request_id] = (status, result, threading.get_ident())
+
+        stop = backend.listen(ended, subscribed.set)
+        try:
+            with anyio.fail_after(10):
+                await subscribed.wait()
+            assert "flowloom-ends" not in [thread.name for thread in threading.enumerate()]
+            fs._ensure_worker()
+            record = fs._submit("once", Request(b"on the loop"))
+            with anyio.fail_after(10):
+                while record.request_id not in heard:
+                    await anyio.sleep(0.01)
+            assert heard[record.request_id] == (
+                Status.COMPLETED,
+                b"on the loop",
+                threading.get_ident(),
+            )
+        finally:
+            stop()
+        with anyio.fail_after(10):
+            while subscribers():
+                await anyio.sleep(0.01)
+        on_thread = threading.Event()
+        stop = await anyio.to_thread.run_sync(backend.listen, ended, on_thread.set)
+        try:
+            assert await anyio.to_thread.run_sync(on_thread.wait, 10)
+            assert "flowloom-ends" in [thread.name for thread in threading.enumerate()]
+        finally:
+            stop()
+    probe.close()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_loop_subscription_whose_redis_stops_answering_is_cut_and_made_again(
+    private_redis: PrivateRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis is frozen (SIGSTOP: the connection stays open, nothing answers): the loop's
+    health check cuts the subscription, and once Redis answers again it subscribes
+    again and calls ``lost()``, so that the listener reads what it waits for again."""
+    monkeypatch.setattr(loop_ends, "HEALTH_CHECK", 0.1)
+    backend = RedisBackend(private_redis.url, connect_timeout=0.2)
+    losses: list[int] = []
+    stop = backend.listen(lambda *_: None, lambda: losses.append(1))
+    try:
+        with anyio.fail_after(10):
+            while not losses:
+                await anyio.sleep(0.01)
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            with anyio.fail_after(10):
+                while not backend.health.degraded:
+                    await anyio.sleep(0.01)
+        finally:
+            private_redis.proc.send_signal(signal.SIGCONT)
+        with anyio.fail_after(10):
+            while len(losses) < 2:
+                await anyio.sleep(0.01)
+    finally:
+        stop()
+        backend.close()
 
 
 # -- callbacks on Redis --------------------------------------------------------------------------

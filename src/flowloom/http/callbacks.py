@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,12 +160,19 @@ class Callbacks:
         if not self._listening:
             self._listening = True
             loop = asyncio.get_running_loop()
+            loop_thread = threading.get_ident()
 
             def ended(request_id: str, status: Status, _result: bytes | None) -> None:
+                if threading.get_ident() == loop_thread:  # the loop holds the subscription
+                    self._ended(request_id, status)
+                    return
                 with contextlib.suppress(RuntimeError):  # the loop has closed
                     loop.call_soon_threadsafe(self._ended, request_id, status)
 
             def lost() -> None:  # ends may have been missed: check every waiting request
+                if threading.get_ident() == loop_thread:
+                    self._check_all()
+                    return
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self._check_all)
 

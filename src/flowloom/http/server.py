@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import signal
@@ -43,6 +44,7 @@ DEFAULT_LIMIT_CONCURRENCY = 512  # open connections (or running calls) before 50
 DEFAULT_KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's whole head
 SHUTDOWN_TIMEOUT = 10  # seconds running calls get to finish once asked to stop
+YOUNG_COLLECTION = 10_000  # allocations between two collections of young objects
 
 
 def serve(
@@ -97,7 +99,26 @@ def serve(
         forwarded_allow_ips=list(forwarded_allow_ips) or None,
     )
     server = _Server(config, on_exit=app.state.flowloom.waiter.close, ready=ready)
-    server.run()
+    with collecting_for_calls():
+        server.run()
+
+
+@contextlib.contextmanager
+def collecting_for_calls() -> Iterator[None]:
+    """The garbage collector tuned for serving, then as it was. What exists at start-up
+    (modules, the app, the flows) lasts as long as the server: it is frozen, so that
+    collections no longer walk it. A call allocates a few hundred objects that reference
+    counting frees; collecting the young ones every ``YOUNG_COLLECTION`` allocations
+    instead of Python's 700 spares most collections (and their pauses) under load."""
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 def _raise_open_file_limit(connections: int) -> None:
@@ -139,6 +160,7 @@ class _HeadDeadline:
 
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     _head_timer: asyncio.TimerHandle | None = None
+    _head_due: float | None = None  # the loop's time the awaited head is due by
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
 
@@ -147,16 +169,29 @@ class _HeadDeadline:
         raise NotImplementedError
 
     def _arm(self) -> None:
-        self._disarm()
-        self._head_timer = self.loop.call_later(self.header_timeout, self._expired)
+        # one timer per connection, not one per call: a timer that fires before the
+        # current deadline (armed again since) sets itself again for it
+        self._head_due = self.loop.time() + self.header_timeout
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_due, self._expired)
 
     def _disarm(self) -> None:
+        self._head_due = None
+
+    def _drop_timer(self) -> None:
+        self._head_due = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
     def _expired(self) -> None:
         self._head_timer = None
+        due = self._head_due
+        if due is None:
+            return
+        if due > self.loop.time():
+            self._head_timer = self.loop.call_at(due, self._expired)
+            return
         if self._head_pending() and not self.transport.is_closing():
             log.info("closed a connection: no request head within %g s", self.header_timeout)
             self.transport.close()
@@ -173,7 +208,7 @@ class _HeaderTimeout(_HeadDeadline, H11Protocol):
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._drop_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -200,7 +235,7 @@ if httptools_impl is not None:
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self._drop_timer()
             super().connection_lost(exc)
 
         def on_headers_complete(self) -> None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -45,6 +45,22 @@ T = TypeVar("T")
 Ended = tuple[Status, bytes | None] | None | bool
 WOKEN = False
 LAST_READ = 1.0  # seconds the read of the status at a wait's deadline may take
+ID_BYTES = 16  # random bytes in a request id made here (32 hex digits, as uuid4().hex)
+ID_POOL = 4096  # bytes read from the system at once: one system call per 256 ids
+
+_random_ids: list[bytes] = []
+os.register_at_fork(after_in_child=_random_ids.clear)  # a child draws its own
+
+
+def new_request_id() -> str:
+    """A request id of ``ID_BYTES`` random bytes from the system's source (thread-safe:
+    ``list.pop`` is atomic)."""
+    try:
+        return _random_ids.pop().hex()
+    except IndexError:
+        data = os.urandom(ID_POOL)
+        _random_ids.extend(data[i : i + ID_BYTES] for i in range(0, ID_POOL, ID_BYTES))
+        return new_request_id()
 
 
 class Waiter:
@@ -91,14 +107,23 @@ class Waiter:
         if self._listening is None:
             self._loop = loop
 
+            loop_thread = threading.get_ident()
+
             def ended(request_id: str, status: Status, result: bytes | None) -> None:
-                # called on the backend's thread: a dict lookup is safe, and spares the
-                # loop a wake-up for the ends of requests nobody waits for here
-                if request_id in self.waiting:
-                    with contextlib.suppress(RuntimeError):  # the loop has closed
-                        loop.call_soon_threadsafe(self._resolve, request_id, (status, result))
+                # called on the loop, or on the backend's thread: a dict lookup is safe
+                # there, and spares the loop a wake-up for the ends nobody waits for here
+                if request_id not in self.waiting:
+                    return
+                if threading.get_ident() == loop_thread:
+                    self._resolve(request_id, (status, result))
+                    return
+                with contextlib.suppress(RuntimeError):  # the loop has closed
+                    loop.call_soon_threadsafe(self._resolve, request_id, (status, result))
 
             def lost() -> None:
+                if threading.get_ident() == loop_thread:
+                    self._recheck()
+                    return
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self._recheck)
 
@@ -178,7 +203,7 @@ class Waiter:
             status = await self._poll(record.request_id, timeout, Status.QUEUED)
             return record, status, None
         if request.request_id is None:  # known before the submit, to register first
-            request = replace(request, request_id=uuid.uuid4().hex)
+            request = replace(request, request_id=new_request_id())
         assert request.request_id is not None
         with self._registered(request.request_id) as future:
             self.submitting.add(request.request_id)

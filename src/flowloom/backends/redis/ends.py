@@ -6,7 +6,10 @@ completed request whose result is at most ``PUSHED_RESULT`` bytes: a server wait
 answer with it then needs no read of its own. One thread per backend holds
 its own connection subscribed to that channel and calls every registered listener for
 each message, so that a server waiting for a thousand requests holds one connection and
-one thread, not one per wait.
+one thread, not one per wait. When the first listener listens from an event loop, that
+loop holds the subscription instead of a thread (``loop_ends.py``): it hears ends with no
+thread hop, and listeners are then called on it; once no listener is left it stops, and
+the next first listener chooses again.
 
 A subscription hears only what is published while it is connected: an end published
 while Redis was restarting, or before the first subscription took effect, is missed.
@@ -17,6 +20,7 @@ pause (10 ms doubling to 0.5 s) from the first listener on until the backend clo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -27,6 +31,7 @@ import redis
 
 from ...types import Status
 from .connection import Health, make_client
+from .loop_ends import LoopSubscription
 
 __all__ = ["Ends", "Listener", "parse"]
 
@@ -72,6 +77,14 @@ class Ends:
         self._listeners: dict[int, tuple[Listener, Callable[[], None]]] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._on_loop = LoopSubscription(
+            url,
+            channel,
+            health,
+            connect_timeout=connect_timeout,
+            deliver=lambda data: self._deliver(data),  # looked up per call: tests wrap it
+            subscribed=lambda: self._each(lambda _listener, lost: lost()),
+        )
 
     @property
     def listeners(self) -> int:
@@ -83,21 +96,33 @@ class Ends:
         key = next(self._ids)
         with self._lock:
             self._listeners[key] = (listener, lost)
-            if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(target=self._run, name="flowloom-ends", daemon=True)
-                self._thread.start()
+            if not self._stop.is_set():
+                self._subscribe()
 
         def stop() -> None:
             with self._lock:
                 self._listeners.pop(key, None)
+                if not self._listeners:
+                    self._on_loop.stop()
 
         return stop
+
+    def _subscribe(self) -> None:
+        """Start the subscription if none runs: on the running loop, else on a thread."""
+        if self._thread is not None or self._on_loop.running:
+            return
+        if self._on_loop.usable and _running_loop() is not None:
+            self._on_loop.start()
+            return
+        self._thread = threading.Thread(target=self._run, name="flowloom-ends", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         """Stop the thread (within ``POLL`` seconds) and drop the connection."""
         self._stop.set()
         with self._lock:
             thread, self._thread = self._thread, None
+            self._on_loop.stop()
         if thread is not None and thread is not threading.current_thread():
             thread.join(2 * POLL)
         self._client.close()
@@ -142,3 +167,10 @@ class Ends:
                 call(listener, lost)
             except Exception:  # one listener's bug must not end the others' wake-ups
                 log.exception("flowloom: a listener of request ends failed")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

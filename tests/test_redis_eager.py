@@ -269,33 +269,47 @@ def test_a_task_begun_ahead_that_waited_is_looked_at_again(
     run_to_the_end(backend, plan, again)
 
 
-def test_a_slow_task_sends_its_completion_before_the_next_task_runs(
+@pytest.mark.parametrize(
+    ("took", "held_back"),
+    [(None, False), (0.0, True), (120.0, False)],
+    ids=["step-never-ran-here", "step-was-quick", "step-was-slow"],
+)
+def test_a_completion_waits_only_behind_a_task_whose_step_ran_quickly_here(
     make_redis_backend: Callable[..., RedisBackend],
     monkeypatch: pytest.MonkeyPatch,
     redis_url: str,
+    took: float | None,
+    held_back: bool,
 ) -> None:
-    """Completions wait for a later round trip only behind quick tasks: after a task that
-    ran ``DEFER_SECONDS`` or more, its completion goes before the next task runs, even
-    one begun ahead (the next may be as slow, and must not hold it back)."""
+    """A completion is held back for a later round trip only while the thread runs a
+    task begun ahead whose step ran in less than ``DEFER_SECONDS`` here last time: behind
+    a slow task, or one of a step not seen yet, it goes before the task runs (its
+    successors, or another request's end, must not wait for that task)."""
     from flowloom.backends.redis import consumer
 
     monkeypatch.setattr(consumer, "AHEAD_SECONDS", 60.0)  # begun ahead: no second look
+    monkeypatch.setattr(consumer, "DEFER_SECONDS", 60.0)  # no completion waits that long here
     backend = make_redis_backend()
     plan = Registry().register("fan", four_after_one)
-    record = RequestRecord("slow", "fan", plan.version, b"x", {}, created=time.time())
+    record = RequestRecord("held", "fan", plan.version, b"x", {}, created=time.time())
     backend.submit(record, engine.start(plan, b"x"))
     a = claim(backend)
     assert backend.begin(a, "a", "a")
     backend.complete(a, "a", "a", b"x", engine.after_output(plan, plan.steps["a"], (), b"x"))
     first, second = claim(backend), claim(backend)  # begun by a's completion
     assert backend.begin(first, first.step, first.step)
-    time.sleep(consumer.DEFER_SECONDS * 5)  # a slow step
     transition = engine.after_output(plan, plan.steps[first.step], (), b"x!")
     backend.complete(first, first.step, first.step, b"x!", transition)
+    if took is not None:
+        backend._consumer._took[("fan", second.step)] = took
+    backend._consumer._took.pop(("fan", first.step), None)  # only second's step is known
     assert backend.begin(second, second.step, second.step)
     raw = redis.Redis.from_url(redis_url)
     try:
-        vertices = backend.keys.request("slow").vertices
-        assert raw.hget(vertices, f"s|{first.step}") == b"completed"  # sent, not deferred
+        vertices = backend.keys.request("held").vertices
+        sent = raw.hget(vertices, f"s|{first.step}") == b"completed"
+        assert sent is not held_back
+        backend.flush()
+        assert raw.hget(vertices, f"s|{first.step}") == b"completed"
     finally:
         raw.close()

@@ -97,6 +97,7 @@ class Consumer:
         self._buffer: deque[tuple[float, Task]] = deque()  # (read at, task), oldest first
         self._held: dict[str, Task] = {}  # receipt -> task (buffered or running)
         self._begun: dict[str, float] = {}  # receipt -> when, of tasks begun when claimed
+        self._took: dict[tuple[str, str], float] = {}  # (flow, step) -> its last run, seconds
         self._redelivered: dict[str, int] = {}  # receipt -> deliveries, of taken-over tasks
         self._waiting = 0  # worker threads waiting in ``claim``
         self._deferred = threading.local()  # .calls: completions not sent yet (_Deferred)
@@ -185,7 +186,7 @@ class Consumer:
             deliveries = self._redelivered.get(task.receipt, 1)  # forgotten on release
         if begun_already:
             try:
-                if self._flush_due():  # else it goes with a later call (``CLAIM_BATCH``)
+                if self._flush_due(task):  # else it goes with a later call (``CLAIM_BATCH``)
                     self.flush()
             except redis.RedisError as exc:  # the completions stay deferred; the task runs
                 self._health.failed(exc)
@@ -234,7 +235,9 @@ class Consumer:
         now = time.monotonic()
         if not calls:
             deferred["since"] = now
-        deferred["quick"] = now - deferred.get("began", 0.0) < DEFER_SECONDS
+        # how long this step ran: a later task of it may be run with completions held back
+        # only if it was quick (``_flush_due``)
+        self._took[(task.flow, task.step)] = now - deferred.get("began", now)
         for part in ahead:
             calls.append((("deliver", keys, [task.request_id, instance, *part]), None))
         calls.append((("complete", keys, args), task))
@@ -325,18 +328,22 @@ class Consumer:
             return 0
         return min(CLAIM_BATCH, max(1, self.prefetch))
 
-    def _flush_due(self) -> bool:
-        """Whether this thread's deferred completions must go before it runs a task it
-        holds begun already: when ``CLAIM_BATCH`` of them wait, the oldest has waited
-        ``DEFER_SECONDS``, or the last task ran that long itself (the next one may well be
-        as slow: its wait must not hold them back). Until then they wait for a round trip
-        the thread makes anyway (one completion claims the next batch of tasks), so that
-        a batch of quick tasks costs one round trip, not one per task."""
+    def _flush_due(self, task: Task) -> bool:
+        """Whether this thread's deferred completions must go before it runs ``task``, a
+        task it holds begun already: when ``CLAIM_BATCH`` of them wait, the oldest has
+        waited ``DEFER_SECONDS``, or ``task``'s step has not run here in less than
+        ``DEFER_SECONDS`` last time (a slow task, or one of unknown length, must not hold
+        them back: its successors, or another request's end, would wait for it). Until
+        then they wait for a round trip the thread makes anyway (one completion claims
+        the next batch of tasks), so that a batch of quick tasks costs one round trip, not
+        one per task."""
         deferred = self._deferred.__dict__
         calls = deferred.get("calls")
         if not calls:
             return False
-        if len(calls) >= CLAIM_BATCH or not deferred.get("quick", False):
+        if len(calls) >= CLAIM_BATCH:
+            return True
+        if self._took.get((task.flow, task.step), DEFER_SECONDS) >= DEFER_SECONDS:
             return True
         since: float = deferred.get("since", 0.0)
         return time.monotonic() - since >= DEFER_SECONDS

@@ -20,7 +20,6 @@ pause (10 ms doubling to 0.5 s) from the first listener on until the backend clo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
@@ -31,6 +30,7 @@ import redis
 
 from ...types import Status
 from .connection import Health, make_client
+from .loop_address import running_loop
 from .loop_ends import LoopSubscription
 
 __all__ = ["Ends", "Listener", "parse"]
@@ -111,7 +111,7 @@ class Ends:
         """Start the subscription if none runs: on the running loop, else on a thread."""
         if self._thread is not None or self._on_loop.running:
             return
-        if self._on_loop.usable and _running_loop() is not None:
+        if self._on_loop.usable and running_loop() is not None:
             self._on_loop.start()
             return
         self._thread = threading.Thread(target=self._run, name="flowloom-ends", daemon=True)
@@ -167,10 +167,3 @@ class Ends:
                 call(listener, lost)
             except Exception:  # one listener's bug must not end the others' wake-ups
                 log.exception("flowloom: a listener of request ends failed")
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import hiredis
-from redis.connection import parse_url
 
 from .connection import Health
+from .loop_address import LoopAddress
 
 __all__ = ["LoopSubscription"]
 
@@ -102,9 +102,8 @@ class LoopSubscription:
         deliver: Callable[[bytes], None],
         subscribed: Callable[[], None],
     ) -> None:
-        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-        self.usable = "connection_class" not in options or "path" in options  # no TLS
-        self._options = options
+        self._address = LoopAddress(url)
+        self.usable = self._address.usable
         self._channel = channel
         self._health = health
         self._connect_timeout = connect_timeout
@@ -134,13 +133,8 @@ class LoopSubscription:
             loop.call_soon_threadsafe(task.cancel)
 
     def _hello(self) -> list[bytes]:
-        options = self._options
-        hello = []
-        if options.get("password") is not None:
-            user = [options["username"]] if options.get("username") else []
-            hello.append(_pack("AUTH", *user, options["password"]))
-        hello.append(_pack("SUBSCRIBE", self._channel))
-        return hello
+        commands = [*self._address.hello(select=False), ("SUBSCRIBE", self._channel)]
+        return [_pack(*command) for command in commands]
 
     def _on_subscribed(self) -> None:
         self._health.succeeded()
@@ -148,8 +142,6 @@ class LoopSubscription:
         self._subscribed()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        options = self._options
         while True:
             protocol: _Protocol | None = None
             try:
@@ -158,14 +150,7 @@ class LoopSubscription:
                     return _Protocol(self._hello(), self._deliver, self._on_subscribed)
 
                 async with asyncio.timeout(self._connect_timeout):
-                    if "path" in options:
-                        _, protocol = await loop.create_unix_connection(made, options["path"])
-                    else:
-                        host, port = (
-                            options.get("host", "localhost"),
-                            int(options.get("port", 6379)),
-                        )
-                        _, protocol = await loop.create_connection(made, host, port)
+                    protocol = await self._address.connect(made)
                 failure: BaseException = await self._watch(protocol)
             except (OSError, TimeoutError) as exc:
                 failure = exc

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import hiredis
-from redis.connection import parse_url
 
+from .loop_address import LoopAddress, running_loop
 from .scripts import SOURCES
 
 __all__ = ["LoopSubmits"]
@@ -106,9 +106,7 @@ class LoopSubmits:
     """The ``submit`` script sent from the running event loop, to Redis at ``url``."""
 
     def __init__(self, url: str, *, socket_timeout: float, connect_timeout: float) -> None:
-        options = parse_url(url)  # type: ignore[no-untyped-call]
-        self._usable = "connection_class" not in options or "path" in options  # no TLS
-        self._options = options
+        self._address = LoopAddress(url)
         self._socket_timeout = socket_timeout
         self._connect_timeout = connect_timeout
         self._replies: _Replies | None = None
@@ -118,7 +116,7 @@ class LoopSubmits:
 
     async def submit(self, keys: Sequence[str], args: Sequence[Any]) -> bool:
         """Whether the request was created; ``False``: submit it the ordinary way."""
-        if not self._usable or time.monotonic() < self._paused_until:
+        if not self._address.usable or time.monotonic() < self._paused_until:
             return False
         try:
             replies = await self._connection()
@@ -147,25 +145,13 @@ class LoopSubmits:
         return self._replies
 
     async def _open(self) -> _Replies:
-        loop = asyncio.get_running_loop()
-        options = self._options
-
         def made() -> _Replies:
             return _Replies(self._socket_timeout)
 
         async with asyncio.timeout(self._connect_timeout):
-            if "path" in options:
-                _, replies = await loop.create_unix_connection(made, options["path"])
-            else:
-                host, port = options.get("host", "localhost"), int(options.get("port", 6379))
-                _, replies = await loop.create_connection(made, host, port)
+            replies = await self._address.connect(made)
             try:
-                hello: list[asyncio.Future[Any]] = []
-                if options.get("password") is not None:
-                    user = [options["username"]] if options.get("username") else []
-                    hello.append(replies.send(("AUTH", *user, options["password"])))
-                if int(options.get("db") or 0):
-                    hello.append(replies.send(("SELECT", int(options["db"]))))
+                hello = [replies.send(command) for command in self._address.hello(select=True)]
                 for reply in hello:
                     if isinstance(await reply, hiredis.ReplyError):
                         raise ConnectionError(f"Redis refused the connection: {reply.result()}")
@@ -187,15 +173,8 @@ class LoopSubmits:
         self._replies = None
         if replies is None or loop is None:
             return
-        if _running_loop() is loop:
+        if running_loop() is loop:
             replies.close()
             return
         with contextlib.suppress(RuntimeError):  # the loop has closed: so has the socket
             loop.call_soon_threadsafe(replies.close)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

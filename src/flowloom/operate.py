@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 import click
 from rich.console import Console
@@ -35,6 +35,7 @@ from .types import Request, Status
 __all__ = ["commands", "read_request", "request_options", "wait_showing_progress"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 PROGRESS_EVERY = 0.5  # seconds between two looks at a request's state for its progress line
 
 
@@ -93,6 +94,18 @@ def _client(
         service.close()
         raise
     return service
+
+
+def _ask(
+    app: str | None, redis_url: str | None, redis_prefix: str, ask: Callable[[FlowService], T]
+) -> T:
+    """``ask(service)`` of a client service (see ``_client``), closed after; a flowloom
+    error ends the command with its message."""
+    with _client(app, redis_url, redis_prefix) as service:
+        try:
+            return ask(service)
+        except FlowloomError as exc:
+            raise _fail(exc) from exc
 
 
 def _echo_json(value: object) -> None:
@@ -253,11 +266,8 @@ def requests(
     app: str | None,
 ) -> None:
     """List requests, newest first (of FLOW if given)."""
-    with _client(app, redis_url, redis_prefix) as service:
-        try:
-            states = service.requests(flow, Status(status) if status else None, 0, limit)
-        except FlowloomError as exc:
-            raise _fail(exc) from exc
+    wanted = Status(status) if status else None
+    states = _ask(app, redis_url, redis_prefix, lambda s: s.requests(flow, wanted, 0, limit))
     if as_json:
         _echo_json({"requests": [request_row_json(s) for s in states]})
     elif states:
@@ -279,11 +289,7 @@ def inspect(
     app: str | None,
 ) -> None:
     """Show a request: status, timings, each vertex instance, error and traceback."""
-    with _client(app, redis_url, redis_prefix) as service:
-        try:
-            state = service.state(flow, request_id)
-        except FlowloomError as exc:
-            raise _fail(exc) from exc
+    state = _ask(app, redis_url, redis_prefix, lambda s: s.state(flow, request_id))
     if as_json:
         _echo_json(state.to_json())
     else:
@@ -305,11 +311,7 @@ def output(
     app: str | None,
 ) -> None:
     """Print the output of one vertex instance (by its address, as `inspect` lists them)."""
-    with _client(app, redis_url, redis_prefix) as service:
-        try:
-            data = service.output(flow, request_id, vertex)
-        except FlowloomError as exc:
-            raise _fail(exc) from exc
+    data = _ask(app, redis_url, redis_prefix, lambda s: s.output(flow, request_id, vertex))
     if as_json:
         _echo_json({"request_id": request_id, "vertex": vertex} | bytes_json("output", data))
     else:
@@ -329,11 +331,10 @@ def _control(action: str, help_text: str) -> click.Command:
         redis_prefix: str,
         app: str | None,
     ) -> None:
-        with _client(app, redis_url, redis_prefix) as service:
-            try:
-                status = getattr(service, action)(flow, request_id)
-            except FlowloomError as exc:
-                raise _fail(exc) from exc
+        def act(service: FlowService) -> Status:
+            return cast(Status, getattr(service, action)(flow, request_id))
+
+        status = _ask(app, redis_url, redis_prefix, act)
         if as_json:
             _echo_json({"request_id": request_id, "flow": flow, "status": status.value})
         else:
@@ -346,11 +347,7 @@ def _control(action: str, help_text: str) -> click.Command:
 @_connection
 def workers(as_json: bool, redis_url: str | None, redis_prefix: str, app: str | None) -> None:
     """List the live workers: name, host, pid, concurrency, flows and versions."""
-    with _client(app, redis_url, redis_prefix) as service:
-        try:
-            found = service.workers()
-        except FlowloomError as exc:
-            raise _fail(exc) from exc
+    found = _ask(app, redis_url, redis_prefix, FlowService.workers)
     if as_json:
         _echo_json({"workers": found})
     elif found:

@@ -130,7 +130,7 @@ class Ends:
     def _run(self) -> None:
         delay = 0.01
         while not self._stop.is_set():
-            pubsub = self._client.pubsub()
+            pubsub = self._client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]
             try:
                 pubsub.subscribe(self.channel)
                 while not self._stop.is_set():

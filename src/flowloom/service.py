@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -207,9 +207,19 @@ class FlowService:
         start = engine.start_task(body) if plan is None else engine.start(plan, body)
         return record, start
 
-    def _submitted(self, record: RequestRecord) -> None:
+    def _submitting(self, record: RequestRecord) -> Callable[[], None]:
+        """Before ``record`` is submitted: its tasks run here need not read the record
+        (a submit from the event loop may hand its first task to a worker thread here
+        before it returns). Returns what to call if the submit fails."""
         worker = self._worker
-        if worker is not None:  # its tasks run here need not read the record
+        if worker is None:
+            return lambda: None
+        worker.submitted(record)
+        return lambda: worker.forget(record.request_id)
+
+    def _submitted(self, record: RequestRecord, known_here: bool = False) -> None:
+        worker = self._worker
+        if worker is not None and not known_here:  # its tasks run here need not read it
             worker.submitted(record)
         observers = self.observers
         if observers:

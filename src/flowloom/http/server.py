@@ -222,16 +222,51 @@ class _HeaderTimeout(_HeadDeadline, H11Protocol):
             self._arm()
 
 
+class _TurnWrites:
+    """A connection's transport as a response sees it: what it writes during one turn
+    of the loop goes out in one write at the end of that turn. uvicorn writes an
+    answer's head and its body apart, and each write to an idle socket is a system call
+    of its own (with loopback, the reader's side of TCP runs in it as well). A whole
+    answer is written when it completes (``on_response_complete``); a streamed body's
+    chunks go out in the turn they are written."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._out:
+            self._loop.call_soon(self.flush)
+        self._out.append(data)
+
+    def flush(self) -> None:
+        out, self._out = self._out, []
+        if out and not self._transport.is_closing():
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
 if httptools_impl is not None:
 
     class _HttpToolsHeaderTimeout(_HeadDeadline, httptools_impl.HttpToolsProtocol):
-        """uvicorn's httptools protocol with the head deadline."""
+        """uvicorn's httptools protocol with the head deadline, each answer written in
+        one write (``_TurnWrites``)."""
+
+        _writes: _TurnWrites
 
         def _head_pending(self) -> bool:
             return (self.cycle is None or self.cycle.response_complete) and not self.pipeline
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._writes = _TurnWrites(transport, self.loop)
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -241,8 +276,11 @@ if httptools_impl is not None:
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
+            if self.cycle is not None:  # None: an upgrade, refused
+                self.cycle.transport = self._writes  # type: ignore[assignment]
 
         def on_response_complete(self) -> None:
+            self._writes.flush()  # the whole answer at once, before anything else is sent
             super().on_response_complete()
             if not self.pipeline and not self.transport.is_closing():
                 self._arm()

@@ -94,8 +94,13 @@ class Waiter:
         if not self.submits_on_loop or service._client_mode(name):  # the latter reads
             return await self.run(service._submit, name, request)  # the workers' versions
         record, start = service._new_request(name, request)
-        await self.backend.submit_async(record, start)
-        service._submitted(record)
+        failed = service._submitting(record)
+        try:
+            await self.backend.submit_async(record, start)
+        except BaseException:
+            failed()  # not this record's request (a duplicate), or none
+            raise
+        service._submitted(record, known_here=True)
         return record
 
     # -- the backend's listener ---------------------------------------------------------------
@@ -245,12 +250,17 @@ class Waiter:
         ``timeout``; else the status then."""
         if self.closing.is_set():
             return status, None
-        with anyio.move_on_after(math.inf if timeout is None else timeout):
-            ended = await future
-            if ended is None:
-                raise RequestNotFound(f"request {request_id!r} has expired")
-            if isinstance(ended, tuple):
-                return ended
+        try:
+            # asyncio's own timeout: the waits are on the loop's futures anyway, and an
+            # anyio cancel scope costs several times more per call
+            async with asyncio.timeout(None if timeout in (None, math.inf) else timeout):
+                ended = await future
+        except TimeoutError:
+            ended = WOKEN
+        if ended is None:
+            raise RequestNotFound(f"request {request_id!r} has expired")
+        if isinstance(ended, tuple):
+            return ended
         return await self.run(self._status_now, request_id, status), None
 
     def _status_now(self, request_id: str, known: Status) -> Status:

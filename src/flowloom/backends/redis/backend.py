@@ -172,8 +172,12 @@ class RedisBackend(Backend):
         """``submit`` sent from the event loop itself (see ``loop_submits.py``); on a
         thread, the ordinary way, when that does not create the request."""
         self._check_body(record, self._value_limit or self.max_value)  # no I/O on the loop
-        keys, args = self._store.submit_call(record, transition)
-        if not await self._loop_submits.submit(keys, args):
+        consumer = self._consumer
+        # this process's idle worker threads take the request's first tasks from the
+        # submit's own reply (no wake-up of the fetcher, no round trip to begin them)
+        idle = 0 if consumer.name is None or consumer.closing.is_set() else consumer._room()
+        keys, args = self._store.submit_call(record, transition, consumer.name or "", idle)
+        if not await self._loop_submits.submit(keys, args, consumer.take_claimed):
             await super().submit_async(record, transition)
 
     def leave_loop(self) -> None:

@@ -557,6 +557,23 @@ class Consumer:
         if self.name is not None:
             self._redis.xgroup_delconsumer(self.keys.tasks, GROUP, self.name)
 
+    # -- tasks claimed by a submit from this process (``lua/submit.lua``) ---------------------
+    def take_claimed(self, claimed: Any) -> None:
+        """Hand the tasks a submit claimed for this consumer (``[entries, began]``, for its
+        waiting worker threads: see ``_room``) to those threads, as a completion's claimed
+        batch: held (kept alive) from now on, and those begun already run without a
+        second look for ``AHEAD_SECONDS``; those the script dropped (0) are not kept."""
+        entries, began = claimed
+        now = time.monotonic()
+        with self._cond:
+            kept = []
+            for entry, flag in zip(entries, began, strict=True):
+                if flag == 1:
+                    self._begun[entry[0].decode()] = now
+                if flag != 0:
+                    kept.append(entry)
+            self._take(kept)
+
 
 def _output_arg(output: bytes | None, transition: Transition) -> bytes:
     """How ``complete.lua`` gets a step's output: ``""`` a split (no output of its own),

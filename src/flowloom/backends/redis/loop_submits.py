@@ -10,6 +10,11 @@ Redis does not know, an error, a request id that exists) returns ``False``, and 
 caller submits again the ordinary way, on a thread (which rides out outages, loads the
 scripts, and tells a duplicate from its own request sent twice). TLS URLs always take
 the ordinary way.
+
+A submit may also claim the request's first tasks for this process's idle worker
+threads (see ``lua/submit.lua``): the claimed tasks are handed over as the reply is
+read, even if the caller has stopped waiting for it, so that none is left pending here
+unheld (unkept alive) until its visibility timeout.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import hiredis
@@ -28,6 +34,8 @@ from .loop_address import LoopAddress, running_loop
 from .scripts import SOURCES
 
 __all__ = ["LoopSubmits"]
+
+log = logging.getLogger("flowloom.redis")
 
 SUBMIT_SHA = hashlib.sha1(SOURCES["submit"].encode()).hexdigest()
 PAUSE = 1.0  # seconds without the loop's connection after it failed
@@ -44,7 +52,8 @@ class _Replies(asyncio.Protocol):
         self._watch: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader()
-        self._waiting: deque[asyncio.Future[Any]] = deque()
+        # the futures of the replies awaited, each with what to call with it first (if any)
+        self._waiting: deque[tuple[asyncio.Future[Any], Callable[[Any], None] | None]] = deque()
         self._out: list[bytes] = []
         self.lost = False
 
@@ -55,7 +64,12 @@ class _Replies(asyncio.Protocol):
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
             self._answered += 1
-            future = self._waiting.popleft()
+            future, first = self._waiting.popleft()
+            if first is not None:
+                try:
+                    first(reply)
+                except Exception:  # the reply's future must be answered all the same
+                    log.exception("flowloom: handing over the tasks a submit claimed failed")
             if not future.done():  # its caller gave up (cancelled, timed out)
                 future.set_result(reply)
 
@@ -64,17 +78,20 @@ class _Replies(asyncio.Protocol):
         if self._watch is not None:
             self._watch.cancel()
         while self._waiting:
-            future = self._waiting.popleft()
+            future, _ = self._waiting.popleft()
             if not future.done():
                 future.set_exception(ConnectionError("connection to Redis lost"))
 
-    def send(self, command: Sequence[Any]) -> asyncio.Future[Any]:
-        """The future of ``command``'s reply (a ``hiredis.ReplyError`` for an error)."""
+    def send(
+        self, command: Sequence[Any], first: Callable[[Any], None] | None = None
+    ) -> asyncio.Future[Any]:
+        """The future of ``command``'s reply (a ``hiredis.ReplyError`` for an error);
+        ``first(reply)`` is called as it comes, whether the future is awaited still or not."""
         packed = hiredis.pack_command(tuple(command))  # TypeError for an odd argument
         if self.lost:
             raise ConnectionError("connection to Redis lost")
         future = self._loop.create_future()
-        self._waiting.append(future)
+        self._waiting.append((future, first))
         if not self._out:
             self._loop.call_soon(self._write)
         self._out.append(packed)
@@ -114,14 +131,26 @@ class LoopSubmits:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._paused_until = 0.0
 
-    async def submit(self, keys: Sequence[str], args: Sequence[Any]) -> bool:
-        """Whether the request was created; ``False``: submit it the ordinary way."""
+    async def submit(
+        self,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        claimed: Callable[[Any], None] = lambda _: None,
+    ) -> bool:
+        """Whether the request was created; ``False``: submit it the ordinary way.
+        ``claimed({entries, began})`` receives the tasks the script claimed, if any."""
         if not self._address.usable or time.monotonic() < self._paused_until:
             return False
+
+        def first(reply: Any) -> None:
+            if isinstance(reply, list):
+                claimed(reply)
+
         try:
             replies = await self._connection()
-            reply = replies.send(("EVALSHA", SUBMIT_SHA, len(keys), *keys, *args))
-            return bool(await reply == 1)
+            reply = replies.send(("EVALSHA", SUBMIT_SHA, len(keys), *keys, *args), first)
+            answer = await reply
+            return answer == 1 or isinstance(answer, list)
         except TypeError:  # an argument hiredis does not pack: redis-py's packer will
             return False
         except (OSError, TimeoutError, hiredis.HiredisError):

@@ -14,7 +14,7 @@ from ...errors import DuplicateRequest, NoOutput, NotRunning, RequestNotFound
 from ...types import RequestState, Status, VertexState
 from ..base import RequestRecord, Summary, not_kept
 from . import codec
-from .keys import KeyLayout
+from .keys import GROUP, KeyLayout
 from .scripts import Scripts
 
 __all__ = ["RequestStore"]
@@ -43,9 +43,10 @@ class RequestStore:
             raise DuplicateRequest(f"request {record.request_id!r} exists already")
 
     def submit_call(
-        self, record: RequestRecord, transition: Transition
+        self, record: RequestRecord, transition: Transition, consumer: str = "", claim: int = 0
     ) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of the ``submit`` script for ``record``."""
+        """The keys and arguments of the ``submit`` script for ``record``; with ``claim``,
+        the script also claims and begins up to that many ready tasks for ``consumer``."""
         keys = [
             *self.keys.request(record.request_id).script_keys(),
             self.keys.requests,
@@ -61,6 +62,9 @@ class RequestStore:
             repr(record.created),
             "1" if record.has_hooks else "0",
             record.trace,
+            GROUP,
+            consumer,
+            claim,
             *codec.delivery_args(transition.deliveries),
         ]
         return keys, args

@@ -38,6 +38,7 @@ async def test_the_loop_creates_the_request_and_queues_its_first_task(
     make_redis_backend: Callable[..., RedisBackend],
 ) -> None:
     backend = make_redis_backend()
+    backend._store._scripts.load()  # the loop's client sends EVALSHA only (a fresh Redis: NOSCRIPT)
     plan = plan_of(linear)
     record = record_of("r1")
     keys, args = backend._store.submit_call(record, engine.start(plan, b"in"))

@@ -1,6 +1,8 @@
 -- A task succeeded: record its output, apply its deliveries (once per instance), end
 -- the request if it is finished, ack the task; then read up to `claim` new tasks for
--- `consumer` and begin those that say their instance. Returns {entries, began} or false.
+-- `consumer` and begin those that say their instance. Returns {entries, began, facts} or
+-- false: facts[j] is what the worker needs of the record of the request of a task begun
+-- here (see facts), or 0 for a task of this request (its worker has just run one).
 local id, group, receipt, inst, address, output, finished, result, retention_ms, consumer, claim,
   paged, ndeliveries = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
   tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
@@ -51,14 +53,14 @@ if claim > 0 then
   if not res then
     return false
   end
-  local entries, began = res[1][2], {}
+  local entries, began, known_facts = res[1][2], {}, {}
   local base = string.sub(request_key, 1, #request_key - #id - 1)
   -- this request's status, as read above, unless this script ended the request (a
   -- chain's next hop is nearly always of the same request: no second read)
   local known = req and finished ~= '1' and req.status or nil
   for j, entry in ipairs(entries) do
     local fields = entry[2]
-    began[j] = -1
+    began[j], known_facts[j] = -1, 0
     if fields and fields[3] == 'i' then
       local blob = fields[2]
       local colon = string.find(blob, ':', 1, true)
@@ -68,9 +70,11 @@ if claim > 0 then
         mine and known or nil, mine and fired_here[fields[4]])
       if mine and began[j] == 1 then
         known = 'running'
+      elseif began[j] == 1 then
+        known_facts[j] = facts(base .. rid .. '}')
       end
     end
   end
-  return { entries, began }
+  return { entries, began, known_facts }
 end
 return false

@@ -51,6 +51,14 @@ local function set_aside(r, blob)
   end
 end
 
+-- what a worker running a task of the request `r` (its hash key) needs of its record,
+-- beyond the task itself: its query, when it was created, its trace. Sent with the task's
+-- begin, so that a request submitted from another process costs its worker no read of
+-- its own (see Consumer.facts_of)
+local function facts(r)
+  return redis.call('HMGET', r, 'query', 'created', 'trace')
+end
+
 -- a ready task: on the stream, aside while the request is paused, or set aside for a
 -- retry once it failed or stopped. A first attempt goes with its instance (`inst`), so
 -- that a completion's claim can begin it; a later one (`inst` nil) is begun by its

@@ -133,8 +133,8 @@ class Consumer:
         its task go (it is taken over later and runs again). ``eager``: the thread is
         free, a task a completion claims is for it (else it goes to the buffer)."""
         pending: list[_Deferred] = self._deferred.__dict__.pop("calls", [])
-        if not pending:
-            return None if call is None else self._scripts(*call)
+        if not pending:  # on the thread's own connection all the same
+            return None if call is None else self._scripts.pipelined([call])[0]
         calls = [deferred[0] for deferred in pending] + ([] if call is None else [call])
         try:
             results = self._scripts.pipelined(calls)

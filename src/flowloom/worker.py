@@ -272,7 +272,7 @@ class Worker:
         """The request's handler options and what observers need of it, cached."""
         known = self._known.get(task.request_id)
         if known is None:
-            record = self.backend.record(task.request_id)
+            record = self.backend.record_to_run(task)
             if record is None:
                 known = ({}, RequestInfo(task.request_id, task.flow, 0.0, None))
             else:

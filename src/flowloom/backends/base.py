@@ -227,6 +227,12 @@ class Backend(abc.ABC):
         """Mark the task running. False if it must not run: its request has ended or is
         paused (the task is then held until resumed), or the instance is done already."""
 
+    def record_to_run(self, task: Task) -> RequestRecord | None:
+        """The record of ``task``'s request, for its worker once ``begin`` said it may
+        run; its ``body`` and ``headers`` may be left out. A backend may have it from the
+        task's claim or begin already, without a read of its own."""
+        return self.record(task.request_id)
+
     @abc.abstractmethod
     def complete(
         self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition

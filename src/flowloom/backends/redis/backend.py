@@ -277,6 +277,10 @@ class RedisBackend(Backend):
             self._consumer.release(task)
             raise
 
+    def record_to_run(self, task: Task) -> RequestRecord | None:
+        known = self._consumer.facts_of(task)  # came with the task's begin, usually
+        return known if known is not None else self.record(task.request_id)
+
     def complete(
         self, task: Task, instance: str, address: str, output: bytes | None, transition: Transition
     ) -> None:

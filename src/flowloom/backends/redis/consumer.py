@@ -40,12 +40,12 @@ import redis
 
 from ...engine import Transition
 from ...types import ErrorInfo
-from ..base import Task
+from ..base import RequestRecord, Task
 from . import codec
 from .connection import Health
 from .keys import GROUP, KeyLayout
 from .scripts import Call, Scripts
-from .store import RequestStore
+from .store import RequestStore, record_to_run
 
 __all__ = [
     "CLAIM_BATCH", "DEFER_SECONDS", "HAND_BACK_AFTER", "STREAK_HOPS", "STREAK_SECONDS", "Consumer",
@@ -99,6 +99,7 @@ class Consumer:
         self._begun: dict[str, float] = {}  # receipt -> when, of tasks begun when claimed
         self._took: dict[tuple[str, str], float] = {}  # (flow, step) -> its last run, seconds
         self._redelivered: dict[str, int] = {}  # receipt -> deliveries, of taken-over tasks
+        self._facts: dict[str, list[bytes | None]] = {}  # receipt -> its request's, see facts_of
         self._waiting = 0  # worker threads waiting in ``claim``
         self._deferred = threading.local()  # .calls: completions not sent yet (_Deferred)
         self._eager = threading.local()  # .task: handed to this thread; .streak, .since
@@ -132,8 +133,8 @@ class Consumer:
         its task go (it is taken over later and runs again). ``eager``: the thread is
         free, a task a completion claims is for it (else it goes to the buffer)."""
         pending: list[_Deferred] = self._deferred.__dict__.pop("calls", [])
-        if not pending:
-            return None if call is None else self._scripts(*call)
+        if not pending:  # on the thread's own connection all the same
+            return None if call is None else self._scripts.pipelined([call])[0]
         calls = [deferred[0] for deferred in pending] + ([] if call is None else [call])
         try:
             results = self._scripts.pipelined(calls)
@@ -200,13 +201,23 @@ class Consumer:
             return False
         args = [task.request_id, GROUP, task.receipt, instance, address, task.attempt]
         keys = self._keys_of(task.request_id)
-        began = bool(self._with_deferred(("begin", keys, args)))
-        if not began:
+        facts = self._with_deferred(("begin", keys, args))  # 0: not begun
+        if facts == 0:
             self._release(task)
-        else:
-            self._read_inputs(task)
-            self._deferred.began = time.monotonic()
-        return began
+            return False
+        self._facts[task.receipt] = facts
+        self._read_inputs(task)
+        self._deferred.began = time.monotonic()
+        return True
+
+    def facts_of(self, task: Task) -> RequestRecord | None:
+        """What the worker running ``task`` needs of its request's record (its query,
+        created and trace: ``store.record_to_run``), if that came with the task's begin:
+        the begin script returns it, and a completion's claim does for a task of another
+        request, so that the first task of a request submitted elsewhere costs no read of
+        its own. None if it did not (a task of the completing request: its worker has it)."""
+        facts = self._facts.pop(task.receipt, None)
+        return None if facts is None else record_to_run(task, facts)
 
     def _read_inputs(self, task: Task) -> None:
         """Read the inputs a fan-in keeps in Redis (a big foreach's join), page by page."""
@@ -245,15 +256,8 @@ class Consumer:
     def _completed(self, task: Task, claimed: Any, eager: bool) -> None:
         self._release(task)
         if claimed:
-            entries, began = claimed
-            kept = []  # dropped (0) by the script: not kept
-            now = time.monotonic()
             with self._cond:
-                for entry, flag in zip(entries, began, strict=True):
-                    if flag == 1:
-                        self._begun[entry[0].decode()] = now
-                    if flag != 0:
-                        kept.append(entry)
+                kept = self._claimed(claimed)
             if eager and kept and kept[0][1] and "task" not in self._eager.__dict__:
                 self._eager.task = self._hold(kept[0])
                 kept = kept[1:]
@@ -392,6 +396,7 @@ class Consumer:
             self._held.pop(task.receipt, None)
             self._begun.pop(task.receipt, None)
             self._redelivered.pop(task.receipt, None)
+            self._facts.pop(task.receipt, None)
 
     def held(self) -> int:
         """How many tasks this process holds (buffered or running)."""
@@ -552,6 +557,7 @@ class Consumer:
             self._buffer.clear()
             self._begun.clear()
             self._redelivered.clear()
+            self._facts.clear()
         if receipts:
             self._run("handback", [self.keys.tasks], [GROUP, *receipts])
         if self.name is not None:
@@ -559,20 +565,29 @@ class Consumer:
 
     # -- tasks claimed by a submit from this process (``lua/submit.lua``) ---------------------
     def take_claimed(self, claimed: Any) -> None:
-        """Hand the tasks a submit claimed for this consumer (``[entries, began]``, for its
-        waiting worker threads: see ``_room``) to those threads, as a completion's claimed
-        batch: held (kept alive) from now on, and those begun already run without a
-        second look for ``AHEAD_SECONDS``; those the script dropped (0) are not kept."""
-        entries, began = claimed
-        now = time.monotonic()
+        """Hand the tasks a submit claimed for this consumer (for its waiting worker
+        threads: see ``_room``) to those threads, as a completion's claimed batch: held
+        (kept alive) from now on, and those begun already run without a second look for
+        ``AHEAD_SECONDS``; those the script dropped (0) are not kept."""
         with self._cond:
-            kept = []
-            for entry, flag in zip(entries, began, strict=True):
-                if flag == 1:
-                    self._begun[entry[0].decode()] = now
-                if flag != 0:
-                    kept.append(entry)
-            self._take(kept)
+            self._take(self._claimed(claimed))
+
+    def _claimed(self, claimed: Any) -> list[Any]:
+        """The entries of a script's claim (``claim_tasks`` in ``lua/request.lua``) to keep:
+        those begun are noted as begun now, with their request's record if it came along;
+        those the script dropped (0) are not kept."""
+        entries, began, facts = claimed
+        kept = []
+        now = time.monotonic()
+        for entry, flag, known in zip(entries, began, facts, strict=True):
+            if flag == 1:
+                receipt = entry[0].decode()
+                self._begun[receipt] = now
+                if known != 0:
+                    self._facts[receipt] = known
+            if flag != 0:
+                kept.append(entry)
+        return kept
 
 
 def _output_arg(output: bytes | None, transition: Transition) -> bytes:

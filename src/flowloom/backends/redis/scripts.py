@@ -65,12 +65,25 @@ class Scripts:
         return connection
 
     def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        sha = self._scripts[name].sha
-        try:
-            return self._client.evalsha(sha, len(keys), *keys, *args)
-        except NoScriptError:
+        """Run one script on a connection of the client's pool (any thread may call it:
+        a client's submit, a worker's fetcher), packed as ``_send`` packs: a submit's
+        many arguments cost redis-py's generic command path more than its round trip."""
+        command = ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+        result = self._send_pooled(command)
+        if isinstance(result, NoScriptError):
             self.load()  # every script, not this one only: see ``load``
-            return self._client.evalsha(sha, len(keys), *keys, *args)
+            result = self._send_pooled(command)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _send_pooled(self, command: tuple[Any, ...]) -> Any:
+        pool = self._client.connection_pool
+        connection = pool.get_connection()
+        try:
+            return _send_on(connection, [command])[0]
+        finally:
+            pool.release(connection)
 
     def load(self) -> None:
         """Load every script at once (one round trip).
@@ -106,26 +119,30 @@ class Scripts:
         raise AssertionError("unreachable")
 
     def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` on this thread's connection in one write; their replies, an
-        error reply as its exception. A broken connection is closed (and opened again by
-        the next call) and the error raised."""
-        connection = self._connection()
-        # packed by hiredis itself: the arguments are str, bytes and int, which it takes
-        # as they are, so redis-py's per-argument checks (twice the packing's own time)
-        # are skipped; any other type goes through them
-        try:
-            packed = b"".join([hiredis.pack_command(command) for command in commands])
-        except TypeError:
-            packed = b"".join(connection.pack_commands(commands))  # type: ignore[no-untyped-call]
-        try:
-            connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
-            results: list[Any] = []
-            for _ in commands:
-                try:
-                    results.append(connection.read_response())
-                except ResponseError as exc:
-                    results.append(exc)
-        except BaseException:
-            connection.disconnect()  # type: ignore[no-untyped-call]
-            raise
-        return results
+        """Send ``commands`` on this thread's connection in one write (see ``_send_on``)."""
+        return _send_on(self._connection(), commands)
+
+
+def _send_on(connection: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Send ``commands`` on ``connection`` in one write; their replies, an error reply as
+    its exception. A broken connection is closed (and opened again by the next call) and
+    the error raised."""
+    # packed by hiredis itself: the arguments are str, bytes and int, which it takes as
+    # they are, so redis-py's per-argument checks (twice the packing's own time) are
+    # skipped; any other type goes through them
+    try:
+        packed = b"".join([hiredis.pack_command(command) for command in commands])
+    except TypeError:
+        packed = b"".join(connection.pack_commands(commands))  # type: ignore[no-untyped-call]
+    try:
+        connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
+        results: list[Any] = []
+        for _ in commands:
+            try:
+                results.append(connection.read_response())
+            except ResponseError as exc:
+                results.append(exc)
+    except BaseException:
+        connection.disconnect()  # type: ignore[no-untyped-call]
+        raise
+    return results

@@ -12,12 +12,12 @@ import redis
 from ...engine import Transition
 from ...errors import DuplicateRequest, NoOutput, NotRunning, RequestNotFound
 from ...types import RequestState, Status, VertexState
-from ..base import RequestRecord, Summary, not_kept
+from ..base import RequestRecord, Summary, Task, not_kept
 from . import codec
 from .keys import GROUP, KeyLayout
 from .scripts import Scripts
 
-__all__ = ["RequestStore"]
+__all__ = ["RequestStore", "record_to_run"]
 
 _STATE_FIELDS = ("flow", "status", "created", "ended", "error", "trace", "retries")
 WAIT_BLOCK = 0.2  # seconds one blocking read of ``wait`` lasts at most
@@ -319,4 +319,20 @@ def _state(
         vertices=vertices,
         trace_id=trace[:32].decode() if trace else None,
         retries=tuple(float(t) for t in retries.split(b",")) if retries else (),
+    )
+
+
+def record_to_run(task: Task, facts: list[bytes | None]) -> RequestRecord:
+    """The record of ``task``'s request as its worker needs it, from the facts that came
+    with the task's begin (``facts`` in ``request.lua``: query, created, trace); without
+    its body and headers."""
+    query, created, trace = (v or b"" for v in facts)
+    return RequestRecord(
+        request_id=task.request_id,
+        flow=task.flow,
+        version=task.version,
+        body=b"",
+        query=json.loads(query or b"{}"),
+        created=float(created or 0.0),
+        trace=trace.decode(),
     )

@@ -1,6 +1,8 @@
 -- A task succeeded: record its output, apply its deliveries (once per instance), end
 -- the request if it is finished, ack the task; then read up to `claim` new tasks for
--- `consumer` and begin those that say their instance. Returns {entries, began} or false.
+-- `consumer` and begin those that say their instance. Returns {entries, began, facts} or
+-- false: facts[j] is what the worker needs of the record of the request of a task begun
+-- here (see facts), or 0 for a task of this request (its worker has just run one).
 local id, group, receipt, inst, address, output, finished, result, retention_ms, consumer, claim,
   paged, ndeliveries = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
   tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
@@ -45,32 +47,9 @@ if req and req.status ~= 'completed' and redis.call('HSETNX', instances_key, 'd|
 end
 ack(group, receipt)
 -- read up to `claim` new tasks for this consumer, and begin those that say their
--- instance (any request's: their keys are derived from this request's key prefix)
+-- instance; this request's status as read above, unless this script ended the request
+-- (a chain's next hop is nearly always of the same request: no second read)
 if claim > 0 then
-  local res = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', claim, 'STREAMS', tasks_key, '>')
-  if not res then
-    return false
-  end
-  local entries, began = res[1][2], {}
-  local base = string.sub(request_key, 1, #request_key - #id - 1)
-  -- this request's status, as read above, unless this script ended the request (a
-  -- chain's next hop is nearly always of the same request: no second read)
-  local known = req and finished ~= '1' and req.status or nil
-  for j, entry in ipairs(entries) do
-    local fields = entry[2]
-    began[j] = -1
-    if fields and fields[3] == 'i' then
-      local blob = fields[2]
-      local colon = string.find(blob, ':', 1, true)
-      local rid = string.sub(blob, colon + 1, colon + tonumber(string.sub(blob, 1, colon - 1)))
-      local mine = rid == id
-      began[j] = begin_task(base .. rid .. '}', group, entry[1], blob, fields[4], '1',
-        mine and known or nil, mine and fired_here[fields[4]])
-      if mine and began[j] == 1 then
-        known = 'running'
-      end
-    end
-  end
-  return { entries, began }
+  return claim_tasks(id, group, consumer, claim, req and finished ~= '1' and req.status or nil)
 end
 return false

@@ -51,6 +51,14 @@ local function set_aside(r, blob)
   end
 end
 
+-- what a worker running a task of the request `r` (its hash key) needs of its record,
+-- beyond the task itself: its query, when it was created, its trace. Sent with the task's
+-- begin, so that a request submitted from another process costs its worker no read of
+-- its own (see Consumer.facts_of)
+local function facts(r)
+  return redis.call('HMGET', r, 'query', 'created', 'trace')
+end
+
 -- a ready task: on the stream, aside while the request is paused, or set aside for a
 -- retry once it failed or stopped. A first attempt goes with its instance (`inst`), so
 -- that a completion's claim can begin it; a later one (`inst` nil) is begun by its
@@ -249,4 +257,39 @@ local function finish(req, status, retention_ms, result, err)
     local blob = ns(req.id) .. ns(req.flow) .. ns(req.version) .. ns('!hooks') .. ns('') .. ns('1')
     redis.call('XADD', tasks_key, '*', 't', blob .. ns('status') .. ns('d' .. status))
   end
+end
+
+-- read up to `count` new tasks for `consumer` and begin those that say their instance,
+-- of any request (their keys derive from this request's key prefix). `known`: the status
+-- of this request (`id`) as the caller left it (nil: read). A task begun of another request
+-- brings what its worker needs of that request's record (see facts); one of this
+-- request needs none (its worker has just run or submitted one). Returns
+-- {entries, began, facts} (began: 1 begun, 0 dropped, -1 to be begun by its worker;
+-- facts: 0 or the record's) or false if nothing was there. A completion's claim and a
+-- submit's.
+local function claim_tasks(id, group, consumer, count, known)
+  local res = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', tasks_key, '>')
+  if not res then
+    return false
+  end
+  local entries, began, known_facts = res[1][2], {}, {}
+  local base = string.sub(request_key, 1, #request_key - #id - 1)
+  for j, entry in ipairs(entries) do
+    local fields = entry[2]
+    began[j], known_facts[j] = -1, 0
+    if fields and fields[3] == 'i' then
+      local blob = fields[2]
+      local colon = string.find(blob, ':', 1, true)
+      local rid = string.sub(blob, colon + 1, colon + tonumber(string.sub(blob, 1, colon - 1)))
+      local mine = rid == id
+      began[j] = begin_task(base .. rid .. '}', group, entry[1], blob, fields[4], '1',
+        mine and known or nil, mine and fired_here[fields[4]])
+      if mine and began[j] == 1 then
+        known = 'running'
+      elseif began[j] == 1 then
+        known_facts[j] = facts(base .. rid .. '}')
+      end
+    end
+  end
+  return { entries, began, known_facts }
 end

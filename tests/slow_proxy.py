@@ -40,6 +40,10 @@ class SlowProxy:
                 client.close()
                 continue
             with self._lock:
+                if self._closing.is_set():  # closed meanwhile: its sockets are gone
+                    client.close()
+                    server.close()
+                    return
                 self._sockets += [client, server]
             threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
             threading.Thread(target=self._answer, args=(server, client), daemon=True).start()
@@ -89,13 +93,15 @@ class SlowProxy:
         with ready:
             done.set()
             ready.notify()
+        server.close()  # the client's side closes once its answers are delivered
 
     @property
     def url_base(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
     def close(self) -> None:
-        self._closing.set()
+        with self._lock:
+            self._closing.set()
         self._listener.close()
         with self._lock:
             for sock in self._sockets:

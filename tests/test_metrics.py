@@ -18,6 +18,7 @@ from flowloom import FlowService, RequestFailed
 from flowloom.backends import Task
 from flowloom.metrics import Metrics
 from flowloom.observe import Attempt, RequestInfo
+from flowloom.traceparent import TraceContext
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -265,3 +266,25 @@ def test_task_durations_fall_in_their_buckets_and_running_follows_the_attempts()
     assert value(samples, "flowloom_task_duration_seconds_sum", flow="f", vertex="s") == (
         pytest.approx(100.7023)
     )
+
+
+def test_metrics_alone_never_decode_a_trace_and_time_requests_from_their_creation(
+    service, monkeypatch
+):
+    decoded: list[str] = []
+    decode = TraceContext.decode.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[TraceContext], text: str) -> TraceContext | None:
+        decoded.append(text)
+        return decode(cls, text)
+
+    monkeypatch.setattr(TraceContext, "decode", classmethod(counting))
+    for body in (b"x", b"y", b"z"):
+        assert service.run("diamond", body, timeout=20).startswith(b"L")
+    samples = wait_until(
+        lambda: scrape(service), lambda s: total(s, "flowloom_requests_ended_total") >= 3
+    )
+    assert decoded == []  # nobody reads the trace: the worker does not decode it
+    duration = "flowloom_request_duration_seconds"
+    assert value(samples, f"{duration}_count", flow="diamond") == 3
+    assert value(samples, f"{duration}_bucket", flow="diamond", le="10.0") == 3

@@ -73,7 +73,12 @@ class Attempt:
 
 
 class Observer:
-    """No-op hooks; override the ones you need. Each is called inside try/except."""
+    """No-op hooks; override the ones you need. Each is called inside try/except.
+
+    ``reads_traces``: the observer reads ``RequestInfo.trace`` (else the worker need not
+    decode the request's stored trace context, about as costly as a task's hooks)."""
+
+    reads_traces = False
 
     def request_started(self, record: RequestRecord) -> None:
         """``execute`` has queued the request (in the process that called it)."""
@@ -116,6 +121,7 @@ class Observers:
 
     def __init__(self, observers: Sequence[Observer] = ()) -> None:
         self.all = tuple(observers)
+        self.reads_traces = any(observer.reads_traces for observer in self.all)
         self.call_span = next((s for o in self.all if (s := o.call_span()) is not None), None)
         self._request_started = _hooks(self.all, "request_started")
         self._request_ended = _hooks(self.all, "request_ended")

@@ -115,6 +115,8 @@ class Tracing(Observer):
     ``trace.get_tracer(...)`` are exported too (under the vertex span either way).
     """
 
+    reads_traces = True
+
     def __init__(self, endpoint: str | None = None, exporter: SpanExporter | None = None) -> None:
         named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
             "OTEL_RESOURCE_ATTRIBUTES", ""

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .backends import RequestRecord, Task
 from .traceparent import TraceContext
@@ -29,9 +29,11 @@ log = logging.getLogger("flowloom.observe")
 CallSpan = Callable[[str, Callable[..., Any]], AbstractContextManager[None]]
 
 
-@dataclass(frozen=True, slots=True)
-class RequestInfo:
-    """What an observer needs to know of a request: whose it is, when it began, its trace."""
+class RequestInfo(NamedTuple):
+    """What an observer needs to know of a request: whose it is, when it began, its trace.
+
+    A named tuple rather than a frozen dataclass: made for every request a worker runs,
+    and a tuple is made at a fraction of the cost (no ``object.__setattr__`` a field)."""
 
     request_id: str
     flow: str

@@ -15,6 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apps import observed_app
 from flowloom import FlowService, RequestFailed
+from flowloom.backends import Task
+from flowloom.metrics import Metrics
+from flowloom.observe import Attempt, RequestInfo
+from flowloom.traceparent import TraceContext
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -233,3 +237,54 @@ def test_an_unreachable_backend_is_a_gauge_not_a_failed_scrape():
         samples = parse(Metrics(broken).exposition().decode())
     assert value(samples, "flowloom_backend_up") == 0
     assert ("flowloom_queue_tasks", frozenset({("state", "ready")})) not in samples
+
+
+def test_task_durations_fall_in_their_buckets_and_running_follows_the_attempts():
+    metrics = Metrics()
+    task = Task("r1", "f", "1", "s", (), {})
+    request = RequestInfo("r1", "f", time.time(), None)
+    attempts = []
+    for seconds, outcome in [
+        (0.0002, "completed"), (0.001, "completed"), (0.0011, "retried"), (0.7, "failed"),
+        (100.0, "completed"),
+    ]:  # fmt: skip
+        attempt = Attempt(task, request, "run", "s", "w", started=0.0)
+        metrics.attempt_started(attempt)
+        attempt.outcome, attempt.finished = outcome, seconds
+        attempts.append(attempt)
+    assert value(parse(metrics.exposition().decode()), "flowloom_tasks_running") == 5
+    for attempt in attempts:
+        metrics.attempt_ended(attempt)
+    metrics.task_redelivered(task)  # not an attempt: the gauge does not move
+    samples = parse(metrics.exposition().decode())
+    assert value(samples, "flowloom_tasks_running") == 0
+    counts = {
+        le: value(samples, "flowloom_task_duration_seconds_bucket", flow="f", vertex="s", le=le)
+        for le in ("0.001", "0.005", "0.5", "1.0", "60.0", "+Inf")
+    }
+    assert counts == {"0.001": 2, "0.005": 3, "0.5": 3, "1.0": 4, "60.0": 4, "+Inf": 5}
+    assert value(samples, "flowloom_task_duration_seconds_sum", flow="f", vertex="s") == (
+        pytest.approx(100.7023)
+    )
+
+
+def test_metrics_alone_never_decode_a_trace_and_time_requests_from_their_creation(
+    service, monkeypatch
+):
+    decoded: list[str] = []
+    decode = TraceContext.decode.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[TraceContext], text: str) -> TraceContext | None:
+        decoded.append(text)
+        return decode(cls, text)
+
+    monkeypatch.setattr(TraceContext, "decode", classmethod(counting))
+    for body in (b"x", b"y", b"z"):
+        assert service.run("diamond", body, timeout=20).startswith(b"L")
+    samples = wait_until(
+        lambda: scrape(service), lambda s: total(s, "flowloom_requests_ended_total") >= 3
+    )
+    assert decoded == []  # nobody reads the trace: the worker does not decode it
+    duration = "flowloom_request_duration_seconds"
+    assert value(samples, f"{duration}_count", flow="diamond") == 3
+    assert value(samples, f"{duration}_bucket", flow="diamond", le="10.0") == 3

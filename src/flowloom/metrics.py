@@ -110,18 +110,18 @@ class Metrics(Observer):
     def attempt_ended(self, attempt: Attempt) -> None:
         task = attempt.task
         seconds = attempt.finished - attempt.started
-        local = self.tasks.local
         try:
-            table, running = local.table, local.running
+            table = self.tasks.local.table
         except AttributeError:
-            table, running = self.tasks.mine()
+            table = self.tasks.mine()[0]
         row = table.get((task.flow, task.step))
         if row is None:
             row = table[(task.flow, task.step)] = [0.0] * _ROW
-        running[1] += 1
-        row[_SLOT[attempt.outcome]] += 1
+        row[_SLOT[attempt.outcome]] += 1  # also counts the attempt as no longer running
         row[_SUM] += seconds
-        row[_FIRST_BUCKET + bisect.bisect_left(_TASK_BUCKETS, seconds)] += 1
+        # most tasks take less than the first bucket: no bisect call for them
+        bucket = 0 if seconds <= _FIRST_BOUND else bisect.bisect_left(_TASK_BUCKETS, seconds)
+        row[_FIRST_BUCKET + bucket] += 1
 
     def task_redelivered(self, task: Task) -> None:
         self.tasks.redelivered(task.flow, task.step)
@@ -181,6 +181,8 @@ _SUM = len(_OUTCOMES)  # the slot of the duration sum; the bucket counts follow 
 _FIRST_BUCKET = _SUM + 1
 _ROW = _FIRST_BUCKET + len(_TASK_BUCKETS) + 1
 _SLOT = {outcome: i for i, outcome in enumerate(_OUTCOMES)}
+_ENDED_ATTEMPT = tuple(_SLOT[outcome] for outcome in ("completed", "failed", "retried"))
+_FIRST_BOUND = _TASK_BUCKETS[0]
 
 
 class _TaskStats(Collector):
@@ -196,15 +198,16 @@ class _TaskStats(Collector):
     def __init__(self) -> None:
         self.local = threading.local()
         self._tables: list[dict[tuple[str, str], list[float]]] = []
-        self._running: list[list[int]] = []  # per thread: [began, ended]
+        self._running: list[list[int]] = []  # per thread: [attempts begun]
 
     def mine(self) -> tuple[dict[tuple[str, str], list[float]], list[int]]:
-        """This thread's table and its [began, ended] counts, made on its first task."""
+        """This thread's table and its count of attempts begun, made on its first task.
+        (The attempts ended are its table's completed, failed and retried counts.)"""
         local = self.local
         try:
             return local.table, local.running
         except AttributeError:
-            local.table, local.running = {}, [0, 0]
+            local.table, local.running = {}, [0]
             self._tables.append(local.table)  # list.append is atomic: no lock needed
             self._running.append(local.running)
             return local.table, local.running
@@ -221,8 +224,10 @@ class _TaskStats(Collector):
 
     def collect(self) -> Iterable[Metric]:
         totals: dict[tuple[str, str], list[float]] = {}
+        ended = 0.0
         for table in list(self._tables):
             for key, row in list(table.items()):
+                ended += sum(row[i] for i in _ENDED_ATTEMPT)
                 total = totals.get(key)
                 if total is None:
                     totals[key] = list(row)
@@ -251,7 +256,8 @@ class _TaskStats(Collector):
                     [flow, step], list(zip(bounds, cumulative, strict=True)), row[_SUM]
                 )
         running = GaugeMetricFamily("flowloom_tasks_running", "Tasks running now in this process.")
-        running.add_metric([], float(sum(began - ended for began, ended in list(self._running))))
+        began = sum(count[0] for count in list(self._running))
+        running.add_metric([], float(began - ended))
         return [attempts, seconds, running]
 
 

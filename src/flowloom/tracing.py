@@ -115,6 +115,8 @@ class Tracing(Observer):
     ``trace.get_tracer(...)`` are exported too (under the vertex span either way).
     """
 
+    reads_traces = True
+
     def __init__(self, endpoint: str | None = None, exporter: SpanExporter | None = None) -> None:
         named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
             "OTEL_RESOURCE_ATTRIBUTES", ""
@@ -218,8 +220,11 @@ class Tracing(Observer):
         span: _AttemptSpan | None = attempt.span
         if span is None:
             return
+        span.ended = True
+        # the span and the attempt refer to each other: a cycle only the garbage collector
+        # would free (with the task and the context it holds), once per task
+        span.attempt = None
         if span.light is None and attempt.error is None:  # the usual case: a record, no more
-            span.ended = True
             task = attempt.task
             self.recorder.add(
                 (
@@ -229,13 +234,12 @@ class Tracing(Observer):
                 )
             )  # fmt: skip
             return
-        light = span.materialize()
+        light = span.materialize(attempt)
         light.attributes["flowloom.status"] = attempt.outcome
         if attempt.error is not None:
             light.record_exception(attempt.error)
             light.set_status(StatusCode.ERROR, f"{type(attempt.error).__name__}: {attempt.error}")
         light.end(CLOCK.offset + int(attempt.finished * 1e9))
-        span.ended = True
 
     def _sampled(self, ids: TraceContext) -> bool:
         """Whether the request's spans are recorded: the caller's decision, else the
@@ -313,7 +317,7 @@ class _AttemptSpan(trace.Span):
     def __init__(self, recorder: Recorder, attempt: Attempt) -> None:
         ids = attempt.request.trace
         self.recorder = recorder
-        self.attempt = attempt
+        self.attempt: Attempt | None = attempt  # until it ends
         self.trace_id = new_trace_id() if ids is None else ids.trace_id
         self.parent_id = 0 if ids is None else ids.span_id
         self.span_id = random.getrandbits(64) or 1
@@ -321,11 +325,13 @@ class _AttemptSpan(trace.Span):
         self.ended = False  # recorded: what user code does with it after is ignored
         self._context: SpanContext | None = None
 
-    def materialize(self) -> LightSpan:
-        """The recording span behind this one, made at the first change."""
+    def materialize(self, attempt: Attempt | None = None) -> LightSpan:
+        """The recording span behind this one, made at the first change (before the
+        attempt ends, or as it ends: ``attempt``)."""
         light = self.light
         if light is None:
-            attempt = self.attempt
+            attempt = attempt or self.attempt
+            assert attempt is not None
             task = attempt.task
             name, attributes = vertex_span(
                 attempt.kind, attempt.address, task.flow, task.request_id, task.attempt,

@@ -290,10 +290,11 @@ class Worker:
 
     def _known_of(self, record: RequestRecord) -> tuple[Options, RequestInfo]:
         options = {k: list(v) for k, v in record.query.items()}
-        if self._observed:
+        if self.observers.reads_traces:
             return options, RequestInfo.of(record)
-        # nobody reads its trace: not decoded
-        return options, RequestInfo(record.request_id, record.flow, 0.0, None)
+        # nobody reads its trace: not decoded (its creation time only if observed)
+        created = record.created if self._observed else 0.0
+        return options, RequestInfo(record.request_id, record.flow, created, None)
 
     def _remember(self, request_id: str, known: tuple[Options, RequestInfo]) -> None:
         if len(self._known) >= 4096:

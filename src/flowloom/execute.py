@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import gc
 import inspect
 import os
 import sys
@@ -299,7 +300,7 @@ class _TimedAttempt:
         """The user code's frames of the running handler, formatted, with the error line."""
         thread, top = self.thread, None
         if thread is not None and thread.is_alive() and thread.ident is not None:
-            top = sys._current_frames().get(thread.ident)
+            top = _frame_of(thread.ident)
         if top is not None:  # a sync handler, on its thread
             frames = [frame for frame, _ in traceback.walk_stack(top)][::-1]
         else:  # async handlers, suspended
@@ -312,6 +313,25 @@ class _TimedAttempt:
             + "".join(summary.format())
             + f"TimeoutError: timed out after {self.timeout:g}s\n"
         )
+
+
+_frames_lock = threading.Lock()
+
+
+def _frame_of(ident: int) -> FrameType | None:
+    """The top frame of the thread ``ident``. The garbage collector is off meanwhile:
+    on CPython 3.11 a collection starting inside ``sys._current_frames`` (it allocates)
+    that frees a ``threading.local`` deadlocks the whole process (later versions turn
+    the collector off there themselves); the lock keeps two callers from turning it
+    back on early."""
+    with _frames_lock:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return sys._current_frames().get(ident)
+        finally:
+            if enabled:
+                gc.enable()
 
 
 def _awaiting(awaitable: object) -> Iterator[FrameType]:

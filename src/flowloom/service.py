@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -172,8 +172,8 @@ class FlowService:
 
     def _submit(self, name: str, request: Request | bytes | str | None) -> RequestRecord:
         record, start = self._new_request(name, request)
-        self.backend.submit(record, start)
-        self._submitted(record)
+        with self._submitting(record):
+            self.backend.submit(record, start)
         return record
 
     def _new_request(
@@ -207,20 +207,21 @@ class FlowService:
         start = engine.start_task(body) if plan is None else engine.start(plan, body)
         return record, start
 
-    def _submitting(self, record: RequestRecord) -> Callable[[], None]:
-        """Before ``record`` is submitted: its tasks run here need not read the record
-        (a submit from the event loop may hand its first task to a worker thread here
-        before it returns). Returns what to call if the submit fails."""
+    @contextlib.contextmanager
+    def _submitting(self, record: RequestRecord) -> Iterator[None]:
+        """Around the submit of ``record``. Before it, this process's worker learns the
+        record, so that its tasks run here need not read it (a worker thread here may
+        take the first task before the submit returns: a submit from the event loop even
+        hands it over); forgotten if the submit fails. After it, observers are told."""
         worker = self._worker
-        if worker is None:
-            return lambda: None
-        worker.submitted(record)
-        return lambda: worker.forget(record.request_id)
-
-    def _submitted(self, record: RequestRecord, known_here: bool = False) -> None:
-        worker = self._worker
-        if worker is not None and not known_here:  # its tasks run here need not read it
+        if worker is not None:
             worker.submitted(record)
+        try:
+            yield
+        except BaseException:
+            if worker is not None:  # not this record's request (a duplicate), or none
+                worker.forget(record.request_id)
+            raise
         observers = self.observers
         if observers:
             observers.request_started(record)

@@ -94,13 +94,8 @@ class Waiter:
         if not self.submits_on_loop or service._client_mode(name):  # the latter reads
             return await self.run(service._submit, name, request)  # the workers' versions
         record, start = service._new_request(name, request)
-        failed = service._submitting(record)
-        try:
+        with service._submitting(record):
             await self.backend.submit_async(record, start)
-        except BaseException:
-            failed()  # not this record's request (a duplicate), or none
-            raise
-        service._submitted(record, known_here=True)
         return record
 
     # -- the backend's listener ---------------------------------------------------------------

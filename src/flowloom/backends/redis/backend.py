@@ -175,8 +175,9 @@ class RedisBackend(Backend):
         consumer = self._consumer
         # this process's idle worker threads take the request's first tasks from the
         # submit's own reply (no wake-up of the fetcher, no round trip to begin them)
-        idle = 0 if consumer.name is None or consumer.closing.is_set() else consumer._room()
-        keys, args = self._store.submit_call(record, transition, consumer.name or "", idle)
+        keys, args = self._store.submit_call(
+            record, transition, consumer.name or "", consumer.idle()
+        )
         if not await self._loop_submits.submit(keys, args, consumer.take_claimed):
             await super().submit_async(record, transition)
 

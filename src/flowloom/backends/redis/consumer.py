@@ -564,6 +564,13 @@ class Consumer:
             self._redis.xgroup_delconsumer(self.keys.tasks, GROUP, self.name)
 
     # -- tasks claimed by a submit from this process (``lua/submit.lua``) ---------------------
+    def idle(self) -> int:
+        """How many tasks a submit from this process may claim for its waiting worker
+        threads (see ``_room``): none before this consumer has a name or once closing."""
+        if self.name is None or self.closing.is_set():
+            return 0
+        return self._room()
+
     def take_claimed(self, claimed: Any) -> None:
         """Hand the tasks a submit claimed for this consumer (for its waiting worker
         threads: see ``_room``) to those threads, as a completion's claimed batch: held

@@ -169,6 +169,34 @@ def test_a_vertex_record_expands_to_the_span_of_its_attempt():
     assert both == encode_request([plain, expand(vertex)], dict(resource.attributes))
 
 
+def test_every_vertex_record_encodes_as_its_expanded_record():
+    """The vertex encoder packs ids and times and reuses what repeats (names, the step's
+    attributes, flows, request ids): the bytes stay those of the expanded record, for
+    every step kind, with and without a parent, short and long (a length of 1, 2 and 3
+    bytes), repeated or not."""
+    records: list[VertexRecord] = []
+    for i, (kind, parent, address) in enumerate(
+        [
+            ("run", 6, "a"),
+            ("split", 6, "each"),
+            ("join", 6, "each"),
+            ("run", 0, "each[k1]/pay"),
+            ("run", 6, "x" * 200),
+            ("run", 6, "y" * 20_000),
+            ("run", 6, "a"),  # again: from the caches
+        ]
+    ):
+        records.append(
+            (TRACE + i, 5 + i, parent, 1_000_000, 0.25 * i, 0.5 * i, "shop", f"r{i % 2}",
+             address, kind, 1 + i % 2, "w-1", ("completed", "retried")[i % 2])
+        )  # fmt: skip
+    for vertex in records:
+        assert encode_request([vertex], {}) == encode_request([expand(vertex)], {})
+    assert encode_request(records, {"service.name": "shop"}) == encode_request(
+        [expand(r) for r in records], {"service.name": "shop"}
+    )
+
+
 def test_a_handler_reading_its_span_sees_the_exported_ids(receiver):
     """A handler that only reads the current span (its ids, a child span) changes
     nothing: the vertex span is exported as a record of its attempt, under those ids."""

@@ -3,6 +3,7 @@ and the exporter process, against a real OTLP/HTTP receiver."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from opentelemetry.sdk.resources import Resource
 
 from flowloom import FlowService
 from flowloom.otlp import encode_request
-from flowloom.span_export import readable_spans
+from flowloom.span_export import NICENESS, readable_spans
 from flowloom.spans import Record, Recorder, VertexRecord, expand
 from flowloom.tracing import BATCH, MAX_QUEUE
 from otlp_receiver import OtlpReceiver
@@ -312,3 +313,19 @@ def test_a_dead_exporter_process_is_restarted_and_later_spans_arrive(receiver, c
     assert receiver.trace(lost_trace) == []
     assert caplog.text.count("the span exporter process exited") == 1
     assert "span exporter process restarted" in caplog.text
+
+
+def test_the_exporter_process_is_nice_in_this_session_and_out_of_its_process_group(receiver):
+    """The exporter runs niced in a process group of its own (a Ctrl-C to the terminal
+    is not for it) but in this session: with Linux's autogroup, a session of its own
+    would share the CPU with the whole worker as an equal, and its niceness would not
+    count against the worker's threads."""
+    with FlowService(otlp_endpoint=receiver.endpoint) as fs:
+        tracing = next(o for o in fs.observers.all if hasattr(o, "recorder"))
+        child = tracing.recorder.sink.process.pid
+        assert os.getsid(child) == os.getsid(0)
+        assert os.getpgid(child) == child != os.getpgid(0)
+        deadline = time.monotonic() + 10
+        while os.getpriority(os.PRIO_PROCESS, child) != os.nice(0) + NICENESS:
+            assert time.monotonic() < deadline, "the exporter process never niced itself"
+            time.sleep(0.01)

@@ -4,6 +4,7 @@ Runs one workload on the embedded backend in three services of this process, tak
 turns run by run (so that the machine's load hits them alike):
 
 - ``plain``: no observer;
+- ``metrics``: metrics only;
 - ``in-process``: tracing and metrics, the spans dropped where the exporter process
   would get them (no exporter process: what the hooks and the recorder's thread cost);
 - ``observed``: tracing and metrics, the spans exported over OTLP to ``bench.otlp_sink``.
@@ -37,7 +38,7 @@ from .workloads import Sizes
 
 __all__ = ["main"]
 
-MODES = ("plain", "in-process", "observed")
+MODES = ("plain", "metrics", "in-process", "observed")
 RUNS: dict[str, Callable[[FlowService, int, float], float]] = {
     "fanout": workloads.run_fanout,
     "chain": workloads.run_chain,
@@ -106,7 +107,9 @@ def _timed_gc(phase: str, info: dict[str, Any]) -> None:
 def _service(mode: str, endpoint: str, threads: int) -> tuple[FlowService, int | None]:
     options: dict[str, Any] = {"worker_concurrency": threads}
     if mode != "plain":
-        options.update(otlp_endpoint=endpoint, enable_monitoring=True)
+        options["enable_monitoring"] = True
+    if mode in ("in-process", "observed"):
+        options["otlp_endpoint"] = endpoint
     fs = FlowService(**options)
     fs.__enter__()
     tracing = next((o for o in fs.observers.all if isinstance(o, Tracing)), None)

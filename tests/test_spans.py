@@ -3,6 +3,7 @@ and the exporter process, against a real OTLP/HTTP receiver."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from opentelemetry.sdk.resources import Resource
 
 from flowloom import FlowService
 from flowloom.otlp import encode_request
-from flowloom.span_export import readable_spans
+from flowloom.span_export import NICENESS, readable_spans
 from flowloom.spans import Record, Recorder, VertexRecord, expand
 from flowloom.tracing import BATCH, MAX_QUEUE
 from otlp_receiver import OtlpReceiver
@@ -169,6 +170,34 @@ def test_a_vertex_record_expands_to_the_span_of_its_attempt():
     assert both == encode_request([plain, expand(vertex)], dict(resource.attributes))
 
 
+def test_every_vertex_record_encodes_as_its_expanded_record():
+    """The vertex encoder packs ids and times and reuses what repeats (names, the step's
+    attributes, flows, request ids): the bytes stay those of the expanded record, for
+    every step kind, with and without a parent, short and long (a length of 1, 2 and 3
+    bytes), repeated or not."""
+    records: list[VertexRecord] = []
+    for i, (kind, parent, address) in enumerate(
+        [
+            ("run", 6, "a"),
+            ("split", 6, "each"),
+            ("join", 6, "each"),
+            ("run", 0, "each[k1]/pay"),
+            ("run", 6, "x" * 200),
+            ("run", 6, "y" * 20_000),
+            ("run", 6, "a"),  # again: from the caches
+        ]
+    ):
+        records.append(
+            (TRACE + i, 5 + i, parent, 1_000_000, 0.25 * i, 0.5 * i, "shop", f"r{i % 2}",
+             address, kind, 1 + i % 2, "w-1", ("completed", "retried")[i % 2])
+        )  # fmt: skip
+    for vertex in records:
+        assert encode_request([vertex], {}) == encode_request([expand(vertex)], {})
+    assert encode_request(records, {"service.name": "shop"}) == encode_request(
+        [expand(r) for r in records], {"service.name": "shop"}
+    )
+
+
 def test_a_handler_reading_its_span_sees_the_exported_ids(receiver):
     """A handler that only reads the current span (its ids, a child span) changes
     nothing: the vertex span is exported as a record of its attempt, under those ids."""
@@ -284,3 +313,19 @@ def test_a_dead_exporter_process_is_restarted_and_later_spans_arrive(receiver, c
     assert receiver.trace(lost_trace) == []
     assert caplog.text.count("the span exporter process exited") == 1
     assert "span exporter process restarted" in caplog.text
+
+
+def test_the_exporter_process_is_nice_in_this_session_and_out_of_its_process_group(receiver):
+    """The exporter runs niced in a process group of its own (a Ctrl-C to the terminal
+    is not for it) but in this session: with Linux's autogroup, a session of its own
+    would share the CPU with the whole worker as an equal, and its niceness would not
+    count against the worker's threads."""
+    with FlowService(otlp_endpoint=receiver.endpoint) as fs:
+        tracing = next(o for o in fs.observers.all if hasattr(o, "recorder"))
+        child = tracing.recorder.sink.process.pid
+        assert os.getsid(child) == os.getsid(0)
+        assert os.getpgid(child) == child != os.getpgid(0)
+        deadline = time.monotonic() + 10
+        while os.getpriority(os.PRIO_PROCESS, child) != os.nice(0) + NICENESS:
+            assert time.monotonic() < deadline, "the exporter process never niced itself"
+            time.sleep(0.01)

@@ -22,7 +22,7 @@ import time
 import urllib.parse
 import zlib
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 
@@ -38,6 +38,7 @@ _FIXED32 = struct.Struct("<I")
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200  # SpanFlags
 _SCOPE = b"\x0a\x08flowloom"  # InstrumentationScope{name: "flowloom"}
 _cache: dict[tuple[bytes, str, type, Any], bytes] = {}
+_T = TypeVar("_T")
 
 
 def _varint(n: int) -> bytes:
@@ -126,56 +127,102 @@ def _span(record: Record) -> bytes:
     return b"".join(parts)
 
 
-_vertex_parts: dict[tuple[Any, ...], tuple[bytes, bytes]] = {}
+# The fixed-size fields of a span, packed at once: the trace id (in two halves) and the
+# span id, with (``_PARENTED``) or without the parent span id, each after its tag
+# (big-endian: ids are bytes in OTLP); then the start and end times (fixed64, so
+# little-endian), each after its tag.
+_IDS = struct.Struct(">HQQHQ")
+_PARENTED = struct.Struct(">HQQHQHQ")
+_TIMES = struct.Struct("<BQBQ")
+_HALF = (1 << 64) - 1
+# the length prefixes of the usual span messages, made once
+_LENGTHS = [_varint(n) for n in range(16384)]
+# what repeats from span to span, encoded once: per vertex (and step kind), its name and
+# vertex attribute; per step kind, attempt, worker and outcome, the attributes and fields
+# after it; per flow and per request, their attribute
+_vertices: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+_outcomes: dict[tuple[str, int, str, str, bool], bytes] = {}
+_flows: dict[str, bytes] = {}
+_requests: dict[str, bytes] = {}
 
 
 def _vertex_span(record: VertexRecord) -> bytes:
-    """The ``Span`` message of a vertex attempt: the bytes of ``_span(expand(record))``,
-    with what repeats from attempt to attempt (the name, the step's attributes, the
-    status, the flags) encoded once."""
+    """The ``Span`` message of a vertex attempt, with its tag and length: the bytes of
+    ``_field(b"\\x12", _span(expand(record)))``, with what repeats from attempt to
+    attempt encoded once and the fixed-size fields packed by two ``struct`` calls (the
+    exporter process encodes every span of its parent: its cost per span is what a
+    busy machine feels)."""
     (
         trace_id, span_id, parent_id, offset, start, end,
         flow, request_id, address, kind, attempt, worker, outcome,
     ) = record  # fmt: skip
-    key = (address, kind, attempt, worker, outcome, bool(parent_id))
-    cached = _vertex_parts.get(key)
-    if cached is None:
-        name = f"{'vertex' if kind == 'run' else kind} {address}"
-        tail = (
-            b"".join(
-                _attribute(b"\x4a", k, v)
-                for k, v in (
-                    ("flowloom.step", kind),
-                    ("flowloom.attempt", attempt),
-                    ("flowloom.worker", worker),
-                    ("flowloom.status", outcome),
-                )
-            )
-            + b"\x7a\x00\x85\x01"
-            + _FIXED32.pack(_HAS_IS_REMOTE | (_IS_REMOTE if parent_id else 0))
+    vertex = _vertices.get((kind, address))
+    if vertex is None:
+        vertex = _remember(_vertices, (kind, address), _vertex_name(kind, address))
+    tail = _outcomes.get((kind, attempt, worker, outcome, parent_id != 0))
+    if tail is None:
+        key = (kind, attempt, worker, outcome, parent_id != 0)
+        tail = _remember(_outcomes, key, _outcome_tail(*key))
+    flow_attribute = _flows.get(flow)
+    if flow_attribute is None:
+        flow_attribute = _remember(_flows, flow, _attribute(b"\x4a", "flowloom.flow", flow))
+    request_attribute = _requests.get(request_id)
+    if request_attribute is None:
+        request_attribute = _remember(
+            _requests, request_id, _attribute(b"\x4a", "flowloom.request_id", request_id)
         )
-        cached = (_field(b"\x2a", name.encode()) + b"\x30\x01", tail)
-        if len(_vertex_parts) >= 65536:
-            _vertex_parts.clear()
-        _vertex_parts[key] = cached
-    head, tail = cached
-    return b"".join(
+    if parent_id:
+        ids = _PARENTED.pack(
+            0x0A10, trace_id >> 64, trace_id & _HALF, 0x1208, span_id, 0x2208, parent_id
+        )
+    else:
+        ids = _IDS.pack(0x0A10, trace_id >> 64, trace_id & _HALF, 0x1208, span_id)
+    span = b"".join(
         (
-            b"\x0a\x10",
-            trace_id.to_bytes(16, "big"),
-            b"\x12\x08",
-            span_id.to_bytes(8, "big"),
-            b"\x22\x08" + parent_id.to_bytes(8, "big") if parent_id else b"",
-            head,
-            b"\x39",
-            _FIXED64.pack(offset + int(start * 1e9)),
-            b"\x41",
-            _FIXED64.pack(offset + int(end * 1e9)),
-            _attribute(b"\x4a", "flowloom.flow", flow),
-            _attribute(b"\x4a", "flowloom.request_id", request_id),
-            _attribute(b"\x4a", "flowloom.vertex", address),
+            ids,
+            vertex[0],
+            _TIMES.pack(0x39, offset + int(start * 1e9), 0x41, offset + int(end * 1e9)),
+            flow_attribute,
+            request_attribute,
+            vertex[1],
             tail,
         )
+    )
+    size = len(span)
+    return b"\x12" + (_LENGTHS[size] if size < 16384 else _varint(size)) + span
+
+
+def _remember(cache: dict[Any, _T], key: Any, value: _T) -> _T:
+    """``value`` kept in ``cache`` (emptied first when it is full)."""
+    if len(cache) >= 65536:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _vertex_name(kind: str, address: str) -> tuple[bytes, bytes]:
+    """A vertex span's name and kind (before its times), and its vertex attribute."""
+    name = f"{'vertex' if kind == 'run' else kind} {address}"
+    return (
+        _field(b"\x2a", name.encode()) + b"\x30\x01",
+        _attribute(b"\x4a", "flowloom.vertex", address),
+    )
+
+
+def _outcome_tail(kind: str, attempt: int, worker: str, outcome: str, parented: bool) -> bytes:
+    """The end of a vertex span's message: its step, attempt, worker and status
+    attributes, the empty status, the flags."""
+    attributes = (
+        ("flowloom.step", kind),
+        ("flowloom.attempt", attempt),
+        ("flowloom.worker", worker),
+        ("flowloom.status", outcome),
+    )
+    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parented else 0)
+    return (
+        b"".join(_attribute(b"\x4a", k, v) for k, v in attributes)
+        + b"\x7a\x00\x85\x01"
+        + _FIXED32.pack(flags)
     )
 
 
@@ -183,7 +230,7 @@ def encode_request(records: Iterable[AnyRecord], resource: Mapping[str, Any]) ->
     """The ``ExportTraceServiceRequest`` of ``records``, all from one process described
     by ``resource`` (its attributes) and of the instrumentation scope ``flowloom``."""
     spans = [
-        _field(b"\x12", _span(record) if isinstance(record[0], str) else _vertex_span(record))
+        _field(b"\x12", _span(record)) if isinstance(record[0], str) else _vertex_span(record)
         for record in records
     ]
     scope_spans = _field(b"\x0a", _SCOPE) + b"".join(spans)

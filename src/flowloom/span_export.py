@@ -47,6 +47,7 @@ log = logging.getLogger("flowloom.tracing")
 _HEADER = struct.Struct("!I")
 # Exporting is background work: on a busy machine the tasks get the CPU first, and this
 # process catches up when they leave some (its parent queues up to 100k spans meanwhile).
+# It runs in its parent's session, so that the niceness counts (see ``ChildSink``).
 NICENESS = 10
 _SCOPE = InstrumentationScope("flowloom")
 _KINDS = {kind.value: kind for kind in SpanKind}

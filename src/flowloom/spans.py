@@ -348,9 +348,13 @@ _HEADER = struct.Struct("!I")
 class ChildSink:
     """Batches piped, marshalled, to ``python -m flowloom.span_export`` (see there).
 
-    The child runs in a session of its own (a Ctrl-C to the terminal reaches flowloom,
-    which flushes and closes it, not the child directly) and exits when its input ends,
-    also when this process dies without closing it. A child that dies is started again,
+    The child runs in a process group of its own (a Ctrl-C to the terminal reaches
+    flowloom, which flushes and closes it, not the child directly) but in this process's
+    session: where the kernel groups processes by session to share the CPU (Linux's
+    autogroup, on by default), a child in a session of its own would share it with this
+    whole process as an equal, whatever its niceness; here its niceness counts against
+    the worker's threads. It exits when its input ends, also when this process dies
+    without closing it. A child that dies is started again,
     with a warning, at the first batch after a back-off (``restart_delay`` seconds,
     doubling while children keep dying young, up to ``max_restart_delay``); batches that
     come while it is down are lost (counted as dropped).
@@ -378,7 +382,7 @@ class ChildSink:
             [sys.executable, "-m", "flowloom.span_export", json.dumps(self.settings)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            start_new_session=True,
+            process_group=0,
             close_fds=True,
             # flowloom importable there as here, however this process found it
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},

@@ -480,11 +480,15 @@ class Consumer:
             if want == 0:
                 self._wanted.wait(block)
                 return
-        reply = self._redis.xreadgroup(
-            GROUP, consumer, {self.keys.tasks: ">"}, count=want, block=int(block * 1000)
-        )
-        if reply:
-            self._take(cast(Any, reply)[0][1])
+        # on the fetcher's own connection, packed by hiredis (a read per task is common:
+        # redis-py's pool round and reply parsing cost more than the read's packing)
+        reply = self._scripts.command(
+            "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", want, "BLOCK", int(block * 1000),
+            "STREAMS", self.keys.tasks, ">",
+        )  # fmt: skip
+        if reply:  # RESP2: [[stream, entries]]; RESP3: {stream: entries}
+            streams = list(reply.values()) if isinstance(reply, dict) else [s[1] for s in reply]
+            self._take(streams[0])
 
     def _tidy(self, consumer: str) -> None:
         """Sweep the listings (in batches, until what expired is gone), drop consumers long

@@ -124,8 +124,12 @@ class KeyLayout:
     def worker(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"
 
+    def record(self, request_id: str) -> str:
+        """The request's own hash (``RequestKeys.request``), without its other keys."""
+        return f"{self.prefix}:r:{{{request_id}}}"
+
     def request(self, request_id: str) -> RequestKeys:
-        r = f"{self.prefix}:r:{{{request_id}}}"
+        r = self.record(request_id)
         return RequestKeys(
             request=r,
             vertices=r + ":v",

@@ -6,7 +6,9 @@ request (which name the request's keys), then the script's own file.
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -51,39 +53,42 @@ class Scripts:
         self._scripts: dict[str, Script] = {
             name: client.register_script(source) for name, source in SOURCES.items()
         }
-        self._pinned = threading.local()  # .connection: this thread's own, for pipelined
+        self._pinned = threading.local()  # .held: this thread's own connection (_Pinned)
         self._loaded = False  # every script loaded by this process since Redis lost them
 
     def _connection(self) -> Connection:
         """This thread's own connection from the client's pool, kept for its next calls
-        (a worker thread sends a pipeline per task: no pool round per call). Closed with
-        the pool."""
-        connection: Connection | None = getattr(self._pinned, "connection", None)
-        if connection is None:
-            connection = self._client.connection_pool.get_connection()
-            self._pinned.connection = connection
-        return connection
+        (a worker thread sends a pipeline per task, a client a submit and a read per
+        request: no pool round per call, which costs as much CPU as the call's own
+        packing). Given back to the pool when the thread ends; not used in a process
+        forked since it was taken."""
+        held: _Pinned | None = getattr(self._pinned, "held", None)
+        if held is None or held.pid != os.getpid():
+            held = _Pinned(self._client)
+            self._pinned.held = held
+        return held.connection
 
     def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run one script on a connection of the client's pool (any thread may call it:
-        a client's submit, a worker's fetcher), packed as ``_send`` packs: a submit's
-        many arguments cost redis-py's generic command path more than its round trip."""
+        """Run one script on this thread's connection (any thread may call it: a
+        client's submit, a worker's fetcher), packed as ``_send`` packs: a submit's many
+        arguments cost redis-py's generic command path more than its round trip."""
         command = ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
-        result = self._send_pooled(command)
+        result = self._send([command])[0]
         if isinstance(result, NoScriptError):
             self.load()  # every script, not this one only: see ``load``
-            result = self._send_pooled(command)
+            result = self._send([command])[0]
         if isinstance(result, Exception):
             raise result
         return result
 
-    def _send_pooled(self, command: tuple[Any, ...]) -> Any:
-        pool = self._client.connection_pool
-        connection = pool.get_connection()
-        try:
-            return _send_on(connection, [command])[0]
-        finally:
-            pool.release(connection)
+    def command(self, *command: Any) -> Any:
+        """One plain command (``"HMGET", key, ...``) on this thread's connection, packed
+        by hiredis: a client's read of each request's end costs redis-py's generic
+        command path more than its round trip. Its reply as Redis sent it (bytes)."""
+        result = self._send([command])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def load(self) -> None:
         """Load every script at once (one round trip).
@@ -121,6 +126,18 @@ class Scripts:
     def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` on this thread's connection in one write (see ``_send_on``)."""
         return _send_on(self._connection(), commands)
+
+
+class _Pinned:
+    """A connection taken from ``client``'s pool for one thread. When the thread ends,
+    its ``threading.local`` slot (and so this) is dropped and the connection goes back to
+    the pool: threads that come and go leave no connections behind."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        pool = client.connection_pool
+        self.pid = os.getpid()
+        self.connection: Connection = pool.get_connection()
+        weakref.finalize(self, pool.release, self.connection)
 
 
 def _send_on(connection: Connection, commands: list[tuple[Any, ...]]) -> list[Any]:

@@ -57,8 +57,8 @@ class RequestStore:
             record.flow,
             record.version,
             record.body,
-            json.dumps(record.query),
-            json.dumps(dict(record.headers)),
+            json.dumps(record.query) if record.query else "{}",
+            json.dumps(dict(record.headers)) if record.headers else "{}",
             repr(record.created),
             "1" if record.has_hooks else "0",
             record.trace,
@@ -106,12 +106,10 @@ class RequestStore:
         )
 
     def summary(self, request_id: str) -> Summary | None:
-        flow, status, result, error = cast(
-            list[bytes | None],
-            self._redis.hmget(
-                self.keys.request(request_id).request, "flow", "status", "result", "error"
-            ),
-        )
+        # read for every request ``FlowService.result`` returns: sent the lean way
+        fields = ("flow", "status", "result", "error")
+        reply = self._scripts.command("HMGET", self.keys.record(request_id), *fields)
+        flow, status, result, error = cast(list[bytes | None], reply)
         if flow is None or status is None:
             return None
         done = Status(status.decode())

@@ -81,21 +81,25 @@ class Scripts:
         return result
 
     def _packed(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Command:
-        """The ``EVALSHA`` of script ``name``. Its head (the script and its keys) is packed
-        once and kept, per script, for the next call with the same keys (a chain's hops,
-        and most tasks a thread runs in a row, are of one request): hiredis then packs the
-        arguments only, 40% less work for a completion's 33 arguments. An argument hiredis
-        does not take leaves the whole command to redis-py."""
+        """The ``EVALSHA`` of script ``name``. When it has the keys of its last call (a
+        chain's hops, and most tasks a thread runs in a row, are of one request), the head
+        (the script and its keys) is packed once and kept: hiredis then packs the arguments
+        only, 40% less work for a completion's 33 arguments. Keys that changed are packed
+        whole, as before (calls about many requests in turn pay nothing more). An argument
+        hiredis does not take leaves the whole command to redis-py."""
+        sha = self._scripts[name].sha
         head = self._heads.get(name)  # one read: another thread may replace it meanwhile
         if head is None or head[0] != keys:
-            command: tuple[Any, ...] = ("EVALSHA", self._scripts[name].sha, len(keys), *keys)
-            packed = hiredis.pack_command(command)
+            self._heads[name] = (keys, b"")  # the head is packed on a second call
+            return _pack(("EVALSHA", sha, len(keys), *keys, *args))
+        if not head[1]:
+            packed = _pack(("EVALSHA", sha, len(keys), *keys))  # str and int: bytes
+            assert isinstance(packed, bytes)
             head = (keys, packed[packed.index(b"\n") + 1 :])  # without its "*COUNT" line
             self._heads[name] = head
-        try:
-            body = hiredis.pack_command(tuple(args))
-        except TypeError:
-            return ("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+        body = _pack(tuple(args))
+        if not isinstance(body, bytes):
+            return ("EVALSHA", sha, len(keys), *keys, *args)
         count = 3 + len(keys) + len(args)
         return b"*%d\r\n%s%s" % (count, head[1], body[body.index(b"\n") + 1 :])
 
@@ -162,6 +166,16 @@ def _send_on(connection: Connection, commands: list[Command]) -> list[Any]:
         connection.disconnect()  # type: ignore[no-untyped-call]
         raise
     return results
+
+
+def _pack(command: tuple[Any, ...]) -> Command:
+    """``command`` packed by hiredis, or as it is if an argument is not str, bytes, int or
+    float (for redis-py to pack: ``_wire``)."""
+    try:
+        packed: bytes = hiredis.pack_command(command)
+        return packed
+    except TypeError:
+        return command
 
 
 def _wire(connection: Connection, command: Command) -> bytes:

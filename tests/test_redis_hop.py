@@ -127,3 +127,25 @@ def test_the_instance_marks_are_a_hash_table_from_the_start(
     finally:
         raw.close()
     assert encoding == b"hashtable"
+
+
+def test_a_script_call_packs_as_hiredis_packs_it_whole(redis_url: str) -> None:
+    """With its head kept (the same keys again) or not, with an argument hiredis does not
+    take (left to redis-py), and with no arguments."""
+    import hiredis
+
+    from flowloom.backends.redis.scripts import Scripts
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        scripts = Scripts(client)
+        sha = scripts._scripts["complete"].sha
+        keys = ("P:r:{a}", "P:r:{a}:v")
+        calls = [(keys, ["a", 1, b"x\r\n"]), (keys, ["b", 22, b""]), (keys, []), (("k",), [3])]
+        for call_keys, args in calls:
+            whole = ("EVALSHA", sha, len(call_keys), *call_keys, *args)
+            assert scripts._packed("complete", call_keys, args) == hiredis.pack_command(whole)
+        odd = [None]
+        assert scripts._packed("complete", ("k",), odd) == ("EVALSHA", sha, 1, "k", None)
+    finally:
+        client.close()

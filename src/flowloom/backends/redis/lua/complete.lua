@@ -15,12 +15,13 @@ local DELIVERIES = 14 -- deliveries follow in ARGV from here on (see apply)
 -- a request that failed or stopped meanwhile records the completion too (for a retry),
 -- setting aside what it makes ready
 local req = load_request(id)
+local vertex = {} -- the completed vertex's fields: written with the next task's (claim_tasks)
 if req and req.status ~= 'completed' and redis.call('HSETNX', instances_key, 'd|' .. inst, '1') == 1 then
   if paged == '1' then
     forget_inputs(inst)
   end
   if output ~= '' then
-    redis.call('HSET', vertices_key, 's|' .. address, 'completed', 'e|' .. address, now_text())
+    vertex = { 's|' .. address, 'completed', 'e|' .. address, now_text() }
     redis.call('HDEL', vertices_key, 'x|' .. address)
     local kind = string.sub(output, 1, 1)
     if kind == 'd' then
@@ -50,6 +51,10 @@ ack(group, receipt)
 -- instance; this request's status as read above, unless this script ended the request
 -- (a chain's next hop is nearly always of the same request: no second read)
 if claim > 0 then
-  return claim_tasks(id, group, consumer, claim, req and finished ~= '1' and req.status or nil)
+  return claim_tasks(id, group, consumer, claim, req and finished ~= '1' and req.status or nil,
+    vertex)
+end
+if #vertex > 0 then
+  redis.call('HSET', vertices_key, unpack(vertex))
 end
 return false

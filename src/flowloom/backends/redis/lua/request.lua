@@ -81,8 +81,10 @@ end
 -- `r` is the request's hash key (of this request or another one: the complete script
 -- begins the tasks it reads); the other keys are derived from it. `status` is the
 -- request's, if the caller knows it already (else read); `fired` says the instance
--- fired in this very script, so it cannot be done yet (else read). 1 if begun.
-local function begin_task(r, group, receipt, blob, inst, attempt, status, fired)
+-- fired in this very script, so it cannot be done yet (else read). `vertex`: a list the
+-- vertex fields of a task of this request go to, for the caller to write with its own
+-- (nil: written here). 1 if begun.
+local function begin_task(r, group, receipt, blob, inst, attempt, status, fired, vertex)
   status = status or redis.call('HGET', r, 'status')
   local done = not fired and redis.call('HEXISTS', r .. ':i', 'd|' .. inst) == 1
   if not status or FINISHED[status] or done then
@@ -104,8 +106,20 @@ local function begin_task(r, group, receipt, blob, inst, attempt, status, fired)
     redis.call('HSET', r, 'status', 'running')
   end
   local address = string.gsub(inst, ':[a-z]+$', '')
-  redis.call('HSET', r .. ':v', 's|' .. address, 'running', 'a|' .. address, attempt)
-  redis.call('HSETNX', r .. ':v', 'b|' .. address, now_text())
+  local fields = vertex or {}
+  local n = #fields
+  fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] =
+    's|' .. address, 'running', 'a|' .. address, attempt
+  if fired and address == inst then
+    -- fired here (an instance fires once) and its vertex's only instance (no split or
+    -- join shares its address): never begun before, no earlier begin time to keep
+    fields[n + 5], fields[n + 6] = 'b|' .. address, now_text()
+  else
+    redis.call('HSETNX', r .. ':v', 'b|' .. address, now_text())
+  end
+  if not vertex then
+    redis.call('HSET', r .. ':v', unpack(fields))
+  end
   return 1
 end
 
@@ -266,10 +280,16 @@ end
 -- request needs none (its worker has just run or submitted one). Returns
 -- {entries, began, facts} (began: 1 begun, 0 dropped, -1 to be begun by its worker;
 -- facts: 0 or the record's) or false if nothing was there. A completion's claim and a
--- submit's.
-local function claim_tasks(id, group, consumer, count, known)
+-- submit's. `vertex`: fields of this request's vertices the caller has yet to write
+-- (or nil), written here with those of the tasks of this request begun here, in one
+-- HSET (a chain's hop: the completed vertex and the next one).
+local function claim_tasks(id, group, consumer, count, known, vertex)
+  vertex = vertex or {}
   local res = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count, 'STREAMS', tasks_key, '>')
   if not res then
+    if #vertex > 0 then
+      redis.call('HSET', vertices_key, unpack(vertex))
+    end
     return false
   end
   local entries, began, known_facts = res[1][2], {}, {}
@@ -283,13 +303,16 @@ local function claim_tasks(id, group, consumer, count, known)
       local rid = string.sub(blob, colon + 1, colon + tonumber(string.sub(blob, 1, colon - 1)))
       local mine = rid == id
       began[j] = begin_task(base .. rid .. '}', group, entry[1], blob, fields[4], '1',
-        mine and known or nil, mine and fired_here[fields[4]])
+        mine and known or nil, mine and fired_here[fields[4]], mine and vertex or nil)
       if mine and began[j] == 1 then
         known = 'running'
       elseif began[j] == 1 then
         known_facts[j] = facts(base .. rid .. '}')
       end
     end
+  end
+  if #vertex > 0 then
+    redis.call('HSET', vertices_key, unpack(vertex))
   end
   return { entries, began, known_facts }
 end

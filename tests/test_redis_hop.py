@@ -1,0 +1,151 @@
+"""A hop on Redis writes less: a completion's vertex fields go with those of the task it
+claims, in one write, and the instance marks are a hash table from the start. What the
+state shows must not change: each vertex's status, attempts, begin and end times."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from flowloom import Context, Status, Workflow, engine
+from flowloom.backends import RequestRecord, Task
+from flowloom.backends.redis import RedisBackend
+from flowloom.plan import Plan
+from flowloom.registry import Registry
+from test_redis_faults import claim
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+
+def three_hops(workflow: Workflow, context: Context) -> None:
+    for n in range(3):
+        workflow.dag.node(f"h{n}", lambda data, options: data + b"!")
+        if n:
+            workflow.dag.edge(f"h{n - 1}", f"h{n}")
+
+
+def no_items(workflow: Workflow, context: Context) -> None:
+    items = workflow.dag.foreach_branch(
+        "each", lambda data: {}, aggregator=lambda outputs: b"%d" % len(outputs)
+    )
+    items.node("item", lambda data, options: data)
+
+
+def submit(backend: RedisBackend, plan: Plan, request_id: str) -> None:
+    record = RequestRecord(request_id, plan.name, plan.version, b"x", {}, created=time.time())
+    backend.submit(record, engine.start(plan, b"x"))
+
+
+def complete(backend: RedisBackend, plan: Plan, task: Task, output: bytes) -> None:
+    step = plan.steps[task.step]
+    transition = engine.after_output(plan, step, task.keys, output)
+    backend.complete(task, task.step, task.step, output, transition)
+
+
+@pytest.mark.parametrize("claims", [True, False], ids=["claims-next", "claims-nothing"])
+def test_a_hop_records_the_completed_vertex_and_begins_the_next(
+    make_redis_backend: Callable[..., RedisBackend],
+    monkeypatch: pytest.MonkeyPatch,
+    claims: bool,
+) -> None:
+    """The completed vertex's status and end, and the next one's status, attempt and
+    begin, whether the completion claims the next task (one write) or not."""
+    from flowloom.backends.redis import consumer
+
+    if not claims:
+        monkeypatch.setattr(consumer, "STREAK_HOPS", 0)  # every streak is over
+    backend = make_redis_backend()
+    plan = Registry().register("hops", three_hops)
+    submit(backend, plan, "hop")
+    task = claim(backend)
+    for n in range(3):
+        assert task.step == f"h{n}"
+        assert backend.begin(task, task.step, task.step)
+        complete(backend, plan, task, b"x" + b"!" * (n + 1))
+        if n < 2:
+            task = claim(backend)  # sends the completion
+        else:
+            backend.flush()
+        state = backend.state("hop")
+        assert state is not None
+        done = state.vertices[f"h{n}"]
+        assert done.status is Status.COMPLETED
+        assert done.started is not None
+        assert done.ended is not None
+        assert done.started <= done.ended
+        if n < 2 and claims:
+            nxt = state.vertices[f"h{n + 1}"]
+            assert (nxt.status, nxt.attempts) == (Status.RUNNING, 1)
+            assert nxt.started is not None
+            assert nxt.started >= done.ended
+        elif n < 2:
+            assert f"h{n + 1}" not in state.vertices  # read by the fetcher, not begun yet
+    assert backend.wait("hop", 5) is Status.COMPLETED
+    assert backend.result("hop") == b"x!!!"
+
+
+def test_a_join_begun_by_its_splits_completion_keeps_the_splits_begin_time(
+    make_redis_backend: Callable[..., RedisBackend],
+) -> None:
+    """A foreach over no items: the split's completion fires the join and begins it
+    (one address, two instances); the vertex began when its split did."""
+    backend = make_redis_backend()
+    plan = Registry().register("none", no_items)
+    submit(backend, plan, "none")
+    split = claim(backend)
+    step = plan.steps[split.step]
+    instance, address = step.names(split.keys)
+    assert backend.begin(split, instance, address)
+    state = backend.state("none")
+    assert state is not None
+    began = state.vertices[address].started
+    assert began is not None
+    time.sleep(0.05)
+    transition = engine.after_split(plan, step, split.keys, b"x", [])
+    backend.complete(split, instance, address, None, transition)
+    join = claim(backend)  # claimed and begun by the split's completion
+    assert join.step != split.step
+    state = backend.state("none")
+    assert state is not None
+    assert state.vertices[address].status is Status.RUNNING
+    assert state.vertices[address].started == began
+
+
+def test_the_instance_marks_are_a_hash_table_from_the_start(
+    make_redis_backend: Callable[..., RedisBackend], redis_url: str
+) -> None:
+    """Not a listpack, whose every lookup scans all its fields (up to 512 of them)."""
+    backend = make_redis_backend()
+    plan = Registry().register("hops", three_hops)
+    submit(backend, plan, "marks")
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        encoding = raw.object("encoding", backend.keys.request("marks").instances)
+    finally:
+        raw.close()
+    assert encoding == b"hashtable"
+
+
+def test_a_script_call_packs_as_hiredis_packs_it_whole(redis_url: str) -> None:
+    """With its head kept (the same keys again) or not, with an argument hiredis does not
+    take (left to redis-py), and with no arguments."""
+    import hiredis
+
+    from flowloom.backends.redis.scripts import Scripts
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        scripts = Scripts(client)
+        sha = scripts._scripts["complete"].sha
+        keys = ("P:r:{a}", "P:r:{a}:v")
+        calls = [(keys, ["a", 1, b"x\r\n"]), (keys, ["b", 22, b""]), (keys, []), (("k",), [3])]
+        for call_keys, args in calls:
+            whole = ("EVALSHA", sha, len(call_keys), *call_keys, *args)
+            assert scripts._packed("complete", call_keys, args) == hiredis.pack_command(whole)
+        odd = [None]
+        assert scripts._packed("complete", ("k",), odd) == ("EVALSHA", sha, 1, "k", None)
+    finally:
+        client.close()

@@ -1,6 +1,6 @@
 """A hop on Redis writes less: a completion's vertex fields go with those of the task it
-claims, in one write, and the instance marks are a hash table from the start. What the
-state shows must not change: each vertex's status, attempts, begin and end times."""
+claims, in one write. What the state shows must not change: each vertex's status,
+attempts, begin and end times."""
 
 from __future__ import annotations
 
@@ -112,21 +112,6 @@ def test_a_join_begun_by_its_splits_completion_keeps_the_splits_begin_time(
     assert state is not None
     assert state.vertices[address].status is Status.RUNNING
     assert state.vertices[address].started == began
-
-
-def test_the_instance_marks_are_a_hash_table_from_the_start(
-    make_redis_backend: Callable[..., RedisBackend], redis_url: str
-) -> None:
-    """Not a listpack, whose every lookup scans all its fields (up to 512 of them)."""
-    backend = make_redis_backend()
-    plan = Registry().register("hops", three_hops)
-    submit(backend, plan, "marks")
-    raw = redis.Redis.from_url(redis_url)
-    try:
-        encoding = raw.object("encoding", backend.keys.request("marks").instances)
-    finally:
-        raw.close()
-    assert encoding == b"hashtable"
 
 
 def test_a_script_call_packs_as_hiredis_packs_it_whole(redis_url: str) -> None:

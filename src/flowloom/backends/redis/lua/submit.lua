@@ -18,11 +18,6 @@ redis.call('HSET', request_key, 'flow', flow, 'version', version, 'body', body, 
 local score = tonumber(created)
 redis.call('ZADD', requests_key, score, id)
 redis.call('ZADD', flow_index_key, score, id)
--- the instance marks (two per task, see complete.lua) go in a hash table from the start: a
--- hash stays a listpack up to hash-max-listpack-entries (512) fields, every lookup a scan
--- of them all (a seventh of Redis's work per hop of a chain of 200), unless a value is
--- longer than hash-max-listpack-value (64 bytes). The hash goes when the request completes.
-redis.call('HSET', instances_key, 'table', string.rep('-', 65))
 local req = { status = 'queued', flow = flow, version = version, hooks = hooks, id = id }
 apply(req, DELIVERIES, ndeliveries)
 if claim == 0 then

@@ -48,7 +48,7 @@ RUNS: dict[str, Callable[[FlowService, int, float], float]] = {
 }
 
 
-class _Discard:
+class Discard:
     """A span sink that drops every batch: the tracing's own calls, without exporting."""
 
     def send(self, records: list[Any]) -> bool:
@@ -97,7 +97,7 @@ def calls_per_task(mode: str, sizes: Sizes) -> dict[str, float]:
         for observer in fs.observers.all:
             recorder = getattr(observer, "recorder", None)
             if recorder is not None:  # the tracing: its spans discarded, not exported
-                exporter, recorder.sink = recorder.sink, _Discard()
+                exporter, recorder.sink = recorder.sink, Discard()
                 exporter.close(5.0)
         for workload in WORKLOADS:
             size = int(getattr(sizes, workload))
@@ -126,7 +126,7 @@ def hooks_cost(mode: str) -> tuple[float, float]:
         for observer in fs.observers.all:
             recorder = getattr(observer, "recorder", None)
             if recorder is not None:
-                exporter, recorder.sink = recorder.sink, _Discard()
+                exporter, recorder.sink = recorder.sink, Discard()
                 exporter.close(5.0)
         observers: Observers = fs.observers
         task = Task("r1", "flow", "1", "step", (), {})

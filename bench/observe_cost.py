@@ -27,36 +27,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from flowloom import FlowService
 from flowloom.tracing import Tracing
 
 from . import workloads
+from .calls import RUNS, Discard
 from .workloads import Sizes
 
 __all__ = ["main"]
 
 MODES = ("plain", "metrics", "in-process", "observed")
-RUNS: dict[str, Callable[[FlowService, int, float], float]] = {
-    "fanout": workloads.run_fanout,
-    "chain": workloads.run_chain,
-    "dags": workloads.run_dags,
-}
-
-
-class _Discard:
-    """A span sink that drops every batch."""
-
-    def send(self, records: list[Any]) -> bool:
-        return True
-
-    def flush(self, timeout: float) -> bool:
-        return True
-
-    def close(self, timeout: float) -> None:
-        pass
 
 
 def _schedstat(pid: int | str, tids: Iterable[str] | None = None) -> tuple[int, int]:
@@ -117,7 +100,7 @@ def _service(mode: str, endpoint: str, threads: int) -> tuple[FlowService, int |
         return fs, None
     sink: Any = tracing.recorder.sink
     if mode == "in-process":
-        tracing.recorder.sink = _Discard()
+        tracing.recorder.sink = Discard()
         sink.close(10)
         return fs, None
     return fs, sink.process.pid

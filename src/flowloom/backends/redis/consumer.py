@@ -515,21 +515,38 @@ class Consumer:
     def _keepalive_loop(self) -> None:
         interval = self.visibility_timeout / 3
         while not self.closing.wait(interval):
-            with self._cond:
-                receipts = list(self._held)
-            if not receipts:
-                continue
             try:
-                mine = self._run("keepalive", [self.keys.tasks], [GROUP, self.name, *receipts])
+                self.keep_alive()
                 self._health.succeeded()
             except redis.RedisError as exc:
                 self._health.failed(exc)
-                continue
-            kept = {r.decode() for r in mine}
-            with self._cond:  # a task acked meanwhile is done, not lost
-                lost = [r for r in receipts if r not in kept and r in self._held]
-            if lost:
-                log.warning("flowloom: %d task(s) were taken over by other workers", len(lost))
+
+    def keep_alive(self) -> None:
+        """Refresh the idle time of the tasks this process holds; warn of those another
+        consumer took over (see ``_taken_over``)."""
+        with self._cond:
+            receipts = list(self._held)
+        if not receipts:
+            return
+        mine = self._run("keepalive", [self.keys.tasks], [GROUP, self.name, *receipts])
+        kept = {r.decode() for r in mine}
+        with self._cond:
+            missing = [r for r in receipts if r not in kept and r in self._held]
+        lost = self._taken_over(missing) if missing else 0
+        if lost:
+            log.warning("flowloom: %d task(s) were taken over by other workers", lost)
+
+    def _taken_over(self, receipts: Sequence[str]) -> int:
+        """How many of ``receipts`` (held here, but not pending for this consumer when the
+        keep-alive ran) are pending for another consumer now. Most are not: a worker
+        thread sent the task's outcome (which acked it) and has not let it go here yet, or
+        its request was stopped; a task another worker took over is pending for it."""
+        pipe = self._redis.pipeline(transaction=False)
+        for receipt in receipts:
+            pipe.xpending_range(self.keys.tasks, GROUP, receipt, receipt, 1)
+        owners = pipe.execute()
+        name = (self.name or "").encode()
+        return sum(1 for pending in owners if pending and pending[0]["consumer"] != name)
 
     def _hand_back_stale(self, patience: float) -> None:
         """Tasks read ahead that waited ``patience`` seconds for a free thread here go
@@ -565,7 +582,23 @@ class Consumer:
         if receipts:
             self._run("handback", [self.keys.tasks], [GROUP, *receipts])
         if self.name is not None:
-            self._redis.xgroup_delconsumer(self.keys.tasks, GROUP, self.name)
+            self._hand_back_pending(self.name)
+
+    def _hand_back_pending(self, consumer: str) -> None:
+        """Hand back what is still pending for ``consumer`` though this process does not
+        hold it (a submit's claim whose reply was never read here), then leave the group.
+        A consumer that still has pending tasks is kept, never deleted with them (their
+        entries would be lost for good): they are taken over after the visibility
+        timeout."""
+        for _ in range(100):
+            pending = self._redis.xpending_range(
+                self.keys.tasks, GROUP, "-", "+", 1000, consumername=consumer
+            )
+            if not pending:
+                self._redis.xgroup_delconsumer(self.keys.tasks, GROUP, consumer)
+                return
+            receipts = [p["message_id"] for p in pending]
+            self._run("handback", [self.keys.tasks], [GROUP, *receipts])
 
     # -- tasks claimed by a submit from this process (``lua/submit.lua``) ---------------------
     def idle(self) -> int:

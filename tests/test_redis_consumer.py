@@ -1,0 +1,196 @@
+"""What a process's consumer reports of the tasks it holds, and what it gives back when
+it closes: a task this process completed is never reported as taken over by another
+worker, and a graceful close leaves nothing pending for a consumer that is gone."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from flowloom import Context, Status, Workflow, engine
+from flowloom.backends import RequestRecord, Task
+from flowloom.backends.redis import RedisBackend
+from flowloom.backends.redis.keys import GROUP
+from flowloom.plan import Plan
+from flowloom.registry import Registry
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+TAKEN_OVER = "were taken over by other workers"
+
+
+def one_node(workflow: Workflow, context: Context) -> None:
+    workflow.dag.node("a", lambda data, options: data)
+
+
+def four_after_one(workflow: Workflow, context: Context) -> None:
+    workflow.dag.node("a", lambda data, options: data)
+    workflow.dag.node("z", lambda data, options: data, aggregator=lambda r: b"".join(r.values()))
+    for name in "bcde":
+        workflow.dag.node(name, lambda data, options: data)
+        workflow.dag.edge("a", name)
+        workflow.dag.edge(name, "z")
+
+
+def submit(backend: RedisBackend, plan: Plan, request_id: str) -> None:
+    record = RequestRecord(request_id, plan.name, plan.version, b"x", {}, created=time.time())
+    backend.submit(record, engine.start(plan, b"x"))
+
+
+def claim(backend: RedisBackend) -> Task:
+    task = backend.claim("w", 5.0)
+    assert task is not None
+    return task
+
+
+def run(backend: RedisBackend, plan: Plan, task: Task) -> None:
+    step = plan.steps[task.step]
+    instance, address = step.names(task.keys)
+    if task.step == engine.START:
+        backend.complete(task, engine.START, "", None, engine.start(plan, b"x"))
+        return
+    assert backend.begin(task, instance, address)
+    data = b"".join(task.inputs[slot] for slot in sorted(task.inputs)) or b"x"
+    transition = engine.after_output(plan, step, task.keys, data)
+    backend.complete(task, instance, address, data, transition)
+
+
+def run_all(backend: RedisBackend, plan: Plan, request_id: str) -> None:
+    while backend.state(request_id).status not in (Status.COMPLETED, Status.FAILED):  # type: ignore[union-attr]
+        run(backend, plan, claim(backend))
+        backend.flush()
+
+
+def pending(raw: redis.Redis, backend: RedisBackend) -> int:
+    return int(raw.xpending(backend.keys.tasks, GROUP)["pending"])  # type: ignore[index]
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Any:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+# -- the keep-alive's report ------------------------------------------------------------------
+def test_a_task_completed_but_not_yet_let_go_is_not_reported_taken_over(
+    make_redis_backend: Callable[..., RedisBackend],
+    raw: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The keep-alive runs after a completion acked a task in Redis but before its worker
+    thread let it go here: the task is gone from the group, yet not stolen."""
+    backend = make_redis_backend(visibility_timeout=60)
+    plan = Registry().register("one", one_node)
+    submit(backend, plan, "r1")
+    task = claim(backend)
+    while task.step == engine.START:
+        run(backend, plan, task)
+        task = claim(backend)
+    consumer = backend._consumer
+    acked, go_on = threading.Event(), threading.Event()
+    release = consumer._release
+
+    def held_back(released: Task) -> None:  # between the completion's reply and the bookkeeping
+        if released.receipt == task.receipt:
+            acked.set()
+            assert go_on.wait(10)
+        release(released)
+
+    consumer._release = held_back  # type: ignore[method-assign]
+
+    def worker() -> None:
+        run(backend, plan, task)
+        backend.flush()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert acked.wait(10)
+        assert task.receipt in consumer._held  # not let go here, though acked in Redis
+        assert pending(raw, backend) == 0
+        with caplog.at_level(logging.WARNING, logger="flowloom.redis"):
+            consumer.keep_alive()
+    finally:
+        go_on.set()
+        thread.join(10)
+    assert TAKEN_OVER not in caplog.text
+    assert backend.state("r1").status is Status.COMPLETED  # type: ignore[union-attr]
+
+
+def test_a_task_another_consumer_took_over_is_reported(
+    make_redis_backend: Callable[..., RedisBackend],
+    raw: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = make_redis_backend(visibility_timeout=60)
+    plan = Registry().register("one", one_node)
+    submit(backend, plan, "r1")
+    task = claim(backend)
+    raw.xclaim(backend.keys.tasks, GROUP, "another", 0, [task.receipt])
+    with caplog.at_level(logging.WARNING, logger="flowloom.redis"):
+        backend._consumer.keep_alive()
+    assert f"1 task(s) {TAKEN_OVER}" in caplog.text
+
+
+# -- a graceful close ------------------------------------------------------------------------
+def test_close_hands_back_the_tasks_a_completion_claimed_for_the_buffer(
+    make_redis_backend: Callable[..., RedisBackend], raw: redis.Redis
+) -> None:
+    """Tasks a completion claimed (and began) for this process, waiting in its buffer
+    for a thread, go back on the stream when it closes: another worker runs each once,
+    at once, not after the visibility timeout."""
+    first = make_redis_backend(visibility_timeout=60)
+    plan = Registry().register("fan", four_after_one)
+    submit(first, plan, "fan")
+    a = claim(first)
+    while a.step != "a":
+        run(first, plan, a)
+        a = claim(first)
+    run(first, plan, a)
+    first.flush()  # not from a free thread: the four it claims go to the buffer
+    assert first._consumer.held() == 4
+    assert pending(raw, first) == 4
+    first.close()
+    assert pending(raw, first) == 0
+    assert raw.xlen(first.keys.tasks) == 4
+    assert raw.xinfo_consumers(first.keys.tasks, GROUP) == []
+    second = make_redis_backend(visibility_timeout=60)
+    run_all(second, plan, "fan")
+    state = second.state("fan")
+    assert state is not None
+    assert state.status is Status.COMPLETED
+    assert {name: v.attempts for name, v in state.vertices.items()} == dict.fromkeys("abcdez", 1)
+
+
+def test_close_hands_back_a_submits_claim_whose_reply_was_never_read(
+    make_redis_backend: Callable[..., RedisBackend], raw: redis.Redis
+) -> None:
+    """A submit from this process claimed the request's first task for it, but the reply
+    was never handed over (the server stopped meanwhile): the task is pending for this
+    consumer without being held. Closing gives it back instead of deleting the consumer
+    with it (which would lose the task for good)."""
+    first = make_redis_backend(visibility_timeout=60)
+    plan = Registry().register("one", one_node)
+    submit(first, plan, "warm")
+    run_all(first, plan, "warm")  # the consumer has its name
+    consumer = first._consumer
+    assert consumer.name is not None
+    record = RequestRecord("r1", "one", plan.version, b"x", {}, created=time.time())
+    keys, args = first._store.submit_call(record, engine.start(plan, b"x"), consumer.name, 1)
+    reply = consumer._scripts("submit", keys, args)
+    assert isinstance(reply, list)  # it claimed a task, which nobody here holds
+    assert consumer.held() == 0
+    assert pending(raw, first) == 1
+    first.close()
+    assert pending(raw, first) == 0
+    assert raw.xinfo_consumers(first.keys.tasks, GROUP) == []
+    second = make_redis_backend(visibility_timeout=60)
+    run_all(second, plan, "r1")
+    assert second.result("r1") == b"x"

@@ -5,15 +5,20 @@ worker, and a graceful close leaves nothing pending for a consumer that is gone.
 from __future__ import annotations
 
 import logging
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
-from flowloom import Context, Status, Workflow, engine
+from flowloom import Context, FlowService, Status, Workflow, engine
 from flowloom.backends import RequestRecord, Task
 from flowloom.backends.redis import RedisBackend
 from flowloom.backends.redis.keys import GROUP
@@ -56,7 +61,7 @@ def run(backend: RedisBackend, plan: Plan, task: Task) -> None:
         backend.complete(task, engine.START, "", None, engine.start(plan, b"x"))
         return
     assert backend.begin(task, instance, address)
-    data = b"".join(task.inputs[slot] for slot in sorted(task.inputs)) or b"x"
+    data = b"".join(task.inputs[slot] or b"" for slot in sorted(task.inputs)) or b"x"
     transition = engine.after_output(plan, step, task.keys, data)
     backend.complete(task, instance, address, data, transition)
 
@@ -68,7 +73,7 @@ def run_all(backend: RedisBackend, plan: Plan, request_id: str) -> None:
 
 
 def pending(raw: redis.Redis, backend: RedisBackend) -> int:
-    return int(raw.xpending(backend.keys.tasks, GROUP)["pending"])  # type: ignore[index]
+    return int(raw.xpending(backend.keys.tasks, GROUP)["pending"])
 
 
 @pytest.fixture
@@ -103,7 +108,7 @@ def test_a_task_completed_but_not_yet_let_go_is_not_reported_taken_over(
             assert go_on.wait(10)
         release(released)
 
-    consumer._release = held_back  # type: ignore[method-assign]
+    consumer._release = held_back  # type: ignore[method-assign,assignment]
 
     def worker() -> None:
         run(backend, plan, task)
@@ -194,3 +199,103 @@ def test_close_hands_back_a_submits_claim_whose_reply_was_never_read(
     second = make_redis_backend(visibility_timeout=60)
     run_all(second, plan, "r1")
     assert second.result("r1") == b"x"
+
+
+SERVER = """
+import sys, time
+import redis
+from flowloom import FlowService
+from flowloom.backends.redis import RedisBackend
+from flowloom.http import serve
+
+port, url, prefix = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+counts = redis.Redis.from_url(url)
+
+def slow(data, options):
+    time.sleep(0.3)
+    counts.hincrby(prefix + ":test:runs", data, 1)
+    return data
+
+backend = RedisBackend(url, prefix=prefix, visibility_timeout=60)
+fs = FlowService(backend=backend, worker_concurrency=2)
+fs.register("slow", lambda workflow, context: workflow.dag.node("a", slow))
+fs._ensure_worker()
+try:
+    serve(fs, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+finally:
+    fs.close()
+"""
+
+
+def start_server(url: str, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(port), url, prefix],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise AssertionError(f"no server: {server.communicate()[0].decode()}")
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return server, base
+        except httpx.TransportError:
+            time.sleep(0.05)
+
+
+def stop(server: subprocess.Popen[bytes]) -> bytes:
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+    try:
+        output, _ = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0, output.decode()
+    return output
+
+
+def test_a_server_stopped_by_sigterm_leaves_no_task_pending(
+    redis_url: str, redis_prefix: str, raw: redis.Redis
+) -> None:
+    """SIGTERM while a server's worker runs tasks and holds others (claimed by its
+    submits and completions for its threads): the running ones finish, the others go
+    back on the stream at once, nothing stays pending for the consumer that is gone,
+    and another server's worker runs each remaining request once, well within the
+    visibility timeout."""
+    server, base = start_server(redis_url, redis_prefix)
+    try:
+        answers = [
+            httpx.post(base + "/flow/slow", content=b"%d" % n, headers={"X-Async": "true"})
+            for n in range(8)
+        ]
+        ids = [answer.json()["request_id"] for answer in answers]
+        time.sleep(0.15)  # two tasks run; the others wait, some claimed for this process
+    finally:
+        output = stop(server)
+    assert b"taken over" not in output
+    tasks = f"{redis_prefix}:tasks"
+    assert raw.xpending(tasks, GROUP)["pending"] == 0
+    assert raw.xinfo_consumers(tasks, GROUP) == []
+
+    def runs() -> dict[bytes, bytes]:
+        return raw.hgetall(f"{redis_prefix}:test:runs")  # type: ignore[return-value]
+
+    assert 2 <= len(runs()) < 8  # the two it ran, and maybe the next ones
+    other, _ = start_server(redis_url, redis_prefix)
+    try:
+        with FlowService(backend=RedisBackend(redis_url, prefix=redis_prefix)) as client:
+            started = time.monotonic()
+            for n, request_id in enumerate(ids):
+                assert client.result("slow", request_id, timeout=20) == b"%d" % n
+            assert time.monotonic() - started < 15  # not after the visibility timeout
+    finally:
+        stop(other)
+    assert runs() == {b"%d" % n: b"1" for n in range(8)}

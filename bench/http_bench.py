@@ -13,7 +13,9 @@ flow's result), so a fast wrong answer never counts: with ``wrk`` (Debian packag
 every answer, each run ``--seconds`` long) or with httpx (``--client httpx``: each run
 bounded by ``--requests`` and ``--max-seconds``; the Python client needs much more
 CPU than wrk and, on 2 cores, caps the figure well below the server's).
-One warm-up run, then ``--runs`` timed runs. Prints requests/s (median, min, max
+``--pad N`` first writes N finished requests' worth of retained keys (Redis; deleted
+after), to see whether state that grows over runs slows them. One warm-up run, then
+``--runs`` timed runs. Prints requests/s (median, min, max
 over the runs), the p50/p99 latency of the median run, and the server process's CPU
 time per request (user + system, over all the runs: a figure that a busy machine
 disturbs much less than the rates). Loopback only.
@@ -208,7 +210,41 @@ def wrk(base: str, concurrency: int, seconds: float) -> Run:
     return Run(total, number(r"requests in ([\d.]+)s"), wrong, p50_p99=(p50, p99))
 
 
+def pad(redis_url: str, count: int) -> Callable[[], None]:
+    """``count`` finished requests' worth of retained state in Redis (a hash with a TTL
+    each, and a listing of a third of them), under a prefix of its own: does state that
+    grows over runs (24 h of retention) slow them? Returns what deletes it again."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    prefix = f"flowloom-bench-pad-{uuid.uuid4().hex[:8]}"
+    pipe = client.pipeline(transaction=False)
+    for n in range(count):
+        key = f"{prefix}:r:{{{n}}}"
+        pipe.hset(key, mapping={"flow": "myflow", "status": "completed", "result": "x" * 16})
+        pipe.pexpire(key, 86_400_000)
+        if n % 3 == 0:
+            pipe.zadd(f"{prefix}:requests", {str(n): n})
+        if n % 5000 == 4999:
+            pipe.execute()
+    pipe.execute()
+
+    def unpad() -> None:
+        batch = []
+        for key in client.scan_iter(match=f"{prefix}:*", count=10_000):
+            batch.append(key)
+            if len(batch) >= 5000:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
+        client.close()
+
+    return unpad
+
+
 def bench(backend: str, args: argparse.Namespace) -> None:
+    unpad = pad(args.redis_url, args.pad) if backend == "redis" and args.pad else None
     process, base = start_server(backend, args.redis_url, args.worker_concurrency)
     try:
         if args.client == "wrk":
@@ -235,6 +271,8 @@ def bench(backend: str, args: argparse.Namespace) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if unpad is not None:
+            unpad()
     errors = sum(r.errors for r in runs)
     rates = sorted(r.rate for r in runs)
     median = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
@@ -263,6 +301,9 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=30.0, help="per run (default 30)")
     parser.add_argument("--worker-concurrency", type=int, default=5, help="worker threads")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9")
+    parser.add_argument(
+        "--pad", type=int, default=0, help="retained requests' keys written first (Redis)"
+    )
     args = parser.parse_args()
     if not (1 <= args.concurrency <= 1024 and 1 <= args.requests <= 10**6 and 1 <= args.runs <= 20):
         parser.error("concurrency 1-1024, requests 1-1000000, runs 1-20")

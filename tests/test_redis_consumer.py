@@ -299,3 +299,23 @@ def test_a_server_stopped_by_sigterm_leaves_no_task_pending(
     finally:
         stop(other)
     assert runs() == {b"%d" % n: b"1" for n in range(8)}
+
+
+def test_a_consumer_leaves_the_group_only_with_nothing_pending(
+    make_redis_backend: Callable[..., RedisBackend], raw: redis.Redis
+) -> None:
+    """The last step of a close (``lua/leave.lua``): a task claimed for the consumer after
+    its hand-back keeps it in the group, so the task is taken over later, not lost."""
+    backend = make_redis_backend(visibility_timeout=60)
+    plan = Registry().register("one", one_node)
+    submit(backend, plan, "r1")
+    task = claim(backend)
+    consumer = backend._consumer
+    assert consumer.name is not None
+    tasks = backend.keys.tasks
+    assert consumer._run("leave", [tasks], [GROUP, consumer.name]) == 1
+    assert [c["name"] for c in raw.xinfo_consumers(tasks, GROUP)] == [consumer.name.encode()]
+    assert pending(raw, backend) == 1
+    raw.xack(tasks, GROUP, task.receipt)
+    assert consumer._run("leave", [tasks], [GROUP, consumer.name]) == 0
+    assert raw.xinfo_consumers(tasks, GROUP) == []

@@ -594,11 +594,11 @@ class Consumer:
             pending = self._redis.xpending_range(
                 self.keys.tasks, GROUP, "-", "+", 1000, consumername=consumer
             )
-            if not pending:
-                self._redis.xgroup_delconsumer(self.keys.tasks, GROUP, consumer)
-                return
-            receipts = [p["message_id"] for p in pending]
-            self._run("handback", [self.keys.tasks], [GROUP, *receipts])
+            if pending:
+                receipts = [p["message_id"] for p in pending]
+                self._run("handback", [self.keys.tasks], [GROUP, *receipts])
+            elif self._run("leave", [self.keys.tasks], [GROUP, consumer]) == 0:
+                return  # left the group with nothing pending, atomically (``lua/leave.lua``)
 
     # -- tasks claimed by a submit from this process (``lua/submit.lua``) ---------------------
     def idle(self) -> int:

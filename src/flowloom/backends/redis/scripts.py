@@ -25,7 +25,7 @@ REQUEST_SCRIPTS = (
     "submit", "begin", "deliver", "complete", "retry", "fail", "control", "context_set",
     "rerun",
 )  # fmt: skip
-_OTHER_SCRIPTS = ("promote", "keepalive", "handback", "sweep", "reclaim", "forget")
+_OTHER_SCRIPTS = ("promote", "keepalive", "handback", "sweep", "reclaim", "forget", "leave")
 
 
 def _load() -> dict[str, str]:

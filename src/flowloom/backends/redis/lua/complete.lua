@@ -20,6 +20,9 @@ if req and req.status ~= 'completed' and redis.call('HSETNX', instances_key, 'd|
   if paged == '1' then
     forget_inputs(inst)
   end
+  if ndeliveries > 0 then
+    as_tables()
+  end
   if output ~= '' then
     vertex = { 's|' .. address, 'completed', 'e|' .. address, now_text() }
     redis.call('HDEL', vertices_key, 'x|' .. address)

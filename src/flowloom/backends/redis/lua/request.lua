@@ -181,26 +181,6 @@ local function each_inputs(cmd, ...)
   end
 end
 
--- Redis keeps a small hash as a listpack, which every lookup and insert scans: cheap for
--- a few fields, dear once a long chain or a wide foreach has written hundreds (each hop
--- writes two instance marks and up to four vertex fields). Once the instance marks reach
--- TABLE_AT fields, they, the vertex states and the outputs become hash tables for good:
--- a value longer than `hash-max-listpack-value` (64) converts a hash, and it stays
--- converted when the value goes. The instance marks keep theirs (TABLE_MARK) as the sign
--- that it was done. A request that stays small keeps its listpacks (less memory).
-local TABLE_AT, TABLE_MARK = 32, '!table'
-local function as_tables()
-  if redis.call('HLEN', instances_key) >= TABLE_AT then
-    local long = string.rep('-', 80)
-    if redis.call('HSETNX', instances_key, TABLE_MARK, long) == 1 then
-      for _, key in ipairs({ vertices_key, outputs_key }) do
-        redis.call('HSET', key, TABLE_MARK, long)
-        redis.call('HDEL', key, TABLE_MARK)
-      end
-    end
-  end
-end
-
 -- the instances this script fired (an instance fires once: none of them is done)
 local fired_here = {}
 

@@ -254,7 +254,9 @@ local function finish(req, status, retention_ms, result, err)
     redis.call('DEL', held_key)
   else
     each_inputs('UNLINK')
-    redis.call('DEL', instances_key, inputs_key, held_key, lost_key)
+    -- a long request's instance marks are a hash table (complete.lua): freed in the
+    -- background, not in the call that ends the request
+    redis.call('UNLINK', instances_key, inputs_key, held_key, lost_key)
   end
   redis.call('RPUSH', ended_key, status)
   if result and #result <= PUSHED_RESULT then

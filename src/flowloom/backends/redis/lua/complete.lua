@@ -1,8 +1,9 @@
 -- A task succeeded: record its output, apply its deliveries (once per instance), end
 -- the request if it is finished, ack the task; then read up to `claim` new tasks for
--- `consumer` and begin those that say their instance. Returns {entries, began, facts} or
--- false: facts[j] is what the worker needs of the record of the request of a task begun
--- here (see facts), or 0 for a task of this request (its worker has just run one).
+-- `consumer` and begin those that say their instance. Returns what claim_tasks does (per
+-- task read: id, blob, began, facts) or false: facts is what the worker needs of the
+-- record of the request of a task begun here (see facts), or 0 for a task of this request
+-- (its worker has just run one).
 local id, group, receipt, inst, address, output, finished, result, retention_ms, consumer, claim,
   paged, ndeliveries = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
   tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])

@@ -114,6 +114,95 @@ def test_a_join_begun_by_its_splits_completion_keeps_the_splits_begin_time(
     assert state.vertices[address].started == began
 
 
+def hops(count: int) -> Callable[[Workflow, Context], None]:
+    def define(workflow: Workflow, context: Context) -> None:
+        for n in range(count):
+            workflow.dag.node(f"h{n}", lambda data, options: data + b"!")
+            if n:
+                workflow.dag.edge(f"h{n - 1}", f"h{n}")
+
+    return define
+
+
+def run_hops(backend: RedisBackend, plan: Plan, request_id: str, body: bytes, count: int) -> None:
+    """Run a request of ``hops(count)`` by hand, each hop's completion claiming the next."""
+    record = RequestRecord(request_id, plan.name, plan.version, body, {}, created=time.time())
+    backend.submit(record, engine.start(plan, body))
+    task = claim(backend)
+    for n in range(count):
+        assert backend.begin(task, task.step, task.step)
+        data = task.inputs[next(iter(task.inputs))]
+        assert data == body + b"!" * n
+        complete(backend, plan, task, data + b"!")
+        if n < count - 1:
+            task = claim(backend)
+    backend.flush()
+
+
+def encodings(client: redis.Redis, prefix: str, request_id: str) -> list[str]:
+    base = f"{prefix}:r:{{{request_id}}}"
+    return [client.object("encoding", base + part).decode() for part in (":i", ":v", ":o")]
+
+
+def test_a_long_requests_hashes_become_tables_and_its_state_reads_as_before(
+    make_redis_backend: Callable[..., RedisBackend], redis_url: str, redis_prefix: str
+) -> None:
+    """Once a request has written TABLE_AT instance marks, its marks, vertex states and
+    outputs are hash tables (a listpack is scanned at every write); a small request keeps
+    its listpacks. The state, outputs and result read as before: no trace of the
+    conversion."""
+    backend = make_redis_backend()
+    plan = Registry().register("hops40", hops(40))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        record = RequestRecord("long", plan.name, plan.version, b"x", {}, created=time.time())
+        backend.submit(record, engine.start(plan, b"x"))
+        task = claim(backend)
+        for n in range(40):
+            assert backend.begin(task, task.step, task.step)
+            complete(backend, plan, task, b"x" + b"!" * (n + 1))
+            if n == 3:
+                backend.flush()
+                assert encodings(client, redis_prefix, "long") == ["listpack"] * 3
+            if n < 39:
+                task = claim(backend)
+            if n == 30:
+                assert encodings(client, redis_prefix, "long") == ["hashtable"] * 3
+        backend.flush()
+        assert backend.wait("long", 5) is Status.COMPLETED
+        assert backend.result("long") == b"x" + b"!" * 40
+        state = backend.state("long")
+        assert state is not None
+        assert sorted(state.vertices) == sorted(f"h{n}" for n in range(40))
+        assert {v.status for v in state.vertices.values()} == {Status.COMPLETED}
+        assert backend.output("long", "h7") == b"x" + b"!" * 8
+
+        small = Registry().register("hops3", hops(3))
+        run_hops(backend, small, "small", b"x", 3)
+        assert backend.result("small") == b"x!!!"
+        base = f"{redis_prefix}:r:{{small}}"
+        assert [client.object("encoding", base + p).decode() for p in (":v", ":o")] == [
+            "listpack"
+        ] * 2
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("size", [7, 8, 9, 97, 98, 99, 120])
+def test_values_cross_the_lengths_a_task_blob_writes_in_one_two_or_three_digits(
+    make_redis_backend: Callable[..., RedisBackend], size: int
+) -> None:
+    """A task blob made by a script is netstrings whose lengths the script writes itself:
+    values of 9, 10, 99, 100 bytes and around them arrive whole."""
+    backend = make_redis_backend()
+    plan = Registry().register("hops3", hops(3))
+    body = bytes(range(32, 32 + size % 90)) * (size // 90 + 1)
+    body = body[:size]
+    run_hops(backend, plan, f"len{size}", body, 3)
+    assert backend.wait(f"len{size}", 5) is Status.COMPLETED
+    assert backend.result(f"len{size}") == body + b"!!!"
+
+
 def test_a_script_call_packs_as_hiredis_packs_it_whole(redis_url: str) -> None:
     """With its head kept (the same keys again) or not, with an argument hiredis does not
     take (left to redis-py), and with no arguments."""

@@ -617,20 +617,21 @@ class Consumer:
             self._take(self._claimed(claimed))
 
     def _claimed(self, claimed: Any) -> list[Any]:
-        """The entries of a script's claim (``claim_tasks`` in ``lua/request.lua``) to keep:
-        those begun are noted as begun now, with their request's record if it came along;
-        those the script dropped (0) are not kept."""
-        entries, began, facts = claimed
+        """The entries of a script's claim (``claim_tasks`` in ``lua/request.lua``: id,
+        blob, began, facts of each task, flat) to keep, as stream entries (id, [b"t",
+        blob]): those begun are noted as begun now, with their request's record if it came
+        along; those the script dropped (0) are not kept."""
         kept = []
         now = time.monotonic()
-        for entry, flag, known in zip(entries, began, facts, strict=True):
+        for n in range(0, len(claimed), 4):
+            entry_id, blob, flag, known = claimed[n : n + 4]
             if flag == 1:
-                receipt = entry[0].decode()
+                receipt = entry_id.decode()
                 self._begun[receipt] = now
                 if known != 0:
                     self._facts[receipt] = known
             if flag != 0:
-                kept.append(entry)
+                kept.append((entry_id, [b"t", blob] if blob else []))
         return kept
 
 

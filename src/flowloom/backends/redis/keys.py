@@ -21,7 +21,9 @@
     P:r:{id}:i           hash      instance marks: f|INST fired (queued once),
                                    d|INST done (completed once), n|INST inputs needed,
                                    c|INST inputs received, r|ADDR running when the
-                                   request was retried (a failure then re-queues it)
+                                   request was retried (a failure then re-queues it),
+                                   !table once this, v and o are hash tables (a long
+                                   request: see ``lua/complete.lua``)
     P:r:{id}:s           set       instances with inputs waiting (or, for a large
                                    fan-in, kept until it is done)
     P:r:{id}:s:{inst}    hash      the inputs of one such instance: SLOT -> value

@@ -138,7 +138,7 @@ class LoopSubmits:
         claimed: Callable[[Any], None] = lambda _: None,
     ) -> bool:
         """Whether the request was created; ``False``: submit it the ordinary way.
-        ``claimed({entries, began, facts})`` receives the tasks the script claimed, if any."""
+        ``claimed(reply)`` receives the tasks the script claimed, if any (``claim_tasks``)."""
         if not self._address.usable or time.monotonic() < self._paused_until:
             return False
 

@@ -4,25 +4,45 @@
 local FINISHED = { completed = true, failed = true, stopped = true }
 local HALTED = { failed = true, stopped = true } -- ended, but may be retried
 
--- the server's clock, read once per script: as a number, and as the text stored in the
--- hashes (seconds with six decimals, built from TIME's own digits: no float formatting)
-local clock, stamp
+-- the server's clock, read once per script: as the text stored in the hashes (seconds
+-- with six decimals, built from TIME's own digits: no float formatting), and as a number
+-- only for the scripts that compute with it
+local seconds, micros, clock, stamp
+local function read_clock()
+  if not seconds then
+    local t = redis.call('TIME')
+    seconds, micros = t[1], t[2]
+  end
+end
+
 local function now()
   if not clock then
-    local t = redis.call('TIME')
-    clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
-    stamp = t[1] .. '.' .. string.rep('0', 6 - #t[2]) .. t[2]
+    read_clock()
+    clock = tonumber(seconds) + tonumber(micros) / 1000000
   end
   return clock
 end
 
 local function now_text()
-  now()
+  if not stamp then
+    read_clock()
+    stamp = seconds .. '.' .. string.rep('0', 6 - #micros) .. micros
+  end
   return stamp
 end
 
+-- "<length>:<s>"; a length under 100 written with string.char, not tostring (Lua formats
+-- a number with sprintf("%.14g"): a hop's task blob has eight netstrings)
+local char = string.char
 local function ns(s)
-  return #s .. ':' .. s
+  local n = #s
+  if n < 10 then
+    return char(48 + n) .. ':' .. s
+  elseif n < 100 then
+    local ones = n % 10
+    return char(48 + (n - ones) / 10, 48 + ones) .. ':' .. s
+  end
+  return n .. ':' .. s
 end
 
 -- call `cmd key a b c ...` in chunks, so long lists stay under Lua's unpack limit

@@ -1,8 +1,9 @@
 -- A task succeeded: record its output, apply its deliveries (once per instance), end
 -- the request if it is finished, ack the task; then read up to `claim` new tasks for
--- `consumer` and begin those that say their instance. Returns {entries, began, facts} or
--- false: facts[j] is what the worker needs of the record of the request of a task begun
--- here (see facts), or 0 for a task of this request (its worker has just run one).
+-- `consumer` and begin those that say their instance. Returns what claim_tasks does (per
+-- task read: id, blob, began, facts) or false: facts is what the worker needs of the
+-- record of the request of a task begun here (see facts), or 0 for a task of this request
+-- (its worker has just run one).
 local id, group, receipt, inst, address, output, finished, result, retention_ms, consumer, claim,
   paged, ndeliveries = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
   tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13])
@@ -12,6 +13,16 @@ local DELIVERIES = 14 -- deliveries follow in ARGV from here on (see apply)
 -- paged is '1' if the task's inputs wait in their hash (a large fan-in: see gather), the
 -- only case where inputs are still stored for an instance that ran
 
+-- Redis keeps a small hash as a listpack, which every lookup and insert scans: cheap for
+-- a few fields, dear once a long chain or a wide foreach has written hundreds (a hop
+-- writes two instance marks and up to four vertex fields). Once a completion that fires
+-- something finds TABLE_AT instance marks, the marks, the vertex states and the outputs
+-- become hash tables for good: a value longer than `hash-max-listpack-value` (64)
+-- converts a hash, and it stays converted when the value goes. The instance marks keep
+-- theirs (TABLE_MARK) as the sign that it was done. A small request keeps its listpacks
+-- (less memory, and as quick at that size).
+local TABLE_AT, TABLE_MARK = 32, '!table'
+
 -- a request that failed or stopped meanwhile records the completion too (for a retry),
 -- setting aside what it makes ready
 local req = load_request(id)
@@ -19,6 +30,15 @@ local vertex = {} -- the completed vertex's fields: written with the next task's
 if req and req.status ~= 'completed' and redis.call('HSETNX', instances_key, 'd|' .. inst, '1') == 1 then
   if paged == '1' then
     forget_inputs(inst)
+  end
+  if ndeliveries > 0 and redis.call('HLEN', instances_key) >= TABLE_AT then
+    local long = string.rep('-', 80)
+    if redis.call('HSETNX', instances_key, TABLE_MARK, long) == 1 then
+      for _, key in ipairs({ vertices_key, outputs_key }) do
+        redis.call('HSET', key, TABLE_MARK, long)
+        redis.call('HDEL', key, TABLE_MARK)
+      end
+    end
   end
   if output ~= '' then
     vertex = { 's|' .. address, 'completed', 'e|' .. address, now_text() }

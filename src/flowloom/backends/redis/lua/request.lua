@@ -254,7 +254,9 @@ local function finish(req, status, retention_ms, result, err)
     redis.call('DEL', held_key)
   else
     each_inputs('UNLINK')
-    redis.call('DEL', instances_key, inputs_key, held_key, lost_key)
+    -- a long request's instance marks are a hash table (complete.lua): freed in the
+    -- background, not in the call that ends the request
+    redis.call('UNLINK', instances_key, inputs_key, held_key, lost_key)
   end
   redis.call('RPUSH', ended_key, status)
   if result and #result <= PUSHED_RESULT then
@@ -277,9 +279,11 @@ end
 -- of any request (their keys derive from this request's key prefix). `known`: the status
 -- of this request (`id`) as the caller left it (nil: read). A task begun of another request
 -- brings what its worker needs of that request's record (see facts); one of this
--- request needs none (its worker has just run or submitted one). Returns
--- {entries, began, facts} (began: 1 begun, 0 dropped, -1 to be begun by its worker;
--- facts: 0 or the record's) or false if nothing was there. A completion's claim and a
+-- request needs none (its worker has just run or submitted one). Returns, flat, four
+-- values a task read: its entry's id, its blob ('' if its entry is gone), began (1 begun,
+-- 0 dropped, -1 to be begun by its worker) and facts (0 or the record's); or false if
+-- nothing was there (one table, not one per entry and field: Redis converts each table
+-- of a script's reply with seven lookups of its own). A completion's claim and a
 -- submit's. `vertex`: fields of this request's vertices the caller has yet to write
 -- (or nil), written here with those of the tasks of this request begun here, in one
 -- HSET (a chain's hop: the completed vertex and the next one).
@@ -292,27 +296,30 @@ local function claim_tasks(id, group, consumer, count, known, vertex)
     end
     return false
   end
-  local entries, began, known_facts = res[1][2], {}, {}
+  local claimed = {}
   local base = string.sub(request_key, 1, #request_key - #id - 1)
-  for j, entry in ipairs(entries) do
+  for _, entry in ipairs(res[1][2]) do
     local fields = entry[2]
-    began[j], known_facts[j] = -1, 0
+    local began, known_facts = -1, 0
     if fields and fields[3] == 'i' then
       local blob = fields[2]
       local colon = string.find(blob, ':', 1, true)
       local rid = string.sub(blob, colon + 1, colon + tonumber(string.sub(blob, 1, colon - 1)))
       local mine = rid == id
-      began[j] = begin_task(base .. rid .. '}', group, entry[1], blob, fields[4], '1',
+      began = begin_task(base .. rid .. '}', group, entry[1], blob, fields[4], '1',
         mine and known or nil, mine and fired_here[fields[4]], mine and vertex or nil)
-      if mine and began[j] == 1 then
+      if mine and began == 1 then
         known = 'running'
-      elseif began[j] == 1 then
-        known_facts[j] = facts(base .. rid .. '}')
+      elseif began == 1 then
+        known_facts = facts(base .. rid .. '}')
       end
     end
+    local n = #claimed
+    claimed[n + 1], claimed[n + 2], claimed[n + 3], claimed[n + 4] =
+      entry[1], fields and fields[2] or '', began, known_facts
   end
   if #vertex > 0 then
     redis.call('HSET', vertices_key, unpack(vertex))
   end
-  return { entries, began, known_facts }
+  return claimed
 end

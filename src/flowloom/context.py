@@ -22,6 +22,9 @@ class RequestScope:
     flow: str
     query: Options
     backend: Backend
+    # the observed attempt running in this scope (``observe.Attempt``), for the tracing:
+    # its span is made current only if user code asks for it (``tracing._LazyRuntime``)
+    attempt: Any = None
 
 
 _current: ContextVar[RequestScope | None] = ContextVar("flowloom_request", default=None)

@@ -56,7 +56,8 @@ class Attempt:
     The worker sets ``outcome`` ("completed", "failed" or "retried"), ``error``,
     ``ended`` and ``finished`` before ``attempt_ended``; ``started`` and ``finished``
     (``time.perf_counter()``) are the attempt's only clock readings, shared by every
-    observer. ``span``, ``scope`` and ``span_token`` belong to the tracing observer.
+    observer. ``tracer``, ``span``, ``span_id`` and ``scope`` belong to the tracing
+    observer.
     """
 
     task: Task
@@ -69,9 +70,10 @@ class Attempt:
     started: float = field(default_factory=time.perf_counter)
     ended: tuple[Status, ErrorInfo | None] | None = None  # the request ended with this attempt
     finished: float = 0.0
+    tracer: Any = None
     span: Any = None
+    span_id: int = 0
     scope: Any = None
-    span_token: Any = None
 
 
 class Observer:

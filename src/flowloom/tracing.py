@@ -193,7 +193,7 @@ class Tracing(Observer):
         atexit.register(self.recorder.close)
         self._decisions: dict[int, bool] = {}  # trace id -> sampled, for recent requests
         self._always = self.provider.sampler.get_description() in _ALWAYS_ON_ROOT
-        self._lazy = _install_lazy_runtime()
+        self._lazy = self.lazy_spans = _install_lazy_runtime()
         _CURRENT.install(self.provider)
 
     @property
@@ -245,9 +245,9 @@ class Tracing(Observer):
 
     # -- one span per attempt, current while the user code runs ------------------------------
     def attempt_started(self, attempt: Attempt) -> None:
+        """Called only if the runtime context is not a ``_LazyRuntime`` (``lazy_spans``
+        false): the attempt's span made now and attached while its user code runs."""
         attempt.tracer = self
-        if self._lazy:
-            return  # its span and context are made if user code asks (``_LazyRuntime``)
         span = self._attempt_span(attempt)
         if span is None:  # a dropped request: its root, unsampled, current
             context = _under_root(attempt.request.trace, False)
@@ -264,7 +264,11 @@ class Tracing(Observer):
         span: _AttemptSpan | None = attempt.span
         if span is None:
             ids = attempt.request.trace
-            if not self._sampled_attempt(ids):
+            if (
+                ids is not None
+                and not (self._always and not ids.parent_id)
+                and not self._sampled(ids)
+            ):
                 return
             if attempt.error is None:  # the usual case: nobody asked for the span, no object
                 task = attempt.task

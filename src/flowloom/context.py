@@ -16,8 +16,11 @@ if TYPE_CHECKING:
 __all__ = ["Context"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestScope:
+    """What a handler's ``Context`` reads: made for every task, so not frozen (a frozen
+    dataclass sets each field through ``object.__setattr__``: three times the cost)."""
+
     request_id: str
     flow: str
     query: Options

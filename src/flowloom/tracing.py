@@ -100,6 +100,7 @@ def _context_var() -> ContextVar[otel_context.Context] | None:
 
 
 _CONTEXT = _context_var()
+_MAKING = threading.Lock()  # an attempt's span is made by one thread at a time (rare)
 # the variable's value in a thread where nothing was attached: a worker thread's
 _DEFAULT = None if _CONTEXT is None else contextvars.Context().run(_CONTEXT.get)
 
@@ -282,7 +283,8 @@ class Tracing(Observer):
                     )
                 )  # fmt: skip
                 return
-            span = attempt.span = _AttemptSpan(self.recorder, attempt)
+            span = self._attempt_span(attempt)
+            assert span is not None  # sampled
         span.ended = True
         # the span and the attempt refer to each other: a cycle only the garbage collector
         # would free (with the task and the context it holds), once per task
@@ -309,10 +311,21 @@ class Tracing(Observer):
 
     def _attempt_span(self, attempt: Attempt) -> _AttemptSpan | None:
         """The attempt's span, made at the first question; None: its request is not
-        sampled (no span is recorded)."""
+        sampled (no span is recorded).
+
+        The question may come from another thread than the worker's (a thread the
+        handler started), even as the attempt ends: spans are made one at a time, and
+        one made as the attempt ended unasked (its record written with ``span_id``)
+        takes that id, ended, so that every span of the attempt is the one exported."""
         span: _AttemptSpan | None = attempt.span
         if span is None and self._sampled_attempt(attempt.request.trace):
-            span = attempt.span = _AttemptSpan(self.recorder, attempt)
+            with _MAKING:
+                span = attempt.span
+                if span is None:
+                    span = attempt.span = _AttemptSpan(self.recorder, attempt)
+                    recorded = attempt.span_id  # ``attempt_ended`` sets it after its check
+                    if recorded and span.span_id != recorded:
+                        span.span_id, span.ended, span.attempt = recorded, True, None
         return span
 
     def _attempt_context(self, attempt: Attempt) -> otel_context.Context:

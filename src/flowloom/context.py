@@ -16,12 +16,18 @@ if TYPE_CHECKING:
 __all__ = ["Context"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestScope:
+    """What a handler's ``Context`` reads: made for every task, so not frozen (a frozen
+    dataclass sets each field through ``object.__setattr__``: three times the cost)."""
+
     request_id: str
     flow: str
     query: Options
     backend: Backend
+    # the observed attempt running in this scope (``observe.Attempt``), for the tracing:
+    # its span is made current only if user code asks for it (``tracing._LazyRuntime``)
+    attempt: Any = None
 
 
 _current: ContextVar[RequestScope | None] = ContextVar("flowloom_request", default=None)

@@ -56,7 +56,8 @@ class Attempt:
     The worker sets ``outcome`` ("completed", "failed" or "retried"), ``error``,
     ``ended`` and ``finished`` before ``attempt_ended``; ``started`` and ``finished``
     (``time.perf_counter()``) are the attempt's only clock readings, shared by every
-    observer. ``span``, ``scope`` and ``span_token`` belong to the tracing observer.
+    observer. ``tracer``, ``span``, ``span_id`` and ``scope`` belong to the tracing
+    observer.
     """
 
     task: Task
@@ -69,9 +70,10 @@ class Attempt:
     started: float = field(default_factory=time.perf_counter)
     ended: tuple[Status, ErrorInfo | None] | None = None  # the request ended with this attempt
     finished: float = 0.0
+    tracer: Any = None
     span: Any = None
+    span_id: int = 0
     scope: Any = None
-    span_token: Any = None
 
 
 class Observer:
@@ -81,6 +83,9 @@ class Observer:
     decode the request's stored trace context, about as costly as a task's hooks)."""
 
     reads_traces = False
+    # the observer's spans are current in the attempt's user code, made only if it asks:
+    # not called at ``attempt_started``, it is the attempt's ``tracer`` instead
+    lazy_spans = False
 
     def request_started(self, record: RequestRecord) -> None:
         """``execute`` has queued the request (in the process that called it)."""
@@ -125,9 +130,10 @@ class Observers:
         self.all = tuple(observers)
         self.reads_traces = any(observer.reads_traces for observer in self.all)
         self.call_span = next((s for o in self.all if (s := o.call_span()) is not None), None)
+        self.tracer = next((o for o in self.all if o.lazy_spans), None)
         self._request_started = _hooks(self.all, "request_started")
         self._request_ended = _hooks(self.all, "request_ended")
-        self._attempt_started = _hooks(self.all, "attempt_started")
+        self._attempt_started = _hooks([o for o in self.all if not o.lazy_spans], "attempt_started")
         self._attempt_ended = _hooks(self.all[::-1], "attempt_ended")
         self._task_redelivered = _hooks(self.all, "task_redelivered")
         self._callback_sent = _hooks(self.all, "callback_sent")
@@ -162,6 +168,7 @@ class Observers:
                 _failed(hook, "request_ended")
 
     def attempt_started(self, attempt: Attempt) -> None:
+        attempt.tracer = self.tracer
         for hook in self._attempt_started:
             try:
                 hook(attempt)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import logging
 import os
 import random
@@ -41,6 +42,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -57,6 +59,7 @@ from opentelemetry.trace import Status as SpanStatus
 from opentelemetry.trace.propagation import _SPAN_KEY
 from opentelemetry.util.types import Attributes, AttributeValue
 
+from .context import _current as _REQUEST_SCOPE
 from .observe import Attempt, CallSpan, Observer, RequestInfo
 from .span_export import InProcessSink
 from .spans import (
@@ -97,6 +100,49 @@ def _context_var() -> ContextVar[otel_context.Context] | None:
 
 
 _CONTEXT = _context_var()
+_MAKING = threading.Lock()  # an attempt's span is made by one thread at a time (rare)
+# the variable's value in a thread where nothing was attached: a worker thread's
+_DEFAULT = None if _CONTEXT is None else contextvars.Context().run(_CONTEXT.get)
+
+
+class _LazyRuntime(ContextVarsRuntimeContext):
+    """OpenTelemetry's runtime context, over the same variable, that makes the span of
+    the attempt running now current without anyone setting it.
+
+    Asked for the current context while a worker runs an attempt (``RequestScope.attempt``,
+    which ``contextvars.copy_context()`` carries into asyncio tasks and threads) and
+    finding nothing attached since, it answers the attempt's context, made at that
+    first question (``Tracing._attempt_context``). Most attempts never ask: they make
+    no span object and no context, and set no variable. What user code attaches is
+    current as usual, until it detaches it."""
+
+    def __init__(self, variable: ContextVar[otel_context.Context]) -> None:
+        self._current_context = variable
+
+    def get_current(self) -> otel_context.Context:
+        current = self._current_context.get()
+        if current is _DEFAULT:
+            scope = _REQUEST_SCOPE.get()
+            attempt = None if scope is None else scope.attempt
+            if attempt is not None and attempt.tracer is not None:
+                context: otel_context.Context = attempt.tracer._attempt_context(attempt)
+                return context
+        return current
+
+
+def _install_lazy_runtime() -> bool:
+    """Make OpenTelemetry's runtime context a ``_LazyRuntime`` (once a process), if it is
+    the default contextvars one; False: another, set by the application (then each
+    attempt's span is made and attached when the attempt starts)."""
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    if type(runtime) is _LazyRuntime:
+        return True
+    if _CONTEXT is None or type(runtime) is not ContextVarsRuntimeContext:
+        return False
+    otel_context._RUNTIME_CONTEXT = _LazyRuntime(_CONTEXT)
+    return True
+
+
 # Spans waiting for the exporter, and spans per batch, unless the OTEL_BSP_* variables
 # say otherwise: far above the SDK's 2048 and 512, so that a few seconds of a busy
 # machine (the exporter process lagging) cost memory (about 0.5 kB a span), not spans.
@@ -148,6 +194,7 @@ class Tracing(Observer):
         atexit.register(self.recorder.close)
         self._decisions: dict[int, bool] = {}  # trace id -> sampled, for recent requests
         self._always = self.provider.sampler.get_description() in _ALWAYS_ON_ROOT
+        self._lazy = self.lazy_spans = _install_lazy_runtime()
         _CURRENT.install(self.provider)
 
     @property
@@ -199,32 +246,50 @@ class Tracing(Observer):
 
     # -- one span per attempt, current while the user code runs ------------------------------
     def attempt_started(self, attempt: Attempt) -> None:
-        ids = attempt.request.trace
-        if ids is not None and not (self._always and not ids.parent_id) and not self._sampled(ids):
-            # a dropped request costs no span: its root, unsampled, is made current, so
-            # that the handlers' own spans are dropped with it
-            attempt.scope = otel_context.attach(_under_root(ids, False))
-            return
-        span = attempt.span = _AttemptSpan(self.recorder, attempt)
-        # the worker thread's context holds nothing else: no need to copy it
-        if _CONTEXT is None:
-            attempt.scope = otel_context.attach(trace.set_span_in_context(span, _EMPTY))
-        else:
-            attempt.span_token = _CONTEXT.set(otel_context.Context({_SPAN_KEY: span}))
+        """Called only if the runtime context is not a ``_LazyRuntime`` (``lazy_spans``
+        false): the attempt's span made now and attached while its user code runs."""
+        attempt.tracer = self
+        span = self._attempt_span(attempt)
+        if span is None:  # a dropped request: its root, unsampled, current
+            context = _under_root(attempt.request.trace, False)
+        else:  # the worker thread's context holds nothing else: no need to copy it
+            context = trace.set_span_in_context(span, _EMPTY)
+        attempt.scope = otel_context.attach(context)
 
     def attempt_ended(self, attempt: Attempt) -> None:
-        if attempt.span_token is not None:
-            _CONTEXT.reset(attempt.span_token)  # type: ignore[union-attr]
-        elif attempt.scope is not None:
-            otel_context.detach(attempt.scope)
+        if not self._lazy:
+            if attempt.scope is not None:
+                otel_context.detach(attempt.scope)
+        elif _CONTEXT.get() is not _DEFAULT:  # type: ignore[union-attr]
+            _CONTEXT.set(_DEFAULT)  # type: ignore[union-attr, arg-type]  # user code left one attached
         span: _AttemptSpan | None = attempt.span
         if span is None:
-            return
+            ids = attempt.request.trace
+            if (
+                ids is not None
+                and not (self._always and not ids.parent_id)
+                and not self._sampled(ids)
+            ):
+                return
+            if attempt.error is None:  # the usual case: nobody asked for the span, no object
+                task = attempt.task
+                span_id = attempt.span_id = random.getrandbits(64) or 1
+                self.recorder.add(
+                    (
+                        new_trace_id() if ids is None else ids.trace_id, span_id,
+                        0 if ids is None else ids.span_id, CLOCK.offset, attempt.started,
+                        attempt.finished, task.flow, task.request_id, attempt.address,
+                        attempt.kind, task.attempt, attempt.worker, attempt.outcome,
+                    )
+                )  # fmt: skip
+                return
+            span = self._attempt_span(attempt)
+            assert span is not None  # sampled
         span.ended = True
         # the span and the attempt refer to each other: a cycle only the garbage collector
         # would free (with the task and the context it holds), once per task
         span.attempt = None
-        if span.light is None and attempt.error is None:  # the usual case: a record, no more
+        if span.light is None and attempt.error is None:  # asked for, left untouched
             task = attempt.task
             self.recorder.add(
                 (
@@ -241,6 +306,42 @@ class Tracing(Observer):
             light.set_status(StatusCode.ERROR, f"{type(attempt.error).__name__}: {attempt.error}")
         light.end(CLOCK.offset + int(attempt.finished * 1e9))
 
+    def _sampled_attempt(self, ids: TraceContext | None) -> bool:
+        return ids is None or (self._always and not ids.parent_id) or self._sampled(ids)
+
+    def _attempt_span(self, attempt: Attempt) -> _AttemptSpan | None:
+        """The attempt's span, made at the first question; None: its request is not
+        sampled (no span is recorded).
+
+        The question may come from another thread than the worker's (a thread the
+        handler started), even as the attempt ends: spans are made one at a time, and
+        one made as the attempt ended unasked (its record written with ``span_id``)
+        takes that id, ended, so that every span of the attempt is the one exported."""
+        span: _AttemptSpan | None = attempt.span
+        if span is None and self._sampled_attempt(attempt.request.trace):
+            with _MAKING:
+                span = attempt.span
+                if span is None:
+                    span = attempt.span = _AttemptSpan(self.recorder, attempt)
+                    recorded = attempt.span_id  # ``attempt_ended`` sets it after its check
+                    if recorded and span.span_id != recorded:
+                        span.span_id, span.ended, span.attempt = recorded, True, None
+        return span
+
+    def _attempt_context(self, attempt: Attempt) -> otel_context.Context:
+        """The OpenTelemetry context of the attempt's user code: its span current (or,
+        for a request not sampled, the request's root, not sampled, so that the handlers'
+        own spans are dropped with it). Made once, at the first question."""
+        context: otel_context.Context | None = attempt.scope
+        if context is None:
+            span = self._attempt_span(attempt)
+            if span is None:
+                context = _under_root(attempt.request.trace, False)
+            else:
+                context = otel_context.Context({_SPAN_KEY: span})
+            attempt.scope = context
+        return context
+
     def _sampled(self, ids: TraceContext) -> bool:
         """Whether the request's spans are recorded: the caller's decision, else the
         sampler's for a root span of this trace id. The standard samplers decide a root
@@ -252,7 +353,8 @@ class Tracing(Observer):
         decisions = self._decisions
         sampled = decisions.get(ids.trace_id)
         if sampled is None:
-            result = self.provider.sampler.should_sample(None, ids.trace_id, "flow")
+            # a root of its own: not the current context, which may be this attempt's (unsampled)
+            result = self.provider.sampler.should_sample(_EMPTY, ids.trace_id, "flow")
             sampled = result.decision is Decision.RECORD_AND_SAMPLE
             if len(decisions) >= 4096:
                 decisions.clear()
@@ -277,7 +379,17 @@ class Tracing(Observer):
 
     def _call(self, kind: str, fn: Callable[..., Any]) -> AbstractContextManager[None]:
         # the usual case: under a vertex span, read from the context variable directly
-        current = None if _CONTEXT is None else _CONTEXT.get().get(_SPAN_KEY)
+        current: Any = None
+        if _CONTEXT is not None:
+            context = _CONTEXT.get()
+            current = context.get(_SPAN_KEY)
+            if context is _DEFAULT and self._lazy:  # in an attempt: its span, made now
+                scope = _REQUEST_SCOPE.get()
+                attempt = None if scope is None else scope.attempt
+                if attempt is not None and attempt.tracer is self:
+                    current = self._attempt_span(attempt)
+                    if current is None:  # a dropped request
+                        return contextlib.nullcontext()
         if type(current) is _AttemptSpan or type(current) is LightSpan:
             trace_id, parent_id = current.trace_id, current.span_id
         else:
@@ -317,12 +429,13 @@ class _AttemptSpan(trace.Span):
     def __init__(self, recorder: Recorder, attempt: Attempt) -> None:
         ids = attempt.request.trace
         self.recorder = recorder
-        self.attempt: Attempt | None = attempt  # until it ends
+        # recorded already (``span_id`` set: asked for from a context kept past its end)
+        self.ended = attempt.span_id != 0  # then what user code does with it is ignored
+        self.attempt: Attempt | None = None if self.ended else attempt  # until it ends
         self.trace_id = new_trace_id() if ids is None else ids.trace_id
         self.parent_id = 0 if ids is None else ids.span_id
-        self.span_id = random.getrandbits(64) or 1
+        self.span_id = attempt.span_id or random.getrandbits(64) or 1
         self.light: LightSpan | None = None
-        self.ended = False  # recorded: what user code does with it after is ignored
         self._context: SpanContext | None = None
 
     def materialize(self, attempt: Attempt | None = None) -> LightSpan:

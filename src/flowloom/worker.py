@@ -182,7 +182,7 @@ class Worker:
             attempt = Attempt(task, request, step.kind._value_, address, self.name)
             self.observers.attempt_started(attempt)
         token = context.enter(
-            context.RequestScope(task.request_id, task.flow, options, self.backend)
+            context.RequestScope(task.request_id, task.flow, options, self.backend, attempt)
         )
         try:
             outcome: Outcome | None = None

@@ -21,6 +21,7 @@ from flowloom.backends import MemoryBackend, RequestRecord
 from flowloom.engine import Transition
 from flowloom.http import create_app
 from flowloom.http.auth import WINDOW, sign_request
+from flowloom.names import REQUEST_ID
 from http_fixtures import AppClient, Gate, Receiver, register_flows
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -273,8 +274,14 @@ async def test_a_failing_backend_is_a_503_without_its_address(
                 executed = await client.post("/flow/myflow", content=b"x", headers=headers)
                 assert executed.status_code == 503
                 assert "10.1.2.3" not in executed.text
+                # the id the request would have: to send it again under it
+                assert REQUEST_ID.fullmatch(executed.headers["x-request-id"])
+            given = await client.post("/flow/myflow", content=b"x", headers={"X-Request-Id": "r-7"})
+            assert (given.status_code, given.headers["x-request-id"]) == (503, "r-7")
             spec = (await client.get("/openapi.json")).json()
             state = spec["paths"]["/flow/{name}/requests/{request_id}"]["get"]
             assert "503" in state["responses"]  # the spec says so
+            run = spec["paths"]["/flow/{name}"]["post"]["responses"]["503"]
+            assert "X-Request-Id" in run["headers"]
     assert "10.1.2.3" in caplog.text  # the operator's log has the cause
     assert "Traceback" not in caplog.text

@@ -17,6 +17,7 @@ import redis
 from flowloom import Context, FlowService, Status, Workflow
 from flowloom.backends.redis import RedisBackend
 from flowloom.http import create_app
+from flowloom.names import REQUEST_ID
 from http_fixtures import AppClient, Gate, register_flows
 from test_redis_eager import HOPS, hop_pids, hop_runs, stream_is_empty
 from test_redis_faults import Workers, eventually, fs, live_workers, workers
@@ -77,9 +78,10 @@ async def test_http_waits_across_a_frozen_redis_answer_by_their_deadline_then_fi
     on the end push. A call whose wait ends meanwhile answers 202 within a second of its
     deadline; a new call answers 503 once the backend's socket timeout and retry window
     have passed, never 500. Once Redis wakes, the handlers' completions go through and
-    the long waits answer with the results. The new call's request either was in Redis's
-    buffers (it runs, once, and sending it again with its id is refused: 409) or never
-    reached them (sending it again runs it): a 503 does not say which; it runs once."""
+    the long waits answer with the results. The new call sends no id: its 503 names the
+    id the server gave it. Its request either was in Redis's buffers (it runs, once, and
+    sending it again with that id is refused: 409) or never reached them (sending it again
+    runs it): a 503 does not say which; it runs once."""
     server = PrivateRedis(tmp_path, aof=False)
     server.start()
     backend = RedisBackend(
@@ -98,7 +100,8 @@ async def test_http_waits_across_a_frozen_redis_answer_by_their_deadline_then_fi
                     answers[name] = await http.post(
                         "/flow/gated",
                         content=name.encode(),
-                        headers={"X-Wait": f"{wait:g}", "X-Request-Id": f"frozen-{name}"},
+                        headers={"X-Wait": f"{wait:g}"}
+                        | ({} if name == "new" else {"X-Request-Id": f"frozen-{name}"}),
                     )
                     took[name] = time.monotonic() - started
 
@@ -114,6 +117,8 @@ async def test_http_waits_across_a_frozen_redis_answer_by_their_deadline_then_fi
                     try:
                         await post("new", 25)
                         assert answers["new"].status_code == 503, answers["new"].text
+                        new_id = answers["new"].headers["x-request-id"]
+                        assert REQUEST_ID.fullmatch(new_id)
                         assert took["new"] < 1 + 2 + 1.5  # socket timeout, retry_for, margin
                         with anyio.fail_after(5):
                             while "d" not in answers:
@@ -130,10 +135,10 @@ async def test_http_waits_across_a_frozen_redis_answer_by_their_deadline_then_fi
                     assert answers[name].content == f"{name}|gate|after".encode()
                 assert http.app.state.flowloom.waiter.waiting == {}
                 result = await http.get(
-                    "/flow/gated/requests/frozen-new/result", headers={"X-Wait": "10"}
+                    f"/flow/gated/requests/{new_id}/result", headers={"X-Wait": "10"}
                 )
                 again = await http.post(
-                    "/flow/gated", content=b"new", headers={"X-Request-Id": "frozen-new"}
+                    "/flow/gated", content=b"new", headers={"X-Request-Id": new_id}
                 )
                 if result.status_code == 404:
                     # its submit never reached Redis's buffers (sent on a connection that
@@ -142,7 +147,7 @@ async def test_http_waits_across_a_frozen_redis_answer_by_their_deadline_then_fi
                 else:  # it was in Redis's buffers and ran once: sent again, refused
                     assert (result.status_code, result.content) == (200, b"new|gate|after")
                     assert again.status_code == 409, again.text
-                state = fs.state("gated", "frozen-new")
+                state = fs.state("gated", new_id)
                 assert state is not None
                 assert state.status is Status.COMPLETED
                 assert all(v.attempts == 1 for v in state.vertices.values())

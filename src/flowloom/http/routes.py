@@ -34,6 +34,7 @@ from .callbacks import Target
 from .endpoints import Answer, Param, endpoint
 from .settings import Settings
 from .shapes import Accepted, Control, Error, Flows, Health, Outcome, RequestList, Workers, summary
+from .waiting import new_request_id
 
 __all__: list[str] = []
 
@@ -176,14 +177,34 @@ def _callbacks(settings: Settings) -> bool:
         401: Answer("Missing or wrong signature.", Error, when=_signed),
         413: Answer("The body is over {max_body} bytes.", Error),
         429: Answer("Too many requests or callbacks pending: try again later.", Error),
+        503: Answer(
+            "The backend is unavailable. The request may still run once it answers: "
+            "send it again with the X-Request-Id answered here (409 if it was taken).",
+            Error,
+            ("X-Request-Id",),
+        ),
     },
     checks_signature=True,
 )
 async def execute(api: Api, request: HTTPRequest) -> Response:
+    """Run a flow. The request's id is known before anything reaches the backend, so
+    that a 503 can name it: a submit a frozen backend held may still run when it wakes,
+    and the caller can only retry it safely under the same id."""
+    request_id = inputs.optional_request_id(request.headers.get("x-request-id"))
+    if request_id is None:
+        request_id = new_request_id()
+    try:
+        return await _execute(api, request, request_id)
+    except inputs.BadInput as exc:
+        if exc.status == 503:
+            exc.headers["X-Request-Id"] = request_id
+        raise
+
+
+async def _execute(api: Api, request: HTTPRequest, request_id: str) -> Response:
     settings = api.settings
     name = inputs.flow_name(request)
     headers = request.headers
-    request_id = inputs.optional_request_id(headers.get("x-request-id"))
     run_async = inputs.flag(headers.get("x-async"), "X-Async")
     wait = inputs.seconds(headers.get("x-wait"), "X-Wait", settings.wait_timeout)
     query = inputs.query_options(request.scope.get("query_string", b""))

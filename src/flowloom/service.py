@@ -20,6 +20,7 @@ from . import checks, engine, logs
 from .backends import Backend, MemoryBackend, RequestRecord, Summary, deadline
 from .backends.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_QUEUED
 from .errors import (
+    BackendUnavailable,
     FlowloomError,
     FlowNotFound,
     InvalidRequest,
@@ -499,16 +500,26 @@ class FlowService:
                 return
             self._closed = True
             worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.stop()
-            if isinstance(self.backend, MemoryBackend):
-                # hooks of finished requests would die with the process: run them now
-                for task in self.backend.take_hooks():
-                    worker.execute(task)
-            self.backend.unregister_worker(worker.name)
-        if self._observers is not None:
-            self._observers.close()
-        self.backend.close()
+        try:
+            if worker is not None:
+                worker.stop()
+                if isinstance(self.backend, MemoryBackend):
+                    # hooks of finished requests would die with the process: run them now
+                    for task in self.backend.take_hooks():
+                        worker.execute(task)
+                try:
+                    self.backend.unregister_worker(worker.name)
+                except BackendUnavailable as exc:  # a stop must not wait for the backend
+                    log.warning(
+                        "flowloom: could not unregister worker %s (%s); it leaves the list "
+                        "of workers when its heartbeat expires",
+                        worker.name,
+                        exc,
+                    )
+        finally:
+            if self._observers is not None:
+                self._observers.close()
+            self.backend.close()
 
     def __enter__(self) -> FlowService:
         return self

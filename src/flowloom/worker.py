@@ -126,6 +126,12 @@ class Worker:
         finally:
             try:
                 self.backend.flush()
+            except BackendUnavailable as exc:
+                log.warning(
+                    "flowloom: could not send the last completion (%s); its task is taken "
+                    "over after the visibility timeout",
+                    exc,
+                )
             except Exception:
                 log.exception("flowloom: sending the last completion failed")
             self._call.close()

@@ -11,7 +11,7 @@ import redis
 
 from ... import checks
 from ...engine import Transition
-from ...errors import InvalidRequest
+from ...errors import BackendUnavailable, InvalidRequest
 from ...logs import safe_url
 from ...types import ErrorInfo, RequestState, Status
 from ..base import Backend, RequestRecord, Summary, Task, current_deadline
@@ -314,6 +314,8 @@ class RedisBackend(Backend):
         self._consumer.start_thread("flowloom-heartbeat", lambda: self._heartbeats.run(closing))
 
     def unregister_worker(self, name: str) -> None:
+        if self.health.down:  # a stopping worker does not wait out an outage
+            raise BackendUnavailable(f"Redis at {self.health.url} is unavailable")
         self._guard(lambda: self._heartbeats.unregister(name))
 
     def workers(self) -> list[dict[str, object]]:
@@ -365,6 +367,16 @@ class RedisBackend(Backend):
         self._ends.close()
         self._loop_submits.close()
         try:
+            if self.health.down:
+                # every call would wait for its timeout: a stop does not wait out an outage
+                held = self._consumer.close(hand_back=False)
+                log.warning(
+                    "flowloom: Redis at %s is unavailable: %d task(s) held here are taken "
+                    "over after the visibility timeout",
+                    self.health.url,
+                    held,
+                )
+                return
             self._consumer.flush()
             self._consumer.close()
             for name in self._heartbeats.names():

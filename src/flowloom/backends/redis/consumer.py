@@ -564,8 +564,10 @@ class Consumer:
             for task in stale:  # handed back, or taken over later if that failed
                 self._release(task)
 
-    def close(self) -> None:
-        """Stop the threads and hand back the tasks this process holds."""
+    def close(self, hand_back: bool = True) -> int:
+        """Stop the threads and hand back the tasks this process holds (unless not
+        ``hand_back``: they are taken over after the visibility timeout). Returns how many
+        it held."""
         self.closing.set()
         with self._cond:
             self._cond.notify_all()
@@ -579,10 +581,13 @@ class Consumer:
             self._begun.clear()
             self._redelivered.clear()
             self._facts.clear()
+        if not hand_back:
+            return len(receipts)
         if receipts:
             self._run("handback", [self.keys.tasks], [GROUP, *receipts])
         if self.name is not None:
             self._hand_back_pending(self.name)
+        return len(receipts)
 
     def _hand_back_pending(self, consumer: str) -> None:
         """Hand back what is still pending for ``consumer`` though this process does not

@@ -271,3 +271,51 @@ def test_log_level_warning_keeps_only_warnings_and_errors(
     assert "INFO" not in text
     assert "starting:" not in text
     assert "traceback of" not in text
+
+
+@pytest.mark.parametrize(
+    ("command", "taken"),
+    [(["worker"], 0), (["worker", "--processes", "2"], 1), (["serve", "--port", "0"], 0)],
+    ids=["worker", "second-process", "serve"],
+)
+def test_a_metrics_port_in_use_is_one_line_and_status_2(
+    app: str, command: list[str], taken: int
+) -> None:
+    """The metrics port (or, with --processes K, the port of one of the K processes) is
+    taken: the command says which, in one line, and starts nothing."""
+    holder = _listening(free_below=taken)
+    try:
+        port = holder.getsockname()[1] - taken
+        out = subprocess.run(
+            [sys.executable, "-m", "flowloom.cli", *command, app, "--metrics-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.close()
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    error = [line for line in out.stderr.splitlines() if line.startswith("Error: ")]
+    assert error == [
+        f"Error: cannot serve metrics on 127.0.0.1:{port + taken}: Address already in use"
+    ], out.stderr
+
+
+def _listening(free_below: int) -> socket.socket:
+    """A socket listening on a port of 127.0.0.1 whose ``free_below`` ports below are free."""
+    while True:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        below = [socket.socket() for _ in range(free_below)]
+        try:
+            for n, probe in enumerate(below, 1):
+                probe.bind(("127.0.0.1", port - n))
+            return sock
+        except OSError:
+            sock.close()
+        finally:
+            for probe in below:
+                probe.close()

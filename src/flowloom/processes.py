@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -46,6 +47,9 @@ def run_worker_processes(service: FlowService, processes: int, *, restart: bool 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stopping.set()
 
+    if service.metrics_port:  # one port a process: say now if one is taken
+        for slot in range(processes):
+            _check_port(service.host, service.metrics_port + slot)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     children: dict[int, int] = {}  # pid -> slot
     try:
@@ -68,6 +72,9 @@ def _fork(service: FlowService, handlers: Mapping[signal.Signals, Any], slot: in
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         service.start_worker()
+    except FlowloomError as exc:  # a setting or the backend: no traceback to show
+        log.error("flowloom: worker process failed: %s", exc)
+        code = 1
     except BaseException:
         log.exception("flowloom: worker process failed")
         code = 1
@@ -104,3 +111,13 @@ def _supervise(
 def _signal(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Raise ``FlowloomError`` if ``host:port`` cannot be listened on now."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else exc
+        raise FlowloomError(f"cannot serve metrics on {host}:{port}: {reason}") from exc

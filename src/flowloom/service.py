@@ -458,18 +458,26 @@ class FlowService:
         on ``metrics_port`` if asked."""
         observers = self.observers  # made now, so that a missing extra is told at start-up
         if observers and self.metrics_port is not None and self._metrics is not None:
-            self._metrics.serve(self.host, self.metrics_port)
+            try:
+                self._metrics.serve(self.host, self.metrics_port)
+            except OSError as exc:  # the port is taken, or the host is not this machine's
+                raise FlowloomError(
+                    f"cannot serve metrics on {self.host}:{self.metrics_port}: "
+                    f"{exc.strerror or exc}"
+                ) from exc
             log.info("flowloom: metrics on http://%s:%d/metrics", self.host, self.metrics_port)
 
     def start_worker(self) -> None:
         """Run a worker until SIGINT or SIGTERM (blocking)."""
         logs.configure()
-        with _signals() as stopping:  # from the start: a SIGTERM during start-up stops it too
-            self._start_observing()
-            self._ensure_worker()
-            while not stopping.wait(0.5):
-                pass
-        self.close()
+        try:
+            with _signals() as stopping:  # from the start: a SIGTERM during start-up stops it
+                self._start_observing()
+                self._ensure_worker()
+                while not stopping.wait(0.5):
+                    pass
+        finally:
+            self.close()
 
     def start_server(self, **http_options: Any) -> None:
         """Serve the HTTP API on ``host:port`` until interrupted (blocking); no worker
@@ -485,10 +493,10 @@ class FlowService:
         from .http import serve
 
         logs.configure()
-        self._start_observing()
-        if with_worker:
-            self._ensure_worker()
         try:
+            self._start_observing()
+            if with_worker:
+                self._ensure_worker()
             serve(self, host=self.host, port=self.port, **http_options)
         finally:
             self.close()

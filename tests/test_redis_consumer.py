@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -319,3 +320,27 @@ def test_a_consumer_leaves_the_group_only_with_nothing_pending(
     raw.xack(tasks, GROUP, task.receipt)
     assert consumer._run("leave", [tasks], [GROUP, consumer.name]) == 0
     assert raw.xinfo_consumers(tasks, GROUP) == []
+
+
+def test_a_server_stopped_while_redis_is_down_exits_at_once(tmp_path: Path) -> None:
+    """SIGTERM to a server (with its worker) while Redis is down: it does not spend a
+    retry window on each call of its stop, and exits cleanly."""
+    from test_redis_resilience import PrivateRedis
+
+    private = PrivateRedis(tmp_path, aof=False)
+    private.start()
+    try:
+        server, base = start_server(private.url, "down")
+        try:
+            assert httpx.post(base + "/flow/slow", content=b"x", timeout=10).content == b"x"
+        finally:
+            private.kill()
+            time.sleep(1.0)  # the fetcher's next read fails: the server knows Redis is down
+            started = time.monotonic()
+            output = stop(server)  # exit status 0, or it raises
+        took = time.monotonic() - started
+        assert took < 8, output.decode()  # was 20 s: a retry window for each call
+        assert b"Traceback" not in output, output.decode()
+        assert b"taken over after the visibility timeout" in output, output.decode()
+    finally:
+        private.close()

@@ -552,3 +552,32 @@ def test_a_worker_stopped_while_redis_is_down_exits_and_loses_nothing(
     finally:
         fs.close()
         workers.close()
+
+
+@pytest.mark.slow
+def test_an_idle_worker_reports_redis_back_only_when_it_is(
+    private_redis: Callable[[bool], PrivateRedis], tmp_path: Path, redis_prefix: str
+) -> None:
+    """An idle worker's periodic work that has nothing to send to Redis (no task held to
+    keep alive, no thread wanting a task) does not count as Redis answering: an outage
+    is reported once, its end once, when Redis is back, and the worker stays degraded
+    in between."""
+    server = private_redis(False)
+    workers = Workers(server.url, redis_prefix, tmp_path)
+    fs = client(server.url, redis_prefix, retry_for=1.0)
+    try:
+        workers.start(concurrency=1, visibility=0.6, retry_for=1.0)
+        live_workers(fs, 1)
+        server.kill()
+        time.sleep(3.0)  # many keep-alive rounds (every 0.2 s) with nothing held
+        log = (tmp_path / "worker-0.log").read_text()
+        assert log.count("unavailable") == 1, log
+        assert "reconnected" not in log, log
+        server.start()
+        eventually(
+            lambda: "reconnected" in (tmp_path / "worker-0.log").read_text(), 10, "reconnected"
+        )
+        assert fs.run("slow", b"0", timeout=20) == b"slept 0"
+    finally:
+        fs.close()
+        workers.close()

@@ -303,7 +303,8 @@ class RedisBackend(Backend):
 
     def flush(self) -> None:
         """Send this thread's deferred completion, if any (see ``Consumer.complete``)."""
-        self._guard(self._consumer.flush)
+        if self._consumer.deferring():  # sending nothing is no sign that Redis answers
+            self._guard(self._consumer.flush)
 
     # -- workers' heartbeats ---------------------------------------------------------------------
     def register_worker(self, name: str, describe: Callable[[], Mapping[str, object]]) -> None:

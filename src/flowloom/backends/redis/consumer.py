@@ -115,6 +115,10 @@ class Consumer:
         cannot be reached they stay deferred, to be sent with the next call."""
         self._with_deferred(None)
 
+    def deferring(self) -> bool:
+        """Whether this thread has deferred completions to send."""
+        return bool(self._deferred.__dict__.get("calls"))
+
     def _flush_for_next(self) -> Task | None:
         """Send this thread's deferred completions; the task they handed to this thread
         (eager hand-off), if any."""
@@ -443,8 +447,8 @@ class Consumer:
                 if not group_ready:
                     self.ensure_group()
                     group_ready = True
-                self._fetch_once(consumer, timers)
-                self._health.succeeded()
+                if self._fetch_once(consumer, timers):  # only an answer ends an outage
+                    self._health.succeeded()
                 backoff = 0.0
             except Exception as exc:
                 if self.closing.is_set():
@@ -459,27 +463,33 @@ class Consumer:
                 backoff = min(2.0, max(0.05, backoff * 2))
                 self.closing.wait(backoff)
 
-    def _fetch_once(self, consumer: str, timers: dict[str, float]) -> None:
+    def _fetch_once(self, consumer: str, timers: dict[str, float]) -> bool:
+        """One round of the fetcher; whether it talked to Redis (a round with nothing to
+        read or do may not)."""
         now = time.monotonic()
+        talked = False
         if now >= timers["promote"]:  # not before every read: a read per task is common
             moved, due_in = self._run("promote", [self.keys.delayed, self.keys.tasks], [100])
+            talked = True
             timers["due"] = now + due_in / 1000 if due_in >= 0 else float("inf")
             timers["promote"] = now if moved else min(now + PROMOTE_EVERY, timers["due"])
             if moved:
-                return
+                return True
         block = min(0.25, max(0.005, timers["due"] - now))
         self._hand_back_stale(HAND_BACK_AFTER)
         if now >= timers["reclaim"]:
             self._reclaim(consumer)
+            talked = True
             timers["reclaim"] = now + min(5.0, self.visibility_timeout / 4)
         if now >= timers["sweep"]:
             timers["sweep"] = now + SWEEP_EVERY
             self._tidy(consumer)
+            talked = True
         with self._cond:  # one lock for the check and the wait: no wake-up is missed
             want = self._room()
             if want == 0:
                 self._wanted.wait(block)
-                return
+                return talked
         # on the fetcher's own connection, packed by hiredis (a read per task is common:
         # redis-py's pool round and reply parsing cost more than the read's packing)
         reply = self._scripts.command(
@@ -489,6 +499,7 @@ class Consumer:
         if reply:  # RESP2: [[stream, entries]]; RESP3: {stream: entries}
             streams = list(reply.values()) if isinstance(reply, dict) else [s[1] for s in reply]
             self._take(streams[0])
+        return True
 
     def _tidy(self, consumer: str) -> None:
         """Sweep the listings (in batches, until what expired is gone), drop consumers long
@@ -516,18 +527,19 @@ class Consumer:
         interval = self.visibility_timeout / 3
         while not self.closing.wait(interval):
             try:
-                self.keep_alive()
-                self._health.succeeded()
+                if self.keep_alive():  # only an answer ends an outage
+                    self._health.succeeded()
             except redis.RedisError as exc:
                 self._health.failed(exc)
 
-    def keep_alive(self) -> None:
+    def keep_alive(self) -> bool:
         """Refresh the idle time of the tasks this process holds; warn of those another
-        consumer took over (see ``_taken_over``)."""
+        consumer took over (see ``_taken_over``). Whether it talked to Redis (not when
+        nothing is held)."""
         with self._cond:
             receipts = list(self._held)
         if not receipts:
-            return
+            return False
         mine = self._run("keepalive", [self.keys.tasks], [GROUP, self.name, *receipts])
         kept = {r.decode() for r in mine}
         with self._cond:
@@ -535,6 +547,7 @@ class Consumer:
         lost = self._taken_over(missing) if missing else 0
         if lost:
             log.warning("flowloom: %d task(s) were taken over by other workers", lost)
+        return True
 
     def _taken_over(self, receipts: Sequence[str]) -> int:
         """How many of ``receipts`` (held here, but not pending for this consumer when the

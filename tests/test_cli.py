@@ -107,6 +107,30 @@ def test_unknown_flow(app):
     assert "no flow 'nope' (flows: broken, hello)" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "option", "value", "says"),
+    [
+        (["run", "{app}", "hello"], "--timeout", "nan", "NaN is not a number of seconds"),
+        (["run", "{app}", "hello"], "--timeout", "soon", "soon is not a number of seconds"),
+        (["run", "{app}", "hello"], "--timeout", "-1", "-1 must be at least 0"),
+        (["submit", "{app}", "hello", "--wait"], "--timeout", "nan", "NaN is not a number"),
+        (["serve", "{app}"], "--header-timeout", "nan", "NaN is not a number of seconds"),
+        (["serve", "{app}"], "--header-timeout", "0", "0 must be more than 0"),
+    ],
+)
+def test_a_bad_number_of_seconds_is_a_usage_error(app, command, option, value, says):
+    result = invoke(*(part.format(app=app) for part in command), option, value)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"Invalid value for '{option}': {says}" in result.stderr
+
+
+def test_a_timeout_of_inf_waits_for_the_result(app):
+    result = invoke("run", app, "hello", "--data", "x", "--timeout", "inf")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "HI X +HI X \n"
+
+
 def test_flows_lists_names(app):
     assert invoke("flows", app).stdout == "broken\nhello\n"
 

@@ -15,7 +15,7 @@ from .backends import MemoryBackend
 from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
 from .http.server import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LIMIT_CONCURRENCY
-from .operate import commands, read_request, request_options, wait_showing_progress
+from .operate import Seconds, commands, read_request, request_options, wait_showing_progress
 from .processes import run_worker_processes
 from .service import FlowService
 
@@ -84,7 +84,7 @@ def main() -> None:
 @click.argument("app")
 @click.argument("flow")
 @request_options
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")
+@click.option("--timeout", type=Seconds(), default=60.0, show_default=True, help="Seconds to wait.")
 @click.option("--timings", is_flag=True, help="Also print each vertex's status and timings.")
 def run(
     app: str,
@@ -198,7 +198,7 @@ def flows(app: str) -> None:
 )
 @click.option(
     "--header-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(positive=True),
     default=DEFAULT_HEADER_TIMEOUT,
     show_default=True,
     help="Seconds a client has to send a request's head before its connection is closed.",

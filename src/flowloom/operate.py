@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 from rich.console import Console
@@ -32,11 +32,42 @@ from .progress import foreach_paths
 from .service import FlowService
 from .types import Request, Status
 
-__all__ = ["commands", "read_request", "request_options", "wait_showing_progress"]
+__all__ = ["Seconds", "commands", "read_request", "request_options", "wait_showing_progress"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 PROGRESS_EVERY = 0.5  # seconds between two looks at a request's state for its progress line
+
+
+if TYPE_CHECKING:  # generic for type checkers (and at run time from click 8.2 on)
+    _FloatType = click.ParamType[float]
+else:
+    _FloatType = click.ParamType
+
+
+class Seconds(_FloatType):
+    """A number of seconds on the command line: 0 or more (``inf`` for ever), more than
+    0 if ``positive``; NaN and words are usage errors, not tracebacks."""
+
+    name = "seconds"
+
+    def __init__(self, positive: bool = False) -> None:
+        self.positive = positive
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!s:.40} is not a number of seconds", param, ctx)
+        if seconds != seconds:
+            self.fail("NaN is not a number of seconds", param, ctx)
+        if seconds < 0 or (self.positive and seconds == 0):
+            self.fail(
+                f"{value:.40} must be {'more than' if self.positive else 'at least'} 0", param, ctx
+            )
+        return seconds
 
 
 class Failed(click.ClickException):
@@ -191,7 +222,7 @@ def _fail(exc: FlowloomError) -> click.ClickException:
 @request_options
 @click.option("--request-id", default=None, help="The request's id (default: a random one).")
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait.")
+@click.option("--timeout", type=Seconds(), default=60.0, show_default=True, help="Seconds to wait.")
 @click.option(
     "--redis-url",
     default=None,

@@ -229,8 +229,8 @@ def test_redis_refusing_writes_for_a_while_loses_no_task_and_no_thread(
     private_redis: Callable[[bool], PrivateRedis], redis_prefix: str
 ) -> None:
     """Redis refuses every write (maxmemory) for 2 s while the only worker thread holds
-    and reports tasks: each failing script releases its task, the thread lives on, and
-    every request completes once Redis takes writes again."""
+    and reports tasks: each refused completion waits, the thread lives on, and every
+    request completes once Redis takes writes again."""
     server = private_redis(False)
     backend = RedisBackend(server.url, prefix=redis_prefix, visibility_timeout=1.0)
     admin = redis.Redis.from_url(server.url)
@@ -579,5 +579,39 @@ def test_an_idle_worker_reports_redis_back_only_when_it_is(
         )
         assert fs.run("slow", b"0", timeout=20) == b"slept 0"
     finally:
+        fs.close()
+        workers.close()
+
+
+def test_a_completion_refused_for_want_of_memory_is_sent_again_not_run_again(
+    private_redis: Callable[[bool], PrivateRedis], redis_prefix: str, tmp_path: Path
+) -> None:
+    """Redis refuses writes (maxmemory) while a task runs: its completion waits and goes
+    through once Redis takes writes again. The task does not run a second time, its
+    request does not wait for the visibility timeout, and the refusals are told in one
+    warning, not one per call."""
+    server = private_redis(False)
+    workers = Workers(server.url, redis_prefix, tmp_path)
+    fs = client(server.url, redis_prefix)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        workers.start(concurrency=1, visibility=30)
+        live_workers(fs, 1)
+        request_id = fs.execute("slow", b"1")
+        eventually(lambda: request_id in runs(server.url, redis_prefix, "slow"), 20, "it runs")
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        time.sleep(2.5)  # the task ends during the refusal; its completion is refused
+        admin.config_set("maxmemory", 0)
+        refused = time.monotonic()
+        assert fs.result("slow", request_id, timeout=60) == b"slept 1"
+        assert time.monotonic() - refused < 10  # sent again, not taken over after 30 s
+        assert runs(server.url, redis_prefix, "slow") == {request_id: 1}
+        log = (tmp_path / "worker-0.log").read_text()
+        assert log.count("refused") == 1, log
+        assert "reconnected" not in log, log  # no outage begun and ended per call
+        assert log.count("backing off") <= 1, log
+    finally:
+        admin.close()
         fs.close()
         workers.close()

@@ -6,7 +6,10 @@ one (short socket timeouts) for calls bounded by a caller's deadline (``wait``,
 connection failure for ``retry_for`` seconds from the first failure (or until the
 caller's deadline, if sooner), and turns every Redis failure into
 ``BackendUnavailable`` naming the URL (without its password) and the cause. ``Health``
-records outages: one WARNING when one begins, one INFO when Redis answers again.
+records outages: one WARNING when one begins, one INFO when Redis answers again. A call
+Redis answers with a refusal (out of memory, a read-only replica, a script error) is no
+outage: it is told at most once a minute (``REFUSALS_TOLD_EVERY``), with how many there
+were, however often calls fail and succeed in turn.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ log = logging.getLogger("flowloom.redis")
 T = TypeVar("T")
 
 QUICK_TIMEOUT = 0.5  # socket and connect timeout of the quick client (seconds)
+REFUSALS_TOLD_EVERY = 60.0  # seconds between two warnings of calls Redis refused
 
 
 def make_client(url: str, *, socket_timeout: float, connect_timeout: float) -> redis.Redis:
@@ -58,15 +62,43 @@ class Health:
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._last_failure = float("-inf")
+        self._refusals = 0  # since the last warning of them
+        self._refusals_told = float("-inf")
 
     def failed(self, exc: BaseException) -> None:
         now = time.monotonic()
+        if isinstance(exc, redis.ResponseError):  # Redis answered: it refused this call
+            self._refused(exc, now)
+            return
         with self._lock:
             self._last_failure = now
             if self._down_since is not None:
                 return
             self._down_since = now
         log.warning("flowloom: Redis at %s unavailable: %s; retrying", self.url, _cause(exc))
+
+    def _refused(self, exc: redis.ResponseError, now: float) -> None:
+        with self._lock:
+            self._last_failure = now
+            self._refusals += 1
+            if now < self._refusals_told + REFUSALS_TOLD_EVERY:
+                return
+            first = self._refusals_told == float("-inf")
+            count, self._refusals, self._refusals_told = self._refusals, 0, now
+        if first:
+            log.warning(
+                "flowloom: Redis at %s refused a call: %s (further refusals are told once "
+                "a minute)",
+                self.url,
+                _cause(exc),
+            )
+        else:
+            log.warning(
+                "flowloom: Redis at %s refused %d call(s) in the last minute, the latest: %s",
+                self.url,
+                count,
+                _cause(exc),
+            )
 
     def succeeded(self) -> None:
         if self._down_since is None:  # the common case, without the lock

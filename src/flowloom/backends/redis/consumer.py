@@ -62,6 +62,15 @@ STREAK_SECONDS = 0.1  # ... or for at most this long
 CLAIM_BATCH = 4  # tasks a completion may claim at once (at most ``prefetch``)
 DEFER_SECONDS = 0.002  # at most this long a completion waits for the next round trip
 AHEAD_SECONDS = 0.005  # a task begun when claimed runs without a second look this long
+# what leaves a completion unapplied and worth sending again: Redis out of reach, or
+# refusing writes for a while (out of memory, a read-only replica): a script is refused
+# at its first write, before it changes anything
+_UNSENT = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+)
 
 # a completion not sent yet, and its task (None: a part of its deliveries sent ahead)
 _Deferred = tuple[Call, Task | None]
@@ -133,8 +142,9 @@ class Consumer:
     def _with_deferred(self, call: Call | None, eager: bool = False) -> Any:
         """Run ``call`` (if any) after this thread's deferred completions, all in one
         round trip (one pipeline); returns the result of ``call``. A completion that
-        cannot be sent for want of Redis stays deferred; one that fails otherwise lets
-        its task go (it is taken over later and runs again). ``eager``: the thread is
+        cannot be sent for want of Redis, or that Redis refuses for a while (``_UNSENT``),
+        stays deferred; one that fails otherwise lets its task go (it is taken over later
+        and runs again). ``eager``: the thread is
         free, a task a completion claims is for it (else it goes to the buffer)."""
         pending: list[_Deferred] = self._deferred.__dict__.pop("calls", [])
         if not pending:  # on the thread's own connection all the same
@@ -142,7 +152,7 @@ class Consumer:
         calls = [deferred[0] for deferred in pending] + ([] if call is None else [call])
         try:
             results = self._scripts.pipelined(calls)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except _UNSENT:
             self._deferred.calls = pending  # not lost: sent with the next call
             raise
         except BaseException:

@@ -615,3 +615,30 @@ def test_a_completion_refused_for_want_of_memory_is_sent_again_not_run_again(
         admin.close()
         fs.close()
         workers.close()
+
+
+def test_a_worker_started_while_redis_refuses_writes_runs_once_it_takes_them(
+    private_redis: Callable[[bool], PrivateRedis], redis_prefix: str, tmp_path: Path
+) -> None:
+    """A worker process started while Redis is full does not give up: it says it is not
+    announced yet, then is listed and runs what waits once Redis takes writes again."""
+    server = private_redis(False)
+    workers = Workers(server.url, redis_prefix, tmp_path)
+    fs = client(server.url, redis_prefix)
+    admin = redis.Redis.from_url(server.url)
+    try:
+        request_id = fs.execute("slow", b"0")
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        worker = workers.start(concurrency=1)
+        log = tmp_path / "worker-0.log"
+        eventually(lambda: "is not announced yet" in log.read_text(), 20, "it says so")
+        assert worker.poll() is None
+        admin.config_set("maxmemory", 0)
+        assert fs.result("slow", request_id, timeout=30) == b"slept 0"
+        assert live_workers(fs, 1)[0]["pid"] == worker.pid
+        assert "Traceback" not in log.read_text()
+    finally:
+        admin.close()
+        fs.close()
+        workers.close()

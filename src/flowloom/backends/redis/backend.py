@@ -309,8 +309,18 @@ class RedisBackend(Backend):
     # -- workers' heartbeats ---------------------------------------------------------------------
     def register_worker(self, name: str, describe: Callable[[], Mapping[str, object]]) -> None:
         """Announce a live worker until ``unregister_worker``: ``describe()`` is written,
-        with a TTL of three heartbeats, every ``heartbeat`` seconds."""
-        self._guard(lambda: self._heartbeats.register(name, describe))
+        with a TTL of three heartbeats, every ``heartbeat`` seconds. A worker whose first
+        heartbeat Redis does not take (down, or refusing writes) runs all the same: its
+        next heartbeat that goes through announces it."""
+        try:
+            self._guard(lambda: self._heartbeats.register(name, describe))
+        except BackendUnavailable as exc:
+            log.warning(
+                "flowloom: worker %s is not announced yet (%s); its next heartbeat that "
+                "Redis takes announces it",
+                name,
+                exc,
+            )
         closing = self._consumer.closing
         self._consumer.start_thread("flowloom-heartbeat", lambda: self._heartbeats.run(closing))
 

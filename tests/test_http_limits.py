@@ -262,6 +262,29 @@ def test_a_slow_header_client_is_disconnected(http: str) -> None:
         server.stop()
 
 
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_a_body_that_stops_arriving_gets_408(http: str) -> None:
+    """A client that sends its head and part of its body, then nothing: 408 once the
+    body has gone ``body_timeout`` seconds without a byte, each byte starting the wait
+    again; the server goes on serving."""
+    with ServerProcess(body_timeout=1.0, http=http) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as stalled:
+            stalled.settimeout(10)
+            stalled.sendall(b"POST /flow/myflow HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n")
+            started = time.monotonic()
+            for byte in b"abc":  # a byte every 0.6 s keeps it going
+                time.sleep(0.6)
+                stalled.sendall(bytes([byte]))
+            answer = stalled.recv(65536)
+            took = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"no byte for 1 s" in answer, answer
+        assert 2.5 < took < 6, took  # 1 s after the last byte, not after the first
+        with httpx.Client(base_url=server.base) as client:
+            assert client.post("/flow/myflow", content=b"hi").text == 'you said "hi"'
+        server.stop()
+
+
 def test_past_the_concurrency_limit_calls_get_503() -> None:
     with ServerProcess(limit_concurrency=3, header_timeout=30.0) as server:
         held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]

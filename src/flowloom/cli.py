@@ -15,6 +15,7 @@ from .backends import MemoryBackend
 from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
 from .http.server import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LIMIT_CONCURRENCY
+from .http.settings import DEFAULT_BODY_TIMEOUT
 from .operate import Seconds, commands, read_request, request_options, wait_showing_progress
 from .processes import run_worker_processes
 from .service import FlowService
@@ -204,6 +205,13 @@ def flows(app: str) -> None:
     help="Seconds a client has to send a request's head before its connection is closed.",
 )
 @click.option(
+    "--body-timeout",
+    type=Seconds(positive=True),
+    default=DEFAULT_BODY_TIMEOUT,
+    show_default=True,
+    help="Seconds a request's body may go without a byte arriving before it gets 408.",
+)
+@click.option(
     "--forwarded-allow-ips",
     default="",
     help="Comma-separated proxy addresses whose X-Forwarded-For is trusted (default: none).",
@@ -220,6 +228,7 @@ def serve(
     limit_concurrency: int,
     keep_alive: int,
     header_timeout: float,
+    body_timeout: float,
     forwarded_allow_ips: str,
     monitoring: bool | None,
     metrics_port: int | None,
@@ -233,6 +242,7 @@ def serve(
         "limit_concurrency": limit_concurrency,
         "keep_alive": keep_alive,
         "header_timeout": header_timeout,
+        "body_timeout": body_timeout,
         "forwarded_allow_ips": [ip.strip() for ip in forwarded_allow_ips.split(",") if ip.strip()],
     }
     log.info("flowloom: serving on http://%s", _listening(service.host, service.port))

@@ -23,7 +23,7 @@ from .auth import BearerAuth
 from .endpoints import ENDPOINTS, Endpoint
 from .inputs import BadInput
 from .observability import HttpMetrics
-from .settings import DEFAULT_MAX_BODY, DEFAULT_WAIT_TIMEOUT, Settings
+from .settings import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_WAIT_TIMEOUT, Settings
 from .shapes import encode
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ def create_app(
     callback_allow: str | Iterable[str] | None = None,
     dashboard: bool | None = None,
     trace_url: str | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> Starlette:
     """The ASGI app serving ``service``.
 
@@ -62,7 +63,9 @@ def create_app(
     ``dashboard``: serve the dashboard at ``/dashboard`` (default: when
     ``service.enable_monitoring`` is on; not with an HMAC secret but no token, as the
     page cannot sign its calls); ``trace_url``: a trace UI's URL with ``{trace_id}`` for
-    the dashboard to link to (default: ``FLOWLOOM_TRACE_URL``).
+    the dashboard to link to (default: ``FLOWLOOM_TRACE_URL``). ``body_timeout``: a
+    request whose body goes this many seconds without a byte arriving gets 408 (a client
+    that stops half-way would otherwise hold its connection for ever).
     """
     settings = Settings.resolve(
         service,
@@ -74,6 +77,7 @@ def create_app(
         callback_allow=callback_allow,
         dashboard=dashboard,
         trace_url=trace_url,
+        body_timeout=body_timeout,
     )
     assert routes.__name__  # imported for the endpoints it adds
     assert watching.__name__  # and this one
@@ -124,7 +128,7 @@ def _handler(api: Api, served: Endpoint) -> Callable[[HTTPRequest], Awaitable[Re
     else:
 
         async def endpoint(request: HTTPRequest) -> Response:
-            body = await inputs.read_body(request, api.settings.max_body)
+            body = await inputs.read_body(request, api.settings)
             await routes.check_signature(api, request, body)
             return await handler(api, request)
 

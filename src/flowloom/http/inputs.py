@@ -5,6 +5,7 @@ Every check raises ``BadInput`` with the HTTP status and a message for the calle
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import urllib.parse
@@ -15,6 +16,7 @@ from starlette.requests import Request as HTTPRequest
 
 from ..names import NAME, REQUEST_ID
 from ..types import Status
+from .settings import Settings
 
 __all__ = [
     "BadInput",
@@ -124,14 +126,23 @@ def query_options(raw: bytes) -> dict[str, list[str]]:
     return options
 
 
-async def read_body(request: HTTPRequest, limit: int) -> bytes:
+async def read_body(request: HTTPRequest, settings: Settings) -> bytes:
+    """The request's body: 413 past ``settings.max_body`` bytes, 408 when it goes
+    ``settings.body_timeout`` seconds without a byte arriving, 400 when the client goes."""
+    limit = settings.max_body
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadInput(413, f"the body is over the limit of {limit} bytes")
     chunks: list[bytes] = []
     size = 0
+    stream = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                async with asyncio.timeout(settings.body_timeout):
+                    chunk = await anext(stream)
+            except StopAsyncIteration:
+                break
             size += len(chunk)
             if size > limit:
                 raise BadInput(413, f"the body is over the limit of {limit} bytes")
@@ -139,4 +150,12 @@ async def read_body(request: HTTPRequest, limit: int) -> bytes:
     except ClientDisconnect:
         log.info("%s %s: client disconnected during upload", request.method, request.scope["path"])
         raise BadInput(400, "the client disconnected during the upload") from None
+    except TimeoutError:
+        log.info(
+            "%s %s: no body bytes for %g s", request.method, request.scope["path"],
+            settings.body_timeout,
+        )  # fmt: skip
+        raise BadInput(
+            408, f"the body stopped arriving: no byte for {settings.body_timeout:g} s"
+        ) from None
     return b"".join(chunks)

@@ -175,6 +175,7 @@ def _callbacks(settings: Settings) -> bool:
         **_outcomes("Not done within the wait (or `X-Async`): the request id.", RUN_HEADERS),
         400: Answer("Malformed flow name, header or query, or a refused callback URL.", Error),
         401: Answer("Missing or wrong signature.", Error, when=_signed),
+        408: Answer("The body went {body_timeout:g} seconds without a byte arriving.", Error),
         413: Answer("The body is over {max_body} bytes.", Error),
         429: Answer("Too many requests or callbacks pending: try again later.", Error),
         503: Answer(
@@ -208,7 +209,7 @@ async def _execute(api: Api, request: HTTPRequest, request_id: str) -> Response:
     run_async = inputs.flag(headers.get("x-async"), "X-Async")
     wait = inputs.seconds(headers.get("x-wait"), "X-Wait", settings.wait_timeout)
     query = inputs.query_options(request.scope.get("query_string", b""))
-    body = await inputs.read_body(request, settings.max_body)
+    body = await inputs.read_body(request, settings)
     if settings.hmac_secret is not None:
         if "x-flowloom-signature" in headers:
             await check_signature(api, request, body)

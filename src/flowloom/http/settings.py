@@ -14,10 +14,11 @@ from .addresses import Network, networks
 if TYPE_CHECKING:
     from ..service import FlowService
 
-__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_WAIT_TIMEOUT", "Settings"]
+__all__ = ["DEFAULT_BODY_TIMEOUT", "DEFAULT_MAX_BODY", "DEFAULT_WAIT_TIMEOUT", "Settings"]
 
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 DEFAULT_WAIT_TIMEOUT = 30.0
+DEFAULT_BODY_TIMEOUT = 30.0  # seconds a request's body may go without a byte arriving
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Settings:
     monitoring: bool = False  # GET /metrics: the service keeps Prometheus metrics
     dashboard: bool = False
     trace_url: str | None = None  # a trace UI's URL with "{trace_id}", for the dashboard
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
 
     @classmethod
     def resolve(
@@ -45,6 +47,7 @@ class Settings:
         callback_allow: str | Iterable[str] | None = None,
         dashboard: bool | None = None,
         trace_url: str | None = None,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> Settings:
         """Explicit arguments first, then the service's, then the environment:
         ``FLOWLOOM_TOKEN``, ``FLOWLOOM_HMAC_SECRET``, ``FLOWLOOM_CALLBACK_ALLOW``,
@@ -52,6 +55,8 @@ class Settings:
         ``enable_monitoring`` on, unless ``dashboard`` says otherwise."""
         if max_body < 0 or not (0 <= wait_timeout < math.inf):
             raise ValueError("max_body and wait_timeout must be >= 0 and finite")
+        if not body_timeout > 0:  # NaN too
+            raise ValueError("body_timeout must be a positive number of seconds")
         token = token or service.token or os.environ.get("FLOWLOOM_TOKEN") or None
         secret = hmac_secret or service.hmac_secret or os.environ.get("FLOWLOOM_HMAC_SECRET")
         if callback_allow is None:
@@ -68,4 +73,5 @@ class Settings:
             monitoring=getattr(service, "metrics", None) is not None,
             dashboard=bool(service.enable_monitoring) if dashboard is None else dashboard,
             trace_url=trace_url or os.environ.get("FLOWLOOM_TRACE_URL") or None,
+            body_timeout=float(body_timeout),
         )

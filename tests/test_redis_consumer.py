@@ -344,3 +344,29 @@ def test_a_server_stopped_while_redis_is_down_exits_at_once(tmp_path: Path) -> N
         assert b"taken over after the visibility timeout" in output, output.decode()
     finally:
         private.close()
+
+
+def test_a_hand_back_leaves_a_task_another_worker_took_over(
+    make_redis_backend: Callable[..., RedisBackend], raw: redis.Redis
+) -> None:
+    """A process frozen past the visibility timeout wakes and hands back what it held
+    (a stop, or tasks read ahead that waited too long): a task another worker took over
+    meanwhile stays that worker's, pending for it, and is not put on the stream again
+    (it would run twice, and the other worker's receipt would be gone)."""
+    backend = make_redis_backend(visibility_timeout=60)
+    plan = Registry().register("one", one_node)
+    submit(backend, plan, "r1")
+    submit(backend, plan, "r2")
+    mine, taken = claim(backend), claim(backend)
+    consumer = backend._consumer
+    tasks = backend.keys.tasks
+    raw.xclaim(tasks, GROUP, "other", 0, [taken.receipt])  # the take-over
+    length = raw.xlen(tasks)
+    handed = consumer._run("handback", [tasks], [GROUP, consumer.name, mine.receipt, taken.receipt])
+    assert handed == 1  # only its own
+    assert raw.xlen(tasks) == length  # one entry added (``mine`` again), one deleted
+    owners = {
+        p["message_id"].decode(): p["consumer"].decode()
+        for p in raw.xpending_range(tasks, GROUP, "-", "+", 10)
+    }
+    assert owners == {taken.receipt: "other"}

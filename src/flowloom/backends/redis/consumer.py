@@ -582,7 +582,9 @@ class Consumer:
             while self._buffer and self._buffer[0][0] <= limit:
                 stale.append(self._buffer.popleft()[1])
         try:
-            self._run("handback", [self.keys.tasks], [GROUP, *(t.receipt for t in stale)])
+            self._run(
+                "handback", [self.keys.tasks], [GROUP, self.name, *(t.receipt for t in stale)]
+            )
         finally:
             for task in stale:  # handed back, or taken over later if that failed
                 self._release(task)
@@ -607,7 +609,7 @@ class Consumer:
         if not hand_back:
             return len(receipts)
         if receipts:
-            self._run("handback", [self.keys.tasks], [GROUP, *receipts])
+            self._run("handback", [self.keys.tasks], [GROUP, self.name, *receipts])
         if self.name is not None:
             self._hand_back_pending(self.name)
         return len(receipts)
@@ -624,7 +626,7 @@ class Consumer:
             )
             if pending:
                 receipts = [p["message_id"] for p in pending]
-                self._run("handback", [self.keys.tasks], [GROUP, *receipts])
+                self._run("handback", [self.keys.tasks], [GROUP, consumer, *receipts])
             elif self._run("leave", [self.keys.tasks], [GROUP, consumer]) == 0:
                 return  # left the group with nothing pending, atomically (``lua/leave.lua``)
 

@@ -144,8 +144,8 @@ class Consumer:
         round trip (one pipeline); returns the result of ``call``. A completion that
         cannot be sent for want of Redis, or that Redis refuses for a while (``_UNSENT``),
         stays deferred; one that fails otherwise lets its task go (it is taken over later
-        and runs again). ``eager``: the thread is
-        free, a task a completion claims is for it (else it goes to the buffer)."""
+        and runs again). ``eager``: the thread is free, a task a completion claims is for
+        it (else it goes to the buffer)."""
         pending: list[_Deferred] = self._deferred.__dict__.pop("calls", [])
         if not pending:  # on the thread's own connection all the same
             return None if call is None else self._scripts.pipelined([call])[0]

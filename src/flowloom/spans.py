@@ -357,7 +357,10 @@ class ChildSink:
     without closing it. A child that dies is started again,
     with a warning, at the first batch after a back-off (``restart_delay`` seconds,
     doubling while children keep dying young, up to ``max_restart_delay``); batches that
-    come while it is down are lost (counted as dropped).
+    come while it is down are lost (counted as dropped). A child that takes nothing of a
+    batch for ``write_timeout`` seconds (frozen, or wedged) is killed and replaced the
+    same way: no write to it waits longer, so neither the recorder's thread nor a close
+    hangs on it.
     """
 
     def __init__(
@@ -365,10 +368,12 @@ class ChildSink:
         settings: dict[str, Any],
         restart_delay: float = 0.5,
         max_restart_delay: float = 30.0,
+        write_timeout: float = 5.0,
     ) -> None:
         self.settings = settings
         self.restart_delay = restart_delay
         self.max_restart_delay = max_restart_delay
+        self.write_timeout = write_timeout
         self.restarts = 0
         self._backoff = restart_delay
         self._down_until: float | None = None  # the child died: restart from this time
@@ -378,7 +383,7 @@ class ChildSink:
 
     def _start(self) -> subprocess.Popen[bytes]:
         self._born = time.monotonic()
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "flowloom.span_export", json.dumps(self.settings)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -387,13 +392,26 @@ class ChildSink:
             # flowloom importable there as here, however this process found it
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
+        assert process.stdin is not None
+        os.set_blocking(process.stdin.fileno(), False)  # written with a deadline: _write
+        return process
 
     def _write(self, message: Any) -> None:
+        """Write one message to the child, waiting at most ``write_timeout`` seconds for
+        it to take each part; raises ``TimeoutError`` (an ``OSError``) if it does not."""
         data = marshal.dumps(message)
         stdin = self.process.stdin
         assert stdin is not None
-        stdin.write(_HEADER.pack(len(data)) + data)
-        stdin.flush()
+        fd = stdin.fileno()
+        left = memoryview(_HEADER.pack(len(data)) + data)
+        while left:
+            try:
+                left = left[os.write(fd, left) :]
+            except BlockingIOError:
+                if not select.select([], [fd], [], self.write_timeout)[1]:
+                    raise TimeoutError(
+                        f"the span exporter process took nothing for {self.write_timeout:g}s"
+                    ) from None
 
     def _alive(self) -> bool:
         """Whether a child is there to write to: restarted if it died and its back-off is
@@ -416,6 +434,16 @@ class ChildSink:
         self.restarts += 1
         log.warning("flowloom: span exporter process restarted (restart %d)", self.restarts)
         return True
+
+    def _gone(self, exc: OSError) -> None:
+        """A write failed: the child died, or takes nothing (then it is killed)."""
+        if isinstance(exc, TimeoutError) and self.process.poll() is None:
+            log.warning("flowloom: %s; killing it", exc)
+            with contextlib.suppress(OSError):
+                self.process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(5)
+        self._died()
 
     def _died(self) -> None:
         """The child is gone: say so, and wait before starting another (longer each time
@@ -448,8 +476,8 @@ class ChildSink:
             try:
                 self._write(("spans", records))
                 return True
-            except OSError:  # it died since: these records are lost
-                self._died()
+            except OSError as exc:  # it died or hangs: these records are lost
+                self._gone(exc)
                 return False
 
     def flush(self, timeout: float) -> bool:
@@ -462,8 +490,8 @@ class ChildSink:
             token = self._flushes
             try:
                 self._write(("flush", token))
-            except OSError:
-                self._died()
+            except OSError as exc:
+                self._gone(exc)
                 return False
             stdout = self.process.stdout
             assert stdout is not None

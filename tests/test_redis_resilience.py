@@ -642,3 +642,33 @@ def test_a_worker_started_while_redis_refuses_writes_runs_once_it_takes_them(
         admin.close()
         fs.close()
         workers.close()
+
+
+def test_well_into_an_outage_a_call_gives_up_at_once(
+    private_redis: Callable[[bool], PrivateRedis], redis_prefix: str
+) -> None:
+    """``retry_for`` is a window from the start of an outage, not one per call: the
+    first call rides it out, a call made after it gives up after one attempt (an HTTP
+    caller gets its 503 at once, not after another window), and once Redis is back the
+    next call goes through."""
+    server = private_redis(True)
+    fs = client(server.url, redis_prefix, retry_for=2.0)
+    try:
+        request_id = fs.execute("slow", b"0")
+        server.kill()
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            fs.state("slow", request_id)
+        first = time.monotonic() - started
+        assert 1.5 < first < 4, first  # the window
+        took = []
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable):
+                fs.state("slow", request_id)
+            took.append(time.monotonic() - started)
+        assert max(took) < 1.0, took  # one attempt each, no window of their own
+        server.start()
+        assert fs.state("slow", request_id).status is Status.QUEUED
+    finally:
+        fs.close()

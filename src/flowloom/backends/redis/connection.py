@@ -3,8 +3,9 @@
 Two clients on one URL, neither with redis-py's own retries: the main one, and a quick
 one (short socket timeouts) for calls bounded by a caller's deadline (``wait``,
 ``ping``, anything inside ``backends.deadline``). ``Guard`` runs a call, riding out a
-connection failure for ``retry_for`` seconds from the first failure (or until the
-caller's deadline, if sooner), and turns every Redis failure into
+connection failure until ``retry_for`` seconds after the outage began (or until the
+caller's deadline, if sooner: a call made well into an outage gives up after one
+attempt instead of waiting out a window of its own), and turns every Redis failure into
 ``BackendUnavailable`` naming the URL (without its password) and the cause. ``Health``
 records outages: one WARNING when one begins, one INFO when Redis answers again. A call
 Redis answers with a refusal (out of memory, a read-only replica, a script error) is no
@@ -115,6 +116,11 @@ class Health:
         return self._down_since is not None
 
     @property
+    def down_since(self) -> float | None:
+        """When the outage under way began (``time.monotonic()``), if one is."""
+        return self._down_since
+
+    @property
     def degraded(self) -> bool:
         return self.down or time.monotonic() - self._last_failure < self.grace
 
@@ -147,8 +153,11 @@ class Guard:
                 self.health.failed(exc)
                 now = time.monotonic()
                 if give_up is None:
+                    # the window runs from the outage's start: during a long one, a call
+                    # makes one attempt and gives up, instead of waiting it out again
+                    since = self.health.down_since
+                    give_up = (now if since is None else min(now, since)) + self.retry_for
                     deadline = current_deadline()
-                    give_up = now + self.retry_for
                     give_up = give_up if deadline is None else min(give_up, deadline)
                 if now + delay >= give_up:
                     raise self.unavailable(exc) from exc

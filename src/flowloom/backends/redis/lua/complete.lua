@@ -1,5 +1,5 @@
--- A task succeeded: record its output, apply its deliveries (once per instance), end
--- the request if it is finished, ack the task; then read up to `claim` new tasks for
+-- A task succeeded: ack the task, record its output, apply its deliveries (once per
+-- instance), end the request if it is finished; then read up to `claim` new tasks for
 -- `consumer` and begin those that say their instance. Returns what claim_tasks does (per
 -- task read: id, blob, began, facts) or false: facts is what the worker needs of the
 -- record of the request of a task begun here (see facts), or 0 for a task of this request
@@ -22,6 +22,13 @@ local DELIVERIES = 14 -- deliveries follow in ARGV from here on (see apply)
 -- theirs (TABLE_MARK) as the sign that it was done. A small request keeps its listpacks
 -- (less memory, and as quick at that size).
 local TABLE_AT, TABLE_MARK = 32, '!table'
+
+-- acked first, before anything this completion makes ready is added: a chain's task is
+-- then the only one in its stream node, which XDEL frees at once; acked after the XADD of
+-- the next hop, it stayed, deleted, in a node that filled up over a hundred hops, and the
+-- XDEL (finding the stream's new first entry) and the claim's XREADGROUP walked its
+-- deleted entries at every hop
+ack(group, receipt)
 
 -- a request that failed or stopped meanwhile records the completion too (for a retry),
 -- setting aside what it makes ready
@@ -66,7 +73,6 @@ if req and req.status ~= 'completed' and redis.call('HSETNX', instances_key, 'd|
     finish(req, 'completed', retention_ms, result, nil)
   end
 end
-ack(group, receipt)
 -- read up to `claim` new tasks for this consumer, and begin those that say their
 -- instance; this request's status as read above, unless this script ended the request
 -- (a chain's next hop is nearly always of the same request: no second read)

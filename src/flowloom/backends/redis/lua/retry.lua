@@ -4,6 +4,7 @@
 local id, group, receipt, inst, address, delay_ms, err, blob =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8]
 
+ack(group, receipt) -- before the next attempt is queued (as in complete.lua)
 local req = load_request(id)
 if req and HALTED[req.status] and redis.call('HEXISTS', instances_key, 'd|' .. inst) == 0 then
   set_aside(request_key, blob)
@@ -15,5 +16,4 @@ elseif req and not FINISHED[req.status] and redis.call('HEXISTS', instances_key,
     redis.call('ZADD', delayed_key, math.floor(now() * 1000) + delay_ms, blob)
   end
 end
-ack(group, receipt)
 return 1

@@ -23,16 +23,17 @@ local DELIVERIES = 14 -- deliveries follow in ARGV from here on (see apply)
 -- (less memory, and as quick at that size).
 local TABLE_AT, TABLE_MARK = 32, '!table'
 
--- acked first, before anything this completion makes ready is added: a chain's task is
--- then the only one in its stream node, which XDEL frees at once; acked after the XADD of
--- the next hop, it stayed, deleted, in a node that filled up over a hundred hops, and the
--- XDEL (finding the stream's new first entry) and the claim's XREADGROUP walked its
--- deleted entries at every hop
-ack(group, receipt)
-
 -- a request that failed or stopped meanwhile records the completion too (for a retry),
 -- setting aside what it makes ready
 local req = load_request(id)
+
+-- acked before anything is written (a script that fails reading the request leaves its
+-- task pending, to be delivered again), and before anything this completion makes ready
+-- is added: a chain's task is then the only one in its stream node, which XDEL frees at
+-- once; acked after the XADD of the next hop, it stayed, deleted, in a node that filled
+-- up over a hundred hops, and the XDEL (finding the stream's new first entry) and the
+-- claim's XREADGROUP walked its deleted entries at every hop
+ack(group, receipt)
 local vertex = {} -- the completed vertex's fields: written with the next task's (claim_tasks)
 if req and req.status ~= 'completed' and redis.call('HSETNX', instances_key, 'd|' .. inst, '1') == 1 then
   if paged == '1' then

@@ -4,8 +4,8 @@
 local id, group, receipt, inst, address, delay_ms, err, blob =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7], ARGV[8]
 
-ack(group, receipt) -- before the next attempt is queued (as in complete.lua)
 local req = load_request(id)
+ack(group, receipt) -- after the read, before the next attempt is queued (as in complete.lua)
 if req and HALTED[req.status] and redis.call('HEXISTS', instances_key, 'd|' .. inst) == 0 then
   set_aside(request_key, blob)
 elseif req and not FINISHED[req.status] and redis.call('HEXISTS', instances_key, 'd|' .. inst) == 0 then

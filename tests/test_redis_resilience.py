@@ -672,3 +672,38 @@ def test_well_into_an_outage_a_call_gives_up_at_once(
         assert fs.state("slow", request_id).status is Status.QUEUED
     finally:
         fs.close()
+
+
+def test_connections_redis_closes_while_idle_are_no_outage(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """A Redis that closes connections idle for a second (its ``timeout`` setting, as
+    some managed Redis and proxies do): a worker's periodic calls and a client's calls
+    after a pause open a new connection at once; no outage is logged, the worker is not
+    listed as degraded, requests run, and a stop hands back what it holds."""
+    server = PrivateRedis(tmp_path, aof=False)
+    server.command += ["--timeout", "1"]
+    server.start()
+    workers = Workers(server.url, redis_prefix, tmp_path)
+    fs = client(server.url, redis_prefix)
+    try:
+        worker = workers.start(concurrency=1, visibility=3)  # keep-alive every second
+        live_workers(fs, 1)
+        running = fs.execute("slow", b"4")  # held across several keep-alives
+        waiting = fs.execute("slow", b"0")
+        time.sleep(2.5)  # every connection of the worker and of this client idles past 1 s
+        assert fs.workers()[0]["degraded"] is False
+        assert fs.result("slow", running, timeout=20) == b"slept 4"
+        assert fs.result("slow", waiting, timeout=20) == b"slept 0"
+        time.sleep(2.5)
+        assert fs.run("slow", b"0", timeout=20) == b"slept 0"
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(20) == 0
+        log = (tmp_path / "worker-0.log").read_text()
+        assert "unavailable" not in log, log
+        assert "could not hand back" not in log, log
+        assert runs(server.url, redis_prefix, "slow")[running] == 1
+    finally:
+        fs.close()
+        workers.close()
+        server.close()

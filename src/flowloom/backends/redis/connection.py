@@ -40,13 +40,17 @@ REFUSALS_TOLD_EVERY = 60.0  # seconds between two warnings of calls Redis refuse
 
 
 def make_client(url: str, *, socket_timeout: float, connect_timeout: float) -> redis.Redis:
-    """A client that fails fast: explicit timeouts, no retries of its own."""
+    """A client that fails fast: explicit timeouts, and no retry of its own but one, at
+    once, on a new connection when a connection breaks (``ConnectionError``, not a
+    timeout): a connection Redis closed while it sat idle (Redis's ``timeout`` setting,
+    or a proxy's) is no outage, and a Redis that is down refuses the second connection at
+    once. ``Guard`` decides how long to ride out anything more."""
     return redis.Redis.from_url(
         url,
         socket_timeout=socket_timeout,
         socket_connect_timeout=connect_timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_error=[],
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        retry_on_error=[redis.ConnectionError],
         health_check_interval=30,
     )
 

@@ -165,24 +165,32 @@ class _Pinned:
 
 def _send_on(connection: Connection, commands: list[Command]) -> list[Any]:
     """Send ``commands`` on ``connection`` in one write; their replies, an error reply as
-    its exception. A broken connection is closed (and opened again by the next call) and
-    the error raised."""
+    its exception. A broken connection is closed and the commands sent once more on a new
+    one (as ``make_client``'s clients do: a connection Redis closed while it sat idle is
+    no outage; the scripts are safe to run twice); if that fails too, or on a timeout,
+    the error is raised (the next call opens a connection again)."""
     # packed by hiredis (``Scripts._packed``): the arguments are str, bytes and int, which
     # it takes as they are, so redis-py's per-argument checks (twice the packing's own
     # time) are skipped; any other type goes through them
     packed = b"".join([_wire(connection, command) for command in commands])
-    try:
-        connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
-        results: list[Any] = []
-        for _ in commands:
-            try:
-                results.append(connection.read_response())
-            except ResponseError as exc:
-                results.append(exc)
-    except BaseException:
-        connection.disconnect()  # type: ignore[no-untyped-call]
-        raise
-    return results
+    for attempt in (1, 2):
+        try:
+            connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
+            results: list[Any] = []
+            for _ in commands:
+                try:
+                    results.append(connection.read_response())
+                except ResponseError as exc:
+                    results.append(exc)
+            return results
+        except redis.ConnectionError:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            if attempt == 2:
+                raise
+        except BaseException:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            raise
+    raise AssertionError("unreachable")
 
 
 def _pack(command: tuple[Any, ...]) -> Command:

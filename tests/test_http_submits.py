@@ -212,7 +212,7 @@ async def test_over_http_sync_async_and_duplicate_executes(
                 queued = await http.post("/flow/echo", content=b"yo", headers={"X-Async": "1"})
                 assert queued.status_code == 202
         assert backend._loop_submits._replies is None  # gone with the lifespan
-        # waited for on a thread: the loop hands over the task its submit claimed
+        # waited for on a thread, the loop free to hand over the task its submit claimed
         queued_id = queued.headers["X-Request-Id"]
         assert await anyio.to_thread.run_sync(fs.result, "echo", queued_id, 10) == b"yo!"
 

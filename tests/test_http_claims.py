@@ -58,6 +58,12 @@ async def test_a_submit_from_the_loop_hands_its_task_begun_to_a_waiting_thread(
     try:
         with anyio.fail_after(10):
             await backend.submit_async(record_of("r1"), engine.start(plan_of(linear), b"in"))
+        # handed over in the turn of the loop that read the reply, once the callers it
+        # woke have taken their next step (this one's is to yield): a thread woken
+        # before would only wait for the GIL the loop holds
+        assert backend._consumer.held() == 0
+        await anyio.sleep(0)
+        assert backend._consumer.held() == 1
     finally:
         backend.leave_loop()
     thread.join(10)

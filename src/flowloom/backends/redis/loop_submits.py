@@ -12,9 +12,11 @@ scripts, and tells a duplicate from its own request sent twice). TLS URLs always
 the ordinary way.
 
 A submit may also claim the request's first tasks for this process's idle worker
-threads (see ``lua/submit.lua``): the claimed tasks are handed over as the reply is
-read, even if the caller has stopped waiting for it, so that none is left pending here
-unheld (unkept alive) until its visibility timeout.
+threads (see ``lua/submit.lua``): the claimed tasks are handed over in the turn of the
+loop that reads the reply, even if the caller has stopped waiting for it, so that none
+is left pending here unheld (unkept alive) until its visibility timeout; a loop that
+stops before it hands them over leaves them pending for this process's consumer, and
+its graceful stop hands them back.
 """
 
 from __future__ import annotations
@@ -62,16 +64,29 @@ class _Replies(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
+        claims: list[tuple[Callable[[Any], None], Any]] = []
         while (reply := self._reader.gets()) is not False:
             self._answered += 1
             future, first = self._waiting.popleft()
             if first is not None:
-                try:
-                    first(reply)
-                except Exception:  # the reply's future must be answered all the same
-                    log.exception("flowloom: handing over the tasks a submit claimed failed")
+                claims.append((first, reply))
             if not future.done():  # its caller gave up (cancelled, timed out)
                 future.set_result(reply)
+        if claims:
+            # after the callers this wakes: see ``_hand_over``
+            self._loop.call_soon(self._hand_over, claims)
+
+    def _hand_over(self, claims: list[tuple[Callable[[Any], None], Any]]) -> None:
+        """Call each reply's ``first`` once the callers the replies woke have taken their
+        next step. A worker thread woken here needs the GIL, which the loop holds until its
+        turn ends: woken in the middle of the turn, it waits for it, waking and sleeping
+        again as the loop lets go of it and takes it back (on the benchmark machine, about
+        40% more futex calls and context switches per request)."""
+        for first, reply in claims:
+            try:
+                first(reply)
+            except Exception:  # the others must be handed over all the same
+                log.exception("flowloom: handing over the tasks a submit claimed failed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True

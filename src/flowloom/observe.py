@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
@@ -106,6 +106,9 @@ class Observer:
     decode the request's stored trace context, about as costly as a task's hooks)."""
 
     reads_traces = False
+    # the attempts in progress in this process (told to ``attempt_started``, not yet to
+    # ``attempt_ended``), kept by ``Observers`` and given to each of its observers
+    running: Collection[Attempt] = ()
     # the observer's spans are current in the attempt's user code, made only if it asks:
     # not called at ``attempt_started``, it is the attempt's ``tracer`` instead
     lazy_spans = False
@@ -151,6 +154,10 @@ class Observers:
 
     def __init__(self, observers: Sequence[Observer] = ()) -> None:
         self.all = tuple(observers)
+        # set.add and set.discard are atomic: exact without a lock, and no hook to call
+        self.running: set[Attempt] = set()
+        for observer in self.all:
+            observer.running = self.running
         self.reads_traces = any(observer.reads_traces for observer in self.all)
         self.call_span = next((s for o in self.all if (s := o.call_span()) is not None), None)
         self.tracer = next((o for o in self.all if o.lazy_spans), None)
@@ -192,6 +199,7 @@ class Observers:
 
     def attempt_started(self, attempt: Attempt) -> None:
         attempt.tracer = self.tracer
+        self.running.add(attempt)
         for hook in self._attempt_started:
             try:
                 hook(attempt)
@@ -199,6 +207,7 @@ class Observers:
                 _failed(hook, "attempt_started")
 
     def attempt_ended(self, attempt: Attempt) -> None:
+        self.running.discard(attempt)
         for hook in self._attempt_ended:
             try:
                 hook(attempt)

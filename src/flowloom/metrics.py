@@ -111,11 +111,15 @@ class Metrics(Observer):
         row = table.get((task.flow, task.step))
         if row is None:
             row = table[(task.flow, task.step)] = [0.0] * _ROW
-        row[_SLOT[attempt.outcome]] += 1
+        # a completed attempt, the usual one, is counted by its bucket alone (see _TaskStats)
+        if attempt.outcome != "completed":
+            row[_SLOT[attempt.outcome]] += 1
         row[_SUM] += seconds
         # most tasks take less than the first bucket: no bisect call for them
-        bucket = 0 if seconds <= _FIRST_BOUND else bisect.bisect_left(_TASK_BUCKETS, seconds)
-        row[_FIRST_BUCKET + bucket] += 1
+        if seconds <= _FIRST_BOUND:
+            row[_FIRST_BUCKET] += 1
+        else:
+            row[_FIRST_BUCKET + bisect.bisect_left(_TASK_BUCKETS, seconds)] += 1
 
     def task_redelivered(self, task: Task) -> None:
         self.tasks.redelivered(task.flow, task.step)
@@ -175,6 +179,7 @@ _SUM = len(_OUTCOMES)  # the slot of the duration sum; the bucket counts follow 
 _FIRST_BUCKET = _SUM + 1
 _ROW = _FIRST_BUCKET + len(_TASK_BUCKETS) + 1
 _SLOT = {outcome: i for i, outcome in enumerate(_OUTCOMES)}
+_COMPLETED, _FAILED, _RETRIED = (_SLOT[outcome] for outcome in ("completed", "failed", "retried"))
 _FIRST_BOUND = _TASK_BUCKETS[0]
 
 
@@ -185,7 +190,9 @@ class _TaskStats(Collector):
     table of its own (one list per flow and step: a count per outcome, the duration sum,
     a count per histogram bucket), written by ``Metrics``' hooks directly, and the
     tables are added up at scrape time, when prometheus-client writes them out as a
-    counter, a histogram and a gauge. ``running()`` counts the attempts running
+    counter, a histogram and a gauge. Completed attempts have no count of their own in
+    the tables (one update less per task): they are the attempts timed, the bucket
+    counts, less the failed and retried ones. ``running()`` counts the attempts running
     (``Observer.running``).
     """
 
@@ -235,6 +242,7 @@ class _TaskStats(Collector):
             labels=["flow", "vertex"],
         )
         for (flow, step), row in sorted(totals.items()):
+            row[_COMPLETED] = sum(row[_FIRST_BUCKET:]) - row[_FAILED] - row[_RETRIED]
             for i, outcome in enumerate(_OUTCOMES):
                 if row[i]:
                     attempts.add_metric([flow, step, outcome], row[i])

@@ -15,6 +15,11 @@ Fewer calls per task is what makes the hot path cheaper; throughput ratios
 ``--hooks``: instead, the observers' hooks alone, in this thread, without a worker:
 microseconds per attempt (``Attempt``, ``attempt_started``, ``attempt_ended``) and per
 request end, best of 5 x 30,000, for each mode.
+
+``--loop N``: the hooks of N attempts of the one mode given, untimed, for an instruction
+counter (whatever the machine's load): the instructions of ``--loop 6000`` less those of
+``--loop 1000``, over 5,000, are an attempt's, e.g. with ``valgrind --tool=callgrind
+--callgrind-out-file=/dev/null`` (``PYTHONHASHSEED=0``; the tracing's spans discarded).
 """
 
 from __future__ import annotations
@@ -115,8 +120,9 @@ def calls_per_task(mode: str, sizes: Sizes) -> dict[str, float]:
     return figures
 
 
-def hooks_cost(mode: str) -> tuple[float, float]:
-    """Microseconds per attempt and per request end of the hooks of ``mode``."""
+def hooks_cost(mode: str, loop: int = 0) -> tuple[float, float]:
+    """Microseconds per attempt and per request end of the hooks of ``mode`` (with
+    ``loop``: only ``loop`` attempts, untimed)."""
     options: dict[str, Any] = {}
     if mode in ("metrics", "observed"):
         options["enable_monitoring"] = True
@@ -142,6 +148,10 @@ def hooks_cost(mode: str) -> tuple[float, float]:
         def request_end() -> None:
             observers.request_ended(request, Status.COMPLETED, None)
 
+        if loop:
+            for _ in range(loop):
+                attempt()
+            return 0.0, 0.0
         figures = tuple(
             min(timeit.repeat(fn, number=30_000, repeat=5)) / 30_000 * 1e6
             for fn in (attempt, request_end)
@@ -153,7 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.calls", description=__doc__)
     parser.add_argument("--modes", default="plain,metrics,observed")
     parser.add_argument("--hooks", action="store_true", help="time the hooks alone")
+    parser.add_argument("--loop", type=int, default=0, help="run N attempts' hooks, untimed")
     args = parser.parse_args(argv)
+    if args.loop:
+        hooks_cost(args.modes, args.loop)
+        return
     if args.hooks:
         print(f"{'mode':10s} {'attempt':>8s} {'request':>8s}   (µs, hooks alone)")
         for mode in args.modes.split(","):

@@ -17,7 +17,7 @@ from apps import observed_app
 from flowloom import FlowService, RequestFailed
 from flowloom.backends import Task
 from flowloom.metrics import Metrics
-from flowloom.observe import Attempt, RequestInfo
+from flowloom.observe import Attempt, Observers, RequestInfo
 from flowloom.traceparent import TraceContext
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -241,6 +241,7 @@ def test_an_unreachable_backend_is_a_gauge_not_a_failed_scrape():
 
 def test_task_durations_fall_in_their_buckets_and_running_follows_the_attempts():
     metrics = Metrics()
+    observers = Observers([metrics])  # it keeps the attempts running
     task = Task("r1", "f", "1", "s", (), {})
     request = RequestInfo("r1", "f", time.time(), None)
     attempts = []
@@ -249,12 +250,12 @@ def test_task_durations_fall_in_their_buckets_and_running_follows_the_attempts()
         (100.0, "completed"),
     ]:  # fmt: skip
         attempt = Attempt(task, request, "run", "s", "w", started=0.0)
-        metrics.attempt_started(attempt)
+        observers.attempt_started(attempt)
         attempt.outcome, attempt.finished = outcome, seconds
         attempts.append(attempt)
     assert value(parse(metrics.exposition().decode()), "flowloom_tasks_running") == 5
     for attempt in attempts:
-        metrics.attempt_ended(attempt)
+        observers.attempt_ended(attempt)
     metrics.task_redelivered(task)  # not an attempt: the gauge does not move
     samples = parse(metrics.exposition().decode())
     assert value(samples, "flowloom_tasks_running") == 0
@@ -263,6 +264,13 @@ def test_task_durations_fall_in_their_buckets_and_running_follows_the_attempts()
         for le in ("0.001", "0.005", "0.5", "1.0", "60.0", "+Inf")
     }
     assert counts == {"0.001": 2, "0.005": 3, "0.5": 3, "1.0": 4, "60.0": 4, "+Inf": 5}
+    outcomes = {
+        outcome: value(
+            samples, "flowloom_task_attempts_total", flow="f", vertex="s", outcome=outcome
+        )
+        for outcome in ("completed", "retried", "failed", "redelivered")
+    }
+    assert outcomes == {"completed": 3, "retried": 1, "failed": 1, "redelivered": 1}
     assert value(samples, "flowloom_task_duration_seconds_sum", flow="f", vertex="s") == (
         pytest.approx(100.7023)
     )

@@ -120,6 +120,27 @@ def test_a_lagging_exporter_makes_spans_dropped_and_counted_never_waited_for():
     assert len({r[3] for r in sink.sent}) == 15
 
 
+def test_a_lagging_exporter_drops_and_counts_the_spans_of_tasks_too():
+    """A task's span, queued by the tracing itself (not through ``Recorder.add``), is
+    dropped and counted the same way when the queue is full."""
+    with FlowService(otlp_endpoint="http://127.0.0.1:9") as fs:
+        fs.register("echo", lambda wf, ctx: wf.dag.node("echo", lambda d, o: d))
+        tracing = next(o for o in fs.observers.all if hasattr(o, "recorder"))
+        tracing.recorder.close(5)
+        sink = _StuckSink()
+        tracing.recorder = Recorder(sink, max_queue=10, batch=5, delay=30)
+        for i in range(40):  # a vertex span and a root span each
+            rid = fs.execute("echo", b"%d" % i)
+            assert fs.result("echo", rid, timeout=10) == b"%d" % i
+            if i == 2:  # 6 spans: the thread got a full batch and is stuck sending it
+                assert sink.entered.wait(10)
+        assert tracing.recorder.dropped == 80 - 5 - 10
+        sink.release.set()
+        tracing.recorder.close()
+    assert len(sink.sent) == 15
+    assert {type(r[0]) for r in sink.sent} == {str, int}  # both kinds kept while there is room
+
+
 def test_an_exporter_stalled_for_a_while_catches_up_without_dropping():
     """With flowloom's default sizes, tens of thousands of spans made while the exporter
     is stuck wait for it and are all exported once it moves again."""

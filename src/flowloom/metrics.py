@@ -58,7 +58,7 @@ class Metrics(Observer):
         self.registry = registry = CollectorRegistry()
         self.requests = _RequestStats()
         registry.register(self.requests)
-        self.tasks = _TaskStats()
+        self.tasks = _TaskStats(lambda: len(self.running))
         registry.register(self.tasks)
         self.callbacks = Counter(
             "flowloom_callbacks", "X-Callback-Url calls, by outcome.", ["outcome"],
@@ -100,28 +100,26 @@ class Metrics(Observer):
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
         self.requests.ended(request.flow, status._value_, request.created)
 
-    def attempt_started(self, attempt: Attempt) -> None:
-        tasks = self.tasks
-        try:
-            tasks.local.running[0] += 1
-        except AttributeError:
-            tasks.mine()[1][0] += 1
-
+    # No ``attempt_started``: the running gauge is the size of ``Observers.running``.
     def attempt_ended(self, attempt: Attempt) -> None:
         task = attempt.task
         seconds = attempt.finished - attempt.started
         try:
             table = self.tasks.local.table
         except AttributeError:
-            table = self.tasks.mine()[0]
+            table = self.tasks.mine()
         row = table.get((task.flow, task.step))
         if row is None:
             row = table[(task.flow, task.step)] = [0.0] * _ROW
-        row[_SLOT[attempt.outcome]] += 1  # also counts the attempt as no longer running
+        # a completed attempt, the usual one, is counted by its bucket alone (see _TaskStats)
+        if attempt.outcome != "completed":
+            row[_SLOT[attempt.outcome]] += 1
         row[_SUM] += seconds
         # most tasks take less than the first bucket: no bisect call for them
-        bucket = 0 if seconds <= _FIRST_BOUND else bisect.bisect_left(_TASK_BUCKETS, seconds)
-        row[_FIRST_BUCKET + bucket] += 1
+        if seconds <= _FIRST_BOUND:
+            row[_FIRST_BUCKET] += 1
+        else:
+            row[_FIRST_BUCKET + bisect.bisect_left(_TASK_BUCKETS, seconds)] += 1
 
     def task_redelivered(self, task: Task) -> None:
         self.tasks.redelivered(task.flow, task.step)
@@ -181,7 +179,7 @@ _SUM = len(_OUTCOMES)  # the slot of the duration sum; the bucket counts follow 
 _FIRST_BUCKET = _SUM + 1
 _ROW = _FIRST_BUCKET + len(_TASK_BUCKETS) + 1
 _SLOT = {outcome: i for i, outcome in enumerate(_OUTCOMES)}
-_ENDED_ATTEMPT = tuple(_SLOT[outcome] for outcome in ("completed", "failed", "retried"))
+_COMPLETED, _FAILED, _RETRIED = (_SLOT[outcome] for outcome in ("completed", "failed", "retried"))
 _FIRST_BOUND = _TASK_BUCKETS[0]
 
 
@@ -192,28 +190,29 @@ class _TaskStats(Collector):
     table of its own (one list per flow and step: a count per outcome, the duration sum,
     a count per histogram bucket), written by ``Metrics``' hooks directly, and the
     tables are added up at scrape time, when prometheus-client writes them out as a
-    counter, a histogram and a gauge.
+    counter, a histogram and a gauge. Completed attempts have no count of their own in
+    the tables (one update less per task): they are the attempts timed, the bucket
+    counts, less the failed and retried ones. ``running()`` counts the attempts running
+    (``Observer.running``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, running: Callable[[], int]) -> None:
         self.local = threading.local()
+        self.running = running
         self._tables: list[dict[tuple[str, str], list[float]]] = []
-        self._running: list[list[int]] = []  # per thread: [attempts begun]
 
-    def mine(self) -> tuple[dict[tuple[str, str], list[float]], list[int]]:
-        """This thread's table and its count of attempts begun, made on its first task.
-        (The attempts ended are its table's completed, failed and retried counts.)"""
+    def mine(self) -> dict[tuple[str, str], list[float]]:
+        """This thread's table, made on its first task."""
         local = self.local
         try:
-            return local.table, local.running
+            table: dict[tuple[str, str], list[float]] = local.table
         except AttributeError:
-            local.table, local.running = {}, [0]
-            self._tables.append(local.table)  # list.append is atomic: no lock needed
-            self._running.append(local.running)
-            return local.table, local.running
+            table = local.table = {}
+            self._tables.append(table)  # list.append is atomic: no lock needed
+        return table
 
     def _row(self, flow: str, step: str) -> list[float]:
-        table = self.mine()[0]
+        table = self.mine()
         row = table.get((flow, step))
         if row is None:
             row = table[(flow, step)] = [0.0] * _ROW
@@ -224,10 +223,8 @@ class _TaskStats(Collector):
 
     def collect(self) -> Iterable[Metric]:
         totals: dict[tuple[str, str], list[float]] = {}
-        ended = 0.0
         for table in list(self._tables):
             for key, row in list(table.items()):
-                ended += sum(row[i] for i in _ENDED_ATTEMPT)
                 total = totals.get(key)
                 if total is None:
                     totals[key] = list(row)
@@ -245,6 +242,7 @@ class _TaskStats(Collector):
             labels=["flow", "vertex"],
         )
         for (flow, step), row in sorted(totals.items()):
+            row[_COMPLETED] = sum(row[_FIRST_BUCKET:]) - row[_FAILED] - row[_RETRIED]
             for i, outcome in enumerate(_OUTCOMES):
                 if row[i]:
                     attempts.add_metric([flow, step, outcome], row[i])
@@ -256,8 +254,7 @@ class _TaskStats(Collector):
                     [flow, step], list(zip(bounds, cumulative, strict=True)), row[_SUM]
                 )
         running = GaugeMetricFamily("flowloom_tasks_running", "Tasks running now in this process.")
-        began = sum(count[0] for count in list(self._running))
-        running.add_metric([], float(began - ended))
+        running.add_metric([], float(self.running()))
         return [attempts, seconds, running]
 
 

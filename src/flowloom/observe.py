@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .backends import RequestRecord, Task
@@ -47,7 +46,6 @@ class RequestInfo(NamedTuple):
         )
 
 
-@dataclass(slots=True)
 class Attempt:
     """One attempt at one task, from ``attempt_started`` to ``attempt_ended``.
 
@@ -58,22 +56,47 @@ class Attempt:
     (``time.perf_counter()``) are the attempt's only clock readings, shared by every
     observer. ``tracer``, ``span``, ``span_id`` and ``scope`` belong to the tracing
     observer.
+
+    A plain slotted class, not a dataclass: one is made for every task run while
+    observed, and an ``__init__`` written out costs less than the generated one (its
+    default factory and the arguments it never receives). Compared by identity.
     """
 
-    task: Task
-    request: RequestInfo
-    kind: str  # "run", "split" or "join"
-    address: str
-    worker: str
-    outcome: str = "failed"
-    error: BaseException | None = None
-    started: float = field(default_factory=time.perf_counter)
-    ended: tuple[Status, ErrorInfo | None] | None = None  # the request ended with this attempt
-    finished: float = 0.0
-    tracer: Any = None
-    span: Any = None
-    span_id: int = 0
-    scope: Any = None
+    __slots__ = (
+        "address", "ended", "error", "finished", "kind", "outcome", "request", "scope", "span",
+        "span_id", "started", "task", "tracer", "worker",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        task: Task,
+        request: RequestInfo,
+        kind: str,  # "run", "split" or "join"
+        address: str,
+        worker: str,
+        started: float | None = None,
+    ) -> None:
+        self.task = task
+        self.request = request
+        self.kind = kind
+        self.address = address
+        self.worker = worker
+        self.outcome = "failed"
+        self.error: BaseException | None = None
+        self.started = _now() if started is None else started
+        # (status, error) when the request ended with this attempt
+        self.ended: tuple[Status, ErrorInfo | None] | None = None
+        self.finished = 0.0
+        self.tracer: Any = None
+        self.span: Any = None
+        self.span_id = 0
+        self.scope: Any = None
+
+    def __repr__(self) -> str:
+        return f"Attempt({self.task!r}, {self.address!r}, {self.outcome!r})"
+
+
+_now = time.perf_counter
 
 
 class Observer:
@@ -83,6 +106,9 @@ class Observer:
     decode the request's stored trace context, about as costly as a task's hooks)."""
 
     reads_traces = False
+    # the attempts in progress in this process (told to ``attempt_started``, not yet to
+    # ``attempt_ended``), kept by ``Observers`` and given to each of its observers
+    running: Collection[Attempt] = ()
     # the observer's spans are current in the attempt's user code, made only if it asks:
     # not called at ``attempt_started``, it is the attempt's ``tracer`` instead
     lazy_spans = False
@@ -128,6 +154,10 @@ class Observers:
 
     def __init__(self, observers: Sequence[Observer] = ()) -> None:
         self.all = tuple(observers)
+        # set.add and set.discard are atomic: exact without a lock, and no hook to call
+        self.running: set[Attempt] = set()
+        for observer in self.all:
+            observer.running = self.running
         self.reads_traces = any(observer.reads_traces for observer in self.all)
         self.call_span = next((s for o in self.all if (s := o.call_span()) is not None), None)
         self.tracer = next((o for o in self.all if o.lazy_spans), None)
@@ -169,6 +199,7 @@ class Observers:
 
     def attempt_started(self, attempt: Attempt) -> None:
         attempt.tracer = self.tracer
+        self.running.add(attempt)
         for hook in self._attempt_started:
             try:
                 hook(attempt)
@@ -176,6 +207,7 @@ class Observers:
                 _failed(hook, "attempt_started")
 
     def attempt_ended(self, attempt: Attempt) -> None:
+        self.running.discard(attempt)
         for hook in self._attempt_ended:
             try:
                 hook(attempt)

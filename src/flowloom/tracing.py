@@ -268,11 +268,18 @@ class Tracing(Observer):
             if not self._sampled_attempt(ids):
                 return
             if attempt.error is None:  # the usual case: nobody asked for the span, no object
-                # the record written below for a span left untouched, inlined: a call more
-                # here costs every task about a tenth of its tracing hooks
+                # the record written below for a span left untouched, and ``Recorder.add``,
+                # inlined: a call more here costs every task about a tenth of its tracing
+                # hooks
                 task = attempt.task
                 span_id = attempt.span_id = random.getrandbits(64) or 1
-                self.recorder.add(
+                recorder = self.recorder
+                queue = recorder.queue
+                waiting = len(queue)
+                if waiting >= recorder.max_queue:
+                    recorder.dropped += 1
+                    return
+                queue.append(
                     (
                         new_trace_id() if ids is None else ids.trace_id, span_id,
                         0 if ids is None else ids.span_id, CLOCK.offset, attempt.started,
@@ -280,6 +287,8 @@ class Tracing(Observer):
                         attempt.kind, task.attempt, attempt.worker, attempt.outcome,
                     )
                 )  # fmt: skip
+                if waiting + 1 == recorder.batch:
+                    recorder.wake.set()
                 return
             span = self._attempt_span(attempt)
             assert span is not None  # sampled

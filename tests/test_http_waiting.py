@@ -82,7 +82,9 @@ async def test_an_end_before_the_wait_registers_is_answered_at_once(service: Flo
         with anyio.fail_after(10):
             status = await waiter.wait(record.request_id, None, Status.QUEUED)
         assert status is Status.COMPLETED
-        assert reads.reads == 1
+        # the one read; on Redis one more if the subscription (made by this first wait)
+        # came up while the wait was registered: ends before it are re-read then
+        assert reads.reads == 1 if service.embedded else 1 <= reads.reads <= 2
         assert waiter.waiting == {}
     finally:
         waiter.stop()

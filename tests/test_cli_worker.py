@@ -319,3 +319,47 @@ def _listening(free_below: int) -> socket.socket:
         finally:
             for probe in below:
                 probe.close()
+
+
+CRASHING = """
+import logging, os, sys, time
+from flowloom import FlowService
+from flowloom.processes import run_worker_processes
+
+class Crashing(FlowService):
+    def start_worker(self):  # a child that fails at once, every time
+        with open(sys.argv[2], "a") as starts:
+            starts.write(f"{time.monotonic()}\\n")
+        os._exit(3)
+
+logging.basicConfig(level=logging.INFO)
+run_worker_processes(Crashing(redis_url=sys.argv[1]), 2)
+"""
+
+
+def test_worker_processes_that_keep_failing_are_started_again_less_and_less_often(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A crash loop: children that end at once are started again after 1 s, then 2,
+    then 4 (not every second for ever), and a SIGTERM ends the supervisor at once even
+    while a restart is due."""
+    starts = tmp_path / "starts"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHING, redis_url, str(starts)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(5.0)  # starts at 0, 1, 3 (then 7) for each of the two slots
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=10)
+        assert time.monotonic() - stopped < 2, output  # not after the 4 s wait
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    waits = [float(w) for w in re.findall(r"starting another in ([0-9.]+)s", output)]
+    assert sorted(waits) == [1.0, 1.0, 2.0, 2.0, 4.0, 4.0], output
+    assert len(starts.read_text().split()) == 6  # 3 a slot, not 5 or more

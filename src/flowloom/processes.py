@@ -33,7 +33,8 @@ def run_worker_processes(service: FlowService, processes: int, *, restart: bool 
 
     Call it before the service has started anything (no worker, no request): the
     children are forked from this process. A child that exits on its own is started
-    again after a second when ``restart`` is true.
+    again after a second when ``restart`` is true (longer, doubling up to a minute,
+    while its slot's children keep ending within 10 s of their start).
     """
     if processes < 1:
         raise ValueError("processes must be >= 1")
@@ -82,6 +83,11 @@ def _fork(service: FlowService, handlers: Mapping[signal.Signals, Any], slot: in
         os._exit(code)
 
 
+RESTART_DELAY = 1.0  # seconds before a child that ended is started again
+MAX_RESTART_DELAY = 60.0  # ... doubling while children keep ending young, up to this
+YOUNG = 10.0  # seconds: a child that ends sooner after its start doubles the delay
+
+
 def _supervise(
     service: FlowService,
     children: dict[int, int],
@@ -89,23 +95,42 @@ def _supervise(
     restart: bool,
     handlers: Mapping[signal.Signals, Any],
 ) -> None:
+    """Wait for the children; start again one that ends on its own (``restart``), after
+    ``RESTART_DELAY``, doubled each time the slot's process ends within ``YOUNG``
+    seconds of its start (a crash loop), so that a child failing at start-up is not
+    forked every second for ever. SIGTERM reaches the children at once, whatever waits."""
+    born = {slot: time.monotonic() for slot in children.values()}
+    delay = dict.fromkeys(children.values(), RESTART_DELAY)
+    due: dict[int, float] = {}  # slot -> when it starts again
     signalled = False
-    while children:
+    while children or (due and not stopping.is_set()):
         if stopping.is_set() and not signalled:
             signalled = True
             for pid in children:
                 _signal(pid, signal.SIGTERM)
-        pid, status = os.waitpid(-1, os.WNOHANG)
+        now = time.monotonic()
+        for slot, when in list(due.items()):
+            if when <= now and not stopping.is_set():
+                del due[slot]
+                children[_fork(service, handlers, slot)] = slot
+                born[slot] = time.monotonic()
+        pid, status = os.waitpid(-1, os.WNOHANG) if children else (0, 0)
         if pid == 0:
             stopping.wait(0.2)
             continue
-        slot = children.pop(pid, None)
-        if slot is None or stopping.is_set() or not restart:
+        ended = children.pop(pid, None)
+        if ended is None or stopping.is_set() or not restart:
             continue
-        log.warning("flowloom: worker process %d ended (status %d); starting another", pid, status)
-        time.sleep(1.0)
-        if not stopping.is_set():
-            children[_fork(service, handlers, slot)] = slot
+        if time.monotonic() - born[ended] < YOUNG:  # again and again: wait longer each time
+            wait = delay[ended]
+            delay[ended] = min(wait * 2, MAX_RESTART_DELAY)
+        else:
+            wait = delay[ended] = RESTART_DELAY
+        log.warning(
+            "flowloom: worker process %d ended (exit code %d); starting another in %gs",
+            pid, os.waitstatus_to_exitcode(status), wait,
+        )  # fmt: skip
+        due[ended] = time.monotonic() + wait
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

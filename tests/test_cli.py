@@ -125,6 +125,16 @@ def test_a_bad_number_of_seconds_is_a_usage_error(app, command, option, value, s
     assert f"Invalid value for '{option}': {says}" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["worker", "{app}"], ["serve", "{app}"], ["requests"]])
+@pytest.mark.parametrize("url", ["notaurl", "redis://:s3cret@host:notaport/0"])
+def test_a_redis_url_that_is_not_one_is_a_usage_error(app, command, url):
+    result = invoke(*(part.format(app=app) for part in command), "--redis-url", url)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Invalid value for '--redis-url': not a Redis URL" in result.stderr
+    assert "s3cret" not in result.output
+
+
 def test_a_timeout_of_inf_waits_for_the_result(app):
     result = invoke("run", app, "hello", "--data", "x", "--timeout", "inf")
     assert result.exit_code == 0, result.output

@@ -16,7 +16,14 @@ from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
 from .http.server import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LIMIT_CONCURRENCY
 from .http.settings import DEFAULT_BODY_TIMEOUT
-from .operate import Seconds, commands, read_request, request_options, wait_showing_progress
+from .operate import (
+    Seconds,
+    commands,
+    read_request,
+    redis_url,
+    request_options,
+    wait_showing_progress,
+)
 from .processes import run_worker_processes
 from .service import FlowService
 
@@ -175,7 +182,12 @@ def flows(app: str) -> None:
 @click.argument("app")
 @click.option("--host", default=None, help="Interface to bind (default: the service's, 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default: the service's, 8080).")
-@click.option("--redis-url", default=None, help="Use this Redis instead of the app's backend.")
+@click.option(
+    "--redis-url",
+    default=None,
+    callback=redis_url,
+    help="Use this Redis instead of the app's backend.",
+)
 @click.option(
     "--worker/--no-worker",
     default=True,
@@ -284,7 +296,12 @@ def _listening(host: str, port: int) -> str:
     show_default=True,
     help="Worker processes to fork (needs Redis); each runs --concurrency tasks.",
 )
-@click.option("--redis-url", default=None, help="Use this Redis instead of the app's backend.")
+@click.option(
+    "--redis-url",
+    default=None,
+    callback=redis_url,
+    help="Use this Redis instead of the app's backend.",
+)
 @_LOG_LEVEL
 @_MONITORING
 @_METRICS_PORT

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import click
+from redis.connection import parse_url
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
@@ -32,7 +33,9 @@ from .progress import foreach_paths
 from .service import FlowService
 from .types import Request, Status
 
-__all__ = ["Seconds", "commands", "read_request", "request_options", "wait_showing_progress"]
+__all__ = [
+    "Seconds", "commands", "read_request", "redis_url", "request_options", "wait_showing_progress",
+]  # fmt: skip
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -70,6 +73,17 @@ class Seconds(_FloatType):
         return seconds
 
 
+def redis_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--redis-url``'s check: a URL redis-py takes, else a usage error (which does not
+    repeat the URL: it may hold a password)."""
+    if value is not None:
+        try:
+            parse_url(value)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise click.BadParameter(f"not a Redis URL: {exc}") from None
+    return value
+
+
 class Failed(click.ClickException):
     """The command failed (one line, exit status 1)."""
 
@@ -94,6 +108,7 @@ def _connection(command: F) -> F:
         "--redis-url",
         default=None,
         envvar="FLOWLOOM_REDIS_URL",
+        callback=redis_url,
         help="The Redis of the running system (else FLOWLOOM_REDIS_URL, or --app's backend).",
     )(command)
     return click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")(command)
@@ -227,6 +242,7 @@ def _fail(exc: FlowloomError) -> click.ClickException:
     "--redis-url",
     default=None,
     envvar="FLOWLOOM_REDIS_URL",
+    callback=redis_url,
     help="Use this Redis instead of the app's backend.",
 )
 @click.option("--redis-prefix", default=None, help="With --redis-url: the key prefix.")

@@ -58,6 +58,13 @@ def test_counts_out_of_range_are_refused_naming_the_setting(
         make(value)
 
 
+@pytest.mark.parametrize("value", [-1, 65536, 99999, BIG, 80.5, "8080"])
+@pytest.mark.parametrize("name", ["port", "metrics_port"])
+def test_ports_out_of_range_are_refused_naming_the_setting(name: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be an integer from 0 to 65,535"):
+        FlowService(**{name: value})
+
+
 def test_retry_for_may_be_zero_and_a_retention_of_a_century_is_taken() -> None:
     backend = RedisBackend(retry_for=0, retention=100 * 365 * 86400)
     assert backend.retry_for == 0

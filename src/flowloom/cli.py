@@ -181,7 +181,12 @@ def flows(app: str) -> None:
 @main.command()
 @click.argument("app")
 @click.option("--host", default=None, help="Interface to bind (default: the service's, 127.0.0.1).")
-@click.option("--port", type=int, default=None, help="Port (default: the service's, 8080).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Port (default: the service's, 8080).",
+)
 @click.option(
     "--redis-url",
     default=None,

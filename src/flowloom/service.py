@@ -106,6 +106,9 @@ class FlowService:
         checks.count("max_deliveries", max_deliveries, 1, 1_000_000)
         checks.count("max_bytes", max_bytes, 1, 2**62)
         checks.count("max_queued", max_queued, 1, 2**62)
+        checks.count("port", port, 0, 65535)
+        if metrics_port is not None:
+            checks.count("metrics_port", metrics_port, 0, 65535)
         self.port = port
         self.host = host
         self.redis_url = redis_url

@@ -302,6 +302,40 @@ def test_a_metrics_port_in_use_is_one_line_and_status_2(
     ], out.stderr
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "192.0.2.1"])  # the latter: no one's (TEST-NET-1)
+def test_an_address_the_server_cannot_listen_on_is_one_line_and_status_2(
+    app: str, host: str
+) -> None:
+    """A port that is taken, or a host that is not this machine's: said in one line
+    before anything starts (no worker started and stopped, no server log)."""
+    holder = _listening(free_below=0)
+    try:
+        port = holder.getsockname()[1]
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flowloom.cli",
+                "serve",
+                app,
+                "--host",
+                host,
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.close()
+    assert out.returncode == 2, out.stderr
+    why = "Address already in use" if host == "127.0.0.1" else "Cannot assign requested address"
+    assert out.stderr.strip().splitlines()[-1] == f"Error: cannot listen on {host}:{port}: {why}"
+    assert "worker" not in out.stderr, out.stderr  # nothing started
+    assert "Traceback" not in out.stderr, out.stderr
+
+
 def _listening(free_below: int) -> socket.socket:
     """A socket listening on a port of 127.0.0.1 whose ``free_below`` ports below are free."""
     while True:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import socket
 import sys
 import threading
 import traceback
@@ -145,6 +146,19 @@ def use_backend(service: FlowService, backend: Backend) -> None:
     previous, service.backend = service.backend, backend
     service.embedded = isinstance(backend, MemoryBackend)
     previous.close()
+
+
+def check_port(host: str, port: int, what: str) -> None:
+    """``FlowloomError`` (``cannot WHAT on HOST:PORT: why``) unless ``host:port`` can be
+    listened on now: a port taken, or a host that is not this machine's, is told before
+    anything starts."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # a name that resolves
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:  # the errno's own words: the message names the address again
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+        raise FlowloomError(f"cannot {what} on {host}:{port}: {reason or exc}") from exc
 
 
 def check_backend(service: FlowService) -> None:

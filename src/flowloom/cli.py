@@ -10,7 +10,15 @@ from typing import IO
 import click
 
 from . import logs
-from .apps import STARTUP_CHECK, AppError, check_backend, load_app, load_service, use_backend
+from .apps import (
+    STARTUP_CHECK,
+    AppError,
+    check_backend,
+    check_port,
+    load_app,
+    load_service,
+    use_backend,
+)
 from .backends import MemoryBackend
 from .errors import FlowloomError, RequestFailed
 from .graph import to_dot, to_mermaid
@@ -262,8 +270,10 @@ def serve(
         "body_timeout": body_timeout,
         "forwarded_allow_ips": [ip.strip() for ip in forwarded_allow_ips.split(",") if ip.strip()],
     }
-    log.info("flowloom: serving on http://%s", _listening(service.host, service.port))
     try:
+        if service.port:  # taken, or not this machine's address: say so before starting
+            check_port(service.host, service.port, "listen")
+        log.info("flowloom: serving on http://%s", _listening(service.host, service.port))
         if worker:
             service.start(**options)
         else:

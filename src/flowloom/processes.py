@@ -13,13 +13,13 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
+from .apps import check_port
 from .errors import FlowloomError
 from .service import FlowService
 
@@ -50,7 +50,7 @@ def run_worker_processes(service: FlowService, processes: int, *, restart: bool 
 
     if service.metrics_port:  # one port a process: say now if one is taken
         for slot in range(processes):
-            _check_port(service.host, service.metrics_port + slot)
+            check_port(service.host, service.metrics_port + slot, "serve metrics")
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     children: dict[int, int] = {}  # pid -> slot
     try:
@@ -136,13 +136,3 @@ def _supervise(
 def _signal(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-
-
-def _check_port(host: str, port: int) -> None:
-    """Raise ``FlowloomError`` if ``host:port`` cannot be listened on now."""
-    try:
-        with socket.create_server((host, port)):
-            pass
-    except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else exc
-        raise FlowloomError(f"cannot serve metrics on {host}:{port}: {reason}") from exc

@@ -98,6 +98,13 @@ class Worker:
             self.proc.wait(10)
 
 
+def flowloom(*args: str) -> subprocess.CompletedProcess[str]:
+    """``flowloom ARGS...`` run to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "flowloom.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
 def closed_port() -> int:
     """A port of 127.0.0.1 nothing listens on (from this suite's private range)."""
     for port in range(7290, 7200, -1):
@@ -117,12 +124,7 @@ def test_an_unreachable_backend_is_one_line_and_status_2(tmp_path: Path, command
     )
     url = f"redis://127.0.0.1:{closed_port()}/0"
     started = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "flowloom.cli", *command, str(path), "--redis-url", url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = flowloom(*command, str(path), "--redis-url", url)
     took = time.monotonic() - started
     assert out.returncode == 2, out.stderr
     assert out.stdout == ""
@@ -286,12 +288,7 @@ def test_a_metrics_port_in_use_is_one_line_and_status_2(
     holder = _listening(free_below=taken)
     try:
         port = holder.getsockname()[1] - taken
-        out = subprocess.run(
-            [sys.executable, "-m", "flowloom.cli", *command, app, "--metrics-port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = flowloom(*command, app, "--metrics-port", str(port))
     finally:
         holder.close()
     assert out.returncode == 2, out.stderr
@@ -311,22 +308,7 @@ def test_an_address_the_server_cannot_listen_on_is_one_line_and_status_2(
     holder = _listening(free_below=0)
     try:
         port = holder.getsockname()[1]
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flowloom.cli",
-                "serve",
-                app,
-                "--host",
-                host,
-                "--port",
-                str(port),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = flowloom("serve", app, "--host", host, "--port", str(port))
     finally:
         holder.close()
     assert out.returncode == 2, out.stderr

@@ -800,6 +800,7 @@ def test_rerun_runs_only_what_did_not_complete(backend: Backend) -> None:
     assert len(state.retries) == 1
     assert state.retries[0] >= state.created
     assert state.vertices["b"].status is Status.QUEUED
+    assert state.vertices["b"].error is None  # queued again: its last error goes
     again = claim(backend)
     assert (again.step, again.attempt, again.inputs) == ("b", 1, b.inputs)
     assert nothing_ready(backend)  # a and c completed: they do not run again
@@ -814,6 +815,7 @@ def test_rerun_runs_only_what_did_not_complete(backend: Backend) -> None:
     assert done is not None
     assert len(done.retries) == 1
     assert done.error is None
+    assert done.vertices["b"].error is None
 
 
 def test_rerun_of_a_request_that_is_not_failed_or_stopped_is_refused(backend: Backend) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -16,6 +17,7 @@ from flowloom.backends.redis import RedisBackend
 from flowloom.plan import Plan
 from flowloom.registry import Registry
 from test_redis_faults import claim
+from test_redis_resilience import PrivateRedis
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -186,6 +188,41 @@ def test_a_long_requests_hashes_become_tables_and_its_state_reads_as_before(
         ] * 2
     finally:
         client.close()
+
+
+def test_a_hop_of_a_long_request_first_attempts_calls_no_cleanup_it_does_not_need(
+    tmp_path: Path,
+) -> None:
+    """Once a long request's hashes are tables, its hops do not look at their size again
+    (the request records it), and a first attempt's completion deletes no error of an
+    earlier one: per hop, the two instance marks and no HLEN, HDEL or third HSETNX."""
+    server = PrivateRedis(tmp_path, aof=False)
+    server.start()
+    backend = RedisBackend(server.url)
+    client = redis.Redis.from_url(server.url)
+    try:
+        plan = Registry().register("hops40", hops(40))
+        record = RequestRecord("long", plan.name, plan.version, b"x", {}, created=time.time())
+        backend.submit(record, engine.start(plan, b"x"))
+        task = claim(backend)
+        for n in range(40):
+            if n == 36:  # converted at TABLE_AT (32) instance marks: 16 hops in
+                client.config_resetstat()
+            assert backend.begin(task, task.step, task.step)
+            complete(backend, plan, task, b"x" + b"!" * (n + 1))
+            if n < 39:
+                task = claim(backend)
+        backend.flush()
+        assert backend.result("long") == b"x" + b"!" * 40
+        stats = client.info("commandstats")
+        assert "cmdstat_hlen" not in stats
+        assert "cmdstat_hdel" not in stats
+        # d| and f| of hops 36-38, d| of the last one (it fires nothing)
+        assert stats["cmdstat_hsetnx"]["calls"] == 2 * 3 + 1
+    finally:
+        client.close()
+        backend.close()
+        server.close()
 
 
 @pytest.mark.parametrize("size", [7, 8, 9, 97, 98, 99, 120])

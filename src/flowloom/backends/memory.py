@@ -282,8 +282,8 @@ class MemoryBackend(Backend):
             for address, vertex in run.vertices.items():
                 if vertex.status is Status.RUNNING:  # an attempt begun before the retry
                     run.stale.add(address)
-                if vertex.status in (Status.FAILED, Status.RUNNING):
-                    vertex.status = Status.QUEUED
+                if vertex.status in (Status.FAILED, Status.RUNNING):  # its last error goes
+                    vertex.status, vertex.error = Status.QUEUED, None
             tasks, run.lost = requeued(run.lost), []
             self._queue.extend(tasks)
             if tasks:

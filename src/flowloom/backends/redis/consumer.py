@@ -247,7 +247,7 @@ class Consumer:
             task.request_id, GROUP, task.receipt, instance, address,
             _output_arg(output, transition), "1" if transition.finished else "0",
             transition.result, self._store.retention_ms(), self.name or "", self._want_more(),
-            "1" if isinstance(task.inputs, codec.PagedInputs) else "", *last,
+            _flags(task), *last,
         ]  # fmt: skip
         # Sent with this thread's next call: a worker thread's next call is nearly always
         # ``begin`` of its next task, so both go in one round trip. A thread about to
@@ -663,6 +663,13 @@ class Consumer:
             if flag != 0:
                 kept.append((entry_id, [b"t", blob] if blob else []))
         return kept
+
+
+def _flags(task: Task) -> str:
+    """What ``complete.lua`` must clean up besides the usual: ``p`` the task's inputs
+    wait in Redis (paged), ``x`` an earlier attempt may have left the vertex's error."""
+    paged = "p" if isinstance(task.inputs, codec.PagedInputs) else ""
+    return (paged + "x") if task.attempt > 1 else paged
 
 
 def _output_arg(output: bytes | None, transition: Transition) -> bytes:

@@ -15,15 +15,15 @@
                                    created, hooks, trace, status, ended, result, error,
                                    retries (comma-separated times), retryable (1 once it
                                    failed or stopped), result_of (the address whose
-                                   output the result is: kept once, as the result)
+                                   output the result is: kept once, as the result),
+                                   table (1 once its i, v and o hashes are hash tables:
+                                   a long request, see ``lua/complete.lua``)
     P:r:{id}:v           hash      vertex states: s|ADDR status, b|ADDR began,
                                    e|ADDR ended, a|ADDR attempts, x|ADDR error (JSON)
     P:r:{id}:i           hash      instance marks: f|INST fired (queued once),
                                    d|INST done (completed once), n|INST inputs needed,
                                    c|INST inputs received, r|ADDR running when the
-                                   request was retried (a failure then re-queues it),
-                                   !table once this, v and o are hash tables (a long
-                                   request: see ``lua/complete.lua``)
+                                   request was retried (a failure then re-queues it)
     P:r:{id}:s           set       instances with inputs waiting (or, for a large
                                    fan-in, kept until it is done)
     P:r:{id}:s:{inst}    hash      the inputs of one such instance: SLOT -> value

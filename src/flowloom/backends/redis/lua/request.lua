@@ -25,13 +25,14 @@ local lost_key = request_key .. ':l'
 -- version, step, keys (each followed by "\0"), attempt, then (slot, value) pairs where
 -- a value is "d" .. data or "n" (an ordering-only input).
 
--- the request's identity and status, read once per script
+-- the request's identity and status, read once per script; `table`: its instance marks,
+-- vertex states and outputs are hash tables already (complete.lua)
 local function load_request(id)
-  local f = redis.call('HMGET', request_key, 'status', 'flow', 'version', 'hooks')
+  local f = redis.call('HMGET', request_key, 'status', 'flow', 'version', 'hooks', 'table')
   if not f[1] then
     return nil
   end
-  return { status = f[1], flow = f[2], version = f[3], hooks = f[4], id = id }
+  return { status = f[1], flow = f[2], version = f[3], hooks = f[4], table = f[5], id = id }
 end
 
 local function ack(group, receipt)

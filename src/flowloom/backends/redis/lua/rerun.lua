@@ -40,8 +40,9 @@ repeat
     if state == 'running' then -- an attempt begun before the retry: marked stale
       redis.call('HSET', instances_key, 'r|' .. string.sub(res[2][j], 3), '1')
     end
-    if state == 'failed' or state == 'running' then
+    if state == 'failed' or state == 'running' then -- its last error goes (complete.lua)
       redis.call('HSET', vertices_key, res[2][j], 'queued')
+      redis.call('HDEL', vertices_key, 'x|' .. string.sub(res[2][j], 3))
     end
   end
 until cursor == '0'

@@ -5,7 +5,9 @@ connection to ``127.0.0.1:port``: requests go through at once, each chunk of an 
 reaches the client ``delay`` seconds after the server sent it (in order; the delay
 may be changed at any time and applies to chunks read from then on). A Redis
 behind it stays up and correct, only slow: what a saturated or swapping server, or a
-congested link, looks like to its clients.
+congested link, looks like to its clients. ``upstream`` may be changed at any time:
+connections made from then on go there (a DNS name or a virtual IP moved to another
+server), those made before stay where they were.
 """
 
 from __future__ import annotations

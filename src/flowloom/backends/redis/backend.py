@@ -98,7 +98,7 @@ class RedisBackend(Backend):
             )
         except ValueError as exc:
             raise ValueError(f"not a Redis URL: {safe_url(url)}: {exc}") from None
-        self.health = Health(url, grace=3 * heartbeat)
+        self.health = Health(url, grace=3 * heartbeat, on_read_only=self._reconnect)
         self._ends = Ends(
             url,
             self.keys.ended,
@@ -370,6 +370,14 @@ class RedisBackend(Backend):
         except redis.RedisError as exc:
             raise self._guard.unavailable(exc) from exc
         self.health.succeeded()
+
+    def _reconnect(self) -> None:
+        """Redis refused a write as a read-only replica (a fail-over): close the idle
+        connections, so that calls connect again to wherever the URL leads now. A
+        connection in use is closed by its own call's refusal (``scripts._send_on``)."""
+        for client in (self._redis, self._quick):
+            client.connection_pool.disconnect(inuse_connections=False)
+        self._loop_submits.close()
 
     def close(self) -> None:
         """Stop fetching, hand back the tasks this process holds, release connections."""

@@ -11,6 +11,13 @@ records outages: one WARNING when one begins, one INFO when Redis answers again.
 Redis answers with a refusal (out of memory, a read-only replica, a script error) is no
 outage: it is told at most once a minute (``REFUSALS_TOLD_EVERY``), with how many there
 were, however often calls fail and succeed in turn.
+
+A read-only refusal means the server this URL led to is a replica now: a fail-over
+promoted another one, and the URL's name (DNS, a virtual IP) leads there for new
+connections only. ``Health`` then drops the pools' idle connections (``on_read_only``),
+a connection that got the refusal is closed (``scripts._send_on``), and ``Guard``
+retries the call within its window like one that found Redis down: the calls that
+follow reach the new primary.
 """
 
 from __future__ import annotations
@@ -61,9 +68,12 @@ class Health:
     ``degraded`` is true while calls fail and for ``grace`` seconds after the last failure.
     """
 
-    def __init__(self, url: str, grace: float) -> None:
+    def __init__(
+        self, url: str, grace: float, on_read_only: Callable[[], None] = lambda: None
+    ) -> None:
         self.url = safe_url(url)
         self.grace = grace
+        self.on_read_only = on_read_only  # drops the idle connections of the pools
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._last_failure = float("-inf")
@@ -73,6 +83,8 @@ class Health:
     def failed(self, exc: BaseException) -> None:
         now = time.monotonic()
         if isinstance(exc, redis.ResponseError):  # Redis answered: it refused this call
+            if isinstance(exc, redis.ReadOnlyError):  # a replica now: reconnect
+                self.on_read_only()
             self._refused(exc, now)
             return
         with self._lock:
@@ -153,7 +165,7 @@ class Guard:
                 if regroup:
                     self.on_nogroup()
                 result = call()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as exc:
                 self.health.failed(exc)
                 now = time.monotonic()
                 if give_up is None:

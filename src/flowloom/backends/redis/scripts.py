@@ -17,7 +17,7 @@ import hiredis
 import redis
 from redis.commands.core import Script
 from redis.connection import Connection
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 __all__ = ["REQUEST_SCRIPTS", "SOURCES", "Scripts"]
 
@@ -117,16 +117,17 @@ class Scripts:
         return b"*%d\r\n%s%s" % (count, head[1], body[body.index(b"\n") + 1 :])
 
     def load(self) -> None:
-        """Load every script at once (one round trip).
+        """Load every script at once (one round trip), on this thread's connection: the
+        server that said it lacks a script (after a fail-over, another connection of the
+        pool may still lead to the old primary).
 
         A pipeline's calls depend on each other (the parts of a transition's deliveries
         go before its completion), so none may fail for want of its script while a later
         one runs: Redis knows either all of flowloom's scripts or, after a restart or a
         ``SCRIPT FLUSH``, none of them."""
-        with self._client.pipeline(transaction=False) as pipe:
-            for source in SOURCES.values():
-                pipe.script_load(source)
-            pipe.execute()
+        for result in self._send([("SCRIPT", "LOAD", source) for source in SOURCES.values()]):
+            if isinstance(result, Exception):
+                raise result
         self._loaded = True
 
     def pipelined(self, calls: Sequence[Call]) -> list[Any]:
@@ -168,7 +169,9 @@ def _send_on(connection: Connection, commands: list[Command]) -> list[Any]:
     its exception. A broken connection is closed and the commands sent once more on a new
     one (as ``make_client``'s clients do: a connection Redis closed while it sat idle is
     no outage; the scripts are safe to run twice); if that fails too, or on a timeout,
-    the error is raised (the next call opens a connection again)."""
+    the error is raised (the next call opens a connection again). A connection to a
+    server that turned read-only (a primary demoted by a fail-over) is closed too, so
+    that the next call connects again, to whichever server the address leads to now."""
     # packed by hiredis (``Scripts._packed``): the arguments are str, bytes and int, which
     # it takes as they are, so redis-py's per-argument checks (twice the packing's own
     # time) are skipped; any other type goes through them
@@ -182,6 +185,8 @@ def _send_on(connection: Connection, commands: list[Command]) -> list[Any]:
                     results.append(connection.read_response())
                 except ResponseError as exc:
                     results.append(exc)
+            if any(isinstance(result, ReadOnlyError) for result in results):
+                connection.disconnect()  # type: ignore[no-untyped-call]
             return results
         except redis.ConnectionError:
             connection.disconnect()  # type: ignore[no-untyped-call]

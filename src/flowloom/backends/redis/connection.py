@@ -10,7 +10,8 @@ attempt instead of waiting out a window of its own), and turns every Redis failu
 records outages: one WARNING when one begins, one INFO when Redis answers again. A call
 Redis answers with a refusal (out of memory, a read-only replica, a script error) is no
 outage: it is told at most once a minute (``REFUSALS_TOLD_EVERY``), with how many there
-were, however often calls fail and succeed in turn.
+were, however often calls fail and succeed in turn; so is a new connection refused at
+Redis's ``maxclients`` (``Guard`` retries it as it would a connection failure).
 
 A read-only refusal means the server this URL led to is a replica now: a fail-over
 promoted another one, and the URL's name (DNS, a virtual IP) leads there for new
@@ -30,6 +31,7 @@ from typing import TypeVar
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import MaxClientsReachedError
 from redis.retry import Retry
 
 from ...errors import BackendUnavailable
@@ -82,7 +84,9 @@ class Health:
 
     def failed(self, exc: BaseException) -> None:
         now = time.monotonic()
-        if isinstance(exc, redis.ResponseError):  # Redis answered: it refused this call
+        # Redis answered: it refused this call, or a new connection (at its maxclients,
+        # while this process's other connections work)
+        if isinstance(exc, (redis.ResponseError, MaxClientsReachedError)):
             if isinstance(exc, redis.ReadOnlyError):  # a replica now: reconnect
                 self.on_read_only()
             self._refused(exc, now)
@@ -94,7 +98,7 @@ class Health:
             self._down_since = now
         log.warning("flowloom: Redis at %s unavailable: %s; retrying", self.url, _cause(exc))
 
-    def _refused(self, exc: redis.ResponseError, now: float) -> None:
+    def _refused(self, exc: redis.RedisError, now: float) -> None:
         with self._lock:
             self._last_failure = now
             self._refusals += 1

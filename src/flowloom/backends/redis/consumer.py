@@ -168,6 +168,10 @@ class Consumer:
     # -- the worker's calls ------------------------------------------------------------------
     def claim(self, worker: str, timeout: float) -> Task | None:
         self._start(worker)
+        # a thread that cannot talk to Redis (no connection: Redis at its ``maxclients``)
+        # takes no task: it could neither begin nor complete it, and would hold it while
+        # the threads that can sit idle
+        self._scripts.connect()
         if not self._buffer:
             # nothing to pair it with: send the deferred completion now, and go on with
             # the task it claimed for this thread, if any

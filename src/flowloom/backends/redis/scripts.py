@@ -71,6 +71,11 @@ class Scripts:
             self._pinned.held = held
         return held.connection
 
+    def connect(self) -> None:
+        """Open this thread's connection now, if it is not open (``ConnectionError`` if
+        Redis takes no new one: at its ``maxclients``, or down)."""
+        self._connection().connect()  # type: ignore[no-untyped-call]
+
     def __call__(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run one script on this thread's connection (any thread may call it: a
         client's submit, a worker's fetcher), packed as ``_send`` packs: a submit's many

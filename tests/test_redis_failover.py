@@ -17,16 +17,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import redis
 
-from flowloom import Context, FlowService, Status, Workflow
+from flowloom import Context, FlowService, Status, Workflow, engine
 from flowloom.backends.redis import RedisBackend
 from flowloom.backends.redis.connection import make_client
 from flowloom.backends.redis.scripts import SOURCES, Scripts
 from flowloom.registry import Registry
 from flowloom.worker import Worker
 from slow_proxy import SlowProxy
+from test_backend_contract import linear, plan_of
+from test_http_submits import record_of
 from test_redis_faults import eventually
 from test_redis_resilience import PrivateRedis
 
@@ -176,3 +179,30 @@ def test_scripts_missing_on_a_new_server_are_loaded_on_the_connection_that_misse
         proxy.close()
         new.close()
         old.close()
+
+
+@pytest.mark.anyio
+async def test_the_http_servers_submits_follow_a_fail_over(pair: Pair) -> None:
+    """The event loop's own connection (the HTTP server's submits) to the demoted primary
+    is dropped with the others at the first refusal: the refused submit goes the ordinary
+    way, which reconnects, and the loop's next connection leads to the new primary."""
+    backend = RedisBackend(pair.url, retry_for=10)
+    plan = plan_of(linear)
+    try:
+        with anyio.fail_after(30):
+            await backend.submit_async(record_of("r1"), engine.start(plan, b"in"))
+            assert backend._loop_submits._replies is not None  # the loop's connection
+            pair.fail_over()
+            await backend.submit_async(record_of("r2"), engine.start(plan, b"in"))
+            assert backend._loop_submits._replies is None  # refused: dropped
+            await backend.submit_async(record_of("r3"), engine.start(plan, b"in"))
+            assert backend._loop_submits._replies is not None  # the new primary's
+        new_primary = pair.admin(pair.replica)
+        try:
+            for request_id in ("r1", "r2", "r3"):
+                assert new_primary.hget(f"flowloom:r:{{{request_id}}}", "status") == b"queued"
+        finally:
+            new_primary.close()
+    finally:
+        backend.leave_loop()
+        backend.close()

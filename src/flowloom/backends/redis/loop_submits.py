@@ -165,8 +165,6 @@ class LoopSubmits:
             replies = await self._connection()
             reply = replies.send(("EVALSHA", SUBMIT_SHA, len(keys), *keys, *args), first)
             answer = await reply
-            if isinstance(answer, hiredis.ReplyError) and str(answer).startswith("READONLY"):
-                self._failed()  # a replica now (a fail-over): connect again, later
             return answer == 1 or isinstance(answer, list)
         except TypeError:  # an argument hiredis does not pack: redis-py's packer will
             return False

@@ -101,12 +101,17 @@ def test_max_value_is_the_limit_when_redis_takes_more(
         check_refused(fs, 10_000)
 
 
+@pytest.mark.parametrize("config", [True, False], ids=["config", "no-config"])
 @pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-ttl", "noeviction"])
 def test_a_worker_warns_once_at_start_of_a_redis_that_may_evict_its_keys(
-    tmp_path: Path, redis_prefix: str, policy: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, redis_prefix: str, policy: str, config: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Read with ``CONFIG GET``, or from ``INFO memory`` where ``CONFIG`` is refused (a
+    managed Redis: here renamed away)."""
     server = PrivateRedis(tmp_path, aof=False)
     server.command += ["--maxmemory-policy", policy]
+    if not config:
+        server.command += ["--rename-command", "CONFIG", ""]
     server.start()
     try:
         backend = RedisBackend(server.url, prefix=redis_prefix)

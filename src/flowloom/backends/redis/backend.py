@@ -210,7 +210,7 @@ class RedisBackend(Backend):
             return
         except (redis.RedisError, KeyError, ValueError):
             found, configured = {}, 2 * self.max_value  # CONFIG refused (a managed Redis)
-        policy = found.get("maxmemory-policy")
+        policy = found.get("maxmemory-policy") or self._eviction_policy()
         if policy is not None and policy != "noeviction":
             log.warning(
                 "flowloom: Redis at %s evicts keys when full (maxmemory-policy %s): requests "
@@ -219,6 +219,15 @@ class RedisBackend(Backend):
                 policy,
             )
         self._value_limit = max(1, min(self.max_value, configured // 2 - 4096))
+
+    def _eviction_policy(self) -> str | None:
+        """``maxmemory-policy`` as ``INFO memory`` tells it: a Redis that refuses
+        ``CONFIG`` (a managed one) answers ``INFO``."""
+        try:
+            policy = self._quick.info("memory").get("maxmemory_policy")
+        except redis.RedisError:
+            return None
+        return policy if isinstance(policy, str) else None
 
     def state(self, request_id: str) -> RequestState | None:
         return self._call(lambda: self._reads().state(request_id))

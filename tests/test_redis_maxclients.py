@@ -7,7 +7,7 @@ A Redis server of the test's own (ports 7100-7199)."""
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,49 +15,54 @@ import pytest
 import redis
 from redis.exceptions import MaxClientsReachedError
 
-from flowloom import Context, FlowService, Workflow
+from flowloom import BackendUnavailable, engine
 from flowloom.backends.redis import RedisBackend
 from flowloom.backends.redis.connection import Health
-from flowloom.registry import Registry
-from flowloom.worker import Worker
+from test_backend_contract import linear, plan_of
+from test_http_submits import record_of
+from test_redis_faults import claim
 from test_redis_resilience import PrivateRedis
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
 
-def one_node(workflow: Workflow, context: Context) -> None:
-    workflow.dag.node("a", lambda data, options: data + b"!")
-
-
-def test_threads_without_a_connection_leave_the_tasks_to_those_with_one(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_thread_that_cannot_connect_leaves_the_task_to_one_that_can(tmp_path: Path) -> None:
+    """A task is ready; Redis takes no new connection. A thread without one (a new
+    thread) gets no task: before, the fetcher read this one for it, which it could
+    neither begin nor report, and held it for ``retry_for``."""
     server = PrivateRedis(tmp_path, aof=False)
     server.start()
     admin = redis.Redis(port=server.port)
-    registry = Registry()
-    registry.register("one", one_node)
-    worker_backend = RedisBackend(server.url)
-    worker = Worker(worker_backend, registry, concurrency=5)
-    fs = FlowService(backend=RedisBackend(server.url))
-    fs.register("one", one_node)
-    worker.start()
+    backend = RedisBackend(server.url, retry_for=0.5)
+    plan = plan_of(linear)
     try:
-        assert fs.run("one", b"x", timeout=10) == b"x!"  # a thread or two have connections
+        backend.submit(record_of("r0"), engine.start(plan, b"in"))
+        first = claim(backend)  # this thread's connection, the fetcher's and the rest
+        assert backend.begin(first, "a", "a")
+        backend.submit(record_of("r1"), engine.start(plan, b"in"))
         connected: Any = admin.info("clients")["connected_clients"]
         admin.config_set("maxclients", connected)  # no new connection from here on
-        caplog.set_level(logging.WARNING, logger="flowloom")
-        for n in range(150):  # a task taken by a thread with no connection waited 10 s
-            assert fs.run("one", b"%d" % n, timeout=5) == b"%d!" % n
-            time.sleep(0.02)  # for 3 s and more: the threads without one try again
-        refused = [r for r in caplog.records if "max number of clients" in r.getMessage()]
-        assert len(refused) <= 2, [r.getMessage() for r in refused]  # once per process
+        got: list[object] = []
+
+        def other_thread() -> None:
+            try:
+                got.append(backend.claim("w", 0.2))
+            except BackendUnavailable as exc:
+                got.append(exc)
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join(10)
+        assert len(got) == 1
+        assert isinstance(got[0], BackendUnavailable), got
+        assert "max number of clients" in str(got[0])
+        task = claim(backend)  # this thread has its connection: it gets the task
+        assert task.request_id == "r1"
+        assert backend.begin(task, "a", "a")
     finally:
         admin.config_set("maxclients", 10000)
         admin.close()
-        worker.stop(5)
-        fs.close()
-        worker_backend.close()
+        backend.close()
         server.close()
 
 

@@ -382,6 +382,20 @@ def test_the_access_log_names_the_request_and_trusts_no_forwarded_for_by_default
     assert flows[0].endswith("request_id=-")
 
 
+def test_the_access_log_names_the_request_with_metrics_on_too() -> None:
+    """With monitoring on, the metrics' middleware notes the request id instead."""
+    with ServerProcess({"enable_monitoring": True}, access_log=True, log_level="info") as server:
+        headers = {"X-Request-Id": "logged-2"}
+        response = httpx.post(server.base + "/flow/myflow", content=b"x", headers=headers)
+        assert response.status_code == 200
+        assert httpx.get(server.base + "/flows").status_code == 200
+        _, out, _ = server.stop()
+    run = next(line for line in out.splitlines() if '"POST /flow/myflow' in line)
+    assert run.endswith("request_id=logged-2")
+    flows = next(line for line in out.splitlines() if '"GET /flows' in line)
+    assert flows.endswith("request_id=-")
+
+
 def test_forwarded_for_is_trusted_from_named_proxies() -> None:
     with ServerProcess(
         access_log=True, log_level="info", forwarded_allow_ips=["127.0.0.1"]

@@ -211,6 +211,68 @@ async def test_a_client_that_disconnects_during_upload_is_one_short_line(
     assert lines[0].getMessage() == "POST /flow/myflow: client disconnected during upload"
 
 
+async def _post_in_parts(
+    parts: list[tuple[float, bytes]], body_timeout: float, marked: bool = False
+) -> tuple[int, bytes]:
+    """POST /flow/myflow straight to the app, each part of the body sent after its pause
+    (``marked``: as flowloom's server marks a body that came whole with the head)."""
+    with FlowService() as fs:
+        fs.register("myflow", lambda wf, ctx: wf.dag.node("test", lambda d, o: d))
+        app = create_app(fs, body_timeout=body_timeout)
+        pending = list(parts)
+        sent: list[dict[str, object]] = []
+
+        async def receive() -> dict[str, object]:
+            if not pending:
+                await anyio.sleep(60)  # nothing more: the client went quiet
+            pause, chunk = pending.pop(0)
+            await anyio.sleep(pause)
+            return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        size = sum(len(chunk) for _, chunk in parts)
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/flow/myflow",
+            "raw_path": b"/flow/myflow",
+            "query_string": b"",
+            "headers": [(b"content-length", b"%d" % size)],
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 8080),
+        }
+        if marked:
+            scope["flowloom.body_received"] = True
+        await app(scope, receive, send)
+    status = sent[0]["status"]
+    body = sent[1]["body"]
+    assert isinstance(status, int)
+    assert isinstance(body, bytes)
+    return status, body
+
+
+@pytest.mark.anyio
+async def test_each_part_of_a_body_starts_the_deadline_again() -> None:
+    parts = [(0.0, b"ab"), (0.3, b"cd"), (0.3, b"ef"), (0.3, b"g")]
+    assert await _post_in_parts(parts, body_timeout=0.5) == (200, b"abcdefg")
+    status, body = await _post_in_parts([(0.0, b"ab"), (0.3, b"cd"), (0.8, b"e")], 0.5)
+    assert status == 408, body
+    assert b"no byte for 0.5 s" in body
+
+
+@pytest.mark.anyio
+async def test_a_body_marked_whole_is_read_without_a_deadline() -> None:
+    """The server marks a body that arrived with the head: reading it cannot wait, so
+    it gets no deadline (the pause here stands for a receive that is slow to return)."""
+    assert await _post_in_parts([(0.3, b"hallo")], 0.1, marked=True) == (200, b"hallo")
+    assert (await _post_in_parts([(0.3, b"hallo")], 0.1))[0] == 408
+
+
 # -- connections ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("http", ["httptools", "h11"])
 def test_a_slow_header_client_is_disconnected(http: str) -> None:
@@ -277,6 +339,10 @@ def test_a_body_that_stops_arriving_gets_408(http: str) -> None:
                 stalled.sendall(bytes([byte]))
             answer = stalled.recv(65536)
             took = time.monotonic() - started
+            while b"\r\n\r\n{" not in answer:  # h11 writes the head and body apart
+                chunk = stalled.recv(65536)
+                assert chunk, answer
+                answer += chunk
         assert answer.startswith(b"HTTP/1.1 408"), answer
         assert b"no byte for 1 s" in answer, answer
         assert 2.5 < took < 6, took  # 1 s after the last byte, not after the first
@@ -314,6 +380,20 @@ def test_the_access_log_names_the_request_and_trusts_no_forwarded_for_by_default
     assert "203.0.113.9" not in out + err
     flows = [line for line in out.splitlines() if '"GET /flows' in line]
     assert flows[0].endswith("request_id=-")
+
+
+def test_the_access_log_names_the_request_with_metrics_on_too() -> None:
+    """With monitoring on, the metrics' middleware notes the request id instead."""
+    with ServerProcess({"enable_monitoring": True}, access_log=True, log_level="info") as server:
+        headers = {"X-Request-Id": "logged-2"}
+        response = httpx.post(server.base + "/flow/myflow", content=b"x", headers=headers)
+        assert response.status_code == 200
+        assert httpx.get(server.base + "/flows").status_code == 200
+        _, out, _ = server.stop()
+    run = next(line for line in out.splitlines() if '"POST /flow/myflow' in line)
+    assert run.endswith("request_id=logged-2")
+    flows = next(line for line in out.splitlines() if '"GET /flows' in line)
+    assert flows.endswith("request_id=-")
 
 
 def test_forwarded_for_is_trusted_from_named_proxies() -> None:

@@ -1,5 +1,6 @@
 """How the server writes its answers (``serve``'s httptools protocol): an answer's head
-and body in one write to the socket, a streamed body's chunks as they come."""
+and body in one write to the socket, a streamed body's chunks as they come; and how it
+tells the app that a call's whole body has arrived."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.server import ServerState
 
+from flowloom.http.inputs import BODY_RECEIVED
 from flowloom.http.server import _header_timeout_protocol
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
@@ -61,8 +63,20 @@ async def streamed(request: Request) -> StreamingResponse:
     return StreamingResponse(chunks())
 
 
+async def marked(request: Request) -> Response:
+    """Whether the body had arrived whole when the call began, then the body."""
+    whole = bool(request.scope.get(BODY_RECEIVED))
+    return Response(b"%d " % whole + await request.body())
+
+
 def connection() -> tuple[asyncio.Protocol, Transport]:
-    app = Starlette(routes=[Route("/plain", plain, methods=["POST"]), Route("/stream", streamed)])
+    app = Starlette(
+        routes=[
+            Route("/plain", plain, methods=["POST"]),
+            Route("/stream", streamed),
+            Route("/marked", marked, methods=["POST"]),
+        ]
+    )
     config = uvicorn.Config(app, http=_header_timeout_protocol(10.0), log_level="warning")
     config.load()
     protocol_class: Any = config.http_protocol_class
@@ -102,4 +116,19 @@ async def test_a_streamed_bodys_chunks_leave_as_they_come() -> None:
     await until(lambda: b"one" in b"".join(transport.writes))
     assert b"two" not in b"".join(transport.writes)  # written before the second is made
     await until(lambda: b"0\r\n\r\n" in b"".join(transport.writes))
+    protocol.connection_lost(None)
+
+
+async def test_a_body_that_came_with_the_head_is_marked_whole() -> None:
+    protocol, transport = connection()
+    protocol.data_received(b"POST /marked HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhallo")
+    await until(lambda: transport.writes)
+    assert transport.writes[0].endswith(b"\r\n\r\n1 hallo")
+    # a body still on its way is not: the app reads it under its deadline
+    transport.writes.clear()
+    protocol.data_received(b"POST /marked HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nha")
+    await asyncio.sleep(0.05)
+    protocol.data_received(b"llo")
+    await until(lambda: transport.writes)
+    assert transport.writes[0].endswith(b"\r\n\r\n0 hallo")
     protocol.connection_lost(None)

@@ -66,6 +66,7 @@ async def test_metrics_need_the_token_and_count_http_calls_by_route(client):
     assert (await client.get(f"/flow/diamond/requests/{rid}", headers=AUTH)).status_code == 200
     assert (await client.get("/no/such/path", headers=AUTH)).status_code == 404
     assert (await client.get("/flow/nope/requests/r1", headers=AUTH)).status_code == 404
+    assert (await client.get("/flow/diamond", headers=AUTH)).status_code == 405
 
     samples = await scrape_until(client, lambda s: total(s, "flowloom_requests_ended_total") >= 4)
     calls = "flowloom_http_requests_total"
@@ -77,9 +78,10 @@ async def test_metrics_need_the_token_and_count_http_calls_by_route(client):
     assert value(samples, calls, **state, status="404") == 1
     assert value(samples, calls, route="unmatched", method="GET", status="404") == 1
     assert value(samples, calls, route="/metrics", method="GET", status="401") == 1
+    assert value(samples, calls, route="/flow/{name}", method="GET", status="405") == 1
     # every call so far, and the scrapes before this one (a call is counted once answered)
     scrapes = value(samples, calls, route="/metrics", method="GET", status="200")
-    assert total(samples, calls) == 8 + scrapes
+    assert total(samples, calls) == 9 + scrapes
     assert value(samples, "flowloom_http_request_duration_seconds_count", **run) == 4
     assert value(samples, "flowloom_requests_started_total", flow="diamond") == 3
     assert value(samples, "flowloom_requests_ended_total", flow="broken", status="failed") == 1

@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestIdFilter", "RequestIdLog", "log_config"]
+__all__ = ["RequestIdFilter", "RequestIdLog", "log_config", "note_request_id"]
 
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -31,14 +31,21 @@ class RequestIdLog:
 
         async def noting(message: Message) -> None:
             if message["type"] == "http.response.start":
-                found = "-"
-                for name, value in message.get("headers", ()):
-                    if name.lower() == b"x-request-id":
-                        found = value.decode("latin-1")
-                _request_id.set(found)
+                note_request_id(message)
             await send(message)
 
         await self.app(scope, receive, noting)
+
+
+def note_request_id(start: Message) -> None:
+    """Notes the ``X-Request-Id`` of an answer's head (``http.response.start``) for the
+    access log line (for middleware that wraps ``send`` anyway, in place of
+    ``RequestIdLog``)."""
+    found = "-"
+    for name, value in start.get("headers", ()):
+        if name.lower() == b"x-request-id":
+            found = value.decode("latin-1")
+    _request_id.set(found)
 
 
 class RequestIdFilter(logging.Filter):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
@@ -14,6 +14,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from .. import dashboard as dashboard_page
 from . import inputs, observability, responses, routes, spec, watching
@@ -84,7 +85,7 @@ def create_app(
     assert observability.__name__  # likewise
     served = [e for e in ENDPOINTS if e.when(settings)]
     api = Api(service, settings, spec=encode(spec.document(served, settings)))
-    served_routes = [Route(e.path, _handler(api, e), methods=[e.method]) for e in served]
+    served_routes = [Route(e.path, _Handler(api, e), methods=[e.method]) for e in served]
     app_routes: list[BaseRoute] = list(served_routes)
     admit = None
     if settings.dashboard and settings.hmac_secret and not settings.token:
@@ -93,11 +94,10 @@ def create_app(
         app_routes += dashboard_page.routes(settings.token, settings.trace_url)
         if settings.token:
             admit = functools.partial(dashboard_page.admits, token=settings.token)
-    middleware = [Middleware(RequestIdLog)]
-    if service.observers:
-        middleware.append(
-            Middleware(HttpMetrics, observers=service.observers, routes=served_routes)
-        )
+    if service.observers:  # it notes the request ids too
+        middleware = [Middleware(HttpMetrics, observers=service.observers, routes=served_routes)]
+    else:
+        middleware = [Middleware(RequestIdLog)]
     if settings.token:
         public = [e.path for e in served if e.public]
         middleware.append(Middleware(BearerAuth, token=settings.token, public=public, admit=admit))
@@ -115,25 +115,29 @@ def create_app(
     return app
 
 
-def _handler(api: Api, served: Endpoint) -> Callable[[HTTPRequest], Awaitable[Response]]:
-    """The endpoint's handler bound to ``api``; with only an HMAC secret set (no token),
-    it first checks the call's ``X-Flowloom-Signature``."""
-    handler = served.handler
-    secret = api.settings.hmac_secret
-    if secret is None or api.settings.token or served.public or served.checks_signature:
+class _Handler:
+    """An endpoint's ASGI app: ``handler(api, request)`` and its answer. An ASGI app and
+    not a request function, which Starlette would wrap in one more layer catching
+    exceptions (and its own ``send``): what the handler raises goes to the same
+    exception handlers, in the app's ``ExceptionMiddleware``. With only an HMAC secret
+    set (no token), the call's ``X-Flowloom-Signature`` is checked first."""
 
-        async def endpoint(request: HTTPRequest) -> Response:
-            return await handler(api, request)
+    def __init__(self, api: Api, served: Endpoint) -> None:
+        self.api = api
+        self.handler = served.handler
+        secret = api.settings.hmac_secret
+        self.signed = not (
+            secret is None or api.settings.token or served.public or served.checks_signature
+        )
+        self.__name__ = served.operation_id  # the route's name
 
-    else:
-
-        async def endpoint(request: HTTPRequest) -> Response:
-            body = await inputs.read_body(request, api.settings)
-            await routes.check_signature(api, request, body)
-            return await handler(api, request)
-
-    endpoint.__name__ = served.operation_id
-    return endpoint
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = HTTPRequest(scope, receive, send)
+        if self.signed:
+            body = await inputs.read_body(request, self.api.settings)
+            await routes.check_signature(self.api, request, body)
+        response = await self.handler(self.api, request)
+        await response(scope, receive, send)
 
 
 async def _bad_input(request: HTTPRequest, exc: Exception) -> Response:

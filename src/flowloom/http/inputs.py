@@ -13,12 +13,14 @@ from collections.abc import Mapping
 
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
+from starlette.types import Receive
 
 from ..names import NAME, REQUEST_ID
 from ..types import Status
 from .settings import Settings
 
 __all__ = [
+    "BODY_RECEIVED",
     "BadInput",
     "flag",
     "flow_name",
@@ -34,6 +36,8 @@ __all__ = [
 log = logging.getLogger("flowloom.http")
 
 MAX_QUERY_FIELDS = 1000
+# set in a call's scope by flowloom's server once the call's whole body has arrived
+BODY_RECEIVED = "flowloom.body_received"
 
 
 class BadInput(Exception):
@@ -128,25 +132,21 @@ def query_options(raw: bytes) -> dict[str, list[str]]:
 
 async def read_body(request: HTTPRequest, settings: Settings) -> bytes:
     """The request's body: 413 past ``settings.max_body`` bytes, 408 when it goes
-    ``settings.body_timeout`` seconds without a byte arriving, 400 when the client goes."""
+    ``settings.body_timeout`` seconds without a byte arriving, 400 when the client goes.
+
+    Read once, from the ASGI messages (not Starlette's stream). A body that flowloom's
+    server says came whole with the head (``BODY_RECEIVED``) is read without a
+    deadline, as it cannot keep the call waiting; any other body under one deadline,
+    pushed back as each part arrives."""
     limit = settings.max_body
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadInput(413, f"the body is over the limit of {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    stream = request.stream()
     try:
-        while True:
-            try:
-                async with asyncio.timeout(settings.body_timeout):
-                    chunk = await anext(stream)
-            except StopAsyncIteration:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise BadInput(413, f"the body is over the limit of {limit} bytes")
-            chunks.append(chunk)
+        if request.scope.get(BODY_RECEIVED):
+            return await _receive_body(request.receive, limit, None, 0.0)
+        async with asyncio.timeout(settings.body_timeout) as deadline:
+            return await _receive_body(request.receive, limit, deadline, settings.body_timeout)
     except ClientDisconnect:
         log.info("%s %s: client disconnected during upload", request.method, request.scope["path"])
         raise BadInput(400, "the client disconnected during the upload") from None
@@ -158,4 +158,25 @@ async def read_body(request: HTTPRequest, settings: Settings) -> bytes:
         raise BadInput(
             408, f"the body stopped arriving: no byte for {settings.body_timeout:g} s"
         ) from None
-    return b"".join(chunks)
+
+
+async def _receive_body(
+    receive: Receive, limit: int, deadline: asyncio.Timeout | None, timeout: float
+) -> bytes:
+    """The body's parts up to the last one, ``deadline`` pushed back ``timeout`` seconds
+    after each part that is not the last."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BadInput(413, f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if deadline is not None:
+            deadline.reschedule(asyncio.get_running_loop().time() + timeout)

@@ -33,8 +33,11 @@ def json(
     return Response(encode(body), status_code=code, headers=extra, media_type=JSON)
 
 
-def result(request_id: str, result: bytes) -> Response:
+def result(request_id: str, result: bytes, trace: str = "") -> Response:
+    """A completed request's result; ``trace``: its trace id, for ``X-Trace-Id``."""
     headers = request_headers(request_id, Status.COMPLETED)
+    if trace:
+        headers["X-Trace-Id"] = trace
     return Response(result, media_type=BYTES, headers=headers)
 
 

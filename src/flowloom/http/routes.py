@@ -233,14 +233,15 @@ async def _execute(api: Api, request: HTTPRequest, request_id: str) -> Response:
     request_id = record.request_id
     if callback is not None:
         api.callbacks.start(name, request_id, callback, status)
-    if result is not None:
-        answer = responses.result(request_id, result)
-    elif run_async:
+    trace = record.trace[:32]
+    if result is not None:  # the trace's header made with the others
+        return responses.result(request_id, result, trace)
+    if run_async:
         answer = responses.accepted(name, request_id, status)
     else:
         answer = await api.answer(name, request_id, status)
-    if record.trace:
-        answer.headers["X-Trace-Id"] = record.trace[:32]
+    if trace:
+        answer.headers["X-Trace-Id"] = trace
     return answer
 
 

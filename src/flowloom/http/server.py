@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover
 from .. import logs
 from .accesslog import log_config
 from .app import create_app
+from .inputs import BODY_RECEIVED
 
 if TYPE_CHECKING:
     from ..service import FlowService
@@ -257,7 +258,8 @@ if httptools_impl is not None:
 
     class _HttpToolsHeaderTimeout(_HeadDeadline, httptools_impl.HttpToolsProtocol):
         """uvicorn's httptools protocol with the head deadline, each answer written in
-        one write (``_TurnWrites``)."""
+        one write (``_TurnWrites``), and a call's scope marked once its whole body has
+        arrived (``BODY_RECEIVED``)."""
 
         _writes: _TurnWrites
 
@@ -278,6 +280,13 @@ if httptools_impl is not None:
             super().on_headers_complete()
             if self.cycle is not None:  # None: an upgrade, refused
                 self.cycle.transport = self._writes  # type: ignore[assignment]
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            if self.cycle is not None and not self.cycle.more_body:
+                # the app reads the body without a deadline (mostly the whole call
+                # came in one packet: nothing is left to wait for)
+                self.cycle.scope[BODY_RECEIVED] = True  # type: ignore[literal-required]
 
         def on_response_complete(self) -> None:
             self._writes.flush()  # the whole answer at once, before anything else is sent

@@ -63,6 +63,12 @@ def new_request_id() -> str:
         return new_request_id()
 
 
+def _wake(future: asyncio.Future[Ended]) -> None:
+    """A wait's deadline: it answers with the status then."""
+    if not future.done():
+        future.set_result(WOKEN)
+
+
 class Waiter:
     """Waits for requests to end, for the endpoints that answer when they do."""
 
@@ -245,13 +251,16 @@ class Waiter:
         ``timeout``; else the status then."""
         if self.closing.is_set():
             return status, None
+        # the deadline wakes the future itself: a timer of the loop's, cheaper than
+        # asyncio's timeout (which cancels the task) or an anyio cancel scope
+        timer = None
+        if timeout is not None and timeout != math.inf:
+            timer = asyncio.get_running_loop().call_later(timeout, _wake, future)
         try:
-            # asyncio's own timeout: the waits are on the loop's futures anyway, and an
-            # anyio cancel scope costs several times more per call
-            async with asyncio.timeout(None if timeout in (None, math.inf) else timeout):
-                ended = await future
-        except TimeoutError:
-            ended = WOKEN
+            ended = await future
+        finally:
+            if timer is not None:
+                timer.cancel()
         if ended is None:
             raise RequestNotFound(f"request {request_id!r} has expired")
         if isinstance(ended, tuple):

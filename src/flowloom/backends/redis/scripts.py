@@ -185,12 +185,14 @@ def _send_on(connection: Connection, commands: list[Command]) -> list[Any]:
         try:
             connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
             results: list[Any] = []
+            read_only = False
             for _ in commands:
                 try:
                     results.append(connection.read_response())
                 except ResponseError as exc:
                     results.append(exc)
-            if any(isinstance(result, ReadOnlyError) for result in results):
+                    read_only = read_only or isinstance(exc, ReadOnlyError)
+            if read_only:
                 connection.disconnect()  # type: ignore[no-untyped-call]
             return results
         except redis.ConnectionError:

@@ -168,10 +168,6 @@ class Consumer:
     # -- the worker's calls ------------------------------------------------------------------
     def claim(self, worker: str, timeout: float) -> Task | None:
         self._start(worker)
-        # a thread that cannot talk to Redis (no connection: Redis at its ``maxclients``)
-        # takes no task: it could neither begin nor complete it, and would hold it while
-        # the threads that can sit idle
-        self._scripts.connect()
         if not self._buffer:
             # nothing to pair it with: send the deferred completion now, and go on with
             # the task it claimed for this thread, if any
@@ -179,6 +175,10 @@ class Consumer:
             if task is not None:
                 self._eager.streak = getattr(self._eager, "streak", 0) + 1
                 return task
+        # a thread that cannot talk to Redis (no connection: Redis at its ``maxclients``)
+        # takes no task from the buffer: it could neither begin nor complete it, and would
+        # hold it while the threads that can sit idle
+        self._scripts.connect()
         with self._cond:
             if not self._buffer:
                 self._waiting += 1

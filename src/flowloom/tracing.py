@@ -205,22 +205,22 @@ class Tracing(Observer):
     # -- the request's root span ---------------------------------------------------------------
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
         ids = request.trace
-        if ids is None or not self._sampled(ids):
+        if ids is None or not ((self._always and not ids.parent_id) or self._sampled(ids)):
+            return
+        start = int(request.created * 1e9)
+        if error is None:  # the usual case: a ``RootRecord``, no name, no attributes
+            self.recorder.add(
+                (
+                    ids.trace_id, ids.span_id, ids.parent_id, start, time.time_ns(), request.flow,
+                    request.request_id, status._value_,  # the value without a property call
+                )
+            )  # fmt: skip
             return
         attributes = {
             "flowloom.flow": request.flow,
             "flowloom.request_id": request.request_id,
-            "flowloom.status": status._value_,  # the value without the enum's property call
+            "flowloom.status": status._value_,
         }
-        start = int(request.created * 1e9)
-        if error is None:  # the usual case: the record itself, no span object
-            self.recorder.add(
-                (
-                    f"flow {request.flow}", _SERVER, ids.trace_id, ids.span_id, ids.parent_id,
-                    True, start, time.time_ns(), attributes, (), 0, "",
-                )
-            )  # fmt: skip
-            return
         span = LightSpan(
             self.recorder,
             f"flow {request.flow}",

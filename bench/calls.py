@@ -150,9 +150,9 @@ def request_loop(fs: FlowService, loop: int) -> None:
         observers.request_ended(request, Status.COMPLETED, None)
 
 
-def hooks_cost(mode: str, loop: int = 0, request: bool = False) -> tuple[float, float]:
+def hooks_cost(mode: str, loop: int = 0, requests: bool = False) -> tuple[float, float]:
     """Microseconds per attempt and per request end of the hooks of ``mode`` (with
-    ``loop``: only ``loop`` attempts, untimed)."""
+    ``loop``: only ``loop`` attempts, or ``requests``, untimed)."""
     options: dict[str, Any] = {}
     if mode in ("metrics", "observed"):
         options["enable_monitoring"] = True
@@ -178,7 +178,7 @@ def hooks_cost(mode: str, loop: int = 0, request: bool = False) -> tuple[float, 
         def request_end() -> None:
             observers.request_ended(request, Status.COMPLETED, None)
 
-        if loop and request:
+        if loop and requests:
             workloads.register(fs, Sizes())
             request_loop(fs, loop)
             return 0.0, 0.0

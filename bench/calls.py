@@ -132,6 +132,7 @@ def request_loop(fs: FlowService, loop: int) -> None:
     """The observers' work of ``loop`` requests of the ``dags`` shape (see ``--request``)."""
     observers: Observers = fs.observers
     call = Caller(observers.call_span)
+    fs._ensure_worker = lambda: None  # type: ignore[method-assign]  # no thread polling meanwhile
     for i in range(loop):
         record = fs._new_request(workloads.DAGS_FLOW, workloads.payload(i))[0]
         request = RequestInfo.of(record)

@@ -20,6 +20,9 @@ request end, best of 5 x 30,000, for each mode.
 counter (whatever the machine's load): the instructions of ``--loop 6000`` less those of
 ``--loop 1000``, over 5,000, are an attempt's, e.g. with ``valgrind --tool=callgrind
 --callgrind-out-file=/dev/null`` (``PYTHONHASHSEED=0``; the tracing's spans discarded).
+With ``--request``, N requests of the ``dags`` workload's shape instead, as their worker
+observes them: the stored trace context read back from a record made as ``execute``
+makes it, four attempts (the last calling an aggregator, traced), the request's end.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flowloom import FlowService
+from flowloom import FlowService, context
 from flowloom.backends import Task
+from flowloom.execute import Caller
 from flowloom.observe import Attempt, Observers, RequestInfo
 from flowloom.traceparent import TraceContext
 from flowloom.types import Status
@@ -120,9 +124,36 @@ def calls_per_task(mode: str, sizes: Sizes) -> dict[str, float]:
     return figures
 
 
-def hooks_cost(mode: str, loop: int = 0) -> tuple[float, float]:
+def _aggregate(received: dict[str, bytes]) -> bytes:
+    return b""
+
+
+def request_loop(fs: FlowService, loop: int) -> None:
+    """The observers' work of ``loop`` requests of the ``dags`` shape (see ``--request``)."""
+    observers: Observers = fs.observers
+    call = Caller(observers.call_span)
+    fs._ensure_worker = lambda: None  # type: ignore[method-assign]  # no thread polling meanwhile
+    for i in range(loop):
+        record = fs._new_request(workloads.DAGS_FLOW, workloads.payload(i))[0]
+        request = RequestInfo.of(record)
+        for step in ("a", "b", "c", "d"):
+            task = Task(record.request_id, record.flow, "1", step, (), {})
+            attempt = Attempt(task, request, "run", step, "worker")
+            observers.attempt_started(attempt)
+            scope = context.RequestScope(task.request_id, task.flow, {}, fs.backend, attempt)
+            token = context.enter(scope)
+            if step == "d":
+                call(_aggregate, {}, kind="aggregator")
+            context.leave(token)
+            attempt.outcome = "completed"
+            attempt.finished = time.perf_counter()
+            observers.attempt_ended(attempt)
+        observers.request_ended(request, Status.COMPLETED, None)
+
+
+def hooks_cost(mode: str, loop: int = 0, requests: bool = False) -> tuple[float, float]:
     """Microseconds per attempt and per request end of the hooks of ``mode`` (with
-    ``loop``: only ``loop`` attempts, untimed)."""
+    ``loop``: only ``loop`` attempts, or ``requests``, untimed)."""
     options: dict[str, Any] = {}
     if mode in ("metrics", "observed"):
         options["enable_monitoring"] = True
@@ -148,6 +179,10 @@ def hooks_cost(mode: str, loop: int = 0) -> tuple[float, float]:
         def request_end() -> None:
             observers.request_ended(request, Status.COMPLETED, None)
 
+        if loop and requests:
+            workloads.register(fs, Sizes())
+            request_loop(fs, loop)
+            return 0.0, 0.0
         if loop:
             for _ in range(loop):
                 attempt()
@@ -164,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", default="plain,metrics,observed")
     parser.add_argument("--hooks", action="store_true", help="time the hooks alone")
     parser.add_argument("--loop", type=int, default=0, help="run N attempts' hooks, untimed")
+    parser.add_argument("--request", action="store_true", help="with --loop: dags requests")
     args = parser.parse_args(argv)
     if args.loop:
-        hooks_cost(args.modes, args.loop)
+        hooks_cost(args.modes, args.loop, args.request)
         return
     if args.hooks:
         print(f"{'mode':10s} {'attempt':>8s} {'request':>8s}   (µs, hooks alone)")

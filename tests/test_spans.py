@@ -18,7 +18,7 @@ from opentelemetry.sdk.resources import Resource
 from flowloom import FlowService
 from flowloom.otlp import encode_request
 from flowloom.span_export import NICENESS, readable_spans
-from flowloom.spans import Record, Recorder, VertexRecord, expand
+from flowloom.spans import Record, Recorder, RootRecord, VertexRecord, expand
 from flowloom.tracing import BATCH, MAX_QUEUE
 from otlp_receiver import OtlpReceiver
 
@@ -138,7 +138,7 @@ def test_a_lagging_exporter_drops_and_counts_the_spans_of_tasks_too():
         sink.release.set()
         tracing.recorder.close()
     assert len(sink.sent) == 15
-    assert {type(r[0]) for r in sink.sent} == {str, int}  # both kinds kept while there is room
+    assert {len(r) for r in sink.sent} == {8, 13}  # roots and vertices kept while there is room
 
 
 def test_an_exporter_stalled_for_a_while_catches_up_without_dropping():
@@ -189,6 +189,22 @@ def test_a_vertex_record_expands_to_the_span_of_its_attempt():
     resource = Resource.create({"service.name": "shop"})
     both = encode_request([plain, vertex], dict(resource.attributes))
     assert both == encode_request([plain, expand(vertex)], dict(resource.attributes))
+
+
+def test_a_root_record_expands_to_the_request_s_root_span():
+    root: RootRecord = (TRACE, 5, 7, 1_000, 2_000, "shop", "r1", "completed")
+    assert expand(root) == (
+        "flow shop", trace.SpanKind.SERVER.value, TRACE, 5, 7, True, 1_000, 2_000,
+        {"flowloom.flow": "shop", "flowloom.request_id": "r1", "flowloom.status": "completed"},
+        (), 0, "",
+    )  # fmt: skip
+    # in a batch with the other kinds, it is encoded as its expanded record
+    resource = dict(Resource.create({"service.name": "shop"}).attributes)
+    vertex: VertexRecord = (
+        TRACE, 6, 5, 0, 0.25, 0.5, "shop", "r1", "a", "run", 1, "w-1", "completed",
+    )  # fmt: skip
+    mixed = encode_request([record(), root, vertex], resource)
+    assert mixed == encode_request([record(), expand(root), expand(vertex)], resource)
 
 
 def test_every_vertex_record_encodes_as_its_expanded_record():

@@ -92,6 +92,18 @@ def test_trace_context_round_trips_and_rejects_garbage():
         assert TraceContext.decode(bad) is None
 
 
+def test_a_kept_context_is_read_back_once_without_parsing():
+    """``keep`` (a traced process's ``execute``) hands the context itself to the first
+    ``decode`` of its text in this process; later ones parse it, to an equal one."""
+    fresh = TraceContext.new()
+    text = fresh.keep()
+    assert text == fresh.encode()
+    assert TraceContext.decode(text) is fresh
+    again = TraceContext.decode(text)
+    assert again == fresh
+    assert again is not fresh
+
+
 def test_a_retry_context_is_a_child_root_sampled_as_the_first():
     own = TraceContext.new()
     retry = own.retried()

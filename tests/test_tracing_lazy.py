@@ -18,7 +18,7 @@ from opentelemetry import trace
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
-from flowloom import FlowService, tracing
+from flowloom import FlowService, RequestFailed, tracing
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 
 
@@ -199,3 +199,87 @@ def test_under_another_runtime_context_each_span_is_attached_as_it_starts(receiv
     assert seen["a"] == spans["vertex a"].span_id
     assert spans["inner"].parent_id == spans["vertex a"].span_id
     assert spans["aggregator both"].parent_id == spans["vertex c"].span_id
+
+
+def _aggregating(aggregate: object) -> object:
+    """A flow a -> (b, c) -> d, d with ``aggregate`` as its aggregator."""
+
+    def define(wf, ctx):  # type: ignore[no-untyped-def]
+        wf.dag.node("a", lambda data, options: data)
+        wf.dag.node("b", lambda data, options: data)
+        wf.dag.node("c", lambda data, options: data)
+        wf.dag.node("d", lambda data, options: data, aggregator=aggregate)
+        for parent, child in (("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")):
+            wf.dag.edge(parent, child)
+
+    return define
+
+
+def test_an_aggregator_nobody_asks_makes_no_span_object(receiver, monkeypatch):
+    """Its call span is recorded under the vertex span, with neither the attempt's span
+    object nor one of its own made (nor any context set)."""
+    made: list[object] = []
+    for kind in (tracing._AttemptSpan, tracing.LightSpan):
+        init = kind.__init__
+
+        def counted(self: object, *args: object, _init: object = init, **kw: object) -> None:
+            made.append(self)
+            _init(self, *args, **kw)  # type: ignore[operator]
+
+        monkeypatch.setattr(kind, "__init__", counted)
+
+    def join(received: dict[str, bytes]) -> bytes:
+        return b"+".join(received[k] for k in sorted(received))
+
+    with FlowService(otlp_endpoint=receiver.endpoint, worker_concurrency=1) as fs:
+        fs.register("agg", _aggregating(join))
+        rid = fs.execute("agg", b"x")
+        assert fs.result("agg", rid, timeout=10) == b"x+x"
+        trace_id = fs.state("agg", rid).trace_id
+    spans = _spans(receiver, trace_id)
+    assert made == []
+    call = spans["aggregator join"]
+    assert call.parent_id == spans["vertex d"].span_id
+    assert call.trace_id == trace_id
+    assert spans["vertex d"].start_ns <= call.start_ns <= call.end_ns <= spans["vertex d"].end_ns
+
+
+def test_an_aggregator_that_asks_gets_its_own_span(receiver):
+    """Current while it runs (spans made there are its children), then the vertex span
+    again; one that fails has the exception on its span."""
+    seen: dict[str, str] = {}
+    tracer = trace.get_tracer("app")
+
+    def join(received: dict[str, bytes]) -> bytes:
+        seen["join"] = _hex(trace.get_current_span())
+        trace.get_current_span().set_attribute("app.inputs", len(received))
+        with tracer.start_as_current_span("inside join"):
+            pass
+        return b"joined"
+
+    def broken(received: dict[str, bytes]) -> bytes:
+        raise ValueError("no join")
+
+    with FlowService(otlp_endpoint=receiver.endpoint, worker_concurrency=1) as fs:
+        fs.register("asks", _aggregating(join))
+        fs.register("fails", _aggregating(broken))
+        rid = fs.execute("asks", b"x")
+        assert fs.result("asks", rid, timeout=10) == b"joined"
+        failed = fs.execute("fails", b"x")
+        with pytest.raises(RequestFailed):
+            fs.result("fails", failed, timeout=10)
+        trace_id = fs.state("asks", rid).trace_id
+        failed_trace = fs.state("fails", failed).trace_id
+    spans = _spans(receiver, trace_id)
+    call, vertex = spans["aggregator join"], spans["vertex d"]
+    assert seen["join"] == call.span_id
+    assert call.parent_id == vertex.span_id
+    assert call.attributes == {"app.inputs": 2}
+    assert spans["inside join"].parent_id == call.span_id
+    spans = _spans(receiver, failed_trace)
+    call, vertex = spans["aggregator broken"], spans["vertex d"]
+    assert call.parent_id == vertex.span_id
+    assert call.status == 2
+    assert call.status_message == "ValueError: no join"
+    assert [name for name, _ in call.events] == ["exception"]
+    assert vertex.status == 2

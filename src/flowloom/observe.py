@@ -54,8 +54,8 @@ class Attempt:
     The worker sets ``outcome`` ("completed", "failed" or "retried"), ``error``,
     ``ended`` and ``finished`` before ``attempt_ended``; ``started`` and ``finished``
     (``time.perf_counter()``) are the attempt's only clock readings, shared by every
-    observer. ``tracer``, ``span``, ``span_id`` and ``scope`` belong to the tracing
-    observer.
+    observer. ``tracer``, ``span``, ``span_id``, ``own_id``, ``call`` and ``scope`` belong
+    to the tracing observer.
 
     A plain slotted class, not a dataclass: one is made for every task run while
     observed, and an ``__init__`` written out costs less than the generated one (its
@@ -63,8 +63,8 @@ class Attempt:
     """
 
     __slots__ = (
-        "address", "ended", "error", "finished", "kind", "outcome", "request", "scope", "span",
-        "span_id", "started", "task", "tracer", "worker",
+        "address", "call", "ended", "error", "finished", "kind", "outcome", "own_id", "request",
+        "scope", "span", "span_id", "started", "task", "tracer", "worker",
     )  # fmt: skip
 
     def __init__(
@@ -90,6 +90,8 @@ class Attempt:
         self.tracer: Any = None
         self.span: Any = None
         self.span_id = 0
+        self.own_id = 0
+        self.call: Any = None
         self.scope: Any = None
 
     def __repr__(self) -> str:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import requests
 
-from .spans import AnyRecord, Record, VertexRecord
+from .spans import AnyRecord, Record, VertexRecord, expand
 
 __all__ = ["Poster", "encode_request"]
 
@@ -230,7 +230,9 @@ def encode_request(records: Iterable[AnyRecord], resource: Mapping[str, Any]) ->
     """The ``ExportTraceServiceRequest`` of ``records``, all from one process described
     by ``resource`` (its attributes) and of the instrumentation scope ``flowloom``."""
     spans = [
-        _field(b"\x12", _span(record)) if isinstance(record[0], str) else _vertex_span(record)
+        _vertex_span(record)  # type: ignore[arg-type]
+        if len(record) == 13
+        else _field(b"\x12", _span(expand(record)))
         for record in records
     ]
     scope_spans = _field(b"\x0a", _SCOPE) + b"".join(spans)

@@ -195,6 +195,9 @@ class FlowService:
                 "request id must be 1-128 letters, digits, '_', '.', ':' or '-', "
                 f"got {request_id!r}"
             )
+        trace = TraceContext.new(_caller_trace(request.headers))
+        # traced here: kept decoded for this process's worker, which would parse it again
+        keep = self._observers is not None and self._observers.reads_traces
         record = RequestRecord(
             request_id=request_id,
             flow=name,
@@ -204,7 +207,7 @@ class FlowService:
             headers=dict(request.headers),
             created=time.time(),
             has_hooks=True if plan is None else plan.has_hooks,  # a client cannot tell
-            trace=TraceContext.new(_caller_trace(request.headers)).encode(),
+            trace=trace.keep() if keep else trace.encode(),
         )
         if self.embedded:
             self._ensure_worker()

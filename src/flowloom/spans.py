@@ -34,12 +34,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes, AttributeValue
 
 __all__ = [
-    "CLOCK", "AnyRecord", "LightSpan", "Record", "Recorder", "Sink", "VertexRecord", "child_sink",
-    "expand", "vertex_span",
+    "CLOCK", "AnyRecord", "LightSpan", "Record", "Recorder", "RootRecord", "Sink", "VertexRecord",
+    "child_sink", "expand", "vertex_span",
 ]  # fmt: skip
 
 log = logging.getLogger("flowloom.tracing")
@@ -57,9 +57,14 @@ Record = tuple[
 # outcome). ``expand`` makes it a ``Record`` where it is exported (the times in wall-clock
 # nanoseconds, the name and attributes of ``vertex_span``).
 VertexRecord = tuple[int, int, int, int, float, float, str, str, str, str, int, str, str]
-AnyRecord = Record | VertexRecord
+# A request's root span ended without error, as the process that ended it records it:
+# (trace id, root span id, parent span id (0: none), start and end ns, flow, request id,
+# status). ``expand`` makes it a ``Record`` (its name and attributes) where it is exported.
+RootRecord = tuple[int, int, int, int, int, str, str, str]
+AnyRecord = Record | VertexRecord | RootRecord
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SERVER = SpanKind.SERVER.value
 _SCALARS = (str, bool, int, float, bytes)
 
 
@@ -100,9 +105,20 @@ def vertex_span(
 
 
 def expand(record: AnyRecord) -> Record:
-    """``record`` as a ``Record`` (a ``VertexRecord`` expanded)."""
+    """``record`` as a ``Record`` (a ``VertexRecord`` or a ``RootRecord`` expanded)."""
     if isinstance(record[0], str):
         return record
+    if len(record) == 8:
+        trace_id, span_id, parent_id, start_ns, end_ns, flow, request_id, status = record
+        attributes = {
+            "flowloom.flow": flow,
+            "flowloom.request_id": request_id,
+            "flowloom.status": status,
+        }
+        return (
+            f"flow {flow}", _SERVER, trace_id, span_id, parent_id, True, start_ns, end_ns,
+            attributes, (), 0, "",
+        )  # fmt: skip
     (
         trace_id, span_id, parent_id, offset, start, end,
         flow, request_id, address, kind, attempt, worker, outcome,

@@ -23,6 +23,11 @@ _STORED = re.compile(r"([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{2}
 # executing thousands of requests in a loop needs (the embedded workers starve without it:
 # dags of 5,000 requests ran at half the speed with the random module's generator)
 _random = random.SystemRandom()
+# contexts ``keep`` encoded in this process, by their stored form, until ``decode`` reads
+# them back: a worker of the process that executed a request takes its context without
+# parsing it (each is taken once; the few never read are cleared past the bound)
+_KEPT: dict[str, TraceContext] = {}
+_KEEP_AT_MOST = 4096
 
 
 class TraceContext(NamedTuple):
@@ -67,9 +72,21 @@ class TraceContext(NamedTuple):
         """As stored with the request: ``TRACE-ROOTSPAN-PARENTSPAN-FLAGS`` in hex."""
         return f"{self.trace_id:032x}-{self.span_id:016x}-{self.parent_id:016x}-{self.flags:02x}"
 
+    def keep(self) -> str:
+        """``encode()``, and this context kept for the first ``decode`` of that text in
+        this process (dict operations, atomic under the GIL: no lock)."""
+        text = self.encode()
+        if len(_KEPT) >= _KEEP_AT_MOST:
+            _KEPT.clear()
+        _KEPT[text] = self
+        return text
+
     @classmethod
     def decode(cls, text: str) -> TraceContext | None:
         """The stored form back; None for an empty or malformed one."""
+        kept = _KEPT.pop(text, None)
+        if kept is not None:
+            return kept
         match = _STORED.fullmatch(text)
         if match is None:
             return None

@@ -205,22 +205,22 @@ class Tracing(Observer):
     # -- the request's root span ---------------------------------------------------------------
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
         ids = request.trace
-        if ids is None or not self._sampled(ids):
+        if ids is None or not ((self._always and not ids.parent_id) or self._sampled(ids)):
+            return
+        start = int(request.created * 1e9)
+        if error is None:  # the usual case: a ``RootRecord``, no name, no attributes
+            self.recorder.add(
+                (
+                    ids.trace_id, ids.span_id, ids.parent_id, start, time.time_ns(), request.flow,
+                    request.request_id, status._value_,  # the value without a property call
+                )
+            )  # fmt: skip
             return
         attributes = {
             "flowloom.flow": request.flow,
             "flowloom.request_id": request.request_id,
-            "flowloom.status": status._value_,  # the value without the enum's property call
+            "flowloom.status": status._value_,
         }
-        start = int(request.created * 1e9)
-        if error is None:  # the usual case: the record itself, no span object
-            self.recorder.add(
-                (
-                    f"flow {request.flow}", _SERVER, ids.trace_id, ids.span_id, ids.parent_id,
-                    True, start, time.time_ns(), attributes, (), 0, "",
-                )
-            )  # fmt: skip
-            return
         span = LightSpan(
             self.recorder,
             f"flow {request.flow}",
@@ -265,14 +265,15 @@ class Tracing(Observer):
         span: _AttemptSpan | None = attempt.span
         if span is None:
             ids = attempt.request.trace
-            if not self._sampled_attempt(ids):
+            # ``_sampled_attempt``, inlined for the usual case (a call less per task)
+            if not (ids is None or (self._always and not ids.parent_id) or self._sampled(ids)):
                 return
             if attempt.error is None:  # the usual case: nobody asked for the span, no object
                 # the record written below for a span left untouched, and ``Recorder.add``,
                 # inlined: a call more here costs every task about a tenth of its tracing
                 # hooks
                 task = attempt.task
-                span_id = attempt.span_id = random.getrandbits(64) or 1
+                span_id = attempt.span_id = attempt.own_id or random.getrandbits(64) or 1
                 recorder = self.recorder
                 queue = recorder.queue
                 waiting = len(queue)
@@ -339,6 +340,9 @@ class Tracing(Observer):
         """The OpenTelemetry context of the attempt's user code: its span current (or,
         for a request not sampled, the request's root, not sampled, so that the handlers'
         own spans are dropped with it). Made once, at the first question."""
+        call: _CallScope | None = attempt.call
+        if call is not None:  # in a call of user code: its span
+            return call.context()
         context: otel_context.Context | None = attempt.scope
         if context is None:
             span = self._attempt_span(attempt)
@@ -394,7 +398,13 @@ class Tracing(Observer):
                 scope = _REQUEST_SCOPE.get()
                 attempt = None if scope is None else scope.attempt
                 if attempt is not None and attempt.tracer is self:
-                    current = self._attempt_span(attempt)
+                    if attempt.call is not None:  # a call in a call (not flowloom's own)
+                        current = attempt.call.materialize()
+                    elif attempt.span is None and kind != "handler":
+                        lazy: AbstractContextManager[None] = self._lazy_call(attempt, kind, fn)
+                        return lazy
+                    else:
+                        current = self._attempt_span(attempt)
                     if current is None:  # a dropped request
                         return contextlib.nullcontext()
         if type(current) is _AttemptSpan or type(current) is LightSpan:
@@ -405,10 +415,38 @@ class Tracing(Observer):
                 return contextlib.nullcontext()
             # outside any request's span (a hook): a trace of its own
             trace_id, parent_id = (ids.trace_id, ids.span_id) if ids.is_valid else (0, 0)
-        name = f"{kind} {getattr(fn, '__name__', '')}".rstrip()
         return _Scope(
-            LightSpan(self.recorder, name, trace_id or new_trace_id(), parent_id, False, {})
+            LightSpan(
+                self.recorder,
+                _call_name(kind, fn),
+                trace_id or new_trace_id(),
+                parent_id,
+                False,
+                {},
+            )
         )
+
+    def _lazy_call(
+        self, attempt: Attempt, kind: str, fn: Callable[..., Any]
+    ) -> AbstractContextManager[None]:
+        """A call of user code in an attempt whose span nobody asked for: no span object,
+        no context set, unless the call asks for its span (``_CallScope``). Its parent is
+        the attempt's span, whose id is chosen now (``own_id``). Not for a handler: a
+        handler's thread may outlive its call (a time-out), still under the handler's
+        span."""
+        ids = attempt.request.trace
+        if ids is None:  # no stored trace: the attempt's span makes the trace id
+            span = self._attempt_span(attempt)
+            assert span is not None
+            return _Scope(LightSpan(self.recorder, _call_name(kind, fn), span.trace_id,
+                                    span.span_id, False, {}))  # fmt: skip
+        if not self._sampled_attempt(ids):
+            return contextlib.nullcontext()
+        with _MAKING:  # as ``_attempt_span``, which may make the attempt's span meanwhile
+            parent = attempt.own_id
+            if not parent:
+                parent = attempt.own_id = random.getrandbits(64) or 1
+        return _CallScope(self.recorder, attempt, _call_name(kind, fn), ids.trace_id, parent)
 
     def flush(self, timeout: float = 10.0) -> bool:
         ours = self.recorder.flush(timeout)
@@ -441,7 +479,8 @@ class _AttemptSpan(trace.Span):
         self.attempt: Attempt | None = None if self.ended else attempt  # until it ends
         self.trace_id = new_trace_id() if ids is None else ids.trace_id
         self.parent_id = 0 if ids is None else ids.span_id
-        self.span_id = attempt.span_id or random.getrandbits(64) or 1
+        self.span_id = attempt.span_id or attempt.own_id or random.getrandbits(64) or 1
+        attempt.own_id = self.span_id  # a later call of the attempt's user code parents on it
         self.light: LightSpan | None = None
         self._context: SpanContext | None = None
 
@@ -537,6 +576,72 @@ class _Scope:
             span.record_exception(exc)
             span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
         span.end()
+
+
+def _call_name(kind: str, fn: Callable[..., Any]) -> str:
+    return f"{kind} {getattr(fn, '__name__', '')}".rstrip()
+
+
+class _CallScope:
+    """A call of user code in an attempt nobody asked the span of, traced lazily: it is
+    the attempt's ``call`` while it runs, so that OpenTelemetry's runtime context answers
+    its span (``Tracing._attempt_context``), made at the first question. Left untouched
+    and not failing, it is recorded as one ``Record`` tuple at its end: no span object,
+    no context, no context variable set."""
+
+    __slots__ = ("_context", "attempt", "light", "name", "parent_id", "recorder", "start",
+                 "trace_id")  # fmt: skip
+
+    def __init__(
+        self, recorder: Recorder, attempt: Attempt, name: str, trace_id: int, parent_id: int
+    ) -> None:
+        self.recorder = recorder
+        self.attempt = attempt
+        self.name = name
+        self.trace_id = trace_id
+        self.parent_id = parent_id
+        self.light: LightSpan | None = None
+        self._context: otel_context.Context | None = None
+        self.start = 0
+
+    def materialize(self) -> LightSpan:
+        """The call's recording span, made at the first question or as it fails."""
+        with _MAKING:
+            light = self.light
+            if light is None:
+                light = self.light = LightSpan(
+                    self.recorder, self.name, self.trace_id, self.parent_id, False, {},
+                    start_ns=self.start,
+                )  # fmt: skip
+        return light
+
+    def context(self) -> otel_context.Context:
+        context = self._context
+        if context is None:
+            context = self._context = otel_context.Context({_SPAN_KEY: self.materialize()})
+        return context
+
+    def __enter__(self) -> None:
+        self.attempt.call = self
+        self.start = time.time_ns()
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        self.attempt.call = None  # and the cycle between the two undone
+        light = self.light
+        if light is None and exc is None:  # the usual case: the record alone
+            self.recorder.add(
+                (
+                    self.name, 0, self.trace_id, random.getrandbits(64) or 1, self.parent_id,
+                    False, self.start, time.time_ns(), {}, (), 0, "",
+                )
+            )  # fmt: skip
+            return
+        if light is None:
+            light = self.materialize()
+        if exc is not None:
+            light.record_exception(exc)
+            light.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+        light.end()
 
 
 class _Providers(trace.TracerProvider):

@@ -45,10 +45,15 @@ class Pair:
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
         self.primary = PrivateRedis(tmp_path / "a", aof=False)
-        self.primary.start()
+        self.primary.start()  # before the replica picks its port (see free_port)
         self.replica = PrivateRedis(tmp_path / "b", aof=False)
         self.replica.command += ["--replicaof", "127.0.0.1", str(self.primary.port)]
-        self.replica.start()
+        try:
+            self.replica.start()
+        except BaseException:
+            self.replica.close()
+            self.primary.close()
+            raise
         self.proxy = SlowProxy(self.primary.port)
         self.url = f"{self.proxy.url_base}/0"
 
@@ -155,14 +160,15 @@ def test_scripts_missing_on_a_new_server_are_loaded_on_the_connection_that_misse
     the pool hands out."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    old, new = PrivateRedis(tmp_path / "a", aof=False), PrivateRedis(tmp_path / "b", aof=False)
-    old.start()
-    new.start()
+    old = PrivateRedis(tmp_path / "a", aof=False)
+    old.start()  # before the second picks its port: a free port is one not bound yet
+    new = PrivateRedis(tmp_path / "b", aof=False)
     proxy = SlowProxy(old.port)
     client = make_client(f"{proxy.url_base}/0", socket_timeout=5, connect_timeout=5)
     scripts = Scripts(client)
     keys = ["t:delayed", "t:tasks"]
     try:
+        new.start()
         assert scripts.pipelined([("promote", keys, [100])])[0] == [0, -1]
         assert client.ping()  # an idle connection of the pool, to the old server
         proxy.upstream = ("127.0.0.1", new.port)

@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 import time
+from typing import Any
 
 import anyio
 import httpx
@@ -16,6 +17,7 @@ import pytest
 from flowloom import FlowService, Overloaded
 from flowloom.backends import MemoryBackend
 from flowloom.http import create_app
+from flowloom.http.inputs import BODY_RECEIVED
 from http_fixtures import AppClient, Gate, ServerProcess, register_flows
 
 pytestmark = pytest.mark.timeout(120)
@@ -169,6 +171,23 @@ async def test_huge_numbers_are_400(query: str) -> None:
     assert response.status_code == 400, response.text
 
 
+def post_scope(size: int) -> dict[str, Any]:
+    """The ASGI scope of a ``POST /flow/myflow`` of a body of ``size`` bytes."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/flow/myflow",
+        "raw_path": b"/flow/myflow",
+        "query_string": b"",
+        "headers": [(b"content-length", b"%d" % size)],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8080),
+    }
+
+
 @pytest.mark.anyio
 async def test_a_client_that_disconnects_during_upload_is_one_short_line(
     caplog: pytest.LogCaptureFixture,
@@ -189,19 +208,7 @@ async def test_a_client_that_disconnects_during_upload_is_one_short_line(
         async def send(message: dict[str, object]) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/flow/myflow",
-            "raw_path": b"/flow/myflow",
-            "query_string": b"",
-            "headers": [(b"content-length", b"1000")],
-            "client": ("127.0.0.1", 5000),
-            "server": ("127.0.0.1", 8080),
-        }
+        scope = post_scope(1000)
         await app(scope, receive, send)  # raises nothing
         assert fs.requests("myflow") == []
     assert sent[0]["status"] == 400
@@ -233,21 +240,9 @@ async def _post_in_parts(
             sent.append(message)
 
         size = sum(len(chunk) for _, chunk in parts)
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/flow/myflow",
-            "raw_path": b"/flow/myflow",
-            "query_string": b"",
-            "headers": [(b"content-length", b"%d" % size)],
-            "client": ("127.0.0.1", 5000),
-            "server": ("127.0.0.1", 8080),
-        }
+        scope = post_scope(size)
         if marked:
-            scope["flowloom.body_received"] = True
+            scope[BODY_RECEIVED] = True
         await app(scope, receive, send)
     status = sent[0]["status"]
     body = sent[1]["body"]

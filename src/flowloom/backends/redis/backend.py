@@ -15,6 +15,7 @@ from ...errors import BackendUnavailable, InvalidRequest
 from ...logs import safe_url
 from ...types import ErrorInfo, RequestState, Status
 from ..base import Backend, RequestRecord, Summary, Task, current_deadline
+from . import access
 from .connection import QUICK_TIMEOUT, Guard, Health, make_client
 from .consumer import Consumer
 from .ends import Ends
@@ -86,6 +87,7 @@ class RedisBackend(Backend):
         self.max_value = max_value
         self._value_limit: int | None = None  # max_value, and Redis's, once read
         self._config_due = 0.0  # when to read Redis's settings (again)
+        self._access_checked = False  # see ``ping``
         self.retry_for = retry_for
         self.keys = KeyLayout.of(prefix)
         try:
@@ -373,11 +375,24 @@ class RedisBackend(Backend):
 
     def ping(self) -> None:
         """``BackendUnavailable`` unless Redis answers within about a second. A probe: the
-        caller reports the answer, so a failure is not logged here."""
+        caller reports the answer, so a failure is not logged here.
+
+        Until one has found nothing amiss, a ping also asks Redis whether its user may
+        run every command flowloom sends (``access.py``): ``BackendUnavailable`` naming
+        those it may not, as a worker or server would otherwise start and run nothing."""
         try:
             self._quick.ping()
+            missing = None if self._access_checked else access.refused(self._quick, self.keys)
         except redis.RedisError as exc:
             raise self._guard.unavailable(exc) from exc
+        if missing:
+            user = self._quick.connection_pool.connection_kwargs.get("username") or "default"
+            raise BackendUnavailable(
+                f"Redis at {self.health.url} refuses its user {user!r} commands flowloom "
+                f"needs: {', '.join(missing)} (on keys and channels {self.prefix}:*); "
+                'see docs/redis.md, "Redis users and ACLs"'
+            )
+        self._access_checked = True
         self.health.succeeded()
 
     def _reconnect(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import struct
 import time
@@ -28,7 +29,7 @@ import requests
 
 from .spans import AnyRecord, Record, VertexRecord, expand
 
-__all__ = ["Poster", "encode_request"]
+__all__ = ["Poster", "encode_request", "export_timeout"]
 
 log = logging.getLogger("flowloom.tracing")
 
@@ -251,6 +252,27 @@ def _setting(name: str) -> str:
     ).strip()
 
 
+def export_timeout() -> float:
+    """The export timeout in seconds (the OpenTelemetry SDK's unit here): a positive
+    number; 10 when unset, and, with a warning, when not one (a word, NaN, zero, a
+    negative or an endless number: a NaN deadline would retry a failing export for
+    ever)."""
+    name = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
+    if not os.environ.get(name, "").strip():
+        name = "OTEL_EXPORTER_OTLP_TIMEOUT"
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return 10.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if 0 < seconds < math.inf:
+        return seconds
+    log.warning("flowloom: %s=%.40r is not a number of seconds; using 10", name, raw)
+    return 10.0
+
+
 def _headers(text: str) -> dict[str, str]:
     """``k1=v1,k2=v2`` (values URL-encoded), as the OTLP exporter specification says."""
     headers = {}
@@ -271,8 +293,14 @@ class Poster:
             base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
             url = traces or (base or "http://localhost:4318").rstrip("/") + "/v1/traces"
         self.url = url
-        self.timeout = float(_setting("TIMEOUT") or 10)
+        self.timeout = export_timeout()
         self.compression = _setting("COMPRESSION").lower()
+        if self.compression not in ("", "none", "gzip", "deflate"):
+            log.warning(
+                "flowloom: OTEL_EXPORTER_OTLP_COMPRESSION=%.40r is not gzip, deflate or "
+                "none; spans are sent uncompressed",
+                self.compression,
+            )
         self.session = requests.Session()
         self.session.headers.update(
             {"content-type": "application/x-protobuf", **_headers(_setting("HEADERS"))}

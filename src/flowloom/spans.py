@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import marshal
+import math
 import os
 import random
 import select
@@ -545,8 +546,23 @@ def child_sink(endpoint: str | None, resource: dict[str, Any]) -> Sink:
 
 
 def bsp_setting(name: str, default: float) -> float:
-    """A standard ``OTEL_BSP_*`` batching variable, as the SDK reads it."""
-    try:
-        return float(os.environ.get(name) or default)
-    except ValueError:
+    """A standard ``OTEL_BSP_*`` batching variable: a number from 1 to 2**31 - 1, as
+    its unit counts (spans, milliseconds). Unset: ``default``; anything else (a word,
+    NaN, zero, a negative or an endless number) is ignored with a warning, as the
+    OpenTelemetry specification asks of an invalid setting, and ``default`` used."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
         return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if 1 <= value <= _MOST:
+        return value
+    log.warning(
+        "flowloom: %s=%.40r is not a number from 1 to %d; using %g", name, raw, _MOST, default
+    )
+    return default
+
+
+_MOST = 2**31 - 1  # what the SDK's own batching and a thread's wait take

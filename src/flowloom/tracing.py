@@ -61,6 +61,7 @@ from opentelemetry.util.types import Attributes, AttributeValue
 
 from .context import _current as _REQUEST_SCOPE
 from .observe import Attempt, CallSpan, Observer, RequestInfo
+from .otlp import export_timeout
 from .span_export import InProcessSink
 from .spans import (
     CLOCK,
@@ -174,9 +175,22 @@ class Tracing(Observer):
         sdk_exporter = exporter
         if sdk_exporter is None:
             url = traces_url(endpoint) if endpoint else None
-            sdk_exporter = OTLPSpanExporter(endpoint=url) if url else OTLPSpanExporter()
+            # the timeout given, not read by the SDK: it takes NaN, and then sends nothing
+            sdk_exporter = OTLPSpanExporter(endpoint=url, timeout=export_timeout())
+        max_queue = int(bsp_setting("OTEL_BSP_MAX_QUEUE_SIZE", MAX_QUEUE))
+        batch = min(int(bsp_setting("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", BATCH)), max_queue)
+        delay = bsp_setting("OTEL_BSP_SCHEDULE_DELAY", 500)
         self.provider = TracerProvider(resource=resource)
-        self.provider.add_span_processor(BatchSpanProcessor(sdk_exporter))
+        # the handlers' own spans, batched alike (given, not read again from the variables:
+        # the SDK refuses a batch over its default queue of 2048, flowloom takes 100,000)
+        self.provider.add_span_processor(
+            BatchSpanProcessor(
+                sdk_exporter,
+                max_queue_size=max_queue,
+                schedule_delay_millis=delay,
+                max_export_batch_size=batch,
+            )
+        )
         self.tracer = self.provider.get_tracer("flowloom")
         sink: Sink | None = None
         if exporter is None:
@@ -186,9 +200,9 @@ class Tracing(Observer):
                 log.warning("flowloom: no span exporter process (%s); exporting in-process", exc)
         self.recorder = Recorder(
             sink or InProcessSink(sdk_exporter, resource),
-            max_queue=int(bsp_setting("OTEL_BSP_MAX_QUEUE_SIZE", MAX_QUEUE)),
-            batch=int(bsp_setting("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", BATCH)),
-            delay=bsp_setting("OTEL_BSP_SCHEDULE_DELAY", 500) / 1000,
+            max_queue=max_queue,
+            batch=batch,
+            delay=delay / 1000,
         )
         # a service never closed still exports its last spans, as the SDK's provider does
         atexit.register(self.recorder.close)

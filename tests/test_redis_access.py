@@ -7,12 +7,15 @@ A Redis server of the test's own (ports 7100-7199), with ACL users of its own.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -21,7 +24,8 @@ from flowloom.backends.redis import RedisBackend
 from flowloom.backends.redis.access import commands, name, refused, script_commands
 from flowloom.backends.redis.keys import KeyLayout
 from test_cli_worker import flowloom
-from test_redis_resilience import PrivateRedis
+from test_redis_faults import eventually
+from test_redis_resilience import PrivateRedis, free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -152,6 +156,61 @@ def test_a_user_allowed_exactly_what_is_checked_runs_every_kind_of_flow(
         assert set(backend.depth()) == {"ready", "delayed", "held"}
         assert backend.context_get(held, "seen") == b"b" + b"p"  # tagged: bytes
         backend.sweep()
+
+
+def test_a_server_whose_user_has_exactly_what_is_checked_answers_over_http(
+    server: PrivateRedis, tmp_path: Path
+) -> None:
+    """``flowloom serve`` (its event loop's own connection, subscription and submits,
+    and its worker) with the same user: sync and async executes, state, listings."""
+    url = user(server, "web", *exactly_what_is_checked())
+    app = tmp_path / "app.py"
+    app.write_text(
+        textwrap.dedent(
+            f"""
+            from flowloom import FlowService
+            from flowloom.backends.redis import RedisBackend
+
+            fs = FlowService(backend=RedisBackend({url!r}, prefix={PREFIX!r}))
+            fs.register("myflow", lambda wf, ctx: wf.dag.node("n", lambda d, o: b"<" + d + b">"))
+            """
+        )
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowloom.cli", "serve", f"{app}:fs", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        eventually(lambda: _healthy(f"{base}/health"), 30, "the server answers")
+        with httpx.Client(base_url=base, timeout=30) as http:
+            answer = http.post("/flow/myflow", content=b"hi")
+            assert (answer.status_code, answer.content) == (200, b"<hi>")
+            queued = http.post("/flow/myflow", content=b"later", headers={"X-Async": "true"})
+            assert queued.status_code == 202
+            request_id = queued.json()["request_id"]
+            eventually(
+                lambda: (
+                    http.get(f"/flow/myflow/requests/{request_id}").json()["status"] == "completed"
+                ),
+                10,
+                "the async request completes",
+            )
+            listed = http.get("/flow/myflow/requests").json()
+            assert request_id in {r["request_id"] for r in listed["requests"]}
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0].decode()
+    assert "refused" not in out, out
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.mark.parametrize(

@@ -246,6 +246,30 @@ def test_retry_queues_the_next_attempt_after_the_delay(backend: Backend) -> None
     assert state.vertices["a"].error is None
 
 
+def test_defer_gives_a_task_back_unrun_after_the_delay(backend: Backend) -> None:
+    """A worker that lacks the task's definition gives it back: the same task (attempt,
+    inputs, version), after the delay, and nothing of the request changed meanwhile."""
+    plan = plan_of(linear)
+    submit(backend, plan)
+    task = claim(backend)
+    backend.defer(task, 0.3)
+    assert backend.depth()["delayed"] == 1
+    state = backend.state("r1")
+    assert state is not None
+    assert state.status is Status.QUEUED
+    assert "a" not in state.vertices or state.vertices["a"].attempts == 0
+    started = time.monotonic()
+    again = claim(backend)
+    assert time.monotonic() - started >= 0.2
+    assert (again.step, again.attempt, dict(again.inputs), again.version, again.keys) == (
+        task.step, task.attempt, dict(task.inputs), task.version, task.keys,
+    )  # fmt: skip
+    run(backend, plan, again, b"A")
+    run(backend, plan, claim(backend), b"B")
+    assert backend.wait("r1", 5) is Status.COMPLETED
+    assert backend.result("r1") == b"B"
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.0004])
 def test_a_retry_without_delay_is_ready_at_once(backend: Backend, delay: float) -> None:
     plan = plan_of(linear)

@@ -393,6 +393,23 @@ def test_a_worker_without_the_requests_definition_fails_it_clearly(
     live_workers(fs, 2)
 
 
+def test_a_worker_without_the_requests_definition_leaves_it_to_one_that_has_it(
+    fs: FlowService, workers: Workers, tmp_path: Path
+) -> None:
+    """A rolling deploy: while a worker with the request's definition is live, one
+    without it gives its tasks back for it instead of failing the request (before: about
+    half of these requests failed with ``FlowNotFound``), and says so once."""
+    workers.start(variant=2, concurrency=8)  # another definition, and more threads asking
+    workers.start(variant=1, concurrency=1)
+    live_workers(fs, 2)
+    ids = [fs.execute("versioned", b"") for _ in range(20)]  # this client has variant 1
+    for request_id in ids:
+        assert fs.result("versioned", request_id, timeout=30) == b"variant 1"
+    log = (tmp_path / "worker-0.log").read_text()
+    assert log.count("lacks flow 'versioned' version") == 1, log
+    assert "FlowNotFound" not in log
+
+
 def test_re_registering_in_a_process_keeps_running_requests_on_their_definition(
     make_redis_backend: Callable[..., RedisBackend],
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -32,6 +33,10 @@ from .types import ErrorInfo, Options, Status
 __all__ = ["MAX_CONCURRENCY", "Worker"]
 
 MAX_CONCURRENCY = 10_000  # threads one worker may run
+# A task of a definition this worker lacks, which another live worker has, goes back for
+# that one after this long; the live workers' definitions are read again at most this often
+DEFER_SECONDS = 0.5
+SERVED_SECONDS = 2.0
 
 log = logging.getLogger("flowloom.worker")
 
@@ -63,6 +68,10 @@ class Worker:
         self._call = Caller(self.observers.call_span)
         self._known: dict[str, tuple[Options, RequestInfo]] = {}  # request id -> recent ones
         self._outage = _Outage()
+        # (flow, version) pairs other live workers serve, and when to read them again
+        self._served: frozenset[tuple[str, str]] = frozenset()
+        self._served_due = 0.0
+        self._deferrals: dict[tuple[str, str], float] = {}  # when each was last logged
 
     def start(self) -> None:
         if self._threads:
@@ -140,6 +149,9 @@ class Worker:
         """Run one task; whatever user code does, report it and keep going."""
         try:
             plan = self.registry.version(task.flow, task.version)
+            if plan is None and self._served_elsewhere(task):
+                self._defer(task)
+                return
             if task.step == HOOKS:
                 self._run_hooks(plan, task)
                 return
@@ -346,11 +358,46 @@ class Worker:
                 "request %s: traceback of hook %s:\n%s", task.request_id, name, user_traceback(exc)
             )
 
+    def _served_elsewhere(self, task: Task) -> bool:
+        """Whether another live worker serves the definition ``task``'s request runs on,
+        which this one lacks (a rolling deploy: some workers run the new code, some the
+        old). The workers' list is read at most every ``SERVED_SECONDS``."""
+        now = time.monotonic()
+        if now >= self._served_due:
+            served: set[tuple[str, str]] = set()
+            try:
+                workers = self.backend.workers()
+            except Exception:  # not known: the task fails as it would have
+                workers = []
+            for worker in workers:
+                versions = worker.get("versions")
+                if worker.get("name") != self.name and isinstance(versions, dict):
+                    served.update((str(f), str(v)) for f, v in versions.items())
+            self._served, self._served_due = frozenset(served), now + SERVED_SECONDS
+        return (task.flow, task.version) in self._served
+
+    def _defer(self, task: Task) -> None:
+        """Give ``task`` back for a worker that has its definition; said once a minute
+        for each flow version."""
+        self.backend.defer(task, DEFER_SECONDS)
+        key = (task.flow, task.version)
+        now = time.monotonic()
+        if now - self._deferrals.get(key, -math.inf) >= 60:
+            self._deferrals[key] = now
+            log.warning(
+                "worker %s lacks flow %r version %s, which another live worker serves: its "
+                "tasks are left to such a worker (a deploy under way?)",
+                self.name,
+                task.flow,
+                task.version,
+            )
+
     def _fail_unknown_plan(self, task: Task) -> None:
         why = (
-            f"flow {task.flow!r} was re-registered with another definition while the request ran"
+            f"flow {task.flow!r} was re-registered with another definition while the request "
+            "ran (no live worker has the request's)"
             if task.flow in self.registry.names()
-            else f"flow {task.flow!r} is not registered on worker"
+            else f"flow {task.flow!r} is not registered on worker, nor on any live worker"
         )
         log.error("request %s: %s", task.request_id, why)
         error = ErrorInfo(task.step, "FlowNotFound", why)

@@ -256,6 +256,12 @@ class Backend(abc.ABC):
     def ack(self, task: Task) -> None:
         """Done with a task that changes no state (a hooks task)."""
 
+    @abc.abstractmethod
+    def defer(self, task: Task, delay: float) -> None:
+        """Give ``task`` back unrun, as it is (same attempt), for any worker to claim
+        after ``delay`` seconds: this worker lacks the definition its request runs on,
+        which another live worker has (a rolling deploy). Changes no request state."""
+
     # -- live workers (optional) -------------------------------------------------------------
     def register_worker(  # noqa: B027 - optional
         self, name: str, describe: Callable[[], Mapping[str, object]]

@@ -436,6 +436,11 @@ class MemoryBackend(Backend):
     def ack(self, task: Task) -> None:
         return None
 
+    def defer(self, task: Task, delay: float) -> None:
+        with self._lock:
+            heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), task))
+            self._ready.notify()
+
     def take_hooks(self) -> list[Task]:
         """Remove and return the queued hooks tasks (to run them before the process ends)."""
         with self._lock:

@@ -312,6 +312,9 @@ class RedisBackend(Backend):
     def ack(self, task: Task) -> None:
         self._guard(lambda: self._consumer.ack(task))
 
+    def defer(self, task: Task, delay: float) -> None:
+        self._guard(lambda: self._consumer.defer(task, delay))
+
     def flush(self) -> None:
         """Send this thread's deferred completion, if any (see ``Consumer.complete``)."""
         if self._consumer.deferring():  # sending nothing is no sign that Redis answers

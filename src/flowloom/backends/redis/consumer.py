@@ -306,6 +306,14 @@ class Consumer:
             self._release(task)
             self.look_again(task.request_id)
 
+    def defer(self, task: Task, delay: float) -> None:
+        blob = codec.encode_task(replace(task, receipt=""))
+        args = [GROUP, self.name or "", task.receipt, max(1, round(delay * 1000)), blob]
+        try:
+            self._run("defer", [self.keys.tasks, self.keys.delayed], args)
+        finally:
+            self._release(task)
+
     def look_again(self, request_id: str) -> None:
         """The tasks of ``request_id`` this process holds begun ahead are begun again (and
         so checked) before they run: the request was just ended, paused or stopped here."""

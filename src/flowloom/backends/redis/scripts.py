@@ -25,7 +25,9 @@ REQUEST_SCRIPTS = (
     "submit", "begin", "deliver", "complete", "retry", "fail", "control", "context_set",
     "rerun",
 )  # fmt: skip
-_OTHER_SCRIPTS = ("promote", "keepalive", "handback", "sweep", "reclaim", "forget", "leave")
+_OTHER_SCRIPTS = (
+    "promote", "keepalive", "handback", "sweep", "reclaim", "forget", "leave", "defer",
+)  # fmt: skip
 
 
 def _load() -> dict[str, str]:

@@ -21,6 +21,8 @@ from click.testing import CliRunner
 from flowloom import FlowService, RequestFailed, Status
 from flowloom.cli import STARTUP_CHECK, _configured, main
 from flowloom.worker import backend_name
+from test_redis_faults import eventually
+from test_redis_resilience import PrivateRedis
 
 APP = """
 import os, time
@@ -129,10 +131,47 @@ def test_an_unreachable_backend_is_one_line_and_status_2(tmp_path: Path, command
     assert out.returncode == 2, out.stderr
     assert out.stdout == ""
     lines = out.stderr.splitlines()
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("Error: ")
-    assert url.rsplit("/", 1)[0] in lines[0]
-    assert took < STARTUP_CHECK  # the backend gave up on its own, before the backstop
+    assert len(lines) == 2, out.stderr  # that it waits, then that it gave up
+    assert lines[0].startswith(f"flowloom: the backend at {url} does not answer yet (")
+    assert lines[0].endswith(f"); trying again for up to {STARTUP_CHECK:g}s")
+    assert lines[1].startswith("Error: ")
+    assert url.rsplit("/", 1)[0] in lines[1]
+    assert "Connection refused" in lines[1]
+    # tried for the whole check (Redis may be starting beside it), not beyond it
+    assert STARTUP_CHECK - 1 <= took < STARTUP_CHECK + 5
+
+
+@pytest.mark.redis
+def test_a_worker_started_before_redis_waits_for_it(tmp_path: Path) -> None:
+    """Containers started together: Redis answers two seconds after the worker starts;
+    the worker waits for it (before: it exited at once with status 2) and runs requests."""
+    server = PrivateRedis(tmp_path, aof=False)
+    path = tmp_path / "app.py"
+    path.write_text(
+        "from flowloom import FlowService\n"
+        f"fs = FlowService(redis_url={server.url!r})\n"
+        "fs.register('f', lambda wf, ctx: wf.dag.node('n', lambda d, o: d + b'!'))\n"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flowloom.cli", "worker", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        time.sleep(2)
+        assert worker.poll() is None, worker.communicate()[0]
+        server.start()
+        with FlowService(redis_url=server.url) as client:
+            eventually(client.workers, 20, "the worker is listed")
+            assert client.run("f", b"up", timeout=30) == b"up!"
+    finally:
+        worker.terminate()
+        out = worker.communicate(timeout=30)[0]
+        server.close()
+    assert worker.returncode == 0, out
+    assert out.count("does not answer yet") == 1, out
+    assert not any(line.startswith("Error: ") for line in out.splitlines()), out
 
 
 def test_worker_refuses_an_app_without_redis_url(tmp_path: Path):

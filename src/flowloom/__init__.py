@@ -5,6 +5,7 @@ import logging as _logging
 from .context import Context
 from .dag import Dag, Workflow
 from .errors import (
+    BackendRefused,
     BackendUnavailable,
     DefinitionError,
     DuplicateRequest,
@@ -32,6 +33,7 @@ _logging.getLogger("flowloom").addHandler(_logging.NullHandler())
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BackendRefused",
     "BackendUnavailable",
     "Context",
     "Dag",

@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from types import ModuleType
 import click
 
 from .backends import Backend, MemoryBackend
-from .errors import FlowloomError
+from .errors import BackendRefused, FlowloomError
 from .service import FlowService
 from .worker import backend_name
 
@@ -163,7 +164,45 @@ def check_port(host: str, port: int, what: str) -> None:
 
 def check_backend(service: FlowService) -> None:
     """``AppError`` (exit status 2, one line) unless the backend answers within
-    ``STARTUP_CHECK`` seconds."""
+    ``STARTUP_CHECK`` seconds. A backend not reachable yet (Redis still starting beside
+    the worker, as containers started together do) is tried again every half second
+    meanwhile, said once on stderr; one that refuses what flowloom needs
+    (``BackendRefused``) is not waited for."""
+    where = backend_name(service.backend)
+    deadline = time.monotonic() + STARTUP_CHECK
+    told = False
+    while True:
+        error = _ping(service, deadline - time.monotonic())
+        if error is None:
+            return
+        if isinstance(error, _NoAnswer):
+            raise AppError(f"the backend at {where} did not answer within {STARTUP_CHECK:g}s")
+        if isinstance(error, BackendRefused) or time.monotonic() + RETRY_EVERY >= deadline:
+            break
+        if not told:  # before logging is configured: the check's lines are its own
+            told = True
+            click.echo(
+                f"flowloom: the backend at {where} does not answer yet ({_one_line(error)}); "
+                f"trying again for up to {STARTUP_CHECK:g}s",
+                err=True,
+            )
+        time.sleep(RETRY_EVERY)
+    if isinstance(error, FlowloomError):
+        raise AppError(_one_line(error))
+    cause = f"{type(error).__name__}: {_one_line(error)}"
+    raise AppError(f"cannot reach the backend at {where}: {cause}")
+
+
+RETRY_EVERY = 0.5  # seconds between the start-up check's attempts
+
+
+class _NoAnswer(Exception):
+    """The backend's ping did not return in time (it hangs)."""
+
+
+def _ping(service: FlowService, timeout: float) -> BaseException | None:
+    """Ping the backend on a thread of its own, waiting up to ``timeout`` seconds: the
+    error it raised, ``_NoAnswer()`` if it did not return, or None."""
     answer: list[BaseException | None] = []
 
     def ping() -> None:
@@ -176,14 +215,9 @@ def check_backend(service: FlowService) -> None:
 
     thread = threading.Thread(target=ping, name="flowloom-startup-check", daemon=True)
     thread.start()
-    thread.join(STARTUP_CHECK)
-    if answer == [None]:
-        return
-    where = backend_name(service.backend)
-    if not answer:
-        raise AppError(f"the backend at {where} did not answer within {STARTUP_CHECK:g}s")
-    error = answer[0]
-    if isinstance(error, FlowloomError):
-        raise AppError(" ".join(str(error).split()))  # one line, whatever the cause says
-    cause = " ".join(str(error).split())
-    raise AppError(f"cannot reach the backend at {where}: {type(error).__name__}: {cause}")
+    thread.join(max(0.0, timeout))
+    return answer[0] if answer else _NoAnswer()
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # one line, whatever the cause says

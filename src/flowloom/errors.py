@@ -9,6 +9,7 @@ FlowloomError
 ├── NotRunning             control call on a request that has finished
 ├── NoOutput               no output for that vertex (unknown, or not completed)
 ├── BackendUnavailable     the backend cannot be reached or fails (after a bounded wait)
+│   └── BackendRefused     it answers, but refuses what flowloom needs (its configuration)
 ├── Overloaded             the backend holds all the requests or bytes it may: try later
 ├── StepError              user code broke a rule (a bad return value, an unknown key...)
 └── RequestError           a request did not produce a result
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from .types import ErrorInfo
 
 __all__ = [
+    "BackendRefused",
     "BackendUnavailable",
     "DefinitionError",
     "DuplicateRequest",
@@ -85,6 +87,12 @@ class BackendUnavailable(FlowloomError):
 
     The message names the backend (its URL without any password) and the cause.
     """
+
+
+class BackendRefused(BackendUnavailable):
+    """The backend answers but refuses what flowloom needs: a Redis user lacking commands,
+    keys or channels flowloom uses. Trying again does not help until it is reconfigured
+    (the start-up check of ``flowloom worker`` and ``serve`` does not wait for it)."""
 
 
 class Overloaded(FlowloomError):

@@ -11,7 +11,7 @@ import redis
 
 from ... import checks
 from ...engine import Transition
-from ...errors import BackendUnavailable, InvalidRequest
+from ...errors import BackendRefused, BackendUnavailable, InvalidRequest
 from ...logs import safe_url
 from ...types import ErrorInfo, RequestState, Status
 from ..base import Backend, RequestRecord, Summary, Task, current_deadline
@@ -382,7 +382,8 @@ class RedisBackend(Backend):
 
         Until one has found nothing amiss, a ping also asks Redis whether its user may
         run every command flowloom sends (``access.py``): ``BackendUnavailable`` naming
-        those it may not, as a worker or server would otherwise start and run nothing."""
+        those it may not (``BackendRefused``), as a worker or server would otherwise start
+        and run nothing."""
         try:
             self._quick.ping()
             missing = None if self._access_checked else access.refused(self._quick, self.keys)
@@ -390,7 +391,7 @@ class RedisBackend(Backend):
             raise self._guard.unavailable(exc) from exc
         if missing:
             user = self._quick.connection_pool.connection_kwargs.get("username") or "default"
-            raise BackendUnavailable(
+            raise BackendRefused(
                 f"Redis at {self.health.url} refuses its user {user!r} commands flowloom "
                 f"needs: {', '.join(missing)} (on keys and channels {self.prefix}:*); "
                 'see docs/redis.md, "Redis users and ACLs"'

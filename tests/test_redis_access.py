@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from flowloom import BackendUnavailable, Context, FlowService, RequestFailed, Status
+from flowloom import BackendRefused, Context, FlowService, RequestFailed, Status
 from flowloom.backends.redis import RedisBackend
 from flowloom.backends.redis.access import commands, name, refused, script_commands
 from flowloom.backends.redis.keys import KeyLayout
@@ -228,7 +228,7 @@ def test_a_user_lacking_a_command_is_refused_at_the_check_naming_it(
     url = user(server, "lacking", f"~{PREFIX}:*", f"&{PREFIX}:*", "+@all", *rules)
     backend = RedisBackend(url, prefix=PREFIX, retry_for=0.5)
     try:
-        with pytest.raises(BackendUnavailable) as caught:
+        with pytest.raises(BackendRefused) as caught:
             backend.ping()
     finally:
         backend.close()
@@ -269,7 +269,7 @@ def test_the_check_runs_again_until_it_passes(server: PrivateRedis) -> None:
     url = user(server, "later", f"~{PREFIX}:*", f"&{PREFIX}:*", "+@all", "-hset")
     backend = RedisBackend(url, prefix=PREFIX, retry_for=0.5)
     try:
-        with pytest.raises(BackendUnavailable, match="HSET"):
+        with pytest.raises(BackendRefused, match="HSET"):
             backend.ping()
         user(server, "later", f"~{PREFIX}:*", f"&{PREFIX}:*", "+@all")
         backend.ping()

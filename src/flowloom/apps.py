@@ -162,12 +162,13 @@ def check_port(host: str, port: int, what: str) -> None:
         raise FlowloomError(f"cannot {what} on {host}:{port}: {reason or exc}") from exc
 
 
-def check_backend(service: FlowService) -> None:
+def check_backend(service: FlowService, wait: bool = False) -> None:
     """``AppError`` (exit status 2, one line) unless the backend answers within
-    ``STARTUP_CHECK`` seconds. A backend not reachable yet (Redis still starting beside
-    the worker, as containers started together do) is tried again every half second
-    meanwhile, said once on stderr; one that refuses what flowloom needs
-    (``BackendRefused``) is not waited for."""
+    ``STARTUP_CHECK`` seconds. ``wait`` (a worker's or server's start): a backend not
+    reachable yet (Redis still starting beside the worker, as containers started
+    together do) is tried again every half second meanwhile, said once on stderr; one
+    that refuses what flowloom needs (``BackendRefused``) is not waited for. Else (a
+    command run by hand) the first failure is the answer."""
     where = backend_name(service.backend)
     deadline = time.monotonic() + STARTUP_CHECK
     told = False
@@ -177,7 +178,11 @@ def check_backend(service: FlowService) -> None:
             return
         if isinstance(error, _NoAnswer):
             raise AppError(f"the backend at {where} did not answer within {STARTUP_CHECK:g}s")
-        if isinstance(error, BackendRefused) or time.monotonic() + RETRY_EVERY >= deadline:
+        if (
+            not wait
+            or isinstance(error, BackendRefused)
+            or time.monotonic() + RETRY_EVERY >= deadline
+        ):
             break
         if not told:  # before logging is configured: the check's lines are its own
             told = True

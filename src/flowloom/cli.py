@@ -261,7 +261,7 @@ def serve(
     """Serve APP's flows over HTTP (and run a worker unless --no-worker)."""
     service = _configured(app, redis_url, None, port, host)
     _monitor(service, monitoring, metrics_port)
-    check_backend(service)
+    check_backend(service, wait=True)
     logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     options = {
         "limit_concurrency": limit_concurrency,
@@ -340,7 +340,7 @@ def worker(
             "its own would serve nobody; give the FlowService a redis_url (or a backend) or "
             "pass --redis-url (or run `flowloom serve`, which runs a worker beside the server)"
         )
-    check_backend(service)
+    check_backend(service, wait=True)
     logs.configure(log_level.upper())  # after the check: its failure is one line, no log
     try:
         run_worker_processes(service, processes)

@@ -145,6 +145,94 @@ def test_a_task_another_consumer_took_over_is_reported(
     assert f"1 task(s) {TAKEN_OVER}" in caplog.text
 
 
+# -- a completion sent ahead -----------------------------------------------------------------
+def status(raw: redis.Redis, backend: RedisBackend, request_id: str) -> bytes | None:
+    """The request's status as Redis has it (read apart from the backend's connections)."""
+    return raw.hget(backend.keys.request(request_id).request, "status")  # type: ignore[return-value]
+
+
+def last_task_completed_while_a_thread_waits(backend: RedisBackend, plan: Plan) -> Task:
+    """Run request ``r1`` up to its last task's completion, deferred on this thread while
+    another thread waits in ``claim`` for work (it stays waiting: nothing else is
+    queued); the last task."""
+    task = claim(backend)
+    while task.step == engine.START:
+        run(backend, plan, task)
+        task = claim(backend)
+    other = threading.Thread(target=backend.claim, args=("other", 3.0), daemon=True)
+    other.start()
+    deadline = time.monotonic() + 5
+    while backend._consumer._waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert backend._consumer._waiting == 1
+    run(backend, plan, task)
+    return task
+
+
+def test_a_completion_that_ends_its_request_is_sent_ahead_while_threads_wait(
+    make_redis_backend: Callable[..., RedisBackend], raw: redis.Redis
+) -> None:
+    """The completion that ends a request while another thread waits here claims
+    nothing: the thread sends it and waits for work without reading its reply. Redis
+    has applied it (the request is completed, its task acked); the task is let go here
+    once the reply is read, with the thread's next call."""
+    backend = make_redis_backend(visibility_timeout=60)
+    plan = Registry().register("one", one_node)
+    submit(backend, plan, "r1")
+    task = last_task_completed_while_a_thread_waits(backend, plan)
+    assert backend.claim("w", 0.2) is None  # sends the completion, then waits
+    consumer = backend._consumer
+    assert consumer.deferring()  # its reply is unread
+    assert task.receipt in consumer._held
+    assert status(raw, backend, "r1") == b"completed"
+    assert pending(raw, backend) == 0
+    backend.flush()
+    assert not consumer.deferring()
+    assert task.receipt not in consumer._held
+    assert backend.state("r1").vertices["a"].attempts == 1  # type: ignore[union-attr]
+
+
+def test_a_completion_sent_ahead_that_redis_did_not_apply_is_sent_again(
+    make_redis_backend: Callable[..., RedisBackend], raw: redis.Redis
+) -> None:
+    """A completion sent ahead that Redis refused (here: it lost its scripts) is
+    deferred again when its reply is read, and sent with the thread's next call."""
+    backend = make_redis_backend(visibility_timeout=60)
+    plan = Registry().register("one", one_node)
+    submit(backend, plan, "r1")
+    task = last_task_completed_while_a_thread_waits(backend, plan)
+    raw.script_flush()
+    assert backend.claim("w", 0.2) is None  # sends the completion, refused
+    assert status(raw, backend, "r1") == b"running"
+    assert pending(raw, backend) == 1
+    backend.flush()  # reads the refusal, loads the scripts, sends the completion again
+    assert backend.state("r1").status is Status.COMPLETED  # type: ignore[union-attr]
+    assert task.receipt not in backend._consumer._held
+    assert not backend._consumer.deferring()
+    assert pending(raw, backend) == 0
+
+
+def test_a_completion_that_ends_its_request_claims_when_no_thread_waits(
+    make_redis_backend: Callable[..., RedisBackend], raw: redis.Redis
+) -> None:
+    """With no other thread waiting, the completion that ends a request claims the next
+    task for its thread, as any completion: the thread reads its reply and goes on with
+    that task (a busy process keeps its threads fed without the fetcher)."""
+    backend = make_redis_backend(visibility_timeout=60)
+    plan = Registry().register("one", one_node)
+    submit(backend, plan, "r1")
+    task = claim(backend)
+    while task.step == engine.START:
+        run(backend, plan, task)
+        task = claim(backend)
+    submit(backend, plan, "r2")
+    run(backend, plan, task)
+    after = claim(backend)  # r1's completion claims r2's first task for this thread
+    assert after.request_id == "r2"
+    assert not backend._consumer.deferring()
+    assert backend.state("r1").status is Status.COMPLETED  # type: ignore[union-attr]
+
+
 # -- a graceful close ------------------------------------------------------------------------
 def test_close_hands_back_the_tasks_a_completion_claimed_for_the_buffer(
     make_redis_backend: Callable[..., RedisBackend], raw: redis.Redis

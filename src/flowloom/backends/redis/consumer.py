@@ -37,7 +37,6 @@ from dataclasses import replace
 from typing import Any, cast
 
 import redis
-from redis.exceptions import NoScriptError
 
 from ...engine import Transition
 from ...types import ErrorInfo
@@ -73,7 +72,6 @@ _UNSENT = (
     redis.exceptions.ReadOnlyError,
 )
 
-_CLAIM_ARG = 10  # where a completion's ``claim`` is among its arguments (``complete``)
 # a completion not sent yet, and its task (None: a part of its deliveries sent ahead)
 _Deferred = tuple[Call, Task | None]
 
@@ -127,9 +125,8 @@ class Consumer:
         self._with_deferred(None)
 
     def deferring(self) -> bool:
-        """Whether this thread has deferred completions to send, or the reply to one sent
-        ahead to read."""
-        return bool(self._deferred.__dict__.get("calls")) or self._scripts.sent_ahead()
+        """Whether this thread has deferred completions to send."""
+        return bool(self._deferred.__dict__.get("calls"))
 
     def _flush_for_next(self) -> Task | None:
         """Send this thread's deferred completions; the task they handed to this thread
@@ -149,7 +146,6 @@ class Consumer:
         stays deferred; one that fails otherwise lets its task go (it is taken over later
         and runs again). ``eager``: the thread is free, a task a completion claims is for
         it (else it goes to the buffer)."""
-        self._scripts.drain()  # a completion sent ahead may be deferred again (``_landed``)
         pending: list[_Deferred] = self._deferred.__dict__.pop("calls", [])
         if not pending:  # on the thread's own connection all the same
             return None if call is None else self._scripts.pipelined([call])[0]
@@ -157,8 +153,7 @@ class Consumer:
         try:
             results = self._scripts.pipelined(calls)
         except _UNSENT:
-            # not lost: sent with the next call (with any deferred again meanwhile)
-            self._deferred.calls = pending + self._deferred.__dict__.get("calls", [])
+            self._deferred.calls = pending  # not lost: sent with the next call
             raise
         except BaseException:
             for _, task in pending:
@@ -170,49 +165,10 @@ class Consumer:
                 self._completed(task, result, eager)
         return results[-1] if call is not None else None
 
-    def _send_ahead(self) -> bool:
-        """Send this thread's deferred completion without waiting for its reply, if it is
-        one completion that claims nothing (see ``complete``); whether it was sent. The
-        thread goes to wait for its next task at once: the reply, read before the thread
-        sends anything else, only lets the task go. The request's end does not wait for
-        it either (the script publishes the end as it runs), and the thread is not woken
-        by the reply when the event loop is woken by that end (the two wanted the GIL at
-        the same moment)."""
-        deferred = self._deferred.__dict__
-        calls: list[_Deferred] = deferred.get("calls", [])
-        if len(calls) != 1:
-            return False
-        call, task = calls[0]
-        if task is None or call[0] != "complete" or call[2][_CLAIM_ARG] != 0:
-            return False
-        try:
-            self._scripts.send_ahead(call, lambda result: self._landed(call, task, result))
-        except redis.RedisError:  # still deferred: sent the usual way, which rides it out
-            return False
-        deferred["calls"] = []
-        return True
-
-    def _landed(self, call: Call, task: Task, result: Any) -> None:
-        """The reply to a completion sent ahead: the task is let go; a completion Redis
-        did not apply for want of a connection, a refusal or its script (or that may not
-        have been applied: a connection lost before its reply) is deferred again, to be
-        sent with the thread's next call (the scripts are safe to run twice); one that
-        failed otherwise lets its task go, to be taken over and run again."""
-        if not isinstance(result, Exception):
-            self._completed(task, result, False)
-        elif isinstance(result, (*_UNSENT, NoScriptError)):
-            deferred = self._deferred.__dict__
-            calls: list[_Deferred] = deferred.setdefault("calls", [])
-            if not calls:
-                deferred["since"] = time.monotonic()
-            calls.insert(0, (call, task))
-        else:
-            self._release(task)
-
     # -- the worker's calls ------------------------------------------------------------------
     def claim(self, worker: str, timeout: float) -> Task | None:
         self._start(worker)
-        if not self._buffer and not self._send_ahead():
+        if not self._buffer:
             # nothing to pair it with: send the deferred completion now, and go on with
             # the task it claimed for this thread, if any
             task = self._flush_for_next()
@@ -294,8 +250,8 @@ class Consumer:
         args: list[Any] = [
             task.request_id, GROUP, task.receipt, instance, address,
             _output_arg(output, transition), "1" if transition.finished else "0",
-            transition.result, self._store.retention_ms(), self.name or "",
-            self._want_more(transition), _flags(task), *last,
+            transition.result, self._store.retention_ms(), self.name or "", self._want_more(),
+            _flags(task), *last,
         ]  # fmt: skip
         # Sent with this thread's next call: a worker thread's next call is nearly always
         # ``begin`` of its next task, so both go in one round trip. A thread about to
@@ -380,17 +336,12 @@ class Consumer:
         return last[1]
 
     # -- what this process holds -------------------------------------------------------------
-    def _want_more(self, transition: Transition) -> int:
+    def _want_more(self) -> int:
         """How many tasks a completing worker thread may claim: up to ``CLAIM_BATCH`` (the
         first for itself, the others to the buffer), none if one waits for it in the
         buffer already or its streak of eager hand-offs is over (``STREAK_HOPS``,
-        ``STREAK_SECONDS``). None either for the completion that ends its request while
-        other threads here wait for work: it made nothing ready, and a task on the stream
-        goes to those threads (the fetcher reads for them, a submit from this process
-        claims for them), so the completion is sent ahead (``_send_ahead``)."""
+        ``STREAK_SECONDS``)."""
         if self.name is None or self.closing.is_set() or self._buffer:
-            return 0
-        if transition.finished and self._waiting:
             return 0
         eager = self._eager.__dict__
         if eager.get("streak", 0) >= STREAK_HOPS:

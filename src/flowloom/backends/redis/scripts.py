@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -152,52 +152,8 @@ class Scripts:
             return results
         raise AssertionError("unreachable")
 
-    def send_ahead(self, call: Call, landed: Callable[[Any], None]) -> None:
-        """Send one script call on this thread's connection without waiting for its reply:
-        the reply is read before anything else is sent on the connection, or by
-        ``drain``, and handed to ``landed`` (the result, or the error: a
-        ``redis.ConnectionError`` if the connection broke before the reply came, the
-        call then applied or not). A send that fails raises, and nothing is pending."""
-        self.drain()
-        if not self._loaded:
-            self.load()
-        connection = self._connection()
-        packed = _wire(connection, self._packed(*call))
-        try:
-            connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
-        except BaseException:
-            connection.disconnect()  # type: ignore[no-untyped-call]
-            raise
-        self._pinned.held.ahead = landed
-
-    def sent_ahead(self) -> bool:
-        """Whether this thread's connection has a reply to read (``send_ahead``)."""
-        held: _Pinned | None = getattr(self._pinned, "held", None)
-        return held is not None and held.ahead is not None and held.pid == os.getpid()
-
-    def drain(self) -> None:
-        """Read the reply to this thread's call sent ahead, if any, for its ``landed``."""
-        if not self.sent_ahead():
-            return
-        held: _Pinned = self._pinned.held
-        landed, held.ahead = held.ahead, None
-        assert landed is not None
-        result: Any
-        try:
-            result = held.connection.read_response()
-        except ResponseError as exc:
-            result = exc
-            if isinstance(exc, ReadOnlyError):
-                held.connection.disconnect()  # type: ignore[no-untyped-call]
-        except Exception as exc:  # the connection broke, or timed out: it starts afresh
-            held.connection.disconnect()  # type: ignore[no-untyped-call]
-            result = exc
-        landed(result)
-
     def _send(self, commands: list[Command]) -> list[Any]:
-        """Send ``commands`` on this thread's connection in one write (see ``_send_on``),
-        once the reply to its call sent ahead, if any, is read."""
-        self.drain()
+        """Send ``commands`` on this thread's connection in one write (see ``_send_on``)."""
         return _send_on(self._connection(), commands)
 
 
@@ -210,7 +166,6 @@ class _Pinned:
         pool = client.connection_pool
         self.pid = os.getpid()
         self.connection: Connection = pool.get_connection()
-        self.ahead: Callable[[Any], None] | None = None  # for the reply not read yet
         weakref.finalize(self, pool.release, self.connection)
 
 

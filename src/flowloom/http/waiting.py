@@ -29,6 +29,7 @@ import anyio.to_thread
 
 from ..backends import deadline
 from ..errors import BackendUnavailable, RequestNotFound
+from ..loops import the_running_loop
 from ..types import Request, Status
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class Waiter:
         self.submitting: set[str] = set()  # ids of executes' requests being submitted
         self.closing = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0  # the thread ``_loop`` runs in
         self._unlisten: Callable[[], None] | None = None
         self._listening: bool | None = None  # None: not asked yet
         self.submits_on_loop = False  # set by the app's lifespan
@@ -112,8 +114,7 @@ class Waiter:
             self._unlisten_backend()
         if self._listening is None:
             self._loop = loop
-
-            loop_thread = threading.get_ident()
+            self._loop_thread = loop_thread = threading.get_ident()
 
             def ended(request_id: str, status: Status, result: bytes | None) -> None:
                 # called on the loop, or on the backend's thread: a dict lookup is safe
@@ -206,8 +207,7 @@ class Waiter:
     ) -> tuple[RequestRecord, Status, bytes | None]:
         """Execute, and wait for the request up to ``timeout``: its record (id, trace),
         its status then, and its result if it completed."""
-        # the running loop, asked once: each ask is a system call (asyncio checks the pid)
-        loop = asyncio.get_running_loop()
+        loop = the_running_loop(self._loop, self._loop_thread)
         if self.closing.is_set() or not self._listen(loop):
             record = await self.submit(name, request)
             status = await self._poll(record.request_id, timeout, Status.QUEUED)
@@ -235,7 +235,7 @@ class Waiter:
         has passed, or the server is stopping. ``RequestNotFound`` if it has expired."""
         if status.finished or self.closing.is_set():
             return status
-        loop = asyncio.get_running_loop()
+        loop = the_running_loop(self._loop, self._loop_thread)
         if not self._listen(loop):
             return await self._poll(request_id, timeout, status)
         with self._registered(request_id, loop) as future:

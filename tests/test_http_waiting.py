@@ -277,7 +277,7 @@ async def test_waits_pending_across_a_redis_restart_finish_or_time_out(
         fs._ensure_worker()
         waiter = Waiter(fs)
         try:
-            assert waiter._listen()
+            assert waiter._listen(asyncio.get_running_loop())
             probe = redis.Redis.from_url(private_redis.url)
             try:  # the subscription (made by this loop) is up before anything waits
                 with anyio.fail_after(10):

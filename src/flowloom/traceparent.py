@@ -28,6 +28,7 @@ _random = random.SystemRandom()
 # parsing it (each is taken once; the few never read are cleared past the bound)
 _KEPT: dict[str, TraceContext] = {}
 _KEEP_AT_MOST = 4096
+_SPAN_BITS = (1 << 64) - 1
 
 
 class TraceContext(NamedTuple):
@@ -51,10 +52,11 @@ class TraceContext(NamedTuple):
     def new(cls, parent: tuple[int, int, bool] | None = None) -> TraceContext:
         """A fresh root span id, in a new trace or under ``parent`` (trace id, span id,
         sampled), as ``parse_traceparent`` returns it."""
-        span_id = _random.getrandbits(64) or 1
+        bits = _random.getrandbits(192)  # both ids from one system call
+        span_id = (bits & _SPAN_BITS) or 1
         if parent is not None:
             return cls(parent[0], span_id, parent[1], parent[2])
-        return cls(_random.getrandbits(128) or 1, span_id)
+        return cls((bits >> 64) or 1, span_id)
 
     def retried(self) -> TraceContext:
         """The context of a retry of the request: a new root span in the same trace, child

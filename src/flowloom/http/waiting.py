@@ -29,6 +29,7 @@ import anyio.to_thread
 
 from ..backends import deadline
 from ..errors import BackendUnavailable, RequestNotFound
+from ..loops import the_running_loop
 from ..types import Request, Status
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class Waiter:
         self.submitting: set[str] = set()  # ids of executes' requests being submitted
         self.closing = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0  # the thread ``_loop`` runs in
         self._unlisten: Callable[[], None] | None = None
         self._listening: bool | None = None  # None: not asked yet
         self.submits_on_loop = False  # set by the app's lifespan
@@ -105,15 +107,14 @@ class Waiter:
         return record
 
     # -- the backend's listener ---------------------------------------------------------------
-    def _listen(self) -> bool:
-        """Listen to the backend (once per event loop); whether it tells of ends."""
-        loop = asyncio.get_running_loop()
+    def _listen(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Listen to the backend (once per event loop: the running ``loop``); whether it
+        tells of ends."""
         if self._loop is not loop:
             self._unlisten_backend()
         if self._listening is None:
             self._loop = loop
-
-            loop_thread = threading.get_ident()
+            self._loop_thread = loop_thread = threading.get_ident()
 
             def ended(request_id: str, status: Status, result: bytes | None) -> None:
                 # called on the loop, or on the backend's thread: a dict lookup is safe
@@ -186,8 +187,10 @@ class Waiter:
         self._unlisten, self._listening, self._loop = None, None, None
 
     @contextlib.contextmanager
-    def _registered(self, request_id: str) -> Iterator[asyncio.Future[Ended]]:
-        future: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
+    def _registered(
+        self, request_id: str, loop: asyncio.AbstractEventLoop
+    ) -> Iterator[asyncio.Future[Ended]]:
+        future: asyncio.Future[Ended] = loop.create_future()
         self.waiting.setdefault(request_id, []).append(future)
         try:
             yield future
@@ -204,20 +207,23 @@ class Waiter:
     ) -> tuple[RequestRecord, Status, bytes | None]:
         """Execute, and wait for the request up to ``timeout``: its record (id, trace),
         its status then, and its result if it completed."""
-        if self.closing.is_set() or not self._listen():
+        loop = the_running_loop(self._loop, self._loop_thread)
+        if self.closing.is_set() or not self._listen(loop):
             record = await self.submit(name, request)
             status = await self._poll(record.request_id, timeout, Status.QUEUED)
             return record, status, None
         if request.request_id is None:  # known before the submit, to register first
             request = replace(request, request_id=new_request_id())
         assert request.request_id is not None
-        with self._registered(request.request_id) as future:
+        with self._registered(request.request_id, loop) as future:
             self.submitting.add(request.request_id)
             try:
                 record = await self.submit(name, request)
             finally:
                 self.submitting.discard(request.request_id)
-            status, result = await self._until(future, record.request_id, timeout, Status.QUEUED)
+            status, result = await self._until(
+                loop, future, record.request_id, timeout, Status.QUEUED
+            )
         if status is Status.COMPLETED and result is None:
             result = await self.run(self.backend.result, record.request_id)
         return record, status, result
@@ -229,19 +235,21 @@ class Waiter:
         has passed, or the server is stopping. ``RequestNotFound`` if it has expired."""
         if status.finished or self.closing.is_set():
             return status
-        if not self._listen():
+        loop = the_running_loop(self._loop, self._loop_thread)
+        if not self._listen(loop):
             return await self._poll(request_id, timeout, status)
-        with self._registered(request_id) as future:
+        with self._registered(request_id, loop) as future:
             found = await self.run(self.backend.wait, request_id, 0)
             if found is None:
                 raise RequestNotFound(f"request {request_id!r} has expired")
             if found.finished:
                 return found
-            status, _ = await self._until(future, request_id, timeout, found)
+            status, _ = await self._until(loop, future, request_id, timeout, found)
             return status
 
     async def _until(
         self,
+        loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Ended],
         request_id: str,
         timeout: float | None,
@@ -255,7 +263,7 @@ class Waiter:
         # asyncio's timeout (which cancels the task) or an anyio cancel scope
         timer = None
         if timeout is not None and timeout != math.inf:
-            timer = asyncio.get_running_loop().call_later(timeout, _wake, future)
+            timer = loop.call_later(timeout, _wake, future)
         try:
             ended = await future
         finally:

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from typing import Any, cast
 
 import hiredis
 
+from ...loops import the_running_loop
 from .loop_address import LoopAddress, running_loop
 from .scripts import SOURCES
 
@@ -144,6 +146,7 @@ class LoopSubmits:
         self._replies: _Replies | None = None
         self._opening: asyncio.Task[_Replies] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0  # the thread ``_loop`` runs in
         self._paused_until = 0.0
 
     async def submit(
@@ -173,12 +176,12 @@ class LoopSubmits:
             return False
 
     async def _connection(self) -> _Replies:
-        loop = asyncio.get_running_loop()
+        loop = the_running_loop(self._loop, self._thread)
         if self._loop is not loop or self._replies is None or self._replies.lost:
             if self._loop is not loop:
                 self.close()  # the connection of a loop that made its last submits
             if self._opening is None or self._loop is not loop:
-                self._loop = loop
+                self._loop, self._thread = loop, threading.get_ident()
                 self._opening = loop.create_task(self._open())
             opening = self._opening
             try:

@@ -138,7 +138,7 @@ def test_a_lagging_exporter_drops_and_counts_the_spans_of_tasks_too():
         sink.release.set()
         tracing.recorder.close()
     assert len(sink.sent) == 15
-    assert {len(r) for r in sink.sent} == {8, 13}  # roots and vertices kept while there is room
+    assert {len(r) for r in sink.sent} == {8, 14}  # roots and vertices kept while there is room
 
 
 def test_an_exporter_stalled_for_a_while_catches_up_without_dropping():
@@ -167,7 +167,7 @@ def receiver() -> Iterator[OtlpReceiver]:
 def test_a_vertex_record_expands_to_the_span_of_its_attempt():
     vertex: VertexRecord = (
         TRACE, 5, 6, 1_000_000, 0.25, 0.5, "shop", "r1", "each[k1]/pay", "run", 2, "w-1",
-        "retried",
+        "retried", "each[]/pay",
     )  # fmt: skip
     assert expand(vertex) == (
         "vertex each[k1]/pay", 0, TRACE, 5, 6, True, 251_000_000, 501_000_000,
@@ -201,7 +201,7 @@ def test_a_root_record_expands_to_the_request_s_root_span():
     # in a batch with the other kinds, it is encoded as its expanded record
     resource = dict(Resource.create({"service.name": "shop"}).attributes)
     vertex: VertexRecord = (
-        TRACE, 6, 5, 0, 0.25, 0.5, "shop", "r1", "a", "run", 1, "w-1", "completed",
+        TRACE, 6, 5, 0, 0.25, 0.5, "shop", "r1", "a", "run", 1, "w-1", "completed", "a",
     )  # fmt: skip
     mixed = encode_request([record(), root, vertex], resource)
     assert mixed == encode_request([record(), expand(root), expand(vertex)], resource)
@@ -226,7 +226,7 @@ def test_every_vertex_record_encodes_as_its_expanded_record():
     ):
         records.append(
             (TRACE + i, 5 + i, parent, 1_000_000, 0.25 * i, 0.5 * i, "shop", f"r{i % 2}",
-             address, kind, 1 + i % 2, "w-1", ("completed", "retried")[i % 2])
+             address, kind, 1 + i % 2, "w-1", ("completed", "retried")[i % 2], address)
         )  # fmt: skip
     for vertex in records:
         assert encode_request([vertex], {}) == encode_request([expand(vertex)], {})

@@ -154,7 +154,7 @@ def _vertex_span(record: VertexRecord) -> bytes:
     busy machine feels)."""
     (
         trace_id, span_id, parent_id, offset, start, end,
-        flow, request_id, address, kind, attempt, worker, outcome,
+        flow, request_id, address, kind, attempt, worker, outcome, _step,
     ) = record  # fmt: skip
     vertex = _vertices.get((kind, address))
     if vertex is None:
@@ -231,7 +231,7 @@ def encode_request(records: Iterable[AnyRecord], resource: Mapping[str, Any]) ->
     by ``resource`` (its attributes) and of the instrumentation scope ``flowloom``."""
     spans = [
         _vertex_span(record)  # type: ignore[arg-type]
-        if len(record) == 13
+        if len(record) == 14
         else _field(b"\x12", _span(expand(record)))
         for record in records
     ]

@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 
 from flowloom import FlowService
-from flowloom.otlp import encode_request
+from flowloom.otlp import _SCOPE, _field, _span, _varint, encode_request
 from flowloom.span_export import NICENESS, readable_spans
 from flowloom.spans import Record, Recorder, RootRecord, VertexRecord, expand
 from flowloom.tracing import BATCH, MAX_QUEUE
@@ -233,6 +233,47 @@ def test_every_vertex_record_encodes_as_its_expanded_record():
     assert encode_request(records, {"service.name": "shop"}) == encode_request(
         [expand(r) for r in records], {"service.name": "shop"}
     )
+
+
+def test_root_and_plain_records_encode_as_the_sdk_would_send_them():
+    """Root records and plain records (a user-code call's: no attribute, no event, no
+    status) have encoders of their own, reusing what repeats: the bytes stay those of
+    the general encoder, and the message what the SDK would send, with and without a
+    parent, short and long, repeated or not; a record with attributes, events or a
+    status goes the general way."""
+    roots: list[RootRecord] = [
+        (TRACE, 5, 7, 1_000, 2_000, "shop", "r1", "completed"),
+        (TRACE + 1, 6, 0, 1_000, 3_000, "shop", "r2", "failed"),
+        (TRACE + 2, 7, 9, 1_000, 4_000, "x" * 300, "r" * 128, "stopped"),
+        (TRACE, 5, 7, 1_000, 2_000, "shop", "r1", "completed"),  # again: from the caches
+    ]
+    calls = [
+        record("aggregator join", attributes={}, remote=False),
+        record("aggregator join", attributes={}, remote=False, parent_id=0),
+        record("handler h", kind=2, attributes={}, remote=True),
+        record("y" * 20_000, attributes={}),
+        record("aggregator join", attributes={}, remote=False),  # again
+        record("with an event", attributes={}, events=[("e", 5, {"n": 1})]),
+        record("with a status", attributes={}, code=2, text="no"),
+        record("with attributes"),
+    ]
+    for one in [*roots, *calls]:
+        expanded = expand(one)
+        assert encode_request([one], {}) == b"".join(
+            (b"\x0a", _varint(len(body := _scope_spans(expanded))), body)
+        ), one
+    resource = Resource.create({"service.name": "shop"})
+    ours = ExportTraceServiceRequest.FromString(
+        encode_request([*roots, *calls], dict(resource.attributes))
+    )
+    sdk = encode_spans(readable_spans([*roots, *calls], resource))
+    assert MessageToDict(ours) == MessageToDict(sdk)
+
+
+def _scope_spans(one: Record) -> bytes:
+    """A request of ``one`` span, from the general encoder: its resource spans' body."""
+    scope_spans = _field(b"\x0a", _SCOPE) + _field(b"\x12", _span(one))
+    return _field(b"\x0a", b"") + _field(b"\x12", scope_spans)
 
 
 def test_a_handler_reading_its_span_sees_the_exported_ids(receiver):

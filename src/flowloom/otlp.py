@@ -139,13 +139,13 @@ _TIMES = struct.Struct("<BQBQ")
 _HALF = (1 << 64) - 1
 # the length prefixes of the usual span messages, made once
 _LENGTHS = [_varint(n) for n in range(16384)]
-# what repeats from span to span, encoded once: per vertex (and step kind), its name and
-# vertex attribute; per step kind, attempt, worker and outcome, the attributes and fields
-# after it; per flow and per request, their attribute
-_vertices: dict[tuple[str, str], tuple[bytes, bytes]] = {}
-_outcomes: dict[tuple[str, int, str, str, bool], bytes] = {}
+# what repeats from span to span, encoded once: per vertex, step kind, attempt, worker,
+# outcome and parent, its name and kind (before its times) and the attributes and fields
+# after the request's; per flow and per request, their attribute
+_vertices: dict[tuple[str, str, int, str, str, bool], tuple[bytes, bytes]] = {}
 _flows: dict[str, bytes] = {}
 _requests: dict[str, bytes] = {}
+_REQUEST_KEY = _field(b"\x0a", b"flowloom.request_id")
 
 
 def _vertex_span(record: VertexRecord) -> bytes:
@@ -158,21 +158,16 @@ def _vertex_span(record: VertexRecord) -> bytes:
         trace_id, span_id, parent_id, offset, start, end,
         flow, request_id, address, kind, attempt, worker, outcome, _step,
     ) = record  # fmt: skip
-    vertex = _vertices.get((kind, address))
+    key = (address, kind, attempt, worker, outcome, parent_id != 0)
+    vertex = _vertices.get(key)
     if vertex is None:
-        vertex = _remember(_vertices, (kind, address), _vertex_name(kind, address))
-    tail = _outcomes.get((kind, attempt, worker, outcome, parent_id != 0))
-    if tail is None:
-        key = (kind, attempt, worker, outcome, parent_id != 0)
-        tail = _remember(_outcomes, key, _outcome_tail(*key))
+        vertex = _remember(_vertices, key, _vertex_parts(*key))
     flow_attribute = _flows.get(flow)
     if flow_attribute is None:
         flow_attribute = _remember(_flows, flow, _attribute(b"\x4a", "flowloom.flow", flow))
     request_attribute = _requests.get(request_id)
     if request_attribute is None:
-        request_attribute = _remember(
-            _requests, request_id, _attribute(b"\x4a", "flowloom.request_id", request_id)
-        )
+        request_attribute = _remember(_requests, request_id, _request_attribute(request_id))
     if parent_id:
         ids = _PARENTED.pack(
             0x0A10, trace_id >> 64, trace_id & _HALF, 0x1208, span_id, 0x2208, parent_id
@@ -187,11 +182,40 @@ def _vertex_span(record: VertexRecord) -> bytes:
             flow_attribute,
             request_attribute,
             vertex[1],
-            tail,
         )
     )
     size = len(span)
     return b"\x12" + (_LENGTHS[size] if size < 16384 else _varint(size)) + span
+
+
+def _request_attribute(request_id: str) -> bytes:
+    """``_attribute(b"\\x4a", "flowloom.request_id", request_id)``, not kept in its cache
+    (each request's is kept in ``_requests`` alone)."""
+    value = _field(b"\x0a", request_id.encode())  # AnyValue{string_value}
+    return _field(b"\x4a", _REQUEST_KEY + _field(b"\x12", value))
+
+
+def _vertex_parts(
+    address: str, kind: str, attempt: int, worker: str, outcome: str, parented: bool
+) -> tuple[bytes, bytes]:
+    """A vertex span's name and kind (before its times), and what follows its request
+    attribute: its vertex, step, attempt, worker and status attributes, the empty
+    status, the flags."""
+    name = f"{'vertex' if kind == 'run' else kind} {address}"
+    attributes = (
+        ("flowloom.vertex", address),
+        ("flowloom.step", kind),
+        ("flowloom.attempt", attempt),
+        ("flowloom.worker", worker),
+        ("flowloom.status", outcome),
+    )
+    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parented else 0)
+    return (
+        _field(b"\x2a", name.encode()) + b"\x30\x01",
+        b"".join(_attribute(b"\x4a", k, v) for k, v in attributes)
+        + b"\x7a\x00\x85\x01"
+        + _FIXED32.pack(flags),
+    )
 
 
 # per flow, a root span's name and kind with its flow attribute (after its times); per
@@ -214,9 +238,7 @@ def _root_span(record: RootRecord) -> bytes:
         tail = _remember(_root_tails, key, _root_tail(*key))
     request_attribute = _requests.get(request_id)
     if request_attribute is None:
-        request_attribute = _remember(
-            _requests, request_id, _attribute(b"\x4a", "flowloom.request_id", request_id)
-        )
+        request_attribute = _remember(_requests, request_id, _request_attribute(request_id))
     if parent_id:
         ids = _PARENTED.pack(
             0x0A10, trace_id >> 64, trace_id & _HALF, 0x1208, span_id, 0x2208, parent_id
@@ -297,32 +319,6 @@ def _remember(cache: dict[Any, _T], key: Any, value: _T) -> _T:
         cache.clear()
     cache[key] = value
     return value
-
-
-def _vertex_name(kind: str, address: str) -> tuple[bytes, bytes]:
-    """A vertex span's name and kind (before its times), and its vertex attribute."""
-    name = f"{'vertex' if kind == 'run' else kind} {address}"
-    return (
-        _field(b"\x2a", name.encode()) + b"\x30\x01",
-        _attribute(b"\x4a", "flowloom.vertex", address),
-    )
-
-
-def _outcome_tail(kind: str, attempt: int, worker: str, outcome: str, parented: bool) -> bytes:
-    """The end of a vertex span's message: its step, attempt, worker and status
-    attributes, the empty status, the flags."""
-    attributes = (
-        ("flowloom.step", kind),
-        ("flowloom.attempt", attempt),
-        ("flowloom.worker", worker),
-        ("flowloom.status", outcome),
-    )
-    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parented else 0)
-    return (
-        b"".join(_attribute(b"\x4a", k, v) for k, v in attributes)
-        + b"\x7a\x00\x85\x01"
-        + _FIXED32.pack(flags)
-    )
 
 
 def encode_request(records: Iterable[AnyRecord], resource: Mapping[str, Any]) -> bytes:

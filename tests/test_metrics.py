@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,6 +19,7 @@ from flowloom import FlowService, RequestFailed
 from flowloom.backends import Task
 from flowloom.metrics import Metrics
 from flowloom.observe import Attempt, Observers, RequestInfo
+from flowloom.spans import Recorder
 from flowloom.traceparent import TraceContext
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -296,3 +298,126 @@ def test_metrics_alone_never_decode_a_trace_and_time_requests_from_their_creatio
     duration = "flowloom_request_duration_seconds"
     assert value(samples, f"{duration}_count", flow="diamond") == 3
     assert value(samples, f"{duration}_bucket", flow="diamond", le="10.0") == 3
+
+
+class _StuckSink:
+    """A span sink whose first ``send`` waits until released: an exporter that lags."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.sent = 0
+
+    def send(self, records: list[object]) -> bool:
+        self.entered.set()
+        self.release.wait(30)
+        self.sent += len(records)
+        return True
+
+    def flush(self, timeout: float) -> bool:
+        return True
+
+    def close(self, timeout: float) -> None:
+        pass
+
+
+def _run_the_mix(fs: FlowService) -> None:
+    """Three diamonds, a fan-out of 3, a flaky and a broken request: 16 attempts."""
+    for body in (b"x", b"y", b"z"):
+        assert fs.run("diamond", body, timeout=20).startswith(b"L")
+    fs.run("fanout", b"3", timeout=20)
+    fs.run("flaky", b"ok", timeout=20)
+    with pytest.raises(RequestFailed):
+        fs.run("broken", b"bad", timeout=20)
+
+
+def _assert_the_mix(samples: Samples) -> None:
+    attempts = "flowloom_task_attempts_total"
+    for vertex in "abcd":
+        assert value(samples, attempts, flow="diamond", vertex=vertex, outcome="completed") == 3
+    assert value(samples, attempts, flow="fanout", vertex="each[]/double", outcome="completed") == 3
+    assert value(samples, attempts, flow="fanout", vertex="each:join", outcome="completed") == 1
+    assert value(samples, attempts, flow="flaky", vertex="wobble", outcome="retried") == 1
+    assert value(samples, attempts, flow="flaky", vertex="wobble", outcome="completed") == 1
+    assert value(samples, attempts, flow="broken", vertex="explode", outcome="failed") == 1
+    assert total(samples, attempts) == 12 + 5 + 2 + 1
+    duration = "flowloom_task_duration_seconds"
+    assert total(samples, f"{duration}_count") == 20
+    assert value(samples, f"{duration}_count", flow="diamond", vertex="d") == 3
+    assert value(samples, f"{duration}_bucket", flow="diamond", vertex="d", le="+Inf") == 3
+    assert value(samples, f"{duration}_sum", flow="diamond", vertex="d") > 0
+    ended = "flowloom_requests_ended_total"
+    assert value(samples, ended, flow="diamond", status="completed") == 3
+    assert value(samples, ended, flow="fanout", status="completed") == 1
+    assert value(samples, ended, flow="flaky", status="completed") == 1
+    assert value(samples, ended, flow="broken", status="failed") == 1
+    assert total(samples, ended) == 6
+    requests = "flowloom_request_duration_seconds"
+    assert value(samples, f"{requests}_count", flow="diamond") == 3
+    assert value(samples, f"{requests}_bucket", flow="diamond", le="+Inf") == 3
+    assert value(samples, f"{requests}_sum", flow="diamond") > 0
+    assert total(samples, f"{requests}_count") == 6
+
+
+def test_with_tracing_on_a_scrape_counts_every_attempt_ended_before_it():
+    """With tracing on, the attempts and request ends the tracing records are counted
+    from its records as they leave its queue: a scrape counts those still waiting, those
+    taken, and those dropped (the queue full) alike, each once, retried and failed ones
+    too."""
+    with FlowService(enable_monitoring=True, otlp_endpoint="http://127.0.0.1:9") as fs:
+        observed_app.register(fs)
+        tracing: Any = next(o for o in fs.observers.all if hasattr(o, "recorder"))
+        tracing.recorder.close(5)
+        sink = _StuckSink()
+        # the thread takes a batch of 5, gets stuck sending it; 10 wait, the rest dropped
+        tracing.recorder = Recorder(sink, max_queue=10, batch=5, delay=30)
+        assert fs.metrics is not None
+        fs.metrics.count_from(tracing.recorder)
+        _run_the_mix(fs)
+        assert sink.entered.wait(10)
+        ended = "flowloom_requests_ended_total"
+        stuck = wait_until(lambda: scrape(fs), lambda s: total(s, ended) >= 6)
+        assert tracing.recorder.dropped > 0
+        assert len(tracing.recorder.queue) == 10
+        _assert_the_mix(stuck)
+        sink.release.set()
+        tracing.recorder.close()
+        assert sink.sent == 15  # every record that was not dropped, each tapped once
+        after = scrape(fs)
+        _assert_the_mix(after)
+        dropped = ("flowloom_spans_dropped_total", frozenset())
+        assert {**after, dropped: 0} == {**stuck, dropped: 0}
+
+
+def test_with_tracing_on_and_nothing_sampled_every_attempt_is_counted(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    with FlowService(enable_monitoring=True, otlp_endpoint="http://127.0.0.1:9") as fs:
+        observed_app.register(fs)
+        _run_the_mix(fs)
+        ended = "flowloom_requests_ended_total"
+        _assert_the_mix(wait_until(lambda: scrape(fs), lambda s: total(s, ended) >= 6))
+
+
+def test_with_tracing_on_records_taken_off_the_queue_are_counted_once():
+    """Scrapes while the recorder's thread takes batches: each attempt counted once."""
+    with FlowService(enable_monitoring=True, otlp_endpoint="http://127.0.0.1:9") as fs:
+        observed_app.register(fs)
+        tracing: Any = next(o for o in fs.observers.all if hasattr(o, "recorder"))
+        tracing.recorder.close(5)
+        sink = _StuckSink()
+        sink.release.set()
+        tracing.recorder = Recorder(sink, batch=3, delay=0.001)
+        assert fs.metrics is not None
+        fs.metrics.count_from(tracing.recorder)
+        attempts = "flowloom_task_attempts_total"
+        ended = "flowloom_requests_ended_total"
+        for i in range(1, 31):
+            assert fs.run("diamond", b"%d" % i, timeout=20).startswith(b"L")
+            # the request's end is told after its result is stored: wait for it, then
+            # every count is exact (none counted twice as batches leave the queue)
+            samples = wait_until(lambda: scrape(fs), lambda s, i=i: total(s, ended) >= i)
+            assert total(samples, ended) == i
+            assert total(samples, attempts, flow="diamond") == 4 * i
+            assert total(samples, "flowloom_task_duration_seconds_count") == 4 * i
+            assert value(samples, "flowloom_request_duration_seconds_count", flow="diamond") == i
+        assert sink.sent > 0

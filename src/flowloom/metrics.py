@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -100,6 +101,23 @@ class Metrics(Observer):
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
         self.requests.ended(request.flow, status._value_, request.created)
 
+    count_end = request_ended
+
+    def count_from(self, recorder: Any) -> None:
+        """Count the attempts and request ends the tracing records from its records:
+        the ``VertexRecord`` and ``RootRecord`` tuples of ``recorder`` (a
+        ``spans.Recorder``), in bulk as its thread takes them off its queue, and at each
+        scrape those still waiting, so that a scrape sees every attempt and request
+        ended before it. ``attempt_ended`` and ``request_ended`` are then no hooks: the
+        tracing calls ``count_attempt`` and ``count_end`` for the ones it records
+        otherwise (``Tracing.count_for``)."""
+        self.ends_elsewhere = True
+        self.tasks.source = self.requests.source = recorder
+        recorder.tap = self._count_records
+
+    def _count_records(self, records: list[Any]) -> None:
+        _count_records(records, self.tasks.recorded, self.requests.recorded)
+
     # No ``attempt_started``: the running gauge is the size of ``Observers.running``.
     def attempt_ended(self, attempt: Attempt) -> None:
         task = attempt.task
@@ -120,6 +138,8 @@ class Metrics(Observer):
             row[_FIRST_BUCKET] += 1
         else:
             row[_FIRST_BUCKET + bisect.bisect_left(_TASK_BUCKETS, seconds)] += 1
+
+    count_attempt = attempt_ended
 
     def task_redelivered(self, task: Task) -> None:
         self.tasks.redelivered(task.flow, task.step)
@@ -200,6 +220,10 @@ class _TaskStats(Collector):
         self.local = threading.local()
         self.running = running
         self._tables: list[dict[tuple[str, str], list[float]]] = []
+        # a ``spans.Recorder`` whose ``VertexRecord``s count here (``Metrics.count_from``),
+        # and the table of those counted, written under its ``tap_lock``
+        self.source: Any = None
+        self.recorded: dict[tuple[str, str], list[float]] = {}
 
     def mine(self) -> dict[tuple[str, str], list[float]]:
         """This thread's table, made on its first task."""
@@ -221,9 +245,21 @@ class _TaskStats(Collector):
     def redelivered(self, flow: str, step: str) -> None:
         self._row(flow, step)[_SLOT["redelivered"]] += 1
 
+    def _recorded_now(self) -> list[dict[tuple[str, str], list[float]]]:
+        """The counts of ``source``'s records: those taken off its queue and those still
+        in it, read at one moment (under its ``tap_lock``)."""
+        source = self.source
+        if source is None:
+            return []
+        waiting: dict[tuple[str, str], list[float]] = {}
+        with source.tap_lock:
+            _count_records(list(source.queue), waiting, None)
+            recorded = {key: list(row) for key, row in self.recorded.items()}
+        return [recorded, waiting]
+
     def collect(self) -> Iterable[Metric]:
         totals: dict[tuple[str, str], list[float]] = {}
-        for table in list(self._tables):
+        for table in [*self._recorded_now(), *self._tables]:
             for key, row in list(table.items()):
                 total = totals.get(key)
                 if total is None:
@@ -258,6 +294,49 @@ class _TaskStats(Collector):
         return [attempts, seconds, running]
 
 
+def _count_records(
+    records: list[Any],
+    tasks: dict[tuple[str, str], list[float]] | None,
+    requests: dict[str, list[float]] | None,
+) -> None:
+    """Count the attempts of the ``VertexRecord``s among ``records`` into ``tasks``, as
+    ``Metrics.attempt_ended`` counts one, and the request ends of the ``RootRecord``s
+    into ``requests``, as ``Metrics.request_ended`` does (None: not counted; the other
+    records are skipped)."""
+    for record in records:
+        size = len(record)
+        if size == _VERTEX_FIELDS:
+            if tasks is None:
+                continue
+            key = (record[6], record[13])  # flow, step
+            row = tasks.get(key)
+            if row is None:
+                row = tasks[key] = [0.0] * _ROW
+            outcome = record[12]
+            if outcome != "completed":
+                row[_SLOT[outcome]] += 1
+            seconds = record[5] - record[4]
+            row[_SUM] += seconds
+            if seconds <= _FIRST_BOUND:
+                row[_FIRST_BUCKET] += 1
+            else:
+                row[_FIRST_BUCKET + bisect.bisect_left(_TASK_BUCKETS, seconds)] += 1
+        elif size == _ROOT_FIELDS and requests is not None:
+            flow = record[5]
+            row = requests.get(flow)
+            if row is None:
+                row = requests[flow] = [0.0] * _R_ROW
+            seconds = max(0.0, (record[4] - record[3]) / 1e9)  # end and start, in ns
+            row[_ENDED[record[7]]] += 1
+            row[_R_SUM] += seconds
+            row[_R_FIRST_BUCKET + bisect.bisect_left(_REQUEST_BUCKETS, seconds)] += 1
+
+
+# a ``spans.VertexRecord``'s and a ``spans.RootRecord``'s (not imported: the tracing's
+# extra)
+_VERTEX_FIELDS = 14
+_ROOT_FIELDS = 8
+
 _STATUSES = tuple(status.value for status in Status)
 _ENDED = {status: i for i, status in enumerate(_STATUSES)}
 _R_STARTED = len(_STATUSES)  # after a count per final status: requests started, the sum
@@ -273,6 +352,9 @@ class _RequestStats(Collector):
     def __init__(self) -> None:
         self.local = threading.local()
         self._tables: list[dict[str, list[float]]] = []
+        # as ``_TaskStats``': the ``RootRecord``s of ``source``, counted in ``recorded``
+        self.source: Any = None
+        self.recorded: dict[str, list[float]] = {}
 
     def _row(self, flow: str) -> list[float]:
         local = self.local
@@ -296,9 +378,19 @@ class _RequestStats(Collector):
         row[_R_SUM] += seconds
         row[_R_FIRST_BUCKET + bisect.bisect_left(_REQUEST_BUCKETS, seconds)] += 1
 
+    def _recorded_now(self) -> list[dict[str, list[float]]]:
+        source = self.source
+        if source is None:
+            return []
+        waiting: dict[str, list[float]] = {}
+        with source.tap_lock:
+            _count_records(list(source.queue), None, waiting)
+            recorded = {flow: list(row) for flow, row in self.recorded.items()}
+        return [recorded, waiting]
+
     def collect(self) -> Iterable[Metric]:
         totals: dict[str, list[float]] = {}
-        for table in list(self._tables):
+        for table in [*self._recorded_now(), *self._tables]:
             for flow, row in list(table.items()):
                 total = totals.setdefault(flow, [0.0] * _R_ROW)
                 for i, value in enumerate(row):

@@ -114,6 +114,10 @@ class Observer:
     # the observer's spans are current in the attempt's user code, made only if it asks:
     # not called at ``attempt_started``, it is the attempt's ``tracer`` instead
     lazy_spans = False
+    # another observer tells this one of the attempts and requests that end
+    # (``Tracing.count_for``): its ``attempt_ended`` and ``request_ended`` are not called
+    # by ``Observers``
+    ends_elsewhere = False
 
     def request_started(self, record: RequestRecord) -> None:
         """``execute`` has queued the request (in the process that called it)."""
@@ -164,9 +168,10 @@ class Observers:
         self.call_span = next((s for o in self.all if (s := o.call_span()) is not None), None)
         self.tracer = next((o for o in self.all if o.lazy_spans), None)
         self._request_started = _hooks(self.all, "request_started")
-        self._request_ended = _hooks(self.all, "request_ended")
+        told = [o for o in self.all if not o.ends_elsewhere]
+        self._request_ended = _hooks(told, "request_ended")
         self._attempt_started = _hooks([o for o in self.all if not o.lazy_spans], "attempt_started")
-        self._attempt_ended = _hooks(self.all[::-1], "attempt_ended")
+        self._attempt_ended = _hooks(told[::-1], "attempt_ended")
         self._task_redelivered = _hooks(self.all, "task_redelivered")
         self._callback_sent = _hooks(self.all, "callback_sent")
         self._http_request = _hooks(self.all, "http_request")

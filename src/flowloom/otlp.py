@@ -26,8 +26,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import requests
+from opentelemetry.trace import SpanKind
 
-from .spans import AnyRecord, Record, VertexRecord, expand
+from .spans import AnyRecord, Record, RootRecord, VertexRecord
 
 __all__ = ["Poster", "encode_request", "export_timeout"]
 
@@ -37,6 +38,7 @@ _DOUBLE = struct.Struct("<d")
 _FIXED64 = struct.Struct("<Q")
 _FIXED32 = struct.Struct("<I")
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200  # SpanFlags
+_SERVER = SpanKind.SERVER.value
 _SCOPE = b"\x0a\x08flowloom"  # InstrumentationScope{name: "flowloom"}
 _cache: dict[tuple[bytes, str, type, Any], bytes] = {}
 _T = TypeVar("_T")
@@ -138,13 +140,13 @@ _TIMES = struct.Struct("<BQBQ")
 _HALF = (1 << 64) - 1
 # the length prefixes of the usual span messages, made once
 _LENGTHS = [_varint(n) for n in range(16384)]
-# what repeats from span to span, encoded once: per vertex (and step kind), its name and
-# vertex attribute; per step kind, attempt, worker and outcome, the attributes and fields
-# after it; per flow and per request, their attribute
-_vertices: dict[tuple[str, str], tuple[bytes, bytes]] = {}
-_outcomes: dict[tuple[str, int, str, str, bool], bytes] = {}
+# what repeats from span to span, encoded once: per vertex, step kind, attempt, worker,
+# outcome and parent, its name and kind (before its times) and the attributes and fields
+# after the request's; per flow and per request, their attribute
+_vertices: dict[tuple[str, str, int, str, str, bool], tuple[bytes, bytes]] = {}
 _flows: dict[str, bytes] = {}
 _requests: dict[str, bytes] = {}
+_REQUEST_KEY = _field(b"\x0a", b"flowloom.request_id")
 
 
 def _vertex_span(record: VertexRecord) -> bytes:
@@ -155,23 +157,18 @@ def _vertex_span(record: VertexRecord) -> bytes:
     busy machine feels)."""
     (
         trace_id, span_id, parent_id, offset, start, end,
-        flow, request_id, address, kind, attempt, worker, outcome,
+        flow, request_id, address, kind, attempt, worker, outcome, _step,
     ) = record  # fmt: skip
-    vertex = _vertices.get((kind, address))
+    key = (address, kind, attempt, worker, outcome, parent_id != 0)
+    vertex = _vertices.get(key)
     if vertex is None:
-        vertex = _remember(_vertices, (kind, address), _vertex_name(kind, address))
-    tail = _outcomes.get((kind, attempt, worker, outcome, parent_id != 0))
-    if tail is None:
-        key = (kind, attempt, worker, outcome, parent_id != 0)
-        tail = _remember(_outcomes, key, _outcome_tail(*key))
+        vertex = _remember(_vertices, key, _vertex_parts(*key))
     flow_attribute = _flows.get(flow)
     if flow_attribute is None:
         flow_attribute = _remember(_flows, flow, _attribute(b"\x4a", "flowloom.flow", flow))
     request_attribute = _requests.get(request_id)
     if request_attribute is None:
-        request_attribute = _remember(
-            _requests, request_id, _attribute(b"\x4a", "flowloom.request_id", request_id)
-        )
+        request_attribute = _remember(_requests, request_id, _request_attribute(request_id))
     if parent_id:
         ids = _PARENTED.pack(
             0x0A10, trace_id >> 64, trace_id & _HALF, 0x1208, span_id, 0x2208, parent_id
@@ -186,11 +183,135 @@ def _vertex_span(record: VertexRecord) -> bytes:
             flow_attribute,
             request_attribute,
             vertex[1],
-            tail,
         )
     )
     size = len(span)
     return b"\x12" + (_LENGTHS[size] if size < 16384 else _varint(size)) + span
+
+
+def _request_attribute(request_id: str) -> bytes:
+    """``_attribute(b"\\x4a", "flowloom.request_id", request_id)``, not kept in its cache
+    (each request's is kept in ``_requests`` alone)."""
+    value = _field(b"\x0a", request_id.encode())  # AnyValue{string_value}
+    return _field(b"\x4a", _REQUEST_KEY + _field(b"\x12", value))
+
+
+def _vertex_parts(
+    address: str, kind: str, attempt: int, worker: str, outcome: str, parented: bool
+) -> tuple[bytes, bytes]:
+    """A vertex span's name and kind (before its times), and what follows its request
+    attribute: its vertex, step, attempt, worker and status attributes, the empty
+    status, the flags."""
+    name = f"{'vertex' if kind == 'run' else kind} {address}"
+    attributes = (
+        ("flowloom.vertex", address),
+        ("flowloom.step", kind),
+        ("flowloom.attempt", attempt),
+        ("flowloom.worker", worker),
+        ("flowloom.status", outcome),
+    )
+    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parented else 0)
+    return (
+        _field(b"\x2a", name.encode()) + b"\x30\x01",
+        b"".join(_attribute(b"\x4a", k, v) for k, v in attributes)
+        + b"\x7a\x00\x85\x01"
+        + _FIXED32.pack(flags),
+    )
+
+
+# per flow, a root span's name and kind with its flow attribute (after its times); per
+# status and parent, the root span's status attribute, empty status and flags
+_roots: dict[str, tuple[bytes, bytes]] = {}
+_root_tails: dict[tuple[str, bool], bytes] = {}
+
+
+def _root_span(record: RootRecord) -> bytes:
+    """The ``Span`` message of a request's root span, with its tag and length: the bytes
+    of ``_field(b"\\x12", _span(expand(record)))``, made as ``_vertex_span`` makes a
+    vertex's (the request attribute shared with its vertices')."""
+    trace_id, span_id, parent_id, start, end, flow, request_id, status = record
+    root = _roots.get(flow)
+    if root is None:
+        root = _remember(_roots, flow, _root_name(flow))
+    tail = _root_tails.get((status, parent_id != 0))
+    if tail is None:
+        key = (status, parent_id != 0)
+        tail = _remember(_root_tails, key, _root_tail(*key))
+    request_attribute = _requests.get(request_id)
+    if request_attribute is None:
+        request_attribute = _remember(_requests, request_id, _request_attribute(request_id))
+    if parent_id:
+        ids = _PARENTED.pack(
+            0x0A10, trace_id >> 64, trace_id & _HALF, 0x1208, span_id, 0x2208, parent_id
+        )
+    else:
+        ids = _IDS.pack(0x0A10, trace_id >> 64, trace_id & _HALF, 0x1208, span_id)
+    span = b"".join((ids, root[0], _TIMES.pack(0x39, start, 0x41, end), root[1],
+                     request_attribute, tail))  # fmt: skip
+    size = len(span)
+    return b"\x12" + (_LENGTHS[size] if size < 16384 else _varint(size)) + span
+
+
+def _root_name(flow: str) -> tuple[bytes, bytes]:
+    """A root span's name and kind (before its times), and its flow attribute."""
+    return (
+        _field(b"\x2a", f"flow {flow}".encode()) + b"\x30" + _varint(_SERVER + 1),
+        _attribute(b"\x4a", "flowloom.flow", flow),
+    )
+
+
+def _root_tail(status: str, parented: bool) -> bytes:
+    """The end of a root span's message: its status attribute, the empty status, the
+    flags."""
+    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parented else 0)
+    return (
+        _attribute(b"\x4a", "flowloom.status", status) + b"\x7a\x00\x85\x01" + _FIXED32.pack(flags)
+    )
+
+
+# per name, kind and parent: a plain span's name and kind, and (after its times) its
+# empty status and flags
+_plain_spans: dict[tuple[str, int, bool], tuple[bytes, bytes]] = {}
+
+
+def _plain_span(record: Record) -> bytes:
+    """The ``Span`` message, with its tag and length, of a ``Record`` with no
+    attribute, no event and no status (a user-code call's, as ``_CallScope`` records
+    it): the bytes of ``_field(b"\\x12", _span(record))``."""
+    name, kind, trace_id, span_id, parent_id, remote, start, end = record[:8]
+    key = (name, kind, bool(parent_id and remote))
+    plain = _plain_spans.get(key)
+    if plain is None:
+        plain = _remember(_plain_spans, key, _plain_parts(*key))
+    if parent_id:
+        ids = _PARENTED.pack(
+            0x0A10, trace_id >> 64, trace_id & _HALF, 0x1208, span_id, 0x2208, parent_id
+        )
+    else:
+        ids = _IDS.pack(0x0A10, trace_id >> 64, trace_id & _HALF, 0x1208, span_id)
+    span = b"".join((ids, plain[0], _TIMES.pack(0x39, start, 0x41, end), plain[1]))
+    size = len(span)
+    return b"\x12" + (_LENGTHS[size] if size < 16384 else _varint(size)) + span
+
+
+def _plain_parts(name: str, kind: int, remote_parent: bool) -> tuple[bytes, bytes]:
+    flags = _HAS_IS_REMOTE | (_IS_REMOTE if remote_parent else 0)
+    return (
+        _field(b"\x2a", name.encode()) + b"\x30" + _varint(kind + 1),
+        b"\x7a\x00\x85\x01" + _FIXED32.pack(flags),
+    )
+
+
+def _encode(record: AnyRecord) -> bytes:
+    """A record's ``Span`` message with its tag and length, by the encoder of its kind."""
+    size = len(record)
+    if size == 14:
+        return _vertex_span(record)  # type: ignore[arg-type]
+    if size == 8:
+        return _root_span(record)  # type: ignore[arg-type]
+    if not record[8] and not record[9] and not record[10] and not record[11]:  # type: ignore[misc]
+        return _plain_span(record)  # type: ignore[arg-type]
+    return _field(b"\x12", _span(record))  # type: ignore[arg-type]
 
 
 def _remember(cache: dict[Any, _T], key: Any, value: _T) -> _T:
@@ -201,39 +322,11 @@ def _remember(cache: dict[Any, _T], key: Any, value: _T) -> _T:
     return value
 
 
-def _vertex_name(kind: str, address: str) -> tuple[bytes, bytes]:
-    """A vertex span's name and kind (before its times), and its vertex attribute."""
-    name = f"{'vertex' if kind == 'run' else kind} {address}"
-    return (
-        _field(b"\x2a", name.encode()) + b"\x30\x01",
-        _attribute(b"\x4a", "flowloom.vertex", address),
-    )
-
-
-def _outcome_tail(kind: str, attempt: int, worker: str, outcome: str, parented: bool) -> bytes:
-    """The end of a vertex span's message: its step, attempt, worker and status
-    attributes, the empty status, the flags."""
-    attributes = (
-        ("flowloom.step", kind),
-        ("flowloom.attempt", attempt),
-        ("flowloom.worker", worker),
-        ("flowloom.status", outcome),
-    )
-    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parented else 0)
-    return (
-        b"".join(_attribute(b"\x4a", k, v) for k, v in attributes)
-        + b"\x7a\x00\x85\x01"
-        + _FIXED32.pack(flags)
-    )
-
-
 def encode_request(records: Iterable[AnyRecord], resource: Mapping[str, Any]) -> bytes:
     """The ``ExportTraceServiceRequest`` of ``records``, all from one process described
     by ``resource`` (its attributes) and of the instrumentation scope ``flowloom``."""
     spans = [
-        _vertex_span(record)  # type: ignore[arg-type]
-        if len(record) == 13
-        else _field(b"\x12", _span(expand(record)))
+        _vertex_span(record) if len(record) == 14 else _encode(record)  # type: ignore[arg-type]
         for record in records
     ]
     scope_spans = _field(b"\x0a", _SCOPE) + b"".join(spans)

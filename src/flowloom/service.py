@@ -457,6 +457,7 @@ class FlowService:
                 made.append(tracing)
                 if self._metrics is not None:
                     self._metrics.count_dropped_spans(lambda: tracing.dropped)
+                    tracing.count_for(self._metrics)
         return made
 
     def _start_observing(self) -> None:

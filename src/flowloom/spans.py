@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from opentelemetry import trace
@@ -55,9 +55,10 @@ Record = tuple[
 # else (fewer objects to make, queue and marshal than a ``Record``): (trace id, span id,
 # parent span id, ``CLOCK.offset``, start and end as ``time.perf_counter()`` read them,
 # flow, request id, vertex address, step kind ("run", "split", "join"), attempt, worker,
-# outcome). ``expand`` makes it a ``Record`` where it is exported (the times in wall-clock
-# nanoseconds, the name and attributes of ``vertex_span``).
-VertexRecord = tuple[int, int, int, int, float, float, str, str, str, str, int, str, str]
+# outcome, step id (the metrics' label: the address without item keys)). ``expand`` makes
+# it a ``Record`` where it is exported (the times in wall-clock nanoseconds, the name and
+# attributes of ``vertex_span``).
+VertexRecord = tuple[int, int, int, int, float, float, str, str, str, str, int, str, str, str]
 # A request's root span ended without error, as the process that ended it records it:
 # (trace id, root span id, parent span id (0: none), start and end ns, flow, request id,
 # status). ``expand`` makes it a ``Record`` (its name and attributes) where it is exported.
@@ -122,7 +123,7 @@ def expand(record: AnyRecord) -> Record:
         )  # fmt: skip
     (
         trace_id, span_id, parent_id, offset, start, end,
-        flow, request_id, address, kind, attempt, worker, outcome,
+        flow, request_id, address, kind, attempt, worker, outcome, _step,
     ) = record  # fmt: skip
     name, attributes = vertex_span(kind, address, flow, request_id, attempt, worker)
     attributes["flowloom.status"] = outcome
@@ -294,6 +295,11 @@ class Recorder:
     ``delay`` seconds, or as soon as a batch is full. Past ``max_queue`` records waiting,
     ``add`` drops the record and counts it in ``dropped``. (``Tracing.attempt_ended``
     does what ``add`` does itself, on ``queue`` and ``wake``, to save a call per task.)
+
+    ``tap``: called with each batch as it leaves the queue, before it is sent, under
+    ``tap_lock`` (the metrics count ended attempts and requests from their records: see
+    ``metrics.Metrics.count_from``). Whoever holds ``tap_lock`` sees every record either
+    still in ``queue`` or already tapped, none in between.
     """
 
     def __init__(
@@ -309,6 +315,8 @@ class Recorder:
         self.delay = delay
         self.dropped = 0
         self.queue: collections.deque[AnyRecord] = collections.deque()
+        self.tap: Callable[[list[AnyRecord]], None] | None = None
+        self.tap_lock = threading.Lock()
         self.wake = threading.Event()
         self._lock = threading.Lock()  # one drainer at a time: the thread, or a flush
         self._closing = False
@@ -337,7 +345,16 @@ class Recorder:
             queue = self.queue
             while queue:
                 count = min(len(queue), self.batch)
-                records = [queue.popleft() for _ in range(count)]
+                tap = self.tap
+                if tap is None:
+                    records = [queue.popleft() for _ in range(count)]
+                else:
+                    with self.tap_lock:
+                        records = [queue.popleft() for _ in range(count)]
+                        try:
+                            tap(records)
+                        except Exception:
+                            log.exception("flowloom: counting %d records failed", count)
                 try:
                     sent = self.sink.send(records)
                 except Exception:

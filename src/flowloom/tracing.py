@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -75,6 +75,9 @@ from .spans import (
 )
 from .traceparent import TraceContext, parse_traceparent, traces_url
 from .types import ErrorInfo, Status
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 __all__ = ["Tracing"]
 
@@ -210,6 +213,20 @@ class Tracing(Observer):
         self._always = self.provider.sampler.get_description() in _ALWAYS_ON_ROOT
         self._lazy = self.lazy_spans = _install_lazy_runtime()
         _CURRENT.install(self.provider)
+        # the metrics' counts of an ended attempt and request, when they count the others
+        # from the records (``count_for``): called for each one ended without a
+        # ``VertexRecord`` or a ``RootRecord``
+        self._count: Callable[[Attempt], None] | None = None
+        self._count_end: Callable[[RequestInfo, Status, ErrorInfo | None], None] | None = None
+
+    def count_for(self, metrics: Metrics) -> None:
+        """Have ``metrics`` count the attempts and request ends this observer records
+        from their records (``VertexRecord``, ``RootRecord``), in bulk as they leave the
+        queue, instead of in hooks of its own; the others are counted here, as they end.
+        Call before the observers are put together (``Observers``)."""
+        metrics.count_from(self.recorder)
+        self._count = metrics.count_attempt
+        self._count_end = metrics.count_end
 
     @property
     def dropped(self) -> int:
@@ -220,16 +237,30 @@ class Tracing(Observer):
     def request_ended(self, request: RequestInfo, status: Status, error: ErrorInfo | None) -> None:
         ids = request.trace
         if ids is None or not ((self._always and not ids.parent_id) or self._sampled(ids)):
+            if self._count_end is not None:
+                self._count_end(request, status, error)
             return
         start = int(request.created * 1e9)
         if error is None:  # the usual case: a ``RootRecord``, no name, no attributes
-            self.recorder.add(
+            recorder = self.recorder  # ``Recorder.add``, inlined: a drop is counted here
+            queue = recorder.queue
+            waiting = len(queue)
+            if waiting >= recorder.max_queue:
+                recorder.dropped += 1
+                if self._count_end is not None:
+                    self._count_end(request, status, error)
+                return
+            queue.append(
                 (
                     ids.trace_id, ids.span_id, ids.parent_id, start, time.time_ns(), request.flow,
                     request.request_id, status._value_,  # the value without a property call
                 )
             )  # fmt: skip
+            if waiting + 1 == recorder.batch:
+                recorder.wake.set()
             return
+        if self._count_end is not None:  # a span, not a ``RootRecord``: not counted from it
+            self._count_end(request, status, error)
         attributes = {
             "flowloom.flow": request.flow,
             "flowloom.request_id": request.request_id,
@@ -281,6 +312,8 @@ class Tracing(Observer):
             ids = attempt.request.trace
             # ``_sampled_attempt``, inlined for the usual case (a call less per task)
             if not (ids is None or (self._always and not ids.parent_id) or self._sampled(ids)):
+                if self._count is not None:
+                    self._count(attempt)
                 return
             if attempt.error is None:  # the usual case: nobody asked for the span, no object
                 # the record written below for a span left untouched, and ``Recorder.add``,
@@ -293,13 +326,15 @@ class Tracing(Observer):
                 waiting = len(queue)
                 if waiting >= recorder.max_queue:
                     recorder.dropped += 1
+                    if self._count is not None:
+                        self._count(attempt)
                     return
                 queue.append(
                     (
                         new_trace_id() if ids is None else ids.trace_id, span_id,
                         0 if ids is None else ids.span_id, CLOCK.offset, attempt.started,
                         attempt.finished, task.flow, task.request_id, attempt.address,
-                        attempt.kind, task.attempt, attempt.worker, attempt.outcome,
+                        attempt.kind, task.attempt, attempt.worker, attempt.outcome, task.step,
                     )
                 )  # fmt: skip
                 if waiting + 1 == recorder.batch:
@@ -307,20 +342,37 @@ class Tracing(Observer):
                 return
             span = self._attempt_span(attempt)
             assert span is not None  # sampled
+        self._end_span(attempt, span)
+
+    def _end_span(self, attempt: Attempt, span: _AttemptSpan) -> None:
+        """End the span of ``attempt``, made because user code asked for it or the
+        attempt failed: a ``VertexRecord`` if left untouched, else its ``LightSpan``."""
         span.ended = True
         # the span and the attempt refer to each other: a cycle only the garbage collector
         # would free (with the task and the context it holds), once per task
         span.attempt = None
         if span.light is None and attempt.error is None:  # asked for, left untouched
             task = attempt.task
-            self.recorder.add(
+            recorder = self.recorder
+            queue = recorder.queue
+            waiting = len(queue)
+            if waiting >= recorder.max_queue:
+                recorder.dropped += 1
+                if self._count is not None:
+                    self._count(attempt)
+                return
+            queue.append(
                 (
                     span.trace_id, span.span_id, span.parent_id, CLOCK.offset, attempt.started,
                     attempt.finished, task.flow, task.request_id, attempt.address, attempt.kind,
-                    task.attempt, attempt.worker, attempt.outcome,
+                    task.attempt, attempt.worker, attempt.outcome, task.step,
                 )
             )  # fmt: skip
+            if waiting + 1 == recorder.batch:
+                recorder.wake.set()
             return
+        if self._count is not None:  # a span, not a ``VertexRecord``: not counted from it
+            self._count(attempt)
         light = span.materialize(attempt)
         light.attributes["flowloom.status"] = attempt.outcome
         if attempt.error is not None:

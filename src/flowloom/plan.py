@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .dag import ConditionalSpec, Dag, ForEachSpec, NodeSpec, SubDagSpec, Workflow, resolve_subdag
+from .dag import (
+    ConditionalSpec,
+    Dag,
+    EdgeSpec,
+    ForEachSpec,
+    NodeSpec,
+    SubDagSpec,
+    Workflow,
+    resolve_subdag,
+)
 from .errors import DefinitionError
 from .types import (
     Aggregator,
@@ -260,8 +269,11 @@ class _Compiler:
         order = _check_graph(dag, where)
         vertices = {name: self.vertex(dag, name, path, template, depth, stack) for name in order}
         entries: list[str] = []
+        incoming_of: dict[str, list[EdgeSpec]] = {}  # in the order the edges were added
+        for edge in dag.edges:
+            incoming_of.setdefault(edge.target, []).append(edge)
         for name in order:
-            incoming = [e for e in dag.edges if e.target == name]
+            incoming = incoming_of.get(name, [])
             vertex = vertices[name]
             if not incoming:
                 entries.extend(vertex.entries)

@@ -381,9 +381,9 @@ class RedisBackend(Backend):
         caller reports the answer, so a failure is not logged here.
 
         Until one has found nothing amiss, a ping also asks Redis whether its user may
-        run every command flowloom sends (``access.py``): ``BackendUnavailable`` naming
-        those it may not (``BackendRefused``), as a worker or server would otherwise start
-        and run nothing."""
+        run every command flowloom sends (``access.py``): ``BackendRefused`` (a
+        ``BackendUnavailable``) naming those it may not, as a worker or server would
+        otherwise start and run nothing."""
         try:
             self._quick.ping()
             missing = None if self._access_checked else access.refused(self._quick, self.keys)

@@ -137,8 +137,8 @@ class Dag:
 
     def __post_init__(self) -> None:
         # (source, target) of each edge, to refuse a duplicate without a scan of ``edges``
-        # (a scan per edge made a DAG of 20,000 edges take 10 s to define); not a field:
-        # not compared, not exported
+        # (a scan per edge made defining a DAG quadratic in its edges: seconds for
+        # 20,000); not a field: not compared, not exported
         self._pairs: set[tuple[str, str]] = {(e.source, e.target) for e in self.edges}
 
     def _add(self, spec: VertexSpec) -> None:

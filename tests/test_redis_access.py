@@ -7,6 +7,7 @@ A Redis server of the test's own (ports 7100-7199), with ACL users of its own.""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -164,17 +165,24 @@ def test_a_server_whose_user_has_exactly_what_is_checked_answers_over_http(
     """``flowloom serve`` (its event loop's own connection, subscription and submits,
     and its worker) with the same user: sync and async executes, state, listings."""
     url = user(server, "web", *exactly_what_is_checked())
+    backend = f"backend=RedisBackend({url!r}, prefix={PREFIX!r})"
+    with served(tmp_path, backend) as http:
+        request_id = runs_myflow(http, 1)
+        listed = http.get("/flow/myflow/requests").json()
+        assert request_id in {r["request_id"] for r in listed["requests"]}
+
+
+@contextlib.contextmanager
+def served(tmp_path: Path, service_options: str) -> Iterator[httpx.Client]:
+    """``flowloom serve`` of an app whose ``FlowService(SERVICE_OPTIONS)`` serves
+    ``myflow`` (``b"<BODY>"``), on a free port of 127.0.0.1, once it answers; a client
+    of it. Its output is checked at the end: no traceback, no refusal by Redis."""
     app = tmp_path / "app.py"
     app.write_text(
-        textwrap.dedent(
-            f"""
-            from flowloom import FlowService
-            from flowloom.backends.redis import RedisBackend
-
-            fs = FlowService(backend=RedisBackend({url!r}, prefix={PREFIX!r}))
-            fs.register("myflow", lambda wf, ctx: wf.dag.node("n", lambda d, o: b"<" + d + b">"))
-            """
-        )
+        "from flowloom import FlowService\n"
+        "from flowloom.backends.redis import RedisBackend\n"
+        f"fs = FlowService({service_options})\n"
+        "fs.register('myflow', lambda wf, ctx: wf.dag.node('n', lambda d, o: b'<' + d + b'>'))\n"
     )
     port = free_port()
     proc = subprocess.Popen(
@@ -186,24 +194,29 @@ def test_a_server_whose_user_has_exactly_what_is_checked_answers_over_http(
     try:
         eventually(lambda: _healthy(f"{base}/health"), 30, "the server answers")
         with httpx.Client(base_url=base, timeout=30) as http:
-            answer = http.post("/flow/myflow", content=b"hi")
-            assert (answer.status_code, answer.content) == (200, b"<hi>")
-            queued = http.post("/flow/myflow", content=b"later", headers={"X-Async": "true"})
-            assert queued.status_code == 202
-            request_id = queued.json()["request_id"]
-            eventually(
-                lambda: (
-                    http.get(f"/flow/myflow/requests/{request_id}").json()["status"] == "completed"
-                ),
-                10,
-                "the async request completes",
-            )
-            listed = http.get("/flow/myflow/requests").json()
-            assert request_id in {r["request_id"] for r in listed["requests"]}
+            yield http
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0].decode()
+    assert "Traceback" not in out, out
     assert "refused" not in out, out
+
+
+def runs_myflow(http: httpx.Client, count: int) -> str:
+    """``count`` sync executes of ``myflow`` answered with their result, then an async one
+    that completes; its request id."""
+    for n in range(count):
+        answer = http.post("/flow/myflow", content=b"%d" % n)
+        assert (answer.status_code, answer.content) == (200, b"<%d>" % n)
+    queued = http.post("/flow/myflow", content=b"later", headers={"X-Async": "true"})
+    assert queued.status_code == 202
+    request_id: str = queued.json()["request_id"]
+    eventually(
+        lambda: http.get(f"/flow/myflow/requests/{request_id}").json()["status"] == "completed",
+        10,
+        "the async request completes",
+    )
+    return request_id
 
 
 def _healthy(url: str) -> bool:

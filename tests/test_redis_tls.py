@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from flowloom import BackendUnavailable, FlowService
 from flowloom.backends.redis import RedisBackend
 from test_cli_worker import flowloom
-from test_redis_access import _healthy
+from test_redis_access import runs_myflow, served
 from test_redis_faults import eventually
 from test_redis_resilience import free_port
 
@@ -112,42 +109,8 @@ def test_a_worker_and_a_client_run_flows_over_tls(tls: TlsRedis) -> None:
 
 
 def test_flowloom_serve_answers_over_tls(tls: TlsRedis, tmp_path: Path) -> None:
-    app = tmp_path / "app.py"
-    app.write_text(
-        textwrap.dedent(
-            f"""
-            from flowloom import FlowService
-            fs = FlowService(redis_url={tls.url!r})
-            fs.register("myflow", lambda wf, ctx: wf.dag.node("n", lambda d, o: b"<" + d + b">"))
-            """
-        )
-    )
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flowloom.cli", "serve", f"{app}:fs", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        eventually(lambda: _healthy(f"{base}/health"), 30, "the server answers")
-        with httpx.Client(base_url=base, timeout=30) as http:
-            for n in range(10):
-                answer = http.post("/flow/myflow", content=b"%d" % n)
-                assert (answer.status_code, answer.content) == (200, b"<%d>" % n)
-            queued = http.post("/flow/myflow", content=b"later", headers={"X-Async": "true"})
-            request_id = queued.json()["request_id"]
-            eventually(
-                lambda: (
-                    http.get(f"/flow/myflow/requests/{request_id}").json()["status"] == "completed"
-                ),
-                10,
-                "the async request completes",
-            )
-    finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0].decode()
-    assert "Traceback" not in out, out
+    with served(tmp_path, f"redis_url={tls.url!r}") as http:
+        runs_myflow(http, 10)
 
 
 def test_a_certificate_not_trusted_is_refused_at_start_naming_the_cause(

@@ -323,15 +323,17 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="flowloom-spans", daemon=True)
         self._thread.start()
 
-    def add(self, record: AnyRecord) -> None:
+    def add(self, record: AnyRecord) -> bool:
+        """Queue ``record``; False if it was dropped (the queue is full)."""
         queue = self.queue
         waiting = len(queue)
         if waiting >= self.max_queue:
             self.dropped += 1  # a lost increment under a race undercounts by one, no more
-            return
+            return False
         queue.append(record)
         if waiting + 1 == self.batch:
             self.wake.set()
+        return True
 
     def _run(self) -> None:
         while not self._closing:

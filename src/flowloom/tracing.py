@@ -242,22 +242,14 @@ class Tracing(Observer):
             return
         start = int(request.created * 1e9)
         if error is None:  # the usual case: a ``RootRecord``, no name, no attributes
-            recorder = self.recorder  # ``Recorder.add``, inlined: a drop is counted here
-            queue = recorder.queue
-            waiting = len(queue)
-            if waiting >= recorder.max_queue:
-                recorder.dropped += 1
-                if self._count_end is not None:
-                    self._count_end(request, status, error)
-                return
-            queue.append(
+            queued = self.recorder.add(
                 (
                     ids.trace_id, ids.span_id, ids.parent_id, start, time.time_ns(), request.flow,
                     request.request_id, status._value_,  # the value without a property call
                 )
             )  # fmt: skip
-            if waiting + 1 == recorder.batch:
-                recorder.wake.set()
+            if not queued and self._count_end is not None:  # dropped: counted here
+                self._count_end(request, status, error)
             return
         if self._count_end is not None:  # a span, not a ``RootRecord``: not counted from it
             self._count_end(request, status, error)
@@ -353,23 +345,15 @@ class Tracing(Observer):
         span.attempt = None
         if span.light is None and attempt.error is None:  # asked for, left untouched
             task = attempt.task
-            recorder = self.recorder
-            queue = recorder.queue
-            waiting = len(queue)
-            if waiting >= recorder.max_queue:
-                recorder.dropped += 1
-                if self._count is not None:
-                    self._count(attempt)
-                return
-            queue.append(
+            queued = self.recorder.add(
                 (
                     span.trace_id, span.span_id, span.parent_id, CLOCK.offset, attempt.started,
                     attempt.finished, task.flow, task.request_id, attempt.address, attempt.kind,
                     task.attempt, attempt.worker, attempt.outcome, task.step,
                 )
             )  # fmt: skip
-            if waiting + 1 == recorder.batch:
-                recorder.wake.set()
+            if not queued and self._count is not None:  # dropped: counted here
+                self._count(attempt)
             return
         if self._count is not None:  # a span, not a ``VertexRecord``: not counted from it
             self._count(attempt)

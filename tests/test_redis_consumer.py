@@ -370,3 +370,29 @@ def test_a_hand_back_leaves_a_task_another_worker_took_over(
         for p in raw.xpending_range(tasks, GROUP, "-", "+", 10)
     }
     assert owners == {taken.receipt: "other"}
+
+
+def test_a_deferral_leaves_a_task_another_worker_took_over(
+    make_redis_backend: Callable[..., RedisBackend], raw: redis.Redis
+) -> None:
+    """A worker that lacks a task's definition, frozen past the visibility timeout
+    between its claim and its deferral, wakes and defers: a task another worker took
+    over meanwhile stays that worker's, and is not put in the delayed set (it would run
+    twice); one still its own goes there and leaves the stream."""
+    backend = make_redis_backend(visibility_timeout=60)
+    plan = Registry().register("one", one_node)
+    submit(backend, plan, "r1")
+    submit(backend, plan, "r2")
+    mine, taken = claim(backend), claim(backend)
+    tasks, delayed = backend.keys.tasks, backend.keys.delayed
+    raw.xclaim(tasks, GROUP, "other", 0, [taken.receipt])  # the take-over
+    backend.defer(taken, 0.5)
+    assert raw.zcard(delayed) == 0
+    backend.defer(mine, 0.5)
+    assert raw.zcard(delayed) == 1
+    owners = {
+        p["message_id"].decode(): p["consumer"].decode()
+        for p in raw.xpending_range(tasks, GROUP, "-", "+", 10)
+    }
+    assert owners == {taken.receipt: "other"}
+    assert [entry[0].decode() for entry in raw.xrange(tasks)] == [taken.receipt]
